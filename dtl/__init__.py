@@ -1,0 +1,15 @@
+"""Double transfer learning for acute lymphoblastic leukemia (ALL) cell images.
+
+Phase 1 adapts an ImageNet backbone to single-cell blast vs normal (C-NMC 2019); phase 2
+starts from phase 1 and fine-tunes with a PBS head on peripheral blood smears (Aria ALL).
+Everything is tracked in MLflow and tuned with Optuna.
+"""
+
+__version__ = "0.1.0"
+
+
+class DTLError(Exception):
+    """An error the user can fix: bad input, bad configuration, unreachable service.
+
+    The CLI prints its message without a traceback and exits with status 2.
+    """

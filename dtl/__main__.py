@@ -1,0 +1,3 @@
+from dtl.cli import main
+
+raise SystemExit(main())

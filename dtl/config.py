@@ -1,0 +1,293 @@
+"""One frozen configuration object, loaded from YAML recipes plus command-line overrides.
+
+``load(["experiments/base.yaml", "experiments/demo.yaml"], ["phase2.epochs=3"])`` merges the
+files left to right, applies dotted overrides, validates and returns a :class:`Config`.
+Trials derive variants with :func:`dataclasses.replace`; :func:`flatten` gives the flat dict
+that is logged once per run as MLflow params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dtl import DTLError
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+DATA_KINDS = ("demo-cnmc", "demo-aria", "cnmc", "aria", "imagefolder", "presplit")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamax")
+HEADS = ("linear", "pbs")
+STRATEGIES = ("double", "single", "scratch")
+PRUNERS = ("median", "hyperband", "threshold", "none")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: str = "demo-cnmc"  # one of DATA_KINDS
+    root: str = ""  # dataset root; empty for the demo sets (generated into cache_dir)
+    variant: str = "original"  # Aria: original | segmented
+    val_fraction: float = 0.15  # share of training patients (C-NMC) or images (others) for validation
+    test_fraction: float = 0.15  # share held out for test where the dataset has no test set
+    val_fold: int | None = None  # C-NMC: use this official fold as validation instead of a random split
+    split_seed: int = 0  # the split depends on this seed and the data only
+    hsv_segment: bool = False  # remove the background by HSV thresholding, once, before caching
+    skip_bad: bool = False  # skip unreadable images (listed and logged) instead of stopping
+    train_dir: str = ""  # presplit: class-per-folder training set
+    val_dir: str = ""
+    test_dir: str = ""
+    classes: tuple[str, ...] = ()  # expected class names; empty = take them from the data
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    init: str = "imagenet"  # imagenet | scratch | file:PATH | run:<id> | models:/... (phase 2: "phase1")
+    head: str = "linear"  # linear | pbs (conv-BN-act block for PBS features)
+    head_channels: int = 256  # width of the PBS conv block
+    head_dropout: float = 0.2
+    unfreeze: int = -1  # number of top backbone stages trained: 0 = head only, -1 = all
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    lr_head: float = 1e-3
+    lr_backbone: float = 1e-4
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+    class_weights: bool = True  # inverse-frequency cross-entropy weights (C-NMC is ~2:1)
+    warmup_epochs: int = 1
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    early_stop_patience: int = 0  # epochs without improvement of the monitored metric; 0 = off
+    monitor: str = "val_macro_f1"  # validation metric for early stopping, checkpoints and tuning
+    aux_weight: float = 0.0  # InceptionV3 auxiliary-logit loss weight (training only); 0 = off
+    tta: bool = False  # test-time augmentation (horizontal/vertical flips) in the final evaluation
+    n_trials: int = 10
+    search: tuple[str, ...] = ()  # parameters Optuna tunes; empty = every key of the search space
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotation: float = 180.0  # degrees, uniform in [-rotation, rotation]
+    hflip: float = 0.5
+    vflip: float = 0.5
+    scale_min: float = 0.7  # random resized crop: area fraction kept, lower bound
+    ratio: float = 0.15  # log aspect-ratio jitter
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.0
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    storage: str = ""  # Optuna storage URL; empty = sqlite file beside the MLflow store
+    pruner: str = "median"  # median | hyperband | threshold | none
+    pruner_warmup_epochs: int = 1
+    threshold: float = 0.0  # threshold pruner: prune when the monitored metric is below this
+    search_space: str = "search_space.yaml"  # relative to experiments/ unless absolute
+    heartbeat_s: int = 10  # a trial silent for 3x this is declared failed and retried
+    sampler_seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "demo"  # recipe name, logged
+    backbones: tuple[str, ...] = ("test_resnet.r160_in1k",)
+    strategies: tuple[str, ...] = ("double",)  # phase-2 starts: double | single | scratch
+    image_size: int = 0  # 0 = the backbone's own timm input size
+    precision: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    channels_last: bool = True  # on CUDA only
+    compile: bool = False  # torch.compile the model (CUDA)
+    seed: int = 0
+    deterministic: bool = True
+    experiment: str = "all-dtl"  # MLflow experiment (ignored under `mlflow run`, which picks it)
+    tracking_uri: str = ""  # empty = MLFLOW_TRACKING_URI or MLflow's default (sqlite:///mlflow.db)
+    registered_model: str = "all-dtl"
+    policy: str = "registry/policy.yaml"
+    cards_dir: str = "registry/cards"  # model cards of promoted versions (the demo writes under outputs/)
+    cache_dir: str = ".dtl/cache"  # decoded-image cache and the demo datasets
+    work_dir: str = ".dtl/runs"  # checkpoints (only the best per study and running trials)
+    report_dir: str = "outputs/report"  # never reports/ for the demo: real results live there
+    eval_batch_size: int = 128
+    bootstrap: int = 1000  # bootstrap resamples for confidence intervals
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    phase1: PhaseConfig = field(default_factory=PhaseConfig)
+    phase2: PhaseConfig = field(default_factory=PhaseConfig)
+
+    def phase(self, name: str) -> PhaseConfig:
+        if name not in ("phase1", "phase2"):
+            raise DTLError(f"unknown phase {name!r}; valid: phase1, phase2")
+        return getattr(self, name)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _build(cls, raw: dict, where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise DTLError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                       f"valid keys under {where or 'top level'}: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in raw.items():
+        f = known[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise DTLError(f"config key {where}{name} must be a mapping")
+            kwargs[name] = _build(type(default), value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, default, where + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, key: str) -> Any:
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise DTLError(f"config key {key} must be a list, got {value!r}")
+        return tuple(value)
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise DTLError(f"config key {key} must be true/false, got {value!r}")
+        return bool(value)
+    try:
+        if isinstance(default, int) or (default is None and key.endswith("val_fold")):
+            if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+                return None if default is None else default
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except (TypeError, ValueError):
+        raise DTLError(f"config key {key} must be a number, got {value!r}") from None
+    return "" if value is None else str(value)
+
+
+def parse_override(text: str) -> dict:
+    """``"phase2.epochs=3"`` -> ``{"phase2": {"epochs": 3}}`` (the value parsed as YAML)."""
+    if "=" not in text:
+        raise DTLError(f"override {text!r} must look like key.sub=value")
+    key, value = text.split("=", 1)
+    parsed = yaml.safe_load(value) if value.strip() else ""
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = parsed
+    return out
+
+
+def resolve_recipe(name: str) -> Path:
+    """A recipe is a YAML path or a name under ``experiments/`` (``demo`` -> demo.yaml)."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    cand = EXPERIMENTS_DIR / f"{name}.yaml"
+    if cand.exists():
+        return cand
+    valid = sorted(q.stem for q in EXPERIMENTS_DIR.glob("*.yaml") if q.stem not in ("base", "search_space"))
+    raise DTLError(f"config {name!r} not found (neither a YAML file nor experiments/{name}.yaml); "
+                   f"valid recipes: {', '.join(valid)}")
+
+
+def load(recipes: list[str] | tuple[str, ...] = ("demo",), overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Merge base.yaml, each recipe (following its ``include:`` list) and the overrides."""
+    raw: dict = {}
+    for path in [EXPERIMENTS_DIR / "base.yaml"] + [resolve_recipe(r) for r in recipes]:
+        raw = _merge(raw, _read_recipe(path))
+    for o in overrides:
+        raw = _merge(raw, parse_override(o))
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _read_recipe(path: Path, seen: tuple = ()) -> dict:
+    if path in seen:
+        raise DTLError(f"recipe include cycle through {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DTLError(f"cannot parse {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise DTLError(f"{path} must hold a mapping of config keys")
+    merged: dict = {}
+    for inc in data.pop("include", []) or []:
+        merged = _merge(merged, _read_recipe(resolve_recipe(inc), seen + (path,)))
+    return _merge(merged, data)
+
+
+def _choice(value: str, valid: tuple, key: str) -> None:
+    if value not in valid:
+        raise DTLError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def validate(cfg: Config) -> None:
+    _choice(cfg.precision, PRECISIONS, "precision")
+    _choice(cfg.tune.pruner, PRUNERS, "tune.pruner")
+    for s in cfg.strategies:
+        _choice(s, STRATEGIES, "strategies")
+    if not cfg.backbones:
+        raise DTLError("backbones is empty; name at least one timm model")
+    for ph in ("phase1", "phase2"):
+        p = cfg.phase(ph)
+        _choice(p.optimizer, OPTIMIZERS, f"{ph}.optimizer")
+        _choice(p.head, HEADS, f"{ph}.head")
+        _choice(p.data.kind, DATA_KINDS, f"{ph}.data.kind")
+        _choice(p.data.variant, ("original", "segmented"), f"{ph}.data.variant")
+        if p.epochs < 1:
+            raise DTLError(f"{ph}.epochs must be >= 1")
+        if p.n_trials < 1:
+            raise DTLError(f"{ph}.n_trials must be >= 1")
+        if not 0 <= p.data.val_fraction < 1 or not 0 <= p.data.test_fraction < 1:
+            raise DTLError(f"{ph}.data fractions must be in [0, 1)")
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flat ``{"phase2.lr_head": 0.001, ...}`` view of a config (tuples as comma lists)."""
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(v):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, tuple):
+            out[key] = ",".join(map(str, v))
+        else:
+            out[key] = v
+    return out
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    return _build(Config, json.loads(json.dumps(d)), "")
+
+
+def with_phase(cfg: Config, phase: str, **changes) -> Config:
+    """A copy of ``cfg`` whose ``phase`` block has ``changes`` applied."""
+    return dataclasses.replace(cfg, **{phase: dataclasses.replace(cfg.phase(phase), **changes)})

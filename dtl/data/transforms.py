@@ -1,0 +1,149 @@
+"""Image preprocessing: HSV segmentation (once, before caching) and batched augmentation.
+
+Augmentation runs on whole uint8 batches, on whatever device the batch lives on, with
+per-sample randomness: one ``affine_grid`` + ``grid_sample`` warp does rotation, flips and
+random-resized crop (zoom) with a matrix per sample, and colour jitter is broadcast
+arithmetic. The CPU and GPU paths are the same code, so they draw augmentations from the
+same distribution (and, given the same generator state, the same augmentations).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dtl.config import AugmentConfig
+
+
+def hsv_segment(rgb: np.ndarray, sat_min: float = 0.18, val_max: float = 0.97) -> np.ndarray:
+    """Keep stained cells, blank the background: a pixel stays when its HSV saturation is high
+    enough (stain) and it is not near-white. Mirrors how Aria's ``Segmented`` set was made."""
+    x = rgb.astype(np.float32) / 255.0
+    mx, mn = x.max(axis=2), x.min(axis=2)
+    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+    keep = (sat >= sat_min) & (mx <= val_max)
+    out = rgb.copy()
+    out[~keep] = 0
+    return out
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model expects: square input size, the cached size it is cropped from, and the
+    normalisation; resolved from timm's data config for the backbone."""
+
+    size: int
+    cache_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "cache_size": self.cache_size, "mean": list(self.mean),
+                "std": list(self.std), "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputSpec":
+        return cls(int(d["size"]), int(d["cache_size"]), tuple(d["mean"]), tuple(d["std"]),
+                   d.get("interpolation", "bicubic"))
+
+
+def _normalize(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    mean = torch.tensor(spec.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def to_float(batch_u8: torch.Tensor) -> torch.Tensor:
+    """N×H×W×3 uint8 -> N×3×H×W float in [0, 1]."""
+    return batch_u8.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def eval_transform(batch_u8: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """Centre crop of the cached image (= timm's resize + centre crop) and normalisation."""
+    x = to_float(batch_u8)
+    h, w = x.shape[-2:]
+    if (h, w) != (spec.cache_size, spec.cache_size):
+        x = F.interpolate(x, size=(spec.cache_size, spec.cache_size), mode="bilinear",
+                          align_corners=False, antialias=True)
+    off = (spec.cache_size - spec.size) // 2
+    x = x[..., off:off + spec.size, off:off + spec.size]
+    return _normalize(x, spec)
+
+
+def sample_affine(n: int, aug: AugmentConfig, gen: torch.Generator, device) -> torch.Tensor:
+    """Per-sample 2×3 matrices mapping output to input coordinates (``affine_grid`` convention):
+    rotation, horizontal/vertical flip and a random resized crop (area fraction, aspect ratio,
+    position inside the image)."""
+    def u(lo, hi):
+        return torch.rand(n, generator=gen) * (hi - lo) + lo
+
+    theta = u(-aug.rotation, aug.rotation) * (math.pi / 180.0)
+    area = u(aug.scale_min, 1.0)
+    log_r = u(-aug.ratio, aug.ratio)
+    sx = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)
+    sy = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0)
+    fx = torch.where(torch.rand(n, generator=gen) < aug.hflip, -1.0, 1.0)
+    fy = torch.where(torch.rand(n, generator=gen) < aug.vflip, -1.0, 1.0)
+    tx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx)
+    ty = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    a = torch.stack([
+        torch.stack([cos * sx * fx, -sin * sy * fy, tx], 1),
+        torch.stack([sin * sx * fx, cos * sy * fy, ty], 1),
+    ], 1)
+    return a.to(device)
+
+
+def sample_jitter(n: int, aug: AugmentConfig, gen: torch.Generator, device) -> torch.Tensor:
+    """Per-sample (brightness, contrast, saturation, hue) factors, N×4."""
+    def u(amount, center=1.0):
+        return (torch.rand(n, generator=gen) * 2 - 1) * amount + center
+
+    return torch.stack([u(aug.brightness), u(aug.contrast), u(aug.saturation), u(aug.hue, 0.0)], 1).to(device)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def apply_jitter(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    b, c, s, h = (f[:, i].view(-1, 1, 1, 1) for i in range(4))
+    x = x * b
+    m = _gray(x).mean(dim=(2, 3), keepdim=True)
+    x = (x - m) * c + m
+    g = _gray(x)
+    x = (x - g) * s + g
+    if torch.any(h != 0):
+        x = _hue_shift(x, h)
+    return x.clamp_(0.0, 1.0)
+
+
+def _hue_shift(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    # Rotation of the chroma plane in YIQ space: a cheap, differentiable hue shift.
+    ang = h * 2 * math.pi
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                       device=x.device, dtype=x.dtype)
+    rgb = torch.linalg.inv(yiq)
+    t = torch.einsum("ij,njhw->nihw", yiq, x)
+    i2 = t[:, 1:2] * cos - t[:, 2:3] * sin
+    q2 = t[:, 1:2] * sin + t[:, 2:3] * cos
+    t = torch.cat([t[:, :1], i2, q2], 1)
+    return torch.einsum("ij,njhw->nihw", rgb, t)
+
+
+def train_transform(batch_u8: torch.Tensor, spec: InputSpec, aug: AugmentConfig,
+                    gen: torch.Generator) -> torch.Tensor:
+    """Augment a uint8 N×H×W×3 batch into a normalised N×3×size×size float batch."""
+    x = to_float(batch_u8)
+    n = x.shape[0]
+    theta = sample_affine(n, aug, gen, x.device).to(x.dtype)
+    grid = F.affine_grid(theta, [n, 3, spec.size, spec.size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    x = apply_jitter(x, sample_jitter(n, aug, gen, x.device).to(x.dtype))
+    return _normalize(x, spec)

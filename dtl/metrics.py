@@ -1,0 +1,129 @@
+"""Classification metrics with seeded bootstrap confidence intervals, calibration and
+confusion-matrix figures. Pure functions of (labels, probabilities)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def expected_calibration_error(y: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    conf = probs.max(1)
+    correct = probs.argmax(1) == y
+    edges = np.linspace(0, 1, n_bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def _binary_auc(pos: np.ndarray, score: np.ndarray) -> float:
+    """Mann-Whitney AUC with average ranks for ties (equals sklearn's roc_auc_score)."""
+    n_pos = int(pos.sum())
+    n_neg = len(pos) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    from scipy.stats import rankdata
+
+    ranks = rankdata(score)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _confusion_counts(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    return np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+
+
+def point_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Scalar metrics of one sample (no CIs); numpy only, so the bootstrap stays fast."""
+    k = probs.shape[1]
+    pred = probs.argmax(1)
+    cm = _confusion_counts(y, pred, k).astype(float)
+    support, predicted, tp = cm.sum(1), cm.sum(0), np.diag(cm)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = np.where(support > 0, tp / support, 0.0)
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    present = support > 0
+    if k == 2:
+        auc = _binary_auc(y == 1, probs[:, 1])
+    else:  # one-vs-rest, macro over the classes present in this sample
+        aucs = [_binary_auc(y == c, probs[:, c]) for c in range(k) if present[c]]
+        auc = float(np.nanmean(aucs)) if len(aucs) > 1 else float("nan")
+    return {
+        "accuracy": float(tp.sum() / max(len(y), 1)),
+        "balanced_accuracy": float(recall[present].mean()) if present.sum() > 1 else float("nan"),
+        "macro_f1": float(f1.mean()),
+        "weighted_f1": float((f1 * support).sum() / max(support.sum(), 1)),
+        "roc_auc": auc,
+        "ece": expected_calibration_error(y, probs),
+    }
+
+
+def bootstrap_ci(y: np.ndarray, probs: np.ndarray, n: int = 1000, seed: int = 0,
+                 alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap (resampling images, seeded) for each metric of :func:`point_metrics`."""
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {}
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        for k, v in point_metrics(y[idx], probs[idx]).items():
+            samples.setdefault(k, []).append(v)
+    out = {}
+    for k, vals in samples.items():
+        arr = np.asarray(vals, dtype=float)
+        arr = arr[~np.isnan(arr)]
+        out[k] = (float(np.quantile(arr, alpha / 2)), float(np.quantile(arr, 1 - alpha / 2))) if len(arr) else (float("nan"),) * 2
+    return out
+
+
+def evaluate_predictions(y: np.ndarray, probs: np.ndarray, classes: list[str], split: str,
+                         n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """``{split}_{metric}`` with ``_ci_low``/``_ci_high``, plus per-class precision/recall/F1."""
+    out: dict[str, float] = {}
+    point = point_metrics(y, probs)
+    cis = bootstrap_ci(y, probs, n_boot, seed) if n_boot > 0 else {}
+    for k, v in point.items():
+        out[f"{split}_{k}"] = v
+        if k in cis:
+            out[f"{split}_{k}_ci_low"], out[f"{split}_{k}_ci_high"] = cis[k]
+    p, r, f, _ = skm.precision_recall_fscore_support(y, probs.argmax(1), labels=list(range(len(classes))),
+                                                     zero_division=0)
+    for i, c in enumerate(classes):
+        out[f"{split}_precision_{c}"], out[f"{split}_recall_{c}"], out[f"{split}_f1_{c}"] = float(p[i]), float(r[i]), float(f[i])
+    return out
+
+
+def confusion(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
+    cm = skm.confusion_matrix(y, pred, labels=list(range(len(classes))))
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
+    return {"classes": list(classes), "counts": cm.tolist(), "normalized": np.round(norm, 4).tolist()}
+
+
+def confusion_figure(cm: dict, title: str, ax=None):
+    """Counts with row-normalised shading; returns the matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cm["classes"]), 1.0 + 0.9 * len(cm["classes"])))
+    norm = np.asarray(cm["normalized"])
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    n = len(cm["classes"])
+    ax.set_xticks(range(n), cm["classes"], rotation=45, ha="right")
+    ax.set_yticks(range(n), cm["classes"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{cm['counts'][i][j]}\n{norm[i, j]:.0%}", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.6 else "black")
+    if fig is not None:
+        fig.tight_layout()
+    return fig or ax.figure

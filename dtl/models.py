@@ -1,0 +1,244 @@
+"""timm backbones with a phase head, freezing by depth, parameter groups and weight transfer.
+
+``DTLNet = backbone (timm, no classifier, feature map out) + head``. Phase 1 uses a linear
+head; phase 2 a small conv block for peripheral-blood-smear features, then pooling and the
+classifier. Weights move between phases by ``backbone.*`` keys only: the old head is dropped,
+and anything missing or unexpected outside the head is an error that names the keys.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import group_parameters
+from torch import nn
+
+from dtl import DTLError
+from dtl.data.transforms import InputSpec
+
+REAL_BACKBONES = ("resnet50", "efficientnet_b3", "inception_v3")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the network: stored with every checkpoint and logged model."""
+
+    backbone: str
+    classes: tuple[str, ...]
+    head: str = "linear"
+    head_channels: int = 256
+    head_dropout: float = 0.2
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(d["backbone"], tuple(d["classes"]), d.get("head", "linear"),
+                   int(d.get("head_channels", 256)), float(d.get("head_dropout", 0.2)))
+
+
+def check_backbone(name: str) -> None:
+    """Fail with the valid names when timm does not know ``name``."""
+    if not timm.is_model(name.split(".")[0]) and not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0].split('.')[0]}*")[:10]
+        raise DTLError(f"unknown backbone {name!r}. Real profile: {', '.join(REAL_BACKBONES)}; tiny CPU "
+                       f"models: {', '.join(timm.list_models('test_*'))}; any timm CNN name works"
+                       + (f" (similar: {', '.join(close)})" if close else ""))
+
+
+class PBSHead(nn.Module):
+    """conv3×3-BN-ReLU on the backbone feature map, dropout, global average pool, linear."""
+
+    def __init__(self, in_ch: int, n_classes: int, channels: int, dropout: float):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(in_ch, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, n_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.block(x)).flatten(1))
+
+
+class LinearHead(nn.Module):
+    def __init__(self, in_ch: int, n_classes: int, dropout: float):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_ch, n_classes)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.pool(x).flatten(1)))
+
+
+class DTLNet(nn.Module):
+    """Backbone + head. ``forward`` returns one logits tensor in every mode."""
+
+    def __init__(self, spec: ModelSpec, pretrained: bool = False):
+        super().__init__()
+        self.spec = spec
+        self.backbone = timm.create_model(spec.backbone, pretrained=pretrained, num_classes=0, global_pool="")
+        n = len(spec.classes)
+        feats = self.backbone.num_features
+        self.head = (PBSHead(feats, n, spec.head_channels, spec.head_dropout) if spec.head == "pbs"
+                     else LinearHead(feats, n, spec.head_dropout))
+        self._frozen_bn: list[nn.Module] = []
+
+    def forward(self, x):
+        return self.head(self.backbone.forward_features(x))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self._frozen_bn:  # BatchNorm statistics of frozen stages stay frozen
+            m.eval()
+        return self
+
+    def stage_groups(self) -> list[list[str]]:
+        """Backbone parameter names grouped by timm's coarse ``group_matcher``, stem first."""
+        groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
+        return [names for _, names in sorted(groups.items(), key=lambda kv: kv[0])]
+
+    def set_unfreeze(self, k: int) -> None:
+        """Train the top ``k`` backbone stages and the head; ``k=-1`` trains everything."""
+        groups = self.stage_groups()
+        trainable = set(n for g in groups for n in g) if k < 0 else set(n for g in groups[len(groups) - k:] for n in g) if k > 0 else set()
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(name in trainable)
+        for p in self.head.parameters():
+            p.requires_grad_(True)
+        self._frozen_bn = [m for m in self.backbone.modules()
+                           if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                           and not any(p.requires_grad for p in m.parameters(recurse=False))]
+        self.train(self.training)
+
+
+def resolve_input_spec(backbone: str, image_size: int = 0) -> InputSpec:
+    """Input size, interpolation, mean and std from timm's data config for the model."""
+    m = timm.create_model(backbone, pretrained=False, num_classes=0)
+    dc = timm.data.resolve_model_data_config(m)
+    size = image_size or dc["input_size"][-1]
+    crop = float(dc.get("crop_pct", 0.875))
+    return InputSpec(size=size, cache_size=int(round(size / crop)), mean=tuple(dc["mean"]),
+                     std=tuple(dc["std"]), interpolation=dc.get("interpolation", "bicubic"))
+
+
+def build_model(spec: ModelSpec, init: str = "scratch") -> DTLNet:
+    """Build the network and initialise its backbone: ``imagenet`` (timm hub), ``scratch`` or
+    ``file:PATH`` (timm/torch weights or a dtl checkpoint). Run/model URIs are resolved to a
+    file by the caller (``dtl.phases``)."""
+    check_backbone(spec.backbone)
+    if init == "imagenet":
+        try:
+            return DTLNet(spec, pretrained=True)
+        except Exception as e:  # network, hub or missing-weights errors all mean the same to the user
+            raise DTLError(f"could not load ImageNet weights for {spec.backbone} from the timm hub "
+                           f"({type(e).__name__}: {str(e)[:200]}). Offline? Use init=file:/path/to/weights "
+                           f"(timm .pth/.safetensors) or init=scratch.") from None
+    net = DTLNet(spec, pretrained=False)
+    if init == "scratch":
+        return net
+    if init.startswith("file:"):
+        load_backbone_weights(net, read_weights(Path(init[5:])), init)
+        return net
+    raise DTLError(f"init={init!r} is not valid here; choose imagenet, scratch or file:PATH")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch file, never unpickling code."""
+    if not path.exists():
+        raise DTLError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DTLError(f"cannot read weights from {path}: {str(e)[:300]}") from None
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise DTLError(f"{path} does not hold a state dict")
+    return obj
+
+
+def load_backbone_weights(net: DTLNet, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load backbone weights from a dtl checkpoint (``backbone.*`` keys; the old head is
+    dropped) or a plain timm state dict (its classifier is dropped). Anything else missing or
+    unexpected fails with the key names."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        sd = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        stray = [k for k in state if not k.startswith(("backbone.", "head."))]
+    else:
+        classifier = net.backbone.pretrained_cfg.get("classifier", "fc")
+        classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+        sd = {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifiers)}
+        stray = []
+    try:
+        missing, unexpected = net.backbone.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise DTLError(f"weights from {source} do not fit backbone {net.spec.backbone} "
+                       f"(another architecture?): {str(e)[:600]}") from None
+    bad = list(missing) + list(unexpected) + stray
+    if bad:
+        raise DTLError(f"weights from {source} do not match backbone {net.spec.backbone}: "
+                       f"missing {list(missing)[:10]}, unexpected {(list(unexpected) + stray)[:10]} "
+                       f"({len(bad)} keys); only head keys may differ")
+
+
+def param_groups(net: DTLNet, lr_head: float, lr_backbone: float, weight_decay: float) -> list[dict]:
+    """Discriminative learning rates; no weight decay on biases and normalisation weights."""
+    groups = []
+    for part, lr in ((net.head, lr_head), (net.backbone, lr_backbone)):
+        decay = [p for p in part.parameters() if p.requires_grad and p.ndim > 1]
+        no_decay = [p for p in part.parameters() if p.requires_grad and p.ndim <= 1]
+        name = "head" if part is net.head else "backbone"
+        if decay:
+            groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": name})
+        if no_decay:
+            groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": name})
+    return groups
+
+
+def save_checkpoint(path: Path, net: DTLNet, meta: dict, **state) -> Path:
+    """Atomic, self-describing checkpoint: weights, spec/meta (plain JSON types) and any
+    training state (optimizer, scaler, epoch); readable with ``weights_only=True``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save({"model": net.state_dict(), "meta": {**meta, "spec": net.spec.to_dict()}, **state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not Path(path).exists():
+        raise DTLError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DTLError(f"cannot read checkpoint {path}: {str(e)[:300]}") from None
+
+
+def model_from_checkpoint(path: Path) -> tuple[DTLNet, dict]:
+    ckpt = load_checkpoint(path)
+    spec = ModelSpec.from_dict(ckpt["meta"]["spec"])
+    net = DTLNet(spec)
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise DTLError(f"checkpoint {path} does not fit its own spec: {str(e)[:300]}") from None
+    return net, ckpt["meta"]

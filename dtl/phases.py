@@ -1,0 +1,229 @@
+"""``run_phase``: one function for both phases.
+
+The phase decides the data, the head, what is frozen, the parameter groups and where the
+weights come from; everything else is shared. Tracking and tuning reach in only through the
+``report`` callback (called once per epoch with a flat metrics row).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dtl import DTLError
+from dtl.config import Config
+from dtl.data.cache import BatchLoader, split_array
+from dtl.data.datasets import Dataset, load_dataset
+from dtl.data.transforms import InputSpec
+from dtl.engine import (NonFiniteLoss, cosine_lr, evaluate, predict, resolve_device, resolve_precision,
+                        train_one_epoch)
+from dtl.metrics import confusion, evaluate_predictions
+from dtl.models import (DTLNet, ModelSpec, build_model, load_backbone_weights, load_checkpoint,
+                        model_from_checkpoint, param_groups, read_weights, resolve_input_spec,
+                        save_checkpoint)
+
+_DATASETS: dict = {}
+_LOADERS: dict = {}
+
+
+def test_hook(point: str) -> None:
+    """Kill this process with SIGKILL at ``point`` when DTL_KILL_AT names it (kill/resume tests)."""
+    if os.environ.get("DTL_KILL_AT") == point:
+        marker = os.environ.get("DTL_KILL_MARKER")
+        if not marker or not Path(marker).exists():
+            if marker:
+                Path(marker).write_text(point)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def dataset(cfg: Config, phase: str) -> Dataset:
+    """The phase's dataset, loaded once per process (trials share it)."""
+    key = (cfg.phase(phase).data, cfg.cache_dir)
+    if key not in _DATASETS:
+        _DATASETS[key] = load_dataset(cfg.phase(phase).data, cfg.cache_dir)
+    return _DATASETS[key]
+
+
+def loader(cfg: Config, phase: str, split: str, spec: InputSpec, device: torch.device, batch_size: int,
+           train: bool) -> BatchLoader:
+    ds = dataset(cfg, phase)
+    seg = cfg.phase(phase).data.hsv_segment
+    key = (ds.digest, split, spec, seg, str(device))
+    if key not in _LOADERS:
+        if not (ds.manifest["split"] == split).any():
+            raise DTLError(f"{phase} data ({ds.kind} at {ds.root}) has no {split!r} split")
+        arr = split_array(ds, split, spec, seg, cfg.cache_dir, progress=True)
+        _LOADERS[key] = BatchLoader(arr, ds.label_ids(split), batch_size, device, shuffle=train, seed=cfg.seed)
+    ld = _LOADERS[key]
+    ld.batch_size, ld.shuffle, ld.drop_last = batch_size, train, train and len(ld.labels) > batch_size
+    return ld
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    backbone: str
+    best_value: float
+    best_epoch: int
+    checkpoint: Path
+    history: list[dict] = field(default_factory=list)
+    skipped_steps: int = 0
+    precision: str = "fp32"
+    device: str = "cpu"
+    init: str = ""
+
+
+def _init_model(cfg: Config, phase: str, backbone: str, classes: list[str], init_from: str | Path | None) -> DTLNet:
+    pc = cfg.phase(phase)
+    spec = ModelSpec(backbone, tuple(classes), pc.head, pc.head_channels, pc.head_dropout)
+    if init_from:  # a phase-1 checkpoint (or a weights file): backbone keys only, the head is new
+        net = build_model(spec, "scratch")
+        path = Path(init_from)
+        state = read_weights(path) if path.suffix == ".safetensors" else load_checkpoint(path).get("model")
+        if state is None:
+            raise DTLError(f"{path} holds no model weights")
+        load_backbone_weights(net, state, str(path))
+        return net
+    return build_model(spec, pc.init)
+
+
+def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: str | Path | None = None,
+              report: Callable[[int, dict], None] | None = None, resume: bool = True,
+              init_label: str | None = None) -> PhaseResult:
+    """Train one backbone for one phase; keep ``best.pt`` (by ``monitor``) and ``last.pt`` in
+    ``workdir``. With ``resume`` and an existing ``last.pt``, continue where it stopped."""
+    pc = cfg.phase(phase)
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    ds = dataset(cfg, phase)
+    ispec = resolve_input_spec(backbone, cfg.image_size)
+    train_ld = loader(cfg, phase, "train", ispec, device, pc.batch_size, train=True)
+    val_ld = loader(cfg, phase, "val", ispec, device, cfg.eval_batch_size, train=False)
+    net = _init_model(cfg, phase, backbone, ds.classes, init_from)
+    init = init_label or (f"file:{init_from}" if init_from else cfg.phase(phase).init)
+    net.set_unfreeze(pc.unfreeze)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    net.to(device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    groups = param_groups(net, pc.lr_head, pc.lr_backbone, pc.weight_decay)
+    opt_cls = torch.optim.AdamW if pc.optimizer == "adamw" else torch.optim.Adamax
+    optimizer = opt_cls(groups, lr=pc.lr_head)
+    steps = pc.epochs * len(train_ld)
+    warm = pc.warmup_epochs * len(train_ld)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps, warm))
+    scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
+    counts = np.bincount(ds.label_ids("train"), minlength=len(ds.classes)).astype(np.float64)
+    weights = (torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+               if pc.class_weights else None)
+    model = torch.compile(net) if cfg.compile else net
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    best_path, last_path = workdir / "best.pt", workdir / "last.pt"
+    meta = {"phase": phase, "backbone": backbone, "init": init, "input": ispec.to_dict(),
+            "data_digest": ds.digest, "data_kind": ds.kind, "protocol": ds.protocol,
+            "config": json.loads(json.dumps(_plain(cfg)))}
+    history: list[dict] = []
+    start, best, best_epoch, skipped, stale = 0, -float("inf"), -1, 0, 0
+    if resume and last_path.exists():
+        ck = load_checkpoint(last_path)
+        net.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        start, history = int(ck["epoch"]) + 1, list(ck["history"])
+        best, best_epoch, skipped = float(ck["best"]), int(ck["best_epoch"]), int(ck["skipped"])
+        stale = start - 1 - best_epoch
+
+    for epoch in range(start, pc.epochs):
+        train_ld.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+        tr = train_one_epoch(model, train_ld, optimizer, scheduler, scaler, precision, ispec, cfg.augment, gen,
+                             weights, pc.label_smoothing, pc.grad_clip, channels_last)
+        ev = evaluate(model, val_ld, precision, ispec, "val", channels_last)
+        skipped += tr["skipped_steps"]
+        row = {"epoch": epoch, "train_loss": tr["train_loss"], "lr": tr["lr"],
+               "train_images_per_s": tr["train_images_per_s"], "skipped_steps": skipped,
+               **{k: v for k, v in ev.items() if k.startswith("val_")}}
+        if pc.monitor not in row:
+            raise DTLError(f"monitor={pc.monitor!r} is not a validation metric; valid: "
+                           f"{', '.join(k for k in row if k.startswith('val_'))}")
+        history.append(row)
+        value = row[pc.monitor]
+        value = -value if pc.monitor == "val_loss" else value
+        if value > best:
+            best, best_epoch, stale = value, epoch, 0
+            save_checkpoint(best_path, net, {**meta, "epoch": epoch, "metrics": row})
+        else:
+            stale += 1
+        save_checkpoint(last_path, net, {**meta, "epoch": epoch}, optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else {},
+                        epoch=epoch, history=history, best=best, best_epoch=best_epoch, skipped=skipped)
+        test_hook(f"{phase}:epoch{epoch}")
+        if report is not None:
+            report(epoch, row)
+        if pc.early_stop_patience and stale >= pc.early_stop_patience:
+            break
+    best_value = -best if pc.monitor == "val_loss" else best
+    return PhaseResult(phase, backbone, best_value, best_epoch, best_path, history, skipped, precision.name,
+                       str(device), init)
+
+
+def _plain(cfg: Config) -> dict:
+    from dtl.config import to_dict
+
+    return to_dict(cfg)
+
+
+def evaluate_checkpoint(cfg: Config, phase: str, checkpoint: Path, splits=("val", "test")) -> dict:
+    """Final evaluation of a checkpoint: metrics with bootstrap CIs, confusion matrices and a
+    predictions table per split (the test split is touched here, once, after tuning)."""
+    pc = cfg.phase(phase)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    net, meta = model_from_checkpoint(checkpoint)
+    ds = dataset(cfg, phase)
+    if list(net.spec.classes) != ds.classes:
+        raise DTLError(f"checkpoint {checkpoint} was trained on classes {list(net.spec.classes)}, "
+                       f"the {phase} data has {ds.classes}")
+    ispec = InputSpec.from_dict(meta["input"])
+    net.to(device)
+    out = {"metrics": {}, "confusion": {}, "predictions": {}}
+    for split in splits:
+        if not (ds.manifest["split"] == split).any():
+            continue
+        ld = loader(cfg, phase, split, ispec, device, cfg.eval_batch_size, train=False)
+        probs, y = predict(net, ld, precision, ispec, tta=pc.tta)
+        out["metrics"].update(evaluate_predictions(y, probs, ds.classes, split, cfg.bootstrap, cfg.seed))
+        out["confusion"][split] = confusion(y, probs.argmax(1), ds.classes)
+        table = ds.split(split)[["path", "label"]].copy()
+        table["predicted"] = [ds.classes[i] for i in probs.argmax(1)]
+        for i, c in enumerate(ds.classes):
+            table[f"p_{c}"] = probs[:, i].round(5)
+        out["predictions"][split] = table
+    return out
+
+
+__all__ = ["run_phase", "evaluate_checkpoint", "PhaseResult", "NonFiniteLoss", "dataset", "test_hook"]

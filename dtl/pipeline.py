@@ -1,0 +1,194 @@
+"""The jobs behind the entry points: ``main`` (both phases, register, promote, report) and the
+single-phase jobs. Each step is idempotent, so rerunning a killed command resumes it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dtl import DTLError
+from dtl.config import Config, flatten, with_phase
+from dtl.models import check_backbone
+from dtl.phases import dataset, evaluate_checkpoint, test_hook
+from dtl.tracking import Run, Tracking, connect, download, end_orphans, log_evaluation, start_run
+from dtl.tune import StudyResult, run_study
+
+
+@dataclass
+class PipelineResult:
+    run_id: str
+    studies: dict = field(default_factory=dict)  # (phase, strategy, backbone) -> StudyResult
+    versions: dict = field(default_factory=dict)  # backbone -> registered version
+    champion: str | None = None
+    report_dir: str = ""
+
+
+def _check_inputs(cfg: Config, phases: tuple[str, ...]) -> None:
+    """Fail before any training: unknown backbones, unreadable data, classes mismatches."""
+    for b in cfg.backbones:
+        check_backbone(b)
+    for ph in phases:
+        dataset(cfg, ph)
+
+
+def open_root_run(tracking: Tracking, cfg: Config, job: str) -> Run:
+    """The run that holds the studies: MLflow's own under ``mlflow run``, else a new one."""
+    end_orphans(tracking)
+    if tracking.outer_run_id:
+        run = Run(tracking, tracking.outer_run_id)
+        run.set_tags({"dtl.role": "pipeline", "dtl.job": job})
+    else:
+        run = start_run(tracking, f"{job}-{time.strftime('%Y%m%d-%H%M%S')}", {"dtl.role": "pipeline", "dtl.job": job})
+    run.log_params({**flatten(cfg), "job": job})
+    return run
+
+
+def evaluate_study(cfg: Config, study: StudyResult, tracking: Tracking) -> dict:
+    """Final evaluation of a study's best trial on val and test, logged once on the study run."""
+    run = Run(tracking, study.run_id)
+    tags = run.client.get_run(run.id).data.tags
+    if tags.get("dtl.evaluated_trial") == str(study.best_trial):
+        return run.client.get_run(run.id).data.metrics
+    ev = evaluate_checkpoint(cfg, study.phase, study.checkpoint)
+    log_evaluation(run, ev)
+    run.set_tags({"dtl.evaluated_trial": study.best_trial})
+    return ev["metrics"]
+
+
+def phase1_source(source: str, cfg: Config) -> Path:
+    """A phase-1 result for phase 2: a study run id (its best checkpoint), a ``models:/`` or
+    ``runs:/`` model URI (its safetensors weights) or a local checkpoint file."""
+    p = Path(source)
+    if p.exists():
+        return p
+    dst = Path(cfg.work_dir) / "phase1-sources" / source.replace("/", "_").replace(":", "_")
+    try:
+        if source.startswith(("models:/", "runs:/")):
+            import mlflow
+
+            local = Path(mlflow.artifacts.download_artifacts(f"{source.rstrip('/')}/dtl/weights.safetensors",
+                                                             dst_path=str(dst)))
+            return local
+        return download(source, "checkpoint/best.pt", dst)
+    except Exception as e:
+        raise DTLError(f"cannot resolve phase-1 source {source!r} ({type(e).__name__}: {str(e)[:200]}). "
+                       "Give a phase-1 study run id, a models:/ or runs:/ URI of a logged dtl model, "
+                       "or a checkpoint file.") from None
+
+
+def run_phase2_strategy(cfg: Config, tracking: Tracking, root: Run, backbone: str, strategy: str,
+                        p1: StudyResult | None, p1_source: Path | None = None, p1_label: str = "") -> StudyResult:
+    if strategy == "double":
+        src = p1.checkpoint if p1 else p1_source
+        if src is None:
+            raise DTLError("double transfer needs a phase-1 result: run phase 1 first or pass --phase1")
+        label = p1_label or f"phase1:{p1.run_id}"
+        return run_study(cfg, "phase2", backbone, tracking, root.id, "double", init_from=src, init_label=label)
+    init = cfg.phase1.init if strategy == "single" else "scratch"
+    cfg2 = with_phase(cfg, "phase2", init=init)
+    return run_study(cfg2, "phase2", backbone, tracking, root.id, strategy, init_label=init)
+
+
+def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, p1: StudyResult | None,
+                  register_it: bool, pipeline_run: str) -> str | None:
+    """Evaluate, log the model and (optionally) register it with lineage tags."""
+    from dtl.registry import log_model, register
+
+    metrics = evaluate_study(cfg, study, tracking)
+    run = Run(tracking, study.run_id)
+    uri = log_model(run, study.checkpoint, cfg.phase2.data.hsv_segment)
+    test_hook("registration")
+    if not register_it:
+        return None
+    ds2 = dataset(cfg, "phase2")
+    tags = {"backbone": study.backbone, "strategy": study.strategy, "phase2_run": study.run_id,
+            "phase2_trial": study.best_trial, "data_digest": ds2.digest, "data_kind": ds2.kind,
+            "split_protocol": ds2.protocol, "duplicates_removed": ds2.duplicates_removed,
+            "pipeline_run": pipeline_run, "study": study.study_name}
+    if p1 is not None:
+        ds1 = dataset(cfg, "phase1")
+        tags.update({"phase1_run": p1.run_id, "phase1_trial": p1.best_trial, "phase1_data_digest": ds1.digest,
+                     "phase1_data_kind": ds1.kind, "phase1_split_protocol": ds1.protocol})
+    for k in ("val_macro_f1", "val_accuracy", "val_balanced_accuracy", "test_accuracy", "test_macro_f1",
+              "test_balanced_accuracy"):
+        if k in metrics:
+            tags[f"metric.{k}"] = round(float(metrics[k]), 6)
+    return register(tracking, cfg.registered_model, uri, study.run_id, tags)
+
+
+def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResult:
+    """For each backbone: tune phase 1, tune phase 2 from it (and the other strategies asked
+    for), evaluate on test once, log and register the model; then promote and report."""
+    from dtl import registry
+    from dtl import report as report_mod
+
+    tracking = connect(cfg.tracking_uri, cfg.experiment)
+    _check_inputs(cfg, ("phase1", "phase2") if "double" in cfg.strategies or "single" in cfg.strategies
+                  else ("phase2",))
+    root = open_root_run(tracking, cfg, "main")
+    result = PipelineResult(root.id)
+    try:
+        for backbone in cfg.backbones:
+            p1 = None
+            if "double" in cfg.strategies:
+                p1 = run_study(cfg, "phase1", backbone, tracking, root.id)
+                result.studies[("phase1", "", backbone)] = p1
+                evaluate_study(cfg, p1, tracking)
+                test_hook("between_phases")
+            for i, strategy in enumerate(cfg.strategies):
+                s = run_phase2_strategy(cfg, tracking, root, backbone, strategy, p1)
+                result.studies[("phase2", strategy, backbone)] = s
+                v = finish_phase2(cfg, tracking, s, p1 if strategy == "double" else None, register_it=i == 0,
+                                  pipeline_run=root.id)
+                if v:
+                    result.versions[backbone] = v
+        if promote and result.versions:
+            policy = registry.load_policy(cfg.policy, cfg.registered_model)
+            d = registry.promote(tracking, policy, {"data_digest": dataset(cfg, "phase2").digest},
+                                 cards_dir=Path(cfg.cards_dir))
+            result.champion = d.champion
+            root.set_tags({"dtl.champion": d.champion, "dtl.promotion": d.reason})
+        if report:
+            test_hook("report")
+            out = report_mod.build(tracking, cfg.report_dir, cfg.registered_model,
+                                   data_digest=dataset(cfg, "phase2").digest)
+            root.log_artifact(out / "results.md", "report")
+            root.log_artifact(out / "results.csv", "report")
+            result.report_dir = str(out)
+    except BaseException as e:
+        root.set_tags({"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+        if not tracking.outer_run_id:
+            root.end("FAILED" if isinstance(e, Exception) else "KILLED")
+        raise
+    if not tracking.outer_run_id:
+        root.end("FINISHED")
+    return result
+
+
+def single_phase(cfg: Config, phase: str, source: str = "", strategy: str = "double") -> dict:
+    """``phase1`` or ``phase2`` alone (phase 2 from ``source`` when double transfer)."""
+    tracking = connect(cfg.tracking_uri, cfg.experiment)
+    _check_inputs(cfg, (phase,))
+    root = open_root_run(tracking, cfg, phase)
+    out = {}
+    try:
+        for backbone in cfg.backbones:
+            if phase == "phase1":
+                s = run_study(cfg, "phase1", backbone, tracking, root.id)
+                evaluate_study(cfg, s, tracking)
+            else:
+                src = phase1_source(source, cfg) if (strategy == "double") else None
+                if strategy == "double" and not source:
+                    raise DTLError("phase 2 with double transfer needs --phase1 <run id | models:/ URI | file>")
+                s = run_phase2_strategy(cfg, tracking, root, backbone, strategy, None, src, f"phase1:{source}")
+                finish_phase2(cfg, tracking, s, None, register_it=True, pipeline_run=root.id)
+            out[backbone] = s
+    except BaseException as e:
+        root.set_tags({"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+        if not tracking.outer_run_id:
+            root.end("FAILED" if isinstance(e, Exception) else "KILLED")
+        raise
+    if not tracking.outer_run_id:
+        root.end("FINISHED")
+    return out

@@ -1,0 +1,290 @@
+"""Model logging, registration and promotion by policy (aliases), and model cards.
+
+Promotion = a pure selection function (:func:`select`) + registration + one alias move. The
+champion never moves to a candidate that is worse on the policy metric than the current
+champion over the same data digest, unless forced; the previous champion is recorded in a
+tag; rerunning on the same runs creates no new versions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dtl import DTLError
+from dtl.tracking import Run, Tracking
+
+CARDS_DIR = Path("registry/cards")
+
+
+@dataclass(frozen=True)
+class Policy:
+    registered_model: str = "all-dtl"
+    metric: str = "val_macro_f1"
+    direction: str = "maximize"  # maximize | minimize
+    min_value: float | None = None
+    tie_breaks: tuple[str, ...] = ("val_balanced_accuracy", "val_accuracy")
+
+
+def load_policy(path: str | Path, registered_model: str = "") -> Policy:
+    p = Path(path)
+    raw = {}
+    if p.exists():
+        raw = yaml.safe_load(p.read_text()) or {}
+    elif str(path) != "registry/policy.yaml":
+        raise DTLError(f"promotion policy {p} does not exist")
+    known = set(Policy.__dataclass_fields__)
+    bad = sorted(set(raw) - known)
+    if bad:
+        raise DTLError(f"{p}: unknown policy key(s) {bad}; valid: {sorted(known)}")
+    if raw.get("direction", "maximize") not in ("maximize", "minimize"):
+        raise DTLError(f"{p}: direction must be maximize or minimize")
+    if "tie_breaks" in raw:
+        raw["tie_breaks"] = tuple(raw["tie_breaks"] or ())
+    pol = Policy(**raw)
+    if registered_model:
+        pol = Policy(registered_model, pol.metric, pol.direction, pol.min_value, pol.tie_breaks)
+    return pol
+
+
+@dataclass(frozen=True)
+class Candidate:
+    version: str
+    metrics: dict
+    data_digest: str = ""
+
+
+@dataclass
+class Decision:
+    champion: str | None
+    challenger: str | None
+    moved: bool
+    reason: str
+    ranked: list[str] = field(default_factory=list)
+
+
+def _key(c: Candidate, policy: Policy) -> tuple:
+    sign = 1 if policy.direction == "maximize" else -1
+    vals = [c.metrics.get(policy.metric, float("nan"))] + [c.metrics.get(t, float("nan")) for t in policy.tie_breaks]
+    return tuple(sign * (v if v == v else -math.inf * sign) for v in vals) + (int(c.version),)
+
+
+def select(candidates: list[Candidate], policy: Policy, current: Candidate | None = None,
+           force: bool = False) -> Decision:
+    """Pure promotion decision. Candidates below ``min_value`` (or lacking the metric) are out;
+    the best by (metric, tie-breaks, newest version) is champion, the runner-up challenger."""
+    def eligible(c: Candidate) -> bool:
+        v = c.metrics.get(policy.metric)
+        if v is None or v != v:
+            return False
+        if policy.min_value is None:
+            return True
+        return v >= policy.min_value if policy.direction == "maximize" else v <= policy.min_value
+
+    pool = sorted((c for c in candidates if eligible(c)), key=lambda c: _key(c, policy), reverse=True)
+    ranked = [c.version for c in pool]
+    if not pool:
+        return Decision(current.version if current else None, None, False,
+                        f"no candidate has {policy.metric} meeting min_value={policy.min_value}", ranked)
+    best = pool[0]
+    runner = pool[1].version if len(pool) > 1 else None
+    if current is None:
+        return Decision(best.version, runner, True, "no champion yet", ranked)
+    if best.version == current.version:
+        return Decision(best.version, runner, False, "the champion is still the best candidate", ranked)
+    same_data = current.data_digest == best.data_digest
+    if same_data and eligible(current) and _key(best, policy)[:-1] < _key(current, policy)[:-1] and not force:
+        return Decision(current.version, best.version, False,
+                        f"best candidate v{best.version} is worse than champion v{current.version} on "
+                        f"{policy.metric} over the same data digest (use --force to move anyway)", ranked)
+    why = "better than the champion" if same_data else "champion was trained on other data (digest differs)"
+    if force and same_data and _key(best, policy)[:-1] < _key(current, policy)[:-1]:
+        why = "forced"
+    return Decision(best.version, runner if runner != best.version else None, True, why, ranked)
+
+
+# ----------------------------------------------------------------------------- MLflow side
+
+def log_model(run: Run, checkpoint: Path, hsv_segment: bool = False) -> str:
+    """Log the best checkpoint as an MLflow model (pytorch + image pyfunc) on ``run``; returns its URI.
+    Idempotent: a run that already logged this checkpoint returns the same model."""
+    import hashlib
+
+    from mlflow.models import Model
+
+    from dtl import serving
+    from dtl.data.transforms import InputSpec
+    from dtl.models import model_from_checkpoint
+
+    digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
+    tags = run.client.get_run(run.id).data.tags
+    if tags.get("dtl.model_checkpoint") == digest and tags.get("dtl.model_uri"):
+        return tags["dtl.model_uri"]
+    net, meta = model_from_checkpoint(checkpoint)
+    ispec = InputSpec.from_dict(meta["input"])
+    import numpy as np
+
+    example = (np.random.default_rng(0).integers(0, 255, (ispec.size, ispec.size, 3))).astype(np.uint8)
+    card_meta = {"spec": net.spec.to_dict(), "input": meta["input"], "hsv_segment": hsv_segment,
+                  "phase": meta.get("phase"), "init": meta.get("init"), "data_digest": meta.get("data_digest"),
+                  "protocol": meta.get("protocol")}
+    info = Model.log(artifact_path=None, name="model", flavor=serving, run_id=run.id, net=net, meta=card_meta,
+                     example_image=example)
+    uri = info.model_uri
+    run.set_tags({"dtl.model_uri": uri, "dtl.model_checkpoint": digest})
+    return uri
+
+
+def register(tracking: Tracking, name: str, model_uri: str, source_run: str, tags: dict) -> str:
+    """Create a model version for ``model_uri`` unless one already exists for it; returns the version."""
+    client = tracking.client
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        try:
+            client.create_registered_model(name, description="ALL double-transfer classifiers (research use only)")
+        except Exception:
+            pass  # created concurrently
+    for v in client.search_model_versions(f"name='{name}'"):
+        if v.tags.get("dtl.model_uri") == model_uri:
+            return v.version
+    mv = client.create_model_version(name, model_uri, run_id=source_run,
+                                     tags={k: str(v) for k, v in {**tags, "dtl.model_uri": model_uri}.items()})
+    return mv.version
+
+
+def candidates(tracking: Tracking, name: str, filter_tags: dict | None = None) -> list[Candidate]:
+    out = []
+    for v in tracking.client.search_model_versions(f"name='{name}'"):
+        if filter_tags and any(v.tags.get(k) != str(val) for k, val in filter_tags.items()):
+            continue
+        metrics = {k[len("metric."):]: float(x) for k, x in v.tags.items() if k.startswith("metric.")}
+        out.append(Candidate(v.version, metrics, v.tags.get("data_digest", "")))
+    return out
+
+
+def current_champion(tracking: Tracking, name: str) -> Candidate | None:
+    try:
+        mv = tracking.client.get_model_version_by_alias(name, "champion")
+    except Exception:
+        return None
+    metrics = {k[len("metric."):]: float(x) for k, x in mv.tags.items() if k.startswith("metric.")}
+    return Candidate(mv.version, metrics, mv.tags.get("data_digest", ""))
+
+
+def promote(tracking: Tracking, policy: Policy, filter_tags: dict | None = None, force: bool = False,
+            cards_dir: Path | None = CARDS_DIR) -> Decision:
+    """Select by policy, move ``champion``/``challenger`` aliases, record the previous champion,
+    and write a model card for the promoted version."""
+    name = policy.registered_model
+    cands = candidates(tracking, name, filter_tags)
+    current = current_champion(tracking, name)
+    d = select(cands, policy, current, force)
+    client = tracking.client
+    if d.moved and d.champion:
+        if current is not None:
+            client.set_model_version_tag(name, d.champion, "dtl.previous_champion", current.version)
+        client.set_registered_model_alias(name, "champion", d.champion)
+        client.set_model_version_tag(name, d.champion, "dtl.promotion_reason", d.reason)
+    if d.challenger and d.challenger != d.champion:
+        client.set_registered_model_alias(name, "challenger", d.challenger)
+    if d.champion and cards_dir is not None:
+        write_card(tracking, name, d.champion, policy, cards_dir)
+    return d
+
+
+def write_card(tracking: Tracking, name: str, version: str, policy: Policy, cards_dir: Path) -> Path:
+    """Model card (Markdown + JSON) of a version, written to ``cards_dir`` and logged on its run."""
+    client = tracking.client
+    mv = client.get_model_version(name, version)
+    run = client.get_run(mv.run_id)
+    t, m = run.data.tags, run.data.metrics
+    spec_path = None
+    try:
+        import mlflow
+
+        spec_path = mlflow.artifacts.download_artifacts(f"{mv.source}/dtl/spec.json")
+    except Exception:
+        pass
+    spec = json.loads(Path(spec_path).read_text()) if spec_path else {}
+    classes = spec.get("spec", {}).get("classes", [])
+    metrics = {k: v for k, v in sorted(m.items()) if k.startswith(("test_", "val_")) and "precision_" not in k
+               and "recall_" not in k}
+    card = {
+        "name": name, "version": version, "aliases": list(mv.aliases),
+        "intended_use": "Research on acute lymphoblastic leukemia image classification. NOT for diagnosis "
+                        "or any clinical decision.",
+        "backbone": t.get("backbone"), "classes": classes, "input": spec.get("input", {}),
+        "input_format": "column 'image': file path, base64 image bytes, raw bytes or an H×W×3 uint8 RGB array; "
+                        "any size (resized and centre-cropped inside the model)",
+        "data": {"phase2": {"kind": t.get("data_kind"), "digest": t.get("data_digest"),
+                            "split_protocol": t.get("split_protocol"),
+                            "duplicates_removed": mv.tags.get("duplicates_removed")},
+                 "phase1": {"digest": mv.tags.get("phase1_data_digest"), "kind": mv.tags.get("phase1_data_kind"),
+                            "split_protocol": mv.tags.get("phase1_split_protocol")}},
+        "metrics": metrics,
+        "policy": {"metric": policy.metric, "direction": policy.direction, "min_value": policy.min_value},
+        "lineage": {"phase1_run": mv.tags.get("phase1_run"), "phase2_run": mv.run_id, "study": t.get("dtl.study"),
+                    "git_commit": t.get("mlflow.source.git.commit"), "init": t.get("init"),
+                    "strategy": t.get("strategy"), "previous_champion": mv.tags.get("dtl.previous_champion"),
+                    "model_uri": mv.source},
+        "limitations": [
+            "Aria ALL has no patient IDs: its split is image-level, so test metrics are optimistic.",
+            "Trained on images from the sources named above; other stains, scanners and hospitals may differ.",
+            "Confidence intervals are bootstrap intervals over test images, not over patients.",
+        ],
+    }
+    md = _card_markdown(card)
+    cards_dir.mkdir(parents=True, exist_ok=True)
+    stem = cards_dir / f"{name}-v{version}"
+    stem.with_suffix(".json").write_text(json.dumps(card, indent=2, default=str))
+    stem.with_suffix(".md").write_text(md)
+    client.log_dict(mv.run_id, card, f"model_card/{name}-v{version}.json")
+    client.log_text(mv.run_id, md, f"model_card/{name}-v{version}.md")
+    return stem.with_suffix(".md")
+
+
+def _card_markdown(c: dict) -> str:
+    def ci(k):
+        v = c["metrics"].get(k)
+        lo, hi = c["metrics"].get(f"{k}_ci_low"), c["metrics"].get(f"{k}_ci_high")
+        if v is None:
+            return "n/a"
+        return f"{v:.4f}" + (f" (95% CI {lo:.4f}–{hi:.4f})" if lo is not None and hi is not None else "")
+
+    rows = "\n".join(f"| {k} | {ci(k)} |" for k in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1",
+                                                    "test_weighted_f1", "test_roc_auc", "test_ece", "val_macro_f1"))
+    lin = "\n".join(f"- {k}: `{v}`" for k, v in c["lineage"].items())
+    lim = "\n".join(f"- {x}" for x in c["limitations"])
+    return f"""# Model card: {c['name']} v{c['version']} ({', '.join(c['aliases']) or 'no alias'})
+
+**Intended use.** {c['intended_use']}
+
+| | |
+|---|---|
+| backbone | {c['backbone']} |
+| classes | {', '.join(c['classes'])} |
+| input | {c['input'].get('size')} px, mean {c['input'].get('mean')}, std {c['input'].get('std')} |
+| input format | {c['input_format']} |
+| phase-2 data | {c['data']['phase2']['kind']}, digest `{str(c['data']['phase2']['digest'])[:16]}`, split {c['data']['phase2']['split_protocol']}, duplicates removed: {c['data']['phase2']['duplicates_removed']} |
+| phase-1 data | {c['data']['phase1']['kind']}, digest `{str(c['data']['phase1']['digest'])[:16]}`, split {c['data']['phase1']['split_protocol']} |
+| policy | {c['policy']['metric']} ({c['policy']['direction']}) |
+
+## Metrics
+
+| metric | value |
+|---|---|
+{rows}
+
+## Lineage
+
+{lin}
+
+## Limitations
+
+{lim}
+"""

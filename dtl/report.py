@@ -1,0 +1,230 @@
+"""Results table and figures, built from an MLflow search (never from local state).
+
+One row per (backbone, transfer strategy) of phase-2 studies with a final evaluation:
+phase-1 validation metric, phase-2 validation and test metrics with 95% CIs, trials run and
+pruned, best hyperparameters, registered version and alias; plus the gain of double over
+single transfer, the seed's own table format, a confusion-matrix grid, learning curves and
+the Optuna histories. Written as Markdown, CSV and one self-contained HTML page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dtl.tracking import Tracking, find_runs
+
+COLUMNS = ["backbone", "strategy", "init", "split_protocol", "phase1_val_macro_f1", "phase2_val_accuracy",
+           "val_macro_f1", "test_accuracy", "test_accuracy_ci", "test_macro_f1", "test_macro_f1_ci",
+           "test_balanced_accuracy", "trials", "pruned", "failed", "best_params", "registered_version", "alias",
+           "data_digest", "phase2_run"]
+
+
+def _ci(m: dict, k: str) -> str:
+    lo, hi = m.get(f"{k}_ci_low"), m.get(f"{k}_ci_high")
+    return f"{lo:.4f}–{hi:.4f}" if lo is not None and hi is not None else ""
+
+
+def collect(tracking: Tracking, registered_model: str, data_digest: str | None = None) -> pd.DataFrame:
+    """The results table, from MLflow: phase-2 study runs that hold a final evaluation."""
+    flt = "tags.`dtl.role` = 'study' and tags.phase = 'phase2'"
+    if data_digest:
+        flt += f" and tags.data_digest = '{data_digest}'"
+    runs = [r for r in find_runs(tracking, flt) if "test_accuracy" in r.data.metrics or "val_accuracy" in r.data.metrics]
+    p1_runs = {r.info.run_id: r for r in find_runs(tracking, "tags.`dtl.role` = 'study' and tags.phase = 'phase1'")}
+    versions = {}
+    try:
+        for v in tracking.client.search_model_versions(f"name='{registered_model}'"):
+            # search results carry no aliases in every store: read each version itself
+            versions.setdefault(v.run_id, []).append(tracking.client.get_model_version(v.name, v.version))
+    except Exception:
+        pass
+    latest: dict = {}
+    for r in runs:  # the latest study per (backbone, strategy, data)
+        key = (r.data.tags.get("backbone"), r.data.tags.get("strategy"), r.data.tags.get("data_digest"))
+        if key not in latest or r.info.start_time > latest[key].info.start_time:
+            latest[key] = r
+    rows = []
+    for r in latest.values():
+        t, m = r.data.tags, r.data.metrics
+        init = t.get("init", "")
+        p1 = p1_runs.get(init.split("phase1:")[-1]) if init.startswith("phase1:") else None
+        vs = sorted(versions.get(r.info.run_id, []), key=lambda v: int(v.version))
+        v = vs[-1] if vs else None
+        rows.append({
+            "backbone": t.get("backbone"), "strategy": t.get("strategy"),
+            "init": ("phase 1 (" + (p1.data.tags.get("init", "?") if p1 else "?") + " → C-NMC)") if p1 else init,
+            "split_protocol": t.get("split_protocol"),
+            "phase1_val_macro_f1": p1.data.metrics.get("val_macro_f1") if p1 else None,
+            "phase2_val_accuracy": m.get("val_accuracy"), "val_macro_f1": m.get("val_macro_f1"),
+            "test_accuracy": m.get("test_accuracy"), "test_accuracy_ci": _ci(m, "test_accuracy"),
+            "test_macro_f1": m.get("test_macro_f1"), "test_macro_f1_ci": _ci(m, "test_macro_f1"),
+            "test_balanced_accuracy": m.get("test_balanced_accuracy"),
+            "trials": int(m.get("n_complete", 0) + m.get("n_pruned", 0) + m.get("n_failed", 0)),
+            "pruned": int(m.get("n_pruned", 0)), "failed": int(m.get("n_failed", 0)),
+            "best_params": json.dumps({k[5:]: _short(val) for k, val in sorted(t.items()) if k.startswith("best.")}),
+            "registered_version": v.version if v else "", "alias": ",".join(v.aliases) if v else "",
+            "data_digest": (t.get("data_digest") or "")[:12], "phase2_run": r.info.run_id,
+        })
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    return df.sort_values(["backbone", "strategy"]).reset_index(drop=True) if len(df) else df
+
+
+def _short(v: str) -> str:
+    try:
+        f = float(v)
+        return f"{f:.3g}" if not f.is_integer() else str(int(f))
+    except ValueError:
+        return v
+
+
+def double_gain(df: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy and macro-F1 of double minus single transfer, per backbone."""
+    rows = []
+    for b, g in df.groupby("backbone"):
+        s = g.set_index("strategy")
+        if {"double", "single"} <= set(s.index):
+            rows.append({"backbone": b,
+                         "gain_test_accuracy": s.at["double", "test_accuracy"] - s.at["single", "test_accuracy"],
+                         "gain_test_macro_f1": s.at["double", "test_macro_f1"] - s.at["single", "test_macro_f1"]})
+    return pd.DataFrame(rows, columns=["backbone", "gain_test_accuracy", "gain_test_macro_f1"])
+
+
+def seed_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The seed project's format: Model | Phase-2 Accuracy | Eval Acc | Notes."""
+    rows = []
+    for _, r in df.iterrows():
+        note = f"{r['strategy']} transfer, init {r['init']}, {r['split_protocol']} split"
+        if r["test_accuracy_ci"]:
+            note += f", test 95% CI {r['test_accuracy_ci']}"
+        rows.append({"Model": r["backbone"], "Phase-2 Accuracy": _pct(r["phase2_val_accuracy"]),
+                     "Eval Acc": _pct(r["test_accuracy"]), "Notes": note})
+    return pd.DataFrame(rows, columns=["Model", "Phase-2 Accuracy", "Eval Acc", "Notes"])
+
+
+def _pct(v) -> str:
+    return f"{100 * v:.2f}%" if v is not None and v == v else "n/a"
+
+
+def _md(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "_(no rows)_\n"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "" if v != v else f"{v:.4f}"
+    return str(v).replace("|", "/") if v is not None else ""
+
+
+def figures(tracking: Tracking, df: pd.DataFrame) -> dict:
+    """PNG bytes: confusion-matrix grid (test), learning curves and Optuna histories."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from dtl.metrics import confusion_figure
+
+    out = {}
+    if df.empty:
+        return out
+    n = len(df)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.6), squeeze=False)
+    for ax, (_, r) in zip(axes[0], df.iterrows()):
+        try:
+            cm = mlflow.artifacts.load_dict(f"runs:/{r['phase2_run']}/evaluation/confusion_test.json")
+            confusion_figure(cm, f"{r['backbone']} ({r['strategy']})", ax=ax)
+        except Exception:
+            ax.set_axis_off()
+    fig.tight_layout()
+    out["confusion_grid.png"] = _png(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for _, r in df.iterrows():
+        run = tracking.client.get_run(r["phase2_run"])
+        best = run.data.tags.get("best_trial_run_id")
+        label = f"{r['backbone']} ({r['strategy']})"
+        if best:
+            hist = tracking.client.get_metric_history(best, "val_macro_f1")
+            axes[0].plot([h.step for h in hist], [h.value for h in hist], marker="o", label=label)
+        trials = find_runs(tracking, f"tags.`mlflow.parentRunId` = '{r['phase2_run']}'")
+        vals = [(int(t.data.tags.get("optuna.trial", 0)), t.data.metrics.get("best_val_macro_f1", np.nan))
+                for t in trials]
+        vals.sort()
+        if vals:
+            ys = [v for _, v in vals]
+            best_so_far = np.fmax.accumulate(np.nan_to_num(ys, nan=-np.inf))
+            axes[1].plot([k for k, _ in vals], best_so_far, drawstyle="steps-post", label=label)
+            axes[1].scatter([k for k, _ in vals], ys, s=12)
+    axes[0].set(title="learning curve of the best trial", xlabel="epoch", ylabel="val macro-F1")
+    axes[1].set(title="Optuna history (best so far)", xlabel="trial", ylabel="val macro-F1")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out["curves.png"] = _png(fig)
+    return out
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_digest: str | None = None,
+          provenance: dict | None = None) -> Path:
+    """Write results.md / results.csv / seed_table.csv / report.html and the figures."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = collect(tracking, registered_model, data_digest)
+    gain = double_gain(df)
+    seed = seed_table(df)
+    figs = figures(tracking, df)
+    df.to_csv(out / "results.csv", index=False)
+    seed.to_csv(out / "seed_table.csv", index=False)
+    for name, data in figs.items():
+        (out / name).write_bytes(data)
+    prov = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "tracking_uri": _redacted(tracking.uri),
+            "experiment_id": tracking.experiment_id, **(provenance or {})}
+    shown = df.drop(columns=["phase2_run"]) if not df.empty else df
+    md = ["# Results", "", "Generated from an MLflow search by `dtl report`. Split protocol per row: "
+          "Aria has no patient IDs, so its split is image-level (optimistic); C-NMC splits are patient-level.", "",
+          _md(shown), "## Double vs single transfer (test, difference)", "", _md(gain),
+          "## Seed format", "", _md(seed), "## Figures", ""]
+    md += [f"![{n}]({n})" for n in figs]
+    md += ["", "## Provenance", "", "```json", json.dumps(prov, indent=2, default=str), "```", ""]
+    (out / "results.md").write_text("\n".join(md))
+    imgs = "".join(f'<h3>{html.escape(n)}</h3><img src="data:image/png;base64,{base64.b64encode(d).decode()}"/>'
+                   for n, d in figs.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ALL double transfer: results</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
+td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}</style></head><body>
+<h1>Results</h1>{shown.to_html(index=False, na_rep="")}
+<h2>Double vs single transfer</h2>{gain.to_html(index=False)}
+<h2>Seed format</h2>{seed.to_html(index=False)}<h2>Figures</h2>{imgs}
+<h2>Provenance</h2><pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre></body></html>"""
+    (out / "report.html").write_text(page)
+    return out
+
+
+def _redacted(uri: str) -> str:
+    from dtl.tracking import redact
+
+    return redact(uri)

@@ -1,0 +1,266 @@
+"""The adapter to MLflow tracking: runs, tags, params, metrics, artifacts, dataset inputs.
+
+Runs are created and written through ``MlflowClient`` with explicit run ids (no global
+active-run stack), so nested study/trial runs, resumed runs and parallel workers never step
+on each other. Under ``mlflow run`` the run that MLflow created (``MLFLOW_RUN_ID``) is the
+pipeline's root run and its experiment is used: ``set_experiment`` is never called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from dtl import DTLError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+_SECRET = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]+):(?P<pw>[^@/]+)@", re.I)
+
+
+def redact(uri: str) -> str:
+    """Strip the password from a URL (``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``)."""
+    return _SECRET.sub(lambda m: f"{m['scheme']}{m['user']}:***@", uri or "")
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+@dataclass
+class Tracking:
+    """Where runs go: the client, the experiment and (under ``mlflow run``) the outer run."""
+
+    client: MlflowClient
+    uri: str
+    experiment_id: str
+    outer_run_id: str | None = None
+
+
+def connect(tracking_uri: str = "", experiment: str = "all-dtl") -> Tracking:
+    """Resolve the tracking URI, check that it answers, and find or create the experiment.
+
+    Fails before any training with a message that names the URI (password removed)."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (mlflow models serve, workers) follow
+    client = MlflowClient(uri)
+    try:
+        if uri.startswith(("http://", "https://")):
+            import requests
+
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        outer = os.environ.get("MLFLOW_RUN_ID")
+        if outer:
+            exp_id = client.get_run(outer).info.experiment_id
+        else:
+            exp = client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else _create_experiment(client, experiment)
+    except DTLError:
+        raise
+    except Exception as e:
+        raise DTLError(f"MLflow tracking server {redact(uri)} is not reachable or not usable "
+                       f"({type(e).__name__}: {redact(str(e))[:300]}). Start it, or unset MLFLOW_TRACKING_URI "
+                       f"to use the local {DEFAULT_TRACKING_URI}.") from None
+    return Tracking(client, uri, exp_id, outer)
+
+
+def _create_experiment(client: MlflowClient, name: str) -> str:
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another worker created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class Run:
+    """One MLflow run, written through the client by id."""
+
+    def __init__(self, tracking: Tracking, run_id: str):
+        self.t, self.id = tracking, run_id
+
+    @property
+    def client(self) -> MlflowClient:
+        return self.t.client
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        existing = self.client.get_run(self.id).data.params
+        items = [Param(k, _param_value(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if _is_number(v)]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.id, metrics=items[i:i + 500])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        if items:
+            self.client.log_batch(self.id, tags=items)
+
+    def log_dict(self, obj: Any, path: str) -> None:
+        self.client.log_dict(self.id, obj, path)
+
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.id, text, path)
+
+    def log_figure(self, fig, path: str) -> None:
+        import matplotlib.pyplot as plt
+
+        self.client.log_figure(self.id, fig, path)
+        plt.close(fig)
+
+    def log_artifact(self, local: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.id, str(local), artifact_path)
+
+    def log_table(self, df, path: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / Path(path).name
+            df.to_csv(p, index=False)
+            self.client.log_artifact(self.id, str(p), str(Path(path).parent) if Path(path).parent != Path(".") else None)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.id, status)
+
+    def reopen(self) -> None:
+        self.client.update_run(self.id, status="RUNNING")
+
+
+def _is_number(v) -> bool:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return f == f  # NaN is not logged
+
+
+def _param_value(v: Any) -> str:
+    s = redact(str(v)) if isinstance(v, str) else str(v)
+    return s[:6000]
+
+
+def start_run(tracking: Tracking, name: str, tags: dict[str, Any], parent: str | None = None) -> Run:
+    tags = {**base_tags(), **tags, "mlflow.runName": name}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    r = tracking.client.create_run(tracking.experiment_id, tags={k: str(v) for k, v in tags.items() if v is not None},
+                                   run_name=name)
+    return Run(tracking, r.info.run_id)
+
+
+def base_tags() -> dict[str, str]:
+    return {"mlflow.source.git.commit": git_commit(), "dtl.host": socket.gethostname(), "dtl.pid": str(os.getpid())}
+
+
+def find_runs(tracking: Tracking, filter_string: str, max_results: int = 1000):
+    return tracking.client.search_runs([tracking.experiment_id], filter_string=filter_string,
+                                       max_results=max_results, order_by=["attributes.start_time ASC"])
+
+
+def find_run(tracking: Tracking, tags: dict[str, str]) -> Run | None:
+    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = find_runs(tracking, flt, 5)
+    return Run(tracking, runs[0].info.run_id) if runs else None
+
+
+def end_orphans(tracking: Tracking, parent: str | None = None, alive: set[str] | None = None) -> int:
+    """End RUNNING dtl runs whose process is gone (same host, pid not alive) as KILLED.
+
+    ``alive`` lists run ids known to be live elsewhere (e.g. trials Optuna still sees running)."""
+    flt = "attributes.status = 'RUNNING'"
+    if parent:
+        flt += f" and tags.`mlflow.parentRunId` = '{parent}'"
+    n = 0
+    host = socket.gethostname()
+    for r in find_runs(tracking, flt):
+        t = r.data.tags
+        if r.info.run_id == tracking.outer_run_id or (alive and r.info.run_id in alive):
+            continue
+        if "dtl.pid" not in t or t.get("dtl.host") != host or _pid_alive(int(t["dtl.pid"])):
+            continue
+        tracking.client.set_tag(r.info.run_id, "dtl.ended_by", "rerun: the process that ran it was gone")
+        tracking.client.set_terminated(r.info.run_id, "KILLED")
+        n += 1
+    return n
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed child not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def log_dataset(run: Run, ds, context: str, name: str) -> None:
+    """Log the manifest as an MLflow dataset input (``mlflow.log_input`` by run id)."""
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    df = ds.manifest if context == "all" else ds.manifest[ds.manifest["split"] == {
+        "training": "train", "validation": "val", "test": "test"}[context]]
+    if not len(df):
+        return
+    dataset = mlflow.data.from_pandas(pd.DataFrame(df), source=str(ds.root), name=name, digest=ds.digest[:16])
+    run.client.log_inputs(run.id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                [InputTag("mlflow.data.context", context)])])
+
+
+def log_data(run: Run, ds, name: str) -> None:
+    """Manifest (CSV), audit (JSON) and the three dataset inputs of a phase's data."""
+    run.log_table(ds.manifest, f"data/{name}_manifest.csv")
+    audit = ds.audit()
+    run.log_dict(audit, f"data/{name}_audit.json")
+    if ds.unreadable:
+        run.log_text("\n".join(ds.unreadable), f"data/{name}_skipped_unreadable.txt")
+    for ctx in ("training", "validation", "test"):
+        log_dataset(run, ds, ctx, name)
+
+
+def log_evaluation(run: Run, ev: dict, prefix: str = "") -> None:
+    """Metrics with CIs, confusion matrices (JSON + PNG) and predictions of a final evaluation."""
+    from dtl.metrics import confusion_figure
+
+    run.log_metrics(ev["metrics"])
+    for split, cm in ev["confusion"].items():
+        run.log_dict(cm, f"evaluation/{prefix}confusion_{split}.json")
+        run.log_figure(confusion_figure(cm, f"{prefix}{split}"), f"evaluation/{prefix}confusion_{split}.png")
+    for split, table in ev["predictions"].items():
+        run.log_table(table, f"evaluation/{prefix}predictions_{split}.csv")
+
+
+def download(run_id: str, path: str, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+
+
+def json_safe(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))

@@ -1,0 +1,287 @@
+"""One Optuna study per (experiment, phase, strategy, backbone, data digest).
+
+A trial maps Optuna's suggestions to config overrides and calls the same ``run_phase``. The
+study is an MLflow parent run; each trial a nested run with per-epoch curves and a state tag.
+Storage is persistent (``load_if_exists``), so rerunning a command resumes: finished trials
+are kept, the study continues to ``n_trials`` in total, and trials killed mid-way are found
+by Optuna's heartbeat, marked failed and retried (from their last checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import torch
+import yaml
+from optuna.storages import RetryFailedTrialCallback
+from optuna.trial import TrialState
+
+from dtl import DTLError
+from dtl.config import EXPERIMENTS_DIR, Config, flatten, with_phase
+from dtl.engine import NonFiniteLoss
+from dtl.phases import dataset, run_phase, test_hook
+from dtl.tracking import Run, Tracking, end_orphans, find_run, log_data, redact, start_run
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass
+class StudyResult:
+    study_name: str
+    run_id: str  # the study's MLflow parent run
+    phase: str
+    backbone: str
+    strategy: str
+    best_trial: int
+    best_value: float
+    best_params: dict
+    checkpoint: Path
+    best_trial_run_id: str
+    counts: dict = field(default_factory=dict)
+
+
+def load_search_space(cfg: Config, phase: str) -> dict:
+    path = Path(cfg.tune.search_space)
+    if not path.is_absolute() and not path.exists():
+        path = EXPERIMENTS_DIR / path
+    try:
+        space = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise DTLError(f"cannot read search space {path}: {e}") from None
+    block = space.get(phase, {})
+    pinned = cfg.phase(phase).search
+    if pinned:
+        unknown = sorted(set(pinned) - set(block))
+        if unknown:
+            raise DTLError(f"{phase}.search names {unknown}, not in {path} (valid: {sorted(block)})")
+        block = {k: v for k, v in block.items() if k in pinned}
+    valid = {f.name for f in dataclasses.fields(cfg.phase(phase))}
+    bad = sorted(set(block) - valid)
+    if bad:
+        raise DTLError(f"{path}: {phase} keys {bad} are not phase settings (valid: {sorted(valid)})")
+    return block
+
+
+def suggest(trial: optuna.Trial, space: dict, n_stages: int) -> dict:
+    """Optuna suggestions -> config overrides. ``unfreeze`` high=-1 means all stages."""
+    out = {}
+    for name, s in space.items():
+        kind = s.get("type", "float")
+        if kind == "float":
+            out[name] = trial.suggest_float(name, float(s["low"]), float(s["high"]), log=bool(s.get("log")))
+        elif kind == "int":
+            high = n_stages if int(s["high"]) < 0 else int(s["high"])
+            out[name] = trial.suggest_int(name, int(s["low"]), max(int(s["low"]), high))
+        elif kind == "categorical":
+            out[name] = trial.suggest_categorical(name, list(s["choices"]))
+        else:
+            raise DTLError(f"search space {name}: type must be float, int or categorical, not {kind!r}")
+    return out
+
+
+def make_storage(url: str, heartbeat_s: int):
+    """An Optuna storage from a URL: ``sqlite:///...``, ``postgresql://...`` (RDB, with
+    heartbeats) or ``journal:PATH`` (a journal file shared by processes on one machine)."""
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            path = url[len("journal:"):].removeprefix("//")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(path))
+        if "://" not in url:
+            raise ValueError("no scheme")
+        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
+                                          grace_period=3 * heartbeat_s,
+                                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+    except Exception as e:
+        raise DTLError(f"Optuna storage {redact(url)!r} is not usable ({type(e).__name__}: {redact(str(e))[:200]}). "
+                       "Valid forms: sqlite:///optuna.db, postgresql://user:pass@127.0.0.1/db, "
+                       "journal:./optuna.journal") from None
+
+
+def make_pruner(cfg: Config, n_epochs: int):
+    t = cfg.tune
+    if t.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=t.pruner_warmup_epochs)
+    if t.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_epochs)
+    if t.pruner == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=t.threshold, n_warmup_steps=t.pruner_warmup_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def study_name(cfg: Config, phase: str, backbone: str, strategy: str, digest: str, experiment: str) -> str:
+    parts = [experiment, phase] + ([strategy] if phase == "phase2" else []) + [backbone, digest[:10]]
+    return ".".join(parts)
+
+
+def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent_run: str | None = None,
+              strategy: str = "double", init_from: Path | None = None, init_label: str | None = None,
+              experiment: str = "") -> StudyResult:
+    """Tune one (phase, backbone, strategy); returns the best trial and its checkpoint."""
+    pc = cfg.phase(phase)
+    ds = dataset(cfg, phase)
+    name = study_name(cfg, phase, backbone, strategy, ds.digest, experiment or cfg.experiment)
+    storage_url = cfg.tune.storage or DEFAULT_STORAGE
+    storage = make_storage(storage_url, cfg.tune.heartbeat_s)
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=cfg.tune.sampler_seed),
+                                pruner=make_pruner(cfg, pc.epochs))
+    if hasattr(storage, "fail_stale_trials") or isinstance(storage, optuna.storages.RDBStorage):
+        optuna.storages.fail_stale_trials(study)
+    init = init_label or pc.init
+    tags = {"dtl.role": "study", "dtl.study": name, "phase": phase, "backbone": backbone, "strategy": strategy,
+            "init": init, "data_digest": ds.digest, "data_kind": ds.kind, "split_protocol": ds.protocol,
+            "precision": cfg.precision, "optuna.storage": redact(storage_url)}
+    run = find_run(tracking, {"dtl.study": name})
+    if run is None:
+        run = start_run(tracking, f"{phase}-{strategy}-{backbone}" if phase == "phase2" else f"{phase}-{backbone}",
+                        tags, parent=parent_run)
+        run.log_params({**flatten(cfg), "study": name})
+        log_data(run, ds, phase)
+    else:
+        run.reopen()
+        run.set_tags({"dtl.pid": __import__("os").getpid()})
+    alive = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    end_orphans(tracking, parent=run.id, alive=alive)
+    space = load_search_space(cfg, phase)
+    workroot = Path(cfg.work_dir) / name
+    n_stages = _n_stages(backbone)
+    t0 = time.time()
+
+    def objective(trial: optuna.Trial) -> float:
+        overrides = suggest(trial, space, n_stages)
+        tcfg = with_phase(cfg, phase, **overrides)
+        # A retry of a killed trial continues in the killed trial's folder, from its last.pt.
+        origin = RetryFailedTrialCallback.retried_trial_number(trial.study._storage.get_trial(trial._trial_id))
+        workdir = workroot / f"trial-{origin if origin is not None else trial.number}"
+        trun = start_run(tracking, f"trial-{trial.number}", {**tags, "dtl.role": "trial", "optuna.trial": trial.number,
+                                                             "optuna.state": "RUNNING",
+                                                             "optuna.retry_of": origin}, parent=run.id)
+        trial.set_user_attr("mlflow_run_id", trun.id)
+        trun.log_params({**flatten(tcfg), **{f"trial.{k}": v for k, v in overrides.items()}})
+
+        def report(epoch: int, row: dict) -> None:
+            trun.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            trial.report(row[pc.monitor], epoch)
+            if trial.should_prune():
+                trun.set_tags({"optuna.state": "PRUNED", "optuna.pruned_epoch": epoch})
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+        try:
+            test_hook(f"{phase}:trial{trial.number}:start")
+            res = run_phase(tcfg, phase, backbone, workdir, init_from=init_from, report=report, init_label=init)
+        except optuna.TrialPruned:
+            trun.end("FINISHED")
+            raise
+        except (NonFiniteLoss, torch.cuda.OutOfMemoryError, DTLError) as e:
+            trun.set_tags({"optuna.state": "FAIL", "dtl.fail_reason": str(e)[:500]})
+            trun.end("FAILED")
+            _free_memory()
+            raise
+        except BaseException as e:
+            trun.set_tags({"optuna.state": "FAIL", "dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+            trun.end("FAILED" if isinstance(e, Exception) else "KILLED")
+            raise
+        trial.set_user_attr("checkpoint", str(res.checkpoint))
+        trial.set_user_attr("best_epoch", res.best_epoch)
+        trun.set_tags({"optuna.state": "COMPLETE", "precision": res.precision, "device": res.device,
+                       "skipped_steps": res.skipped_steps})
+        trun.log_metrics({f"best_{pc.monitor}": res.best_value, "best_epoch": res.best_epoch})
+        trun.end("FINISHED")
+        return res.best_value
+
+    def keep_best_only(study_: optuna.Study, _trial) -> None:
+        """Delete the checkpoints of finished trials that are not the best (running ones stay)."""
+        try:
+            best = study_.best_trial.number
+        except ValueError:
+            best = None
+        for t in study_.get_trials(deepcopy=False):
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.number != best:
+                origin = RetryFailedTrialCallback.retried_trial_number(t)
+                shutil.rmtree(workroot / f"trial-{origin if origin is not None else t.number}", ignore_errors=True)
+
+    def finished() -> int:
+        return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+    remaining = pc.n_trials - finished()
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining + 2,  # +2: room for retries of failed trials
+                       callbacks=[optuna.study.MaxTrialsCallback(pc.n_trials, states=FINISHED), keep_best_only],
+                       catch=(NonFiniteLoss, torch.cuda.OutOfMemoryError, DTLError), gc_after_trial=True)
+    keep_best_only(study, None)
+    return _summarise(study, run, name, phase, backbone, strategy, workroot, time.time() - t0)
+
+
+def _summarise(study, run: Run, name, phase, backbone, strategy, workroot: Path, wall: float) -> StudyResult:
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials)
+              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    try:
+        best = study.best_trial
+    except ValueError:
+        run.set_tags({"dtl.fail_reason": "no trial completed"})
+        run.end("FAILED")
+        raise DTLError(f"study {name}: no trial completed ({counts}); see the trial runs' dtl.fail_reason tags")
+    ckpt = Path(best.user_attrs["checkpoint"])
+    if not ckpt.exists():
+        raise DTLError(f"study {name}: the best trial's checkpoint {ckpt} is gone (work_dir cleaned?). "
+                       "Rerun with a new work_dir or delete the study to retrain.")
+    run.log_metrics({"best_value": best.value, "n_complete": counts["complete"], "n_pruned": counts["pruned"],
+                     "n_failed": counts["fail"], "study_wall_s": wall})
+    run.set_tags({"best_trial": best.number, "best_trial_run_id": best.user_attrs.get("mlflow_run_id", ""),
+                  **{f"best.{k}": v for k, v in best.params.items()}})
+    run.log_dict({"best_trial": best.number, "best_value": best.value, "params": best.params, "counts": counts},
+                 "study/best.json")
+    _log_plots(study, run)
+    if run.client.get_run(run.id).data.tags.get("dtl.checkpoint_trial") != str(best.number):
+        run.log_artifact(ckpt, "checkpoint")
+        run.set_tags({"dtl.checkpoint_trial": best.number})
+    return StudyResult(name, run.id, phase, backbone, strategy, best.number, float(best.value), dict(best.params),
+                       ckpt, best.user_attrs.get("mlflow_run_id", ""), counts)
+
+
+def _log_plots(study, run: Run) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import warnings
+
+    from optuna.visualization import matplotlib as ovm
+
+    plots = {"optimization_history": ovm.plot_optimization_history,
+             "param_importances": ovm.plot_param_importances,
+             "parallel_coordinate": ovm.plot_parallel_coordinate}
+    for fname, fn in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = fn(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(8, 5)
+            run.log_figure(fig, f"study/{fname}.png")
+        except (ValueError, RuntimeError, ZeroDivisionError, IndexError):
+            continue  # e.g. importances need two completed trials with varying params
+
+
+def _n_stages(backbone: str) -> int:
+    from dtl.models import DTLNet, ModelSpec
+
+    return len(DTLNet(ModelSpec(backbone, ("a", "b"))).stage_groups())
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

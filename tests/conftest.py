@@ -1,0 +1,56 @@
+"""Shared fixtures: an isolated MLflow/Optuna workspace per test, the demo data generated
+once per session, and the real datasets in ../shared/datasets (skip, or fail in CI)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("DTL_SHARED_DATASETS", ROOT.parent / "shared" / "datasets"))
+
+
+def require_real_data() -> Path:
+    """The shared real datasets, or a skip with the reason (a failure when DTL_REQUIRE_REAL_DATA=1)."""
+    if (SHARED / "aria-all-pbs-2021").is_dir() and (SHARED / "c-nmc-2019-subset").is_dir():
+        return SHARED
+    msg = f"real datasets not found at {SHARED} (set DTL_SHARED_DATASETS)"
+    if os.environ.get("DTL_REQUIRE_REAL_DATA") == "1":
+        pytest.fail(msg + " and DTL_REQUIRE_REAL_DATA=1")
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One decoded-image cache and demo dataset for the whole session."""
+    return tmp_path_factory.mktemp("dtl-cache")
+
+
+@pytest.fixture()
+def workspace(tmp_path, monkeypatch, cache_dir):
+    """A fresh working directory with its own sqlite MLflow store and Optuna storage."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("DTL_KILL_AT", raising=False)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    return tmp_path
+
+
+def demo_overrides(cache_dir: Path, tmp: Path, **extra) -> list[str]:
+    """Overrides that make the demo recipe tiny: one backbone, 2 trials, 2 epochs."""
+    base = {
+        "cache_dir": str(cache_dir), "work_dir": str(tmp / "runs"), "report_dir": str(tmp / "report"),
+        "tune.storage": f"sqlite:///{tmp}/optuna.db", "backbones": "[test_resnet]",
+        "phase1.n_trials": 2, "phase2.n_trials": 2, "phase1.epochs": 2, "phase2.epochs": 2, "bootstrap": 50,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+PYTHON = sys.executable
