@@ -139,12 +139,7 @@ def build_model(spec: ModelSpec, init: str = "scratch") -> DTLNet:
     file by the caller (``dtl.phases``)."""
     check_backbone(spec.backbone)
     if init == "imagenet":
-        try:
-            return DTLNet(spec, pretrained=True)
-        except Exception as e:  # network, hub or missing-weights errors all mean the same to the user
-            raise DTLError(f"could not load ImageNet weights for {spec.backbone} from the timm hub "
-                           f"({type(e).__name__}: {str(e)[:200]}). Offline? Use init=file:/path/to/weights "
-                           f"(timm .pth/.safetensors) or init=scratch.") from None
+        return _imagenet(spec)
     net = DTLNet(spec, pretrained=False)
     if init == "scratch":
         return net
@@ -152,6 +147,41 @@ def build_model(spec: ModelSpec, init: str = "scratch") -> DTLNet:
         load_backbone_weights(net, read_weights(Path(init[5:])), init)
         return net
     raise DTLError(f"init={init!r} is not valid here; choose imagenet, scratch or file:PATH")
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _imagenet(spec: ModelSpec) -> DTLNet:
+    """ImageNet weights from timm's hub: the local hub cache first, then the network; offline
+    this fails at once (no retries against an unreachable host) with what to do instead."""
+    import huggingface_hub.constants as hf
+
+    hint = (f"Use init=file:/path/to/{spec.backbone}.safetensors (timm weights downloaded elsewhere) "
+            "or init=scratch.")
+    saved = hf.HF_HUB_OFFLINE
+    try:
+        hf.HF_HUB_OFFLINE = True  # cached weights need no network
+        return DTLNet(spec, pretrained=True)
+    except Exception:
+        pass
+    finally:
+        hf.HF_HUB_OFFLINE = saved
+    if saved or not _hub_reachable():
+        raise DTLError(f"ImageNet weights for {spec.backbone} are not in the local hub cache and the timm hub "
+                       f"(huggingface.co) is not reachable: offline. {hint}")
+    try:
+        return DTLNet(spec, pretrained=True)
+    except Exception as e:  # network, hub or missing-weights errors all mean the same to the user
+        raise DTLError(f"could not load ImageNet weights for {spec.backbone} from the timm hub "
+                       f"({type(e).__name__}: {str(e)[:200]}). {hint}") from None
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -151,10 +151,10 @@ def register(tracking: Tracking, name: str, model_uri: str, source_run: str, tag
             pass  # created concurrently
     for v in client.search_model_versions(f"name='{name}'"):
         if v.tags.get("dtl.model_uri") == model_uri:
-            return v.version
+            return str(v.version)
     mv = client.create_model_version(name, model_uri, run_id=source_run,
                                      tags={k: str(v) for k, v in {**tags, "dtl.model_uri": model_uri}.items()})
-    return mv.version
+    return str(mv.version)
 
 
 def candidates(tracking: Tracking, name: str, filter_tags: dict | None = None) -> list[Candidate]:
@@ -163,7 +163,7 @@ def candidates(tracking: Tracking, name: str, filter_tags: dict | None = None) -
         if filter_tags and any(v.tags.get(k) != str(val) for k, val in filter_tags.items()):
             continue
         metrics = {k[len("metric."):]: float(x) for k, x in v.tags.items() if k.startswith("metric.")}
-        out.append(Candidate(v.version, metrics, v.tags.get("data_digest", "")))
+        out.append(Candidate(str(v.version), metrics, v.tags.get("data_digest", "")))
     return out
 
 
@@ -173,7 +173,7 @@ def current_champion(tracking: Tracking, name: str) -> Candidate | None:
     except Exception:
         return None
     metrics = {k[len("metric."):]: float(x) for k, x in mv.tags.items() if k.startswith("metric.")}
-    return Candidate(mv.version, metrics, mv.tags.get("data_digest", ""))
+    return Candidate(str(mv.version), metrics, mv.tags.get("data_digest", ""))
 
 
 def promote(tracking: Tracking, policy: Policy, filter_tags: dict | None = None, force: bool = False,

@@ -221,15 +221,18 @@ def _pid_alive(pid: int) -> bool:
 
 
 def log_dataset(run: Run, ds, context: str, name: str) -> None:
-    """Log the manifest as an MLflow dataset input (``mlflow.log_input`` by run id)."""
+    """Log one split of the manifest as an MLflow dataset input (``mlflow.log_input`` by run id)."""
+    import hashlib
+
     import pandas as pd
     from mlflow.entities import DatasetInput, InputTag
 
-    df = ds.manifest if context == "all" else ds.manifest[ds.manifest["split"] == {
-        "training": "train", "validation": "val", "test": "test"}[context]]
+    split = {"training": "train", "validation": "val", "test": "test"}[context]
+    df = ds.manifest[ds.manifest["split"] == split]
     if not len(df):
         return
-    dataset = mlflow.data.from_pandas(pd.DataFrame(df), source=str(ds.root), name=name, digest=ds.digest[:16])
+    digest = hashlib.sha256((ds.digest + split).encode()).hexdigest()[:16]
+    dataset = mlflow.data.from_pandas(pd.DataFrame(df), source=str(ds.root), name=f"{name}-{split}", digest=digest)
     run.client.log_inputs(run.id, [DatasetInput(dataset._to_mlflow_entity(),
                                                 [InputTag("mlflow.data.context", context)])])
 

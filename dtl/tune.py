@@ -216,12 +216,19 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
         return len(study.get_trials(deepcopy=False, states=FINISHED))
 
     remaining = pc.n_trials - finished()
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining + 2,  # +2: room for retries of failed trials
-                       callbacks=[optuna.study.MaxTrialsCallback(pc.n_trials, states=FINISHED), keep_best_only],
-                       catch=(NonFiniteLoss, torch.cuda.OutOfMemoryError, DTLError), gc_after_trial=True)
-    keep_best_only(study, None)
-    return _summarise(study, run, name, phase, backbone, strategy, workroot, time.time() - t0)
+    try:
+        if remaining > 0:
+            study.optimize(objective, n_trials=remaining + 2,  # +2: room for retries of failed trials
+                           callbacks=[optuna.study.MaxTrialsCallback(pc.n_trials, states=FINISHED), keep_best_only],
+                           catch=(NonFiniteLoss, torch.cuda.OutOfMemoryError, DTLError), gc_after_trial=True)
+        keep_best_only(study, None)
+        result = _summarise(study, run, name, phase, backbone, strategy, workroot, time.time() - t0)
+    except BaseException as e:
+        run.set_tags({"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+        run.end("FAILED" if isinstance(e, Exception) else "KILLED")
+        raise
+    run.end("FINISHED")
+    return result
 
 
 def _summarise(study, run: Run, name, phase, backbone, strategy, workroot: Path, wall: float) -> StudyResult:
@@ -231,8 +238,6 @@ def _summarise(study, run: Run, name, phase, backbone, strategy, workroot: Path,
     try:
         best = study.best_trial
     except ValueError:
-        run.set_tags({"dtl.fail_reason": "no trial completed"})
-        run.end("FAILED")
         raise DTLError(f"study {name}: no trial completed ({counts}); see the trial runs' dtl.fail_reason tags")
     ckpt = Path(best.user_attrs["checkpoint"])
     if not ckpt.exists():

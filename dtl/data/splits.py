@@ -12,8 +12,9 @@ import pandas as pd
 
 def patient_split(df: pd.DataFrame, fraction: float, seed: int, name: str = "val",
                   rest: str = "train") -> pd.Series:
-    """Assign whole patients to ``name`` until about ``fraction`` of each class's images are
-    there; the others go to ``rest``. Patients are class-pure in C-NMC (``H`` = normal
+    """Assign whole patients to ``name`` so that about ``fraction`` of each class's images are
+    there (patients visited in a seeded order, each taken when it brings the share closer to
+    the target); the others go to ``rest``. Patients are class-pure in C-NMC (``H`` = normal
     subject), so stratifying by class keeps the class ratio and never splits a patient."""
     out = pd.Series(rest, index=df.index, dtype=object)
     if fraction <= 0:
@@ -25,11 +26,13 @@ def patient_split(df: pd.DataFrame, fraction: float, seed: int, name: str = "val
         order = rng.permutation(len(counts))
         target = fraction * len(sub)
         taken, chosen = 0, []
-        for i in order:
-            if taken >= target or len(chosen) == len(counts) - 1:
+        for i in order:  # take a patient whenever it brings the class's share closer to the target
+            if len(chosen) == len(counts) - 1:
                 break
-            chosen.append(counts.index[i])
-            taken += counts.iloc[i]
+            c = int(counts.iloc[i])
+            if abs(taken + c - target) < abs(taken - target) or not chosen:
+                chosen.append(counts.index[i])
+                taken += c
         out[sub.index[sub["patient"].isin(chosen)]] = name
     return out
 

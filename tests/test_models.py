@@ -1,0 +1,122 @@
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from dtl import DTLError
+from dtl.engine import NonFiniteLoss, Precision, train_one_epoch
+from dtl.config import AugmentConfig
+from dtl.data.transforms import InputSpec
+from dtl.models import (DTLNet, ModelSpec, build_model, check_backbone, load_backbone_weights, param_groups,
+                        resolve_input_spec)
+
+
+def _spec(backbone="test_resnet", head="linear", classes=("a", "b")):
+    return ModelSpec(backbone, tuple(classes), head, 16, 0.1)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, -1])
+def test_unfreeze_depth_leaves_exactly_the_top_stages_trainable(k):
+    net = DTLNet(_spec())
+    groups = net.stage_groups()
+    net.set_unfreeze(k)
+    trainable = {n for n, p in net.backbone.named_parameters() if p.requires_grad}
+    expected = set(n for g in groups for n in g) if k < 0 else set(n for g in groups[len(groups) - k:] for n in g) if k else set()
+    assert trainable == expected
+    assert all(p.requires_grad for p in net.head.parameters())
+    net.train()
+    frozen_bn = [m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)
+                 and not m.weight.requires_grad]
+    assert all(not m.training for m in frozen_bn)  # frozen stages keep their BN statistics
+    assert len(frozen_bn) == (0 if k < 0 else len(frozen_bn))
+    names = {g["name"] for g in param_groups(net, 1e-3, 1e-4, 0.05)}
+    assert names == ({"head"} if k == 0 else {"head", "backbone"})
+
+
+def test_frozen_bn_statistics_do_not_move():
+    net = DTLNet(_spec())
+    net.set_unfreeze(1)
+    bn = next(m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.requires_grad)
+    before = bn.running_mean.clone()
+    net.train()
+    net(torch.randn(4, 3, 32, 32) * 5 + 3)
+    assert torch.equal(before, bn.running_mean)
+
+
+def test_head_replacement_keeps_backbone_bit_identical():
+    p1 = DTLNet(_spec(head="linear", classes=("all", "hem")))
+    p2 = build_model(_spec(head="pbs", classes=("Benign", "Early", "Pre", "Pro")), "scratch")
+    load_backbone_weights(p2, p1.state_dict(), "phase1")
+    for (n, a), (_, b) in zip(p1.backbone.state_dict().items(), p2.backbone.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert p2(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_weights_of_another_backbone_fail_with_key_names():
+    other = DTLNet(_spec(backbone="test_efficientnet"))
+    net = DTLNet(_spec())
+    with pytest.raises(DTLError, match="do not (fit|match) backbone test_resnet"):
+        load_backbone_weights(net, other.state_dict(), "x.pt")
+
+
+def test_stray_keys_outside_the_head_fail():
+    src = DTLNet(_spec())
+    sd = dict(src.state_dict())
+    sd["neck.weight"] = torch.zeros(1)
+    with pytest.raises(DTLError, match="neck.weight"):
+        load_backbone_weights(DTLNet(_spec()), sd, "x.pt")
+
+
+def test_file_init_from_a_timm_state_dict(tmp_path):
+    m = timm.create_model("test_resnet", num_classes=7)
+    torch.save(m.state_dict(), tmp_path / "w.pth")
+    net = build_model(_spec(), f"file:{tmp_path / 'w.pth'}")
+    theirs = {k: v for k, v in m.state_dict().items() if not k.startswith("fc.")}
+    assert all(torch.equal(v, theirs[k]) for k, v in net.backbone.state_dict().items())
+    from safetensors.torch import save_file
+
+    save_file(m.state_dict(), str(tmp_path / "w.safetensors"))
+    build_model(_spec(), f"file:{tmp_path / 'w.safetensors'}")
+    with pytest.raises(DTLError, match="does not exist"):
+        build_model(_spec(), "file:/nonexistent/w.pth")
+
+
+def test_imagenet_init_offline_fails_at_once_and_names_file_init(monkeypatch):
+    import time
+
+    import dtl.models as models
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda *a, **k: False)  # this machine is offline anyway
+    t = time.time()
+    with pytest.raises(DTLError, match="init=file:"):
+        build_model(_spec(), "imagenet")
+    assert time.time() - t < 10
+
+
+def test_unknown_backbone_lists_valid_names():
+    with pytest.raises(DTLError, match="resnet50, efficientnet_b3, inception_v3.*test_resnet"):
+        check_backbone("resnet5000x")
+
+
+@pytest.mark.parametrize("name, size, mean", [("inception_v3", 299, (0.5, 0.5, 0.5)),
+                                               ("efficientnet_b3", 288, (0.485, 0.456, 0.406)),
+                                               ("resnet50", 224, (0.485, 0.456, 0.406))])
+def test_input_spec_comes_from_timm(name, size, mean):
+    s = resolve_input_spec(name)
+    assert s.size == size and s.mean == pytest.approx(mean) and s.cache_size > s.size
+
+
+def test_nan_loss_stops_training():
+    net = DTLNet(_spec())
+    with torch.no_grad():
+        net.head.fc.weight.fill_(float("nan"))
+    x = torch.randint(0, 255, (4, 36, 36, 3), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 0, 1])
+    opt = torch.optim.AdamW(net.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    spec = InputSpec(32, 36, (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(NonFiniteLoss, match="loss is nan"):
+        train_one_epoch(net, [(x, y)], opt, sched, None, Precision("fp32", "cpu"), spec, AugmentConfig(),
+                        torch.Generator().manual_seed(0))

@@ -1,0 +1,115 @@
+"""The whole pipeline, tiny, on CPU: tune both phases, evaluate, register, promote, report;
+then load the champion back and predict as a user would."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from dtl import config, pipeline
+from dtl.tracking import connect
+from tests.conftest import PYTHON, demo_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory, cache_dir):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    old = os.getcwd()
+    os.chdir(tmp)
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    cfg = config.load(["demo"], demo_overrides(cache_dir, tmp, cards_dir=str(tmp / "cards")))
+    res = pipeline.main(cfg)
+    yield tmp, cfg, res
+    os.chdir(old)
+
+
+def test_main_registers_promotes_and_reports(done):
+    tmp, cfg, res = done
+    t = connect(cfg.tracking_uri, cfg.experiment)
+    assert res.versions == {"test_resnet": "1"} and res.champion == "1"
+    mv = t.client.get_model_version_by_alias("all-dtl", "champion")
+    for tag in ("phase1_run", "phase2_run", "data_digest", "metric.val_macro_f1", "metric.test_accuracy"):
+        assert mv.tags.get(tag), tag
+    # study parent runs + nested trial runs, per-epoch curves, tags, AMP setting on every run
+    runs = mlflow.search_runs([t.experiment_id], output_format="list")
+    studies = [r for r in runs if r.data.tags.get("dtl.role") == "study"]
+    trials = [r for r in runs if r.data.tags.get("dtl.role") == "trial"]
+    assert {r.data.tags["phase"] for r in studies} == {"phase1", "phase2"}
+    assert len(trials) == 4 and all(r.data.tags.get("mlflow.parentRunId") in {s.info.run_id for s in studies} for r in trials)
+    for r in studies + trials:
+        for tag in ("phase", "backbone", "precision", "init", "data_digest", "mlflow.source.git.commit"):
+            assert tag in r.data.tags, (tag, r.data.tags.get("mlflow.runName"))
+        assert r.data.params["precision"] == "auto"
+    complete = [r for r in trials if r.data.tags["optuna.state"] == "COMPLETE"]
+    hist = t.client.get_metric_history(complete[0].info.run_id, "val_macro_f1")
+    assert [h.step for h in hist] == [0, 1]
+    for k in ("train_loss", "val_loss", "val_accuracy", "lr"):
+        assert k in complete[0].data.metrics
+    p2 = next(r for r in studies if r.data.tags["phase"] == "phase2")
+    assert p2.data.tags["split_protocol"] == "image-level" and p2.data.tags["init"].startswith("phase1:")
+    for k in ("test_accuracy", "test_macro_f1_ci_low", "test_macro_f1_ci_high", "val_macro_f1", "n_complete"):
+        assert k in p2.data.metrics
+    arts = {a.path for a in t.client.list_artifacts(p2.info.run_id, "evaluation")}
+    assert {"evaluation/confusion_test.png", "evaluation/confusion_test.json", "evaluation/confusion_val.png",
+            "evaluation/predictions_test.csv"} <= arts
+    assert {"data/phase2_manifest.csv", "data/phase2_audit.json"} <= {a.path for a in t.client.list_artifacts(p2.info.run_id, "data")}
+    assert len(t.client.get_run(p2.info.run_id).inputs.dataset_inputs) == 3
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    # model card written for the champion
+    assert (tmp / "cards" / "all-dtl-v1.md").read_text().count("NOT for diagnosis") == 1
+    # report: markdown + csv with one row per backbone
+    df = pd.read_csv(tmp / "report" / "results.csv")
+    assert list(df["backbone"]) == ["test_resnet"]
+    for col in ("phase1_val_macro_f1", "phase2_val_accuracy", "test_accuracy", "test_macro_f1", "trials", "pruned",
+                "best_params", "registered_version", "alias"):
+        assert col in df.columns
+    assert df.loc[0, "alias"] == "champion" and (tmp / "report" / "report.html").stat().st_size > 10_000
+
+
+def test_rerun_resumes_without_new_trials_or_versions(done, cache_dir):
+    tmp, cfg, res = done
+    again = pipeline.main(cfg)
+    t = connect(cfg.tracking_uri, cfg.experiment)
+    trials = mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'trial'", output_format="list")
+    assert len(trials) == 4
+    assert again.versions == res.versions
+    assert len(t.client.search_model_versions("name='all-dtl'")) == 1
+
+
+def test_registered_model_round_trip(done):
+    tmp, cfg, res = done
+    model = mlflow.pyfunc.load_model("models:/all-dtl@champion")
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 255, (3, 90, 70, 3), dtype=np.uint8)  # any size
+    out = model.predict({"image": batch})
+    assert list(out.columns) == ["class", "p_Benign", "p_Early", "p_Pre", "p_Pro"] and len(out) == 3
+    assert np.allclose(out.filter(like="p_").sum(1), 1.0, atol=1e-4)
+    files = sorted((cache_files := Path(cfg.cache_dir) / "demo" / "aria" / "Original" / "Pro").glob("*.jpg"))[:2]
+    by_path = model.predict(pd.DataFrame({"image": [str(f) for f in files]}))
+    arrays = model.predict(pd.DataFrame({"image": [np.asarray(Image.open(f).convert("RGB")) for f in files]}))
+    assert np.allclose(by_path.filter(like="p_"), arrays.filter(like="p_"), atol=1e-5)
+    net = mlflow.pytorch.load_model("models:/all-dtl@champion")
+    import torch
+
+    assert isinstance(net, torch.nn.Module) and net(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_predict_cli_names_bad_files_and_predicts_the_rest(done):
+    tmp, cfg, res = done
+    good = sorted((Path(cfg.cache_dir) / "demo" / "aria" / "Original" / "Early").glob("*.jpg"))[0]
+    bad = tmp / "notes.txt"
+    bad.write_text("not an image")
+    p = subprocess.run([PYTHON, "-m", "dtl", "predict", str(good), str(bad), "--model", "models:/all-dtl@champion"],
+                       capture_output=True, text=True, cwd=tmp, env={**os.environ})
+    assert p.returncode == 1
+    assert f"{good}: " in p.stdout and '"Benign"' in p.stdout
+    assert str(bad) in p.stderr and "not a readable image" in p.stderr
