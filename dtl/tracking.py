@@ -60,8 +60,8 @@ def connect(tracking_uri: str = "", experiment: str = "all-dtl") -> Tracking:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (mlflow models serve, workers) follow
-    client = MlflowClient(uri)
     try:
+        client = _init_sqlite_store(uri) if uri.startswith("sqlite:///") else MlflowClient(uri)
         if uri.startswith(("http://", "https://")):
             import requests
 
@@ -79,6 +79,24 @@ def connect(tracking_uri: str = "", experiment: str = "all-dtl") -> Tracking:
                        f"({type(e).__name__}: {redact(str(e))[:300]}). Start it, or unset MLFLOW_TRACKING_URI "
                        f"to use the local {DEFAULT_TRACKING_URI}.") from None
     return Tracking(client, uri, exp_id, outer)
+
+
+def _init_sqlite_store(uri: str) -> MlflowClient:
+    """Create/migrate a local sqlite store under a file lock: two workers starting at once would
+    otherwise both run MLflow's schema migrations on the same file and one would fail."""
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(db) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:  # the first access of each store (tracking, registry) creates or migrates the tables
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+            return client
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _create_experiment(client: MlflowClient, name: str) -> str:
@@ -179,8 +197,11 @@ def find_runs(tracking: Tracking, filter_string: str, max_results: int = 1000):
 
 def find_run(tracking: Tracking, tags: dict[str, str]) -> Run | None:
     flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = find_runs(tracking, flt, 5)
-    return Run(tracking, runs[0].info.run_id) if runs else None
+    runs = find_runs(tracking, flt, 50)
+    if not runs:
+        return None
+    oldest = min(runs, key=lambda r: (r.info.start_time, r.info.run_id))  # the same answer in every process
+    return Run(tracking, oldest.info.run_id)
 
 
 def end_orphans(tracking: Tracking, parent: str | None = None, alive: set[str] | None = None) -> int:

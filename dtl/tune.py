@@ -147,8 +147,13 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
     if run is None:
         run = start_run(tracking, f"{phase}-{strategy}-{backbone}" if phase == "phase2" else f"{phase}-{backbone}",
                         tags, parent=parent_run)
-        run.log_params({**flatten(cfg), "study": name})
-        log_data(run, ds, phase)
+        winner = find_run(tracking, {"dtl.study": name})  # two workers may have raced: the oldest wins
+        if winner.id != run.id:
+            tracking.client.delete_run(run.id)
+            run = winner
+        else:
+            run.log_params({**flatten(cfg), "study": name})
+            log_data(run, ds, phase)
     else:
         run.reopen()
         run.set_tags({"dtl.pid": __import__("os").getpid()})
@@ -173,6 +178,7 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
 
         def report(epoch: int, row: dict) -> None:
             trun.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            test_hook(f"{phase}:trial{trial.number}:epoch{epoch}")
             trial.report(row[pc.monitor], epoch)
             if trial.should_prune():
                 trun.set_tags({"optuna.state": "PRUNED", "optuna.pruned_epoch": epoch})
