@@ -1,0 +1,110 @@
+"""The command line and the MLproject as a user runs them (real subprocesses)."""
+
+import os
+import subprocess
+import tomllib
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from tests.conftest import PYTHON, ROOT, demo_overrides
+
+
+def dtl(*args, cwd=None, env=None, timeout=600):
+    return subprocess.run([PYTHON, "-m", "dtl", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_unknown_backbone_lists_valid_names(workspace):
+    p = dtl("main", "--backbones", "resnet5o")
+    assert p.returncode == 2
+    assert "unknown backbone 'resnet5o'" in p.stderr and "resnet50, efficientnet_b3, inception_v3" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_missing_data_root_names_the_expected_layout(workspace):
+    p = dtl("main", "--phase2-root", str(workspace / "nowhere"), "-o", "backbones=[test_resnet]")
+    assert p.returncode == 2 and "Original/{Benign,Early,Pre,Pro}" in p.stderr
+
+
+def test_unreachable_tracking_server_fails_before_training(workspace):
+    p = dtl("main", "--tracking-uri", "http://127.0.0.1:9", timeout=120)
+    assert p.returncode == 2
+    assert "http://127.0.0.1:9 is not reachable" in p.stderr
+    assert not (workspace / ".dtl" / "runs").exists()
+
+
+def test_credentials_never_reach_the_error_message(workspace):
+    p = dtl("phase1", "--tracking-uri", "postgresql://dtl:s3cret@127.0.0.1:9/mlflow", timeout=120)
+    assert p.returncode == 2 and "s3cret" not in p.stderr and "dtl:***@" in p.stderr
+
+
+def test_malformed_optuna_storage_url(workspace, cache_dir):
+    o = demo_overrides(cache_dir, workspace, **{"tune.storage": "notaurl"})
+    p = dtl("phase1", *[x for kv in o for x in ("-o", kv)])
+    assert p.returncode == 2 and "Optuna storage 'notaurl' is not usable" in p.stderr and "journal:" in p.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["main", "--n-trials", "many"], "invalid _int value"),
+    (["data", "audit", "x", "--kind", "nope"], "invalid choice"),
+    (["phase2", "--strategy", "triple"], "invalid choice"),
+    (["nonsense"], "invalid choice"),
+])
+def test_argument_errors(args, needle):
+    p = dtl(*args)
+    assert p.returncode == 2 and needle in p.stderr
+
+
+def test_tune_help_documents_the_knobs():
+    p = dtl("tune", "--help")
+    for knob in ("--n-trials", "--storage", "tune.pruner", "search_space", "--phase"):
+        assert knob in p.stdout
+
+
+def test_mlproject_entry_points_are_one_line_cli_calls():
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())
+    eps = spec["entry_points"]
+    assert set(eps) == {"main", "phase1", "phase2", "evaluate", "promote", "report", "predict"}
+    for name, ep in eps.items():
+        assert ep["command"].startswith(f"python -m dtl {name}")
+        for param in ep["parameters"]:
+            assert "{" + param + "}" in ep["command"], (name, param)
+    assert "phase1" in eps["phase2"]["parameters"]
+
+
+def test_conda_env_matches_pyproject():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert sorted(d for d in pip if d != "-e .") == sorted(deps)
+    assert "-e ." in pip
+
+
+@pytest.mark.slow
+def test_mlflow_run_phase1_then_phase2_from_its_run_id(workspace, cache_dir):
+    """`mlflow run . -e phase1`, then `mlflow run . -e phase2 -P phase1=<run id>`, as a user types them."""
+    mlflow_bin = str(Path(PYTHON).parent / "mlflow")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "mlrun",
+           "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}"}  # `python` = this environment's
+    common = ["-P", "backbones=test_resnet", "-P", "n_trials=1", "-P", "epochs=1", "-P",
+              f"storage=sqlite:///{workspace}/optuna.db"]
+    p1 = subprocess.run([mlflow_bin, "run", str(ROOT), "-e", "phase1", "--env-manager", "local", *common],
+                        capture_output=True, text=True, env=env, timeout=600)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    exp = mlflow.get_experiment_by_name("mlrun")
+    study = mlflow.search_runs([exp.experiment_id], "tags.`dtl.role` = 'study'", output_format="list")
+    assert len(study) == 1 and study[0].data.tags["phase"] == "phase1"
+    outer = mlflow.search_runs([exp.experiment_id], "tags.`dtl.role` = 'pipeline'", output_format="list")
+    assert len(outer) == 1 and outer[0].info.status == "FINISHED"  # MLflow's own run holds the study
+    assert study[0].data.tags["mlflow.parentRunId"] == outer[0].info.run_id
+    p2 = subprocess.run([mlflow_bin, "run", str(ROOT), "-e", "phase2", "--env-manager", "local", *common,
+                         "-P", f"phase1={study[0].info.run_id}"], capture_output=True, text=True, env=env, timeout=600)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    p2s = mlflow.search_runs([exp.experiment_id], "tags.phase = 'phase2' and tags.`dtl.role` = 'study'",
+                             output_format="list")
+    assert len(p2s) == 1 and p2s[0].data.tags["init"] == f"phase1:{study[0].info.run_id}"
+    assert "test_accuracy" in p2s[0].data.metrics
