@@ -152,7 +152,8 @@ def register(tracking: Tracking, name: str, model_uri: str, source_run: str, tag
     for v in client.search_model_versions(f"name='{name}'"):
         if v.tags.get("dtl.model_uri") == model_uri:
             return str(v.version)
-    mv = client.create_model_version(name, model_uri, run_id=source_run,
+    model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/m-") else None
+    mv = client.create_model_version(name, model_uri, run_id=source_run, model_id=model_id,
                                      tags={k: str(v) for k, v in {**tags, "dtl.model_uri": model_uri}.items()})
     return str(mv.version)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 import torch
 import yaml
-from optuna.storages import RetryFailedTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryCallback
 from optuna.trial import TrialState
 
 from dtl import DTLError
@@ -100,9 +100,15 @@ def make_storage(url: str, heartbeat_s: int):
         if "://" not in url:
             raise ValueError("no scheme")
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
-                                          grace_period=3 * heartbeat_s,
-                                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+        for attempt in range(5):  # workers starting together race to create the tables: the loser retries
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
+                                                  grace_period=3 * heartbeat_s,
+                                                  heartbeat_stale_trial_callback=RetryCallback(max_retry=2))
+            except Exception as e:
+                if attempt == 4 or not any(w in str(e).lower() for w in ("already exists", "duplicate", "locked")):
+                    raise
+                time.sleep(0.5 + attempt)
     except Exception as e:
         raise DTLError(f"Optuna storage {redact(url)!r} is not usable ({type(e).__name__}: {redact(str(e))[:200]}). "
                        "Valid forms: sqlite:///optuna.db, postgresql://user:pass@127.0.0.1/db, "
@@ -168,7 +174,7 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
         overrides = suggest(trial, space, n_stages)
         tcfg = with_phase(cfg, phase, **overrides)
         # A retry of a killed trial continues in the killed trial's folder, from its last.pt.
-        origin = RetryFailedTrialCallback.retried_trial_number(trial.study._storage.get_trial(trial._trial_id))
+        origin = RetryCallback.retried_trial_number(trial.study._storage.get_trial(trial._trial_id))
         workdir = workroot / f"trial-{origin if origin is not None else trial.number}"
         trun = start_run(tracking, f"trial-{trial.number}", {**tags, "dtl.role": "trial", "optuna.trial": trial.number,
                                                              "optuna.state": "RUNNING",
@@ -215,7 +221,7 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
             best = None
         for t in study_.get_trials(deepcopy=False):
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.number != best:
-                origin = RetryFailedTrialCallback.retried_trial_number(t)
+                origin = RetryCallback.retried_trial_number(t)
                 shutil.rmtree(workroot / f"trial-{origin if origin is not None else t.number}", ignore_errors=True)
 
     def finished() -> int:

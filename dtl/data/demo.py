@@ -81,6 +81,26 @@ def _finish(tmp: Path, root: Path) -> Path:
     return root
 
 
+def _locked(fn):
+    """Generate under a file lock: parallel workers starting on a fresh cache wait for the
+    first one instead of replacing the folder under each other's feet."""
+    import fcntl
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(cache_dir, *a, **k):
+        lock_path = Path(cache_dir) / "demo" / ".lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return fn(cache_dir, *a, **k)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    return wrapper
+
+
+@_locked
 def make_cnmc(cache_dir: str | Path, size: int = 64, seed: int = 1) -> Path:
     """A small C-NMC-shaped set: 3 folds of patients, ``all``/``hem``, a prelim test + label CSV.
 
@@ -123,6 +143,7 @@ def make_cnmc(cache_dir: str | Path, size: int = 64, seed: int = 1) -> Path:
     return _finish(tmp, root)
 
 
+@_locked
 def make_aria(cache_dir: str | Path, size: int = 72, per_class: int = 60, seed: int = 2) -> Path:
     """A small Aria-shaped set: ``Original/`` and ``Segmented/`` with the four classes.
 

@@ -1,0 +1,101 @@
+"""Team setup: an MLflow tracking server with a PostgreSQL backend store and a local artifact
+root, Optuna's RDB storage on the same PostgreSQL, two workers on one study.
+
+Needs DTL_PG_URL=postgresql://user:pass@127.0.0.1:port (databases `mlflow` and `optuna`);
+skips without a reachable server, fails instead when DTL_REQUIRE_POSTGRES=1 (.ci/run)."""
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+import pytest
+import requests
+
+from tests.conftest import PYTHON, demo_overrides
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+
+def _pg() -> str:
+    url = os.environ.get("DTL_PG_URL", "")
+    reason = "no PostgreSQL: set DTL_PG_URL=postgresql://user:pass@127.0.0.1:port (databases mlflow, optuna)"
+    if url:
+        u = urlparse(url)
+        try:
+            socket.create_connection((u.hostname, u.port or 5432), timeout=3).close()
+            return url.rstrip("/")
+        except OSError:
+            reason = f"PostgreSQL at {u.hostname}:{u.port} is not reachable"
+    if os.environ.get("DTL_REQUIRE_POSTGRES") == "1":
+        pytest.fail(reason + " and DTL_REQUIRE_POSTGRES=1")
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(workspace):
+    pg = _pg()
+    import sqlalchemy
+
+    for db in ("mlflow", "optuna"):  # a clean database per test run
+        eng = sqlalchemy.create_engine(f"{pg}/{db}")
+        with eng.begin() as c:
+            c.execute(sqlalchemy.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        eng.dispose()
+    port = _free_port()
+    bin_ = Path(PYTHON).parent / "mlflow"
+    proc = subprocess.Popen([str(bin_), "server", "--backend-store-uri", f"{pg}/mlflow", "--artifacts-destination",
+                             str(workspace / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workspace)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if requests.get(url + "/health", timeout=2).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(1)
+    yield url, pg
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_two_workers_on_one_postgres_study_through_the_tracking_server(server, workspace, cache_dir):
+    url, pg = server
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url}
+    o = demo_overrides(cache_dir, workspace, **{"phase1.n_trials": 4, "phase2.n_trials": 2,
+                                                "tune.storage": f"{pg}/optuna"})
+    args = [PYTHON, "-m", "dtl", "phase1"] + [x for kv in o for x in ("-o", kv)]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workspace, env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "s3cret" not in err and pg.split("@")[0].split(":")[-1] not in err  # no password in logs
+    mlflow.set_tracking_uri(url)
+    exp = mlflow.get_experiment_by_name("all-dtl-demo")
+    trials = mlflow.search_runs([exp.experiment_id], "tags.`dtl.role` = 'trial'", output_format="list")
+    numbers = sorted(int(r.data.tags["optuna.trial"]) for r in trials)
+    assert numbers == list(range(len(numbers))) and 4 <= len(numbers) <= 5  # each trial run once, logged once
+    studies = mlflow.search_runs([exp.experiment_id], "tags.`dtl.role` = 'study'", output_format="list")
+    assert len(studies) == 1
+    assert "***" in studies[0].data.params["tune.storage"] and "dtl-ci-secret" not in str(studies[0].data.params)
+    # the registry is shared: a main run through the same server registers and promotes
+    main = subprocess.run([PYTHON, "-m", "dtl", "main"] + [x for kv in o for x in ("-o", kv)], capture_output=True,
+                          text=True, cwd=workspace, env=env, timeout=900)
+    assert main.returncode == 0, main.stderr[-3000:]
+    client = mlflow.MlflowClient(url)
+    assert client.get_model_version_by_alias("all-dtl", "champion").tags["backbone"] == "test_resnet"
+    assert len(mlflow.search_runs([exp.experiment_id], "tags.`dtl.role` = 'trial' and tags.phase = 'phase1'",
+                                  output_format="list")) == len(numbers)  # main resumed the finished study
