@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Optuna marks heartbeat/retry helpers experimental; MLflow warns on every dataset source.
     warnings.filterwarnings("ignore", message=".*(experimental|ExperimentalWarning).*")
-    warnings.filterwarnings("ignore", category=UserWarning, module="mlflow.data")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(mlflow|optuna)\..*")
     try:
         from optuna.exceptions import ExperimentalWarning
 

@@ -65,7 +65,7 @@ class PhaseConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     early_stop_patience: int = 0  # epochs without improvement of the monitored metric; 0 = off
     monitor: str = "val_macro_f1"  # validation metric for early stopping, checkpoints and tuning
-    aux_weight: float = 0.0  # InceptionV3 auxiliary-logit loss weight (training only); 0 = off
+    aux_weight: float = 0.0  # InceptionV3 auxiliary-logit loss weight (training only; other backbones ignore it)
     tta: bool = False  # test-time augmentation (horizontal/vertical flips) in the final evaluation
     n_trials: int = 10
     search: tuple[str, ...] = ()  # parameters Optuna tunes; empty = every key of the search space

@@ -73,7 +73,7 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, precision: Precision, spec: InputSpec,
                     aug: AugmentConfig, gen: torch.Generator, class_weights=None, label_smoothing=0.0,
-                    grad_clip: float = 0.0, channels_last: bool = False) -> dict:
+                    grad_clip: float = 0.0, channels_last: bool = False, aux_weight: float = 0.0) -> dict:
     model.train()
     total, n, skipped = 0.0, 0, 0
     t0 = time.perf_counter()
@@ -82,8 +82,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, precision: Prec
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast():
-            logits = model(x)
+            out = model(x)
+            logits, aux = out if isinstance(out, tuple) else (out, None)
             loss = F.cross_entropy(logits.float(), y, weight=class_weights, label_smoothing=label_smoothing)
+            if aux is not None:  # InceptionV3 auxiliary logits: training only, weighted
+                loss = loss + aux_weight * F.cross_entropy(aux.float(), y, weight=class_weights,
+                                                           label_smoothing=label_smoothing)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"training loss is {loss.item()} at step {n // max(len(y), 1)}: "
                                 "lower the learning rate or use fp32/bf16")

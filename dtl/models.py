@@ -32,6 +32,7 @@ class ModelSpec:
     head: str = "linear"
     head_channels: int = 256
     head_dropout: float = 0.2
+    aux: bool = False  # InceptionV3 auxiliary classifier (training only)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -41,7 +42,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
         return cls(d["backbone"], tuple(d["classes"]), d.get("head", "linear"),
-                   int(d.get("head_channels", 256)), float(d.get("head_dropout", 0.2)))
+                   int(d.get("head_channels", 256)), float(d.get("head_dropout", 0.2)), bool(d.get("aux", False)))
 
 
 def check_backbone(name: str) -> None:
@@ -94,8 +95,22 @@ class DTLNet(nn.Module):
         self.head = (PBSHead(feats, n, spec.head_channels, spec.head_dropout) if spec.head == "pbs"
                      else LinearHead(feats, n, spec.head_dropout))
         self._frozen_bn: list[nn.Module] = []
+        self.aux_head = None
+        if spec.aux:
+            if not hasattr(self.backbone, "forward_preaux"):
+                raise DTLError(f"aux_weight > 0 needs a backbone with auxiliary logits (inception_v3), "
+                               f"not {spec.backbone}")
+            from timm.models.inception_v3 import InceptionAux
+
+            self.aux_head = InceptionAux(768, n)
 
     def forward(self, x):
+        """Logits; while training with an auxiliary head, ``(logits, aux_logits)``. In eval mode
+        (and so in every logged model) always one tensor."""
+        if self.aux_head is not None and self.training:
+            mid = self.backbone.forward_preaux(x)
+            aux = self.aux_head(mid)
+            return self.head(self.backbone.forward_postaux(mid)), aux
         return self.head(self.backbone.forward_features(x))
 
     def train(self, mode: bool = True):
@@ -117,6 +132,9 @@ class DTLNet(nn.Module):
             p.requires_grad_(name in trainable)
         for p in self.head.parameters():
             p.requires_grad_(True)
+        if self.aux_head is not None:
+            for p in self.aux_head.parameters():
+                p.requires_grad_(True)
         self._frozen_bn = [m for m in self.backbone.modules()
                            if isinstance(m, nn.modules.batchnorm._BatchNorm)
                            and not any(p.requires_grad for p in m.parameters(recurse=False))]
@@ -212,7 +230,7 @@ def load_backbone_weights(net: DTLNet, state: dict[str, torch.Tensor], source: s
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("backbone.") for k in state):
         sd = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-        stray = [k for k in state if not k.startswith(("backbone.", "head."))]
+        stray = [k for k in state if not k.startswith(("backbone.", "head.", "aux_head."))]
     else:
         classifier = net.backbone.pretrained_cfg.get("classifier", "fc")
         classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
@@ -233,10 +251,11 @@ def load_backbone_weights(net: DTLNet, state: dict[str, torch.Tensor], source: s
 def param_groups(net: DTLNet, lr_head: float, lr_backbone: float, weight_decay: float) -> list[dict]:
     """Discriminative learning rates; no weight decay on biases and normalisation weights."""
     groups = []
-    for part, lr in ((net.head, lr_head), (net.backbone, lr_backbone)):
-        decay = [p for p in part.parameters() if p.requires_grad and p.ndim > 1]
-        no_decay = [p for p in part.parameters() if p.requires_grad and p.ndim <= 1]
-        name = "head" if part is net.head else "backbone"
+    heads = [net.head] + ([net.aux_head] if net.aux_head is not None else [])
+    for name, params, lr in (("head", [p for h in heads for p in h.parameters()], lr_head),
+                             ("backbone", list(net.backbone.parameters()), lr_backbone)):
+        decay = [p for p in params if p.requires_grad and p.ndim > 1]
+        no_decay = [p for p in params if p.requires_grad and p.ndim <= 1]
         if decay:
             groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": name})
         if no_decay:

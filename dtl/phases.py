@@ -95,7 +95,8 @@ class PhaseResult:
 
 def _init_model(cfg: Config, phase: str, backbone: str, classes: list[str], init_from: str | Path | None) -> DTLNet:
     pc = cfg.phase(phase)
-    spec = ModelSpec(backbone, tuple(classes), pc.head, pc.head_channels, pc.head_dropout)
+    spec = ModelSpec(backbone, tuple(classes), pc.head, pc.head_channels, pc.head_dropout, 
+                     aux=pc.aux_weight > 0 and backbone.split(".")[0] == "inception_v3")
     if init_from:  # a phase-1 checkpoint (or a weights file): backbone keys only, the head is new
         net = build_model(spec, "scratch")
         path = Path(init_from)
@@ -156,12 +157,14 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
         start, history = int(ck["epoch"]) + 1, list(ck["history"])
         best, best_epoch, skipped = float(ck["best"]), int(ck["best_epoch"]), int(ck["skipped"])
         stale = start - 1 - best_epoch
+        if "rng" in ck:
+            torch.set_rng_state(ck["rng"])
 
     for epoch in range(start, pc.epochs):
         train_ld.set_epoch(epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
         tr = train_one_epoch(model, train_ld, optimizer, scheduler, scaler, precision, ispec, cfg.augment, gen,
-                             weights, pc.label_smoothing, pc.grad_clip, channels_last)
+                             weights, pc.label_smoothing, pc.grad_clip, channels_last, pc.aux_weight)
         ev = evaluate(model, val_ld, precision, ispec, "val", channels_last)
         skipped += tr["skipped_steps"]
         row = {"epoch": epoch, "train_loss": tr["train_loss"], "lr": tr["lr"],
@@ -180,7 +183,8 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
             stale += 1
         save_checkpoint(last_path, net, {**meta, "epoch": epoch}, optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else {},
-                        epoch=epoch, history=history, best=best, best_epoch=best_epoch, skipped=skipped)
+                        epoch=epoch, history=history, best=best, best_epoch=best_epoch, skipped=skipped,
+                        rng=torch.get_rng_state())  # dropout draws: a resumed run continues the same stream
         test_hook(f"{phase}:epoch{epoch}")
         if report is not None:
             report(epoch, row)

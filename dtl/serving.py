@@ -151,7 +151,16 @@ def save_model(path, net, meta: dict, example_image: np.ndarray, mlflow_model=No
         mlflow_model = Model()
     net = net.cpu().eval()
     # The pickled module serves mlflow.pytorch.load_model; the pyfunc path below never unpickles.
-    mlflow.pytorch.save_model(net, str(path), mlflow_model=mlflow_model, serialization_format="pickle")
+    # (MLflow warns about pickle on every save; the warning is about loading, which is the user's call.)
+    import logging
+
+    log = logging.getLogger("mlflow.pytorch")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        mlflow.pytorch.save_model(net, str(path), mlflow_model=mlflow_model, serialization_format="pickle")
+    finally:
+        log.setLevel(level)
     data = path / DATA_DIR
     data.mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(data / "weights.safetensors"))

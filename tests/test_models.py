@@ -120,3 +120,17 @@ def test_nan_loss_stops_training():
     with pytest.raises(NonFiniteLoss, match="loss is nan"):
         train_one_epoch(net, [(x, y)], opt, sched, None, Precision("fp32", "cpu"), spec, AugmentConfig(),
                         torch.Generator().manual_seed(0))
+
+
+def test_inception_aux_logits_train_only_and_one_tensor_in_eval():
+    spec = ModelSpec("inception_v3", ("a", "b", "c", "d"), "pbs", 16, 0.1, aux=True)
+    net = DTLNet(spec)
+    x = torch.randn(2, 3, 299, 299)
+    net.train()
+    out = net(x)
+    assert isinstance(out, tuple) and out[0].shape == out[1].shape == (2, 4)
+    net.eval()
+    with torch.no_grad():
+        assert net(x).shape == (2, 4)
+    with pytest.raises(DTLError, match="inception_v3"):
+        DTLNet(ModelSpec("test_resnet", ("a", "b"), aux=True))

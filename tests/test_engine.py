@@ -1,0 +1,81 @@
+"""run_phase on CPU: resume equals an uninterrupted run, AMP bookkeeping, evaluation."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dtl import config
+from dtl.engine import Precision, resolve_precision
+from dtl.models import load_checkpoint
+from dtl.phases import evaluate_checkpoint, run_phase
+from tests.conftest import demo_overrides
+
+
+def _cfg(cache_dir, tmp, **extra):
+    return config.load(["demo"], demo_overrides(cache_dir, tmp, **{"phase1.epochs": 3, **extra}))
+
+
+def test_resume_from_last_equals_uninterrupted(workspace, cache_dir):
+    cfg = _cfg(cache_dir, workspace)
+    full = run_phase(cfg, "phase1", "test_resnet", workspace / "full", resume=False)
+    # the same run stopped after epoch 1 (a 2-epoch schedule would differ: stop by hand instead)
+    stop = {"at": 1}
+
+    class Stop(Exception):
+        pass
+
+    def report(epoch, row):
+        if epoch == stop["at"]:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_phase(cfg, "phase1", "test_resnet", workspace / "part", resume=False, report=report)
+    assert load_checkpoint(workspace / "part" / "last.pt")["epoch"] == 1
+    resumed = run_phase(cfg, "phase1", "test_resnet", workspace / "part", resume=True)
+    assert [r["epoch"] for r in resumed.history] == [0, 1, 2]
+    for a, b in zip(full.history, resumed.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-6)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4, abs=1e-6)
+    wa = load_checkpoint(workspace / "full" / "last.pt")["model"]
+    wb = load_checkpoint(workspace / "part" / "last.pt")["model"]
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
+
+
+def test_checkpoint_describes_itself(workspace, cache_dir):
+    cfg = _cfg(cache_dir, workspace, **{"phase1.epochs": 1})
+    res = run_phase(cfg, "phase1", "test_resnet", workspace / "r", resume=False)
+    meta = load_checkpoint(res.checkpoint)["meta"]
+    assert meta["spec"]["backbone"] == "test_resnet" and meta["spec"]["classes"] == ["all", "hem"]
+    assert meta["input"]["size"] == 64 and meta["input"]["mean"] == [0.5, 0.5, 0.5]
+    assert meta["config"]["phase1"]["epochs"] == 1 and meta["data_digest"]
+    last = load_checkpoint(workspace / "r" / "last.pt")
+    assert {"optimizer", "scheduler", "scaler", "epoch", "history"} <= set(last)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_amp_on_cpu_trains_and_counts_skipped_steps(workspace, cache_dir, precision):
+    cfg = _cfg(cache_dir, workspace, precision=precision, **{"phase1.epochs": 1})
+    res = run_phase(cfg, "phase1", "test_resnet", workspace / precision, resume=False)
+    assert res.precision == precision and np.isfinite(res.history[0]["train_loss"])
+    assert "skipped_steps" in res.history[0] and res.history[0]["skipped_steps"] >= 0
+
+
+@pytest.mark.parametrize("name, device, expected", [("auto", "cpu", "fp32"), ("bf16", "cpu", "bf16"),
+                                                    ("fp32", "cpu", "fp32")])
+def test_precision_resolution(name, device, expected):
+    assert resolve_precision(name, torch.device(device)).name == expected
+    assert Precision("fp32", "cpu").enabled is False
+
+
+def test_final_evaluation_with_tta(workspace, cache_dir):
+    cfg = _cfg(cache_dir, workspace, **{"phase1.epochs": 1, "phase1.tta": True})
+    res = run_phase(cfg, "phase1", "test_resnet", workspace / "e", resume=False)
+    ev = evaluate_checkpoint(cfg, "phase1", res.checkpoint)
+    m = ev["metrics"]
+    for split in ("val", "test"):
+        for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece"):
+            assert f"{split}_{k}" in m and f"{split}_{k}_ci_low" in m
+        assert ev["confusion"][split]["classes"] == ["all", "hem"]
+    assert list(ev["predictions"]["test"].columns) == ["path", "label", "predicted", "p_all", "p_hem"]
