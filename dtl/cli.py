@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -334,3 +335,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if _is_tracking_failure(e):
+            from dtl.tracking import redact
+
+            uri = redact(os.environ.get("MLFLOW_TRACKING_URI", ""))
+            print(f"error: lost the MLflow tracking server {uri} during the run ({type(e).__name__}: "
+                  f"{redact(str(e))[:300]}). Checkpoints are kept under the work_dir and finished trials in "
+                  "the Optuna storage: restart the server and rerun the same command to resume.", file=sys.stderr)
+            return 3
+        raise
+
+
+def _is_tracking_failure(e: BaseException) -> bool:
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, requests.exceptions.ConnectionError) or (
+                isinstance(e, MlflowException) and ("API request" in str(e) or "Max retries" in str(e))):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

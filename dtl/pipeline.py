@@ -157,13 +157,20 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
             root.log_artifact(out / "results.csv", "report")
             result.report_dir = str(out)
     except BaseException as e:
-        root.set_tags({"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
-        if not tracking.outer_run_id:
-            root.end("FAILED" if isinstance(e, Exception) else "KILLED")
+        _fail_root(root, tracking, e)
         raise
     if not tracking.outer_run_id:
         root.end("FINISHED")
     return result
+
+
+def _fail_root(root: Run, tracking: Tracking, e: BaseException) -> None:
+    try:
+        root.set_tags({"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+        if not tracking.outer_run_id:
+            root.end("FAILED" if isinstance(e, Exception) else "KILLED")
+    except Exception:  # noqa: BLE001 - the tracking server itself may be gone
+        pass
 
 
 def single_phase(cfg: Config, phase: str, source: str = "", strategy: str = "double") -> dict:
@@ -185,9 +192,7 @@ def single_phase(cfg: Config, phase: str, source: str = "", strategy: str = "dou
                 finish_phase2(cfg, tracking, s, None, register_it=True, pipeline_run=root.id)
             out[backbone] = s
     except BaseException as e:
-        root.set_tags({"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
-        if not tracking.outer_run_id:
-            root.end("FAILED" if isinstance(e, Exception) else "KILLED")
+        _fail_root(root, tracking, e)
         raise
     if not tracking.outer_run_id:
         root.end("FINISHED")

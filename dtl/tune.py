@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -162,7 +163,7 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
             log_data(run, ds, phase)
     else:
         run.reopen()
-        run.set_tags({"dtl.pid": __import__("os").getpid()})
+        run.set_tags({"dtl.pid": os.getpid()})
     alive = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     end_orphans(tracking, parent=run.id, alive=alive)
     space = load_search_space(cfg, phase)
@@ -192,18 +193,21 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
 
         try:
             test_hook(f"{phase}:trial{trial.number}:start")
+            if os.environ.get("DTL_OOM_AT") == f"{phase}:trial{trial.number}":  # fault injection for tests
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by DTL_OOM_AT)")
             res = run_phase(tcfg, phase, backbone, workdir, init_from=init_from, report=report, init_label=init)
         except optuna.TrialPruned:
-            trun.end("FINISHED")
+            _quietly(trun.end, "FINISHED")
             raise
         except (NonFiniteLoss, torch.cuda.OutOfMemoryError, DTLError) as e:
-            trun.set_tags({"optuna.state": "FAIL", "dtl.fail_reason": str(e)[:500]})
-            trun.end("FAILED")
             _free_memory()
+            _quietly(trun.set_tags, {"optuna.state": "FAIL", "dtl.fail_reason": f"{type(e).__name__}: {str(e)[:500]}"})
+            _quietly(trun.end, "FAILED")
             raise
         except BaseException as e:
-            trun.set_tags({"optuna.state": "FAIL", "dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
-            trun.end("FAILED" if isinstance(e, Exception) else "KILLED")
+            # the tracking server may be what failed: record what we can, never mask the cause
+            _quietly(trun.set_tags, {"optuna.state": "FAIL", "dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+            _quietly(trun.end, "FAILED" if isinstance(e, Exception) else "KILLED")
             raise
         trial.set_user_attr("checkpoint", str(res.checkpoint))
         trial.set_user_attr("best_epoch", res.best_epoch)
@@ -236,8 +240,8 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
         keep_best_only(study, None)
         result = _summarise(study, run, name, phase, backbone, strategy, workroot, time.time() - t0)
     except BaseException as e:
-        run.set_tags({"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
-        run.end("FAILED" if isinstance(e, Exception) else "KILLED")
+        _quietly(run.set_tags, {"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+        _quietly(run.end, "FAILED" if isinstance(e, Exception) else "KILLED")
         raise
     run.end("FINISHED")
     return result
@@ -296,6 +300,13 @@ def _n_stages(backbone: str) -> int:
     from dtl.models import DTLNet, ModelSpec
 
     return len(DTLNet(ModelSpec(backbone, ("a", "b"))).stage_groups())
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - best effort while another error propagates
+        pass
 
 
 def _free_memory() -> None:

@@ -59,3 +59,91 @@ def test_main_survives_sigkill_at_every_stage(workspace, cache_dir):
     assert str(champ.version) == str(versions[0].version)
     assert mlflow.pyfunc.load_model("models:/all-dtl@champion") is not None
     assert (workspace / "report" / "results.md").exists()
+
+
+def test_nan_loss_fails_the_trial_cleanly_with_its_reason(workspace, cache_dir):
+    from dtl import DTLError, config
+    from dtl.tracking import connect
+    from dtl.tune import run_study
+
+    cfg = config.load(["demo"], demo_overrides(cache_dir, workspace, **{
+        "phase1.n_trials": 1, "phase1.search": "[unfreeze]", "phase1.lr_head": 1e12, "phase1.lr_backbone": 1e12,
+        "phase1.grad_clip": 0}))
+    t = connect(cfg.tracking_uri, cfg.experiment)
+    with pytest.raises(DTLError, match="no trial completed"):
+        run_study(cfg, "phase1", "test_resnet", t)
+    trials = mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'trial'", output_format="list")
+    assert trials and all(r.info.status == "FAILED" for r in trials)
+    assert "NonFiniteLoss: training loss is nan" in trials[0].data.tags["dtl.fail_reason"]
+    assert trials[0].data.tags["optuna.state"] == "FAIL"
+
+
+def test_out_of_memory_fails_one_trial_and_the_study_continues(workspace, cache_dir, monkeypatch):
+    from dtl import config
+    from dtl.tracking import connect
+    from dtl.tune import run_study
+
+    monkeypatch.setenv("DTL_OOM_AT", "phase1:trial0")
+    cfg = config.load(["demo"], demo_overrides(cache_dir, workspace))
+    t = connect(cfg.tracking_uri, cfg.experiment)
+    res = run_study(cfg, "phase1", "test_resnet", t)
+    assert res.counts["fail"] == 1 and res.counts["complete"] + res.counts["pruned"] == 2
+    failed = mlflow.search_runs([t.experiment_id], "tags.`optuna.state` = 'FAIL'", output_format="list")
+    assert len(failed) == 1 and "OutOfMemoryError" in failed[0].data.tags["dtl.fail_reason"]
+    assert res.best_trial != 0
+
+
+def test_tracking_server_going_away_mid_run_then_rerun_resumes(workspace, cache_dir):
+    import socket
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    mlflow_bin = os.path.join(os.path.dirname(PYTHON), "mlflow")
+
+    def start_server():
+        proc = subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{workspace}/server.db",
+                                 "--artifacts-destination", str(workspace / "art"), "--host", "127.0.0.1",
+                                 "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workspace)
+        for _ in range(180):
+            try:
+                if requests.get(url + "/health", timeout=2).ok:
+                    return proc
+            except requests.ConnectionError:
+                time.sleep(1)
+        raise AssertionError("server did not start")
+
+    server = start_server()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    o = demo_overrides(cache_dir, workspace, **{"phase1.n_trials": 3, "phase1.epochs": 3})
+    cmd = [PYTHON, "-m", "dtl", "phase1"] + [x for kv in o for x in ("-o", kv)]
+    worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workspace, env=env)
+    client = mlflow.MlflowClient(url)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until the second trial is under way, then take the server away
+        exp = client.get_experiment_by_name("all-dtl-demo")
+        if exp and len(client.search_runs([exp.experiment_id], "tags.`dtl.role` = 'trial'")) >= 2:
+            break
+        time.sleep(0.5)
+    server.terminate()
+    server.wait(timeout=30)
+    out, err = worker.communicate(timeout=600)
+    assert worker.returncode == 3, err[-3000:]
+    assert "lost the MLflow tracking server" in err and "rerun the same command" in err
+    assert list((workspace / "runs").glob("*/trial-*/last.pt"))  # local checkpoints kept
+    server = start_server()
+    try:
+        again = subprocess.run(cmd, capture_output=True, text=True, cwd=workspace, env=env, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        storage = make_storage(f"sqlite:///{workspace}/optuna.db", 10)
+        study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+        assert len([t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 3
+        exp = client.get_experiment_by_name("all-dtl-demo")
+        assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
