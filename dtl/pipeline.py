@@ -128,6 +128,7 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
                   else ("phase2",))
     root = open_root_run(tracking, cfg, "main")
     result = PipelineResult(root.id)
+    t_start = time.time()
     try:
         for backbone in cfg.backbones:
             p1 = None
@@ -152,7 +153,8 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
         if report:
             test_hook("report")
             out = report_mod.build(tracking, cfg.report_dir, cfg.registered_model,
-                                   data_digest=dataset(cfg, "phase2").digest)
+                                   data_digest=dataset(cfg, "phase2").digest,
+                                   provenance=_provenance(cfg, tracking, time.time() - t_start, root.id))
             root.log_artifact(out / "results.md", "report")
             root.log_artifact(out / "results.csv", "report")
             result.report_dir = str(out)
@@ -162,6 +164,32 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
     if not tracking.outer_run_id:
         root.end("FINISHED")
     return result
+
+
+def _provenance(cfg: Config, tracking: Tracking, wall: float, run_id: str) -> dict:
+    import platform
+    import sys
+
+    import torch
+
+    from dtl.engine import resolve_device
+    from dtl.tracking import git_commit
+
+    dev = resolve_device(cfg.device)
+    phases = ("phase1", "phase2") if ("double" in cfg.strategies or "single" in cfg.strategies) else ("phase2",)
+    return {
+        "command": " ".join(sys.argv), "git_commit": git_commit(), "pipeline_run": run_id,
+        "recipe": cfg.name, "backbones": list(cfg.backbones), "strategies": list(cfg.strategies),
+        "init": {"phase1": cfg.phase1.init, "phase2_single": cfg.phase1.init},
+        "data": {ph: {"kind": dataset(cfg, ph).kind, "root": cfg.phase(ph).data.root or "(demo, generated)",
+                      "digest": dataset(cfg, ph).digest, "split_protocol": dataset(cfg, ph).protocol,
+                      "duplicates_removed": dataset(cfg, ph).duplicates_removed,
+                      "splits": dataset(cfg, ph).audit()["splits"]} for ph in phases},
+        "image_size": cfg.image_size or "timm default", "trials": {ph: cfg.phase(ph).n_trials for ph in phases},
+        "epochs": {ph: cfg.phase(ph).epochs for ph in phases},
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "precision": cfg.precision, "torch": torch.__version__, "wall_time_s": round(wall, 1),
+    }
 
 
 def _fail_root(root: Run, tracking: Tracking, e: BaseException) -> None:

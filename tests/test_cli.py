@@ -108,3 +108,39 @@ def test_mlflow_run_phase1_then_phase2_from_its_run_id(workspace, cache_dir):
                              output_format="list")
     assert len(p2s) == 1 and p2s[0].data.tags["init"] == f"phase1:{study[0].info.run_id}"
     assert "test_accuracy" in p2s[0].data.metrics
+
+
+def test_data_audit_json_and_preview(workspace, cache_dir):
+    from dtl.data import demo
+
+    root = demo.make_aria(cache_dir)
+    p = dtl("data", "audit", str(root), "--kind", "aria", "--json", "--cache-dir", str(cache_dir))
+    assert p.returncode == 0, p.stderr
+    import json
+
+    a = json.loads(p.stdout)
+    for key in ("n_images", "classes", "duplicates_removed", "splits", "n_patients", "patient_overlap",
+                "unreadable", "missing_listed", "sizes"):
+        assert key in a
+    assert a["duplicates_removed"] == 2 and a["n_patients"]["train"] is None
+    human = dtl("data", "audit", str(root), "--kind", "aria", "--cache-dir", str(cache_dir))
+    assert "duplicates removed 2" in human.stdout and "Benign" in human.stdout
+    out = workspace / "prev.png"
+    p = dtl("data", "preview", str(root), "--kind", "aria", "--out", str(out), "--size", "48", "--per-class", "4",
+            "--cache-dir", str(cache_dir))
+    assert p.returncode == 0 and out.stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_evaluate_a_study_run_from_the_cli(workspace, cache_dir):
+    o = demo_overrides(cache_dir, workspace, **{"phase1.n_trials": 1, "phase1.epochs": 1})
+    flags = [x for kv in o for x in ("-o", kv)]
+    assert dtl("phase1", *flags).returncode == 0
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    exp = mlflow.get_experiment_by_name("all-dtl-demo")
+    study = mlflow.search_runs([exp.experiment_id], "tags.`dtl.role` = 'study'", output_format="list")[0]
+    p = dtl("evaluate", "--phase", "phase1", "--run", study.info.run_id, *flags)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "test_macro_f1" in p.stdout and "95% CI" in p.stdout
+    ev = mlflow.search_runs([exp.experiment_id], "tags.`dtl.role` = 'evaluate'", output_format="list")
+    assert len(ev) == 1 and "test_balanced_accuracy_ci_low" in ev[0].data.metrics
