@@ -1,0 +1,22 @@
+"""The benchmark runs end to end (tiny, CPU) and writes its JSON and Markdown. No timing
+assertions here: speed targets live in the benchmark results, not in tests."""
+
+import json
+import subprocess
+
+from tests.conftest import PYTHON, ROOT
+
+
+def test_throughput_bench_smoke(tmp_path, cache_dir):
+    p = subprocess.run([PYTHON, "-m", "bench.throughput", "--backbone", "test_resnet", "--image-size", "32",
+                        "--device", "cpu", "--precision", "fp32", "--steps", "2", "--warmup", "1", "--workers", "0",
+                        "--batch-size", "8", "--eval-batch-size", "16", "--skip", "kornia",
+                        "--cache-dir", str(cache_dir), "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "test_resnet-cpu-fp32.json").read_text())
+    for k in ("a_model_only_img_s", "b_project_img_s", "c_plain_img_s", "eval_project_img_s",
+              "pyfunc_cpu_img_s_batch32", "b_over_a", "b_over_c", "cache_over_raw_uint8"):
+        assert res[k] > 0, k
+    assert res["cache_over_raw_uint8"] < 1.2
+    assert (tmp_path / "test_resnet-cpu-fp32.md").read_text().startswith("| key | value |")
