@@ -327,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=ExperimentalWarning)
     except ImportError:
         pass
+    from dtl import distributed as dd
+
+    if dd.world_size() > 1 and args.command in ("main", "phase1", "phase2", "tune"):
+        dd.init()
+        if not dd.is_main():
+            return dd.follow()
     try:
         return args.fn(args)
     except DTLError as e:
@@ -345,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                   "the Optuna storage: restart the server and rerun the same command to resume.", file=sys.stderr)
             return 3
         raise
+    finally:
+        dd.release()
 
 
 def _is_tracking_failure(e: BaseException) -> bool:

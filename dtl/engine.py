@@ -43,8 +43,12 @@ class Precision:
 
 
 def resolve_device(name: str) -> torch.device:
+    import os
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         from dtl import DTLError

@@ -61,7 +61,11 @@ def loader(cfg: Config, phase: str, split: str, spec: InputSpec, device: torch.d
         if not (ds.manifest["split"] == split).any():
             raise DTLError(f"{phase} data ({ds.kind} at {ds.root}) has no {split!r} split")
         arr = split_array(ds, split, spec, seg, cfg.cache_dir, progress=True)
-        _LOADERS[key] = BatchLoader(arr, ds.label_ids(split), batch_size, device, shuffle=train, seed=cfg.seed)
+        from dtl import distributed as dd
+
+        shard = (dd.rank(), dd.world_size()) if train and dd.active() else (0, 1)
+        _LOADERS[key] = BatchLoader(arr, ds.label_ids(split), batch_size, device, shuffle=train, seed=cfg.seed,
+                                    shard=shard)
     ld = _LOADERS[key]
     ld.batch_size, ld.shuffle, ld.drop_last = batch_size, train, train and len(ld.labels) > batch_size
     return ld
@@ -113,7 +117,12 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
               init_label: str | None = None) -> PhaseResult:
     """Train one backbone for one phase; keep ``best.pt`` (by ``monitor``) and ``last.pt`` in
     ``workdir``. With ``resume`` and an existing ``last.pt``, continue where it stopped."""
+    from dtl import distributed as dd
+
     pc = cfg.phase(phase)
+    if dd.active() and dd.is_main():  # followers receive the same job and train their shards
+        dd.broadcast({"cfg": _plain(cfg), "phase": phase, "backbone": backbone, "workdir": str(workdir),
+                      "init_from": str(init_from) if init_from else None, "resume": resume, "init_label": init_label})
     seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -139,6 +148,10 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
     weights = (torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
                if pc.class_weights else None)
     model = torch.compile(net) if cfg.compile else net
+    if dd.active():
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     workdir.mkdir(parents=True, exist_ok=True)
     best_path, last_path = workdir / "best.pt", workdir / "last.pt"
@@ -160,12 +173,13 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
         if "rng" in ck:
             torch.set_rng_state(ck["rng"])
 
+    main = dd.is_main()
     for epoch in range(start, pc.epochs):
         train_ld.set_epoch(epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
         tr = train_one_epoch(model, train_ld, optimizer, scheduler, scaler, precision, ispec, cfg.augment, gen,
                              weights, pc.label_smoothing, pc.grad_clip, channels_last, pc.aux_weight)
-        ev = evaluate(model, val_ld, precision, ispec, "val", channels_last)
+        ev = evaluate(net, val_ld, precision, ispec, "val", channels_last)  # every rank: same weights, same result
         skipped += tr["skipped_steps"]
         row = {"epoch": epoch, "train_loss": tr["train_loss"], "lr": tr["lr"],
                "train_images_per_s": tr["train_images_per_s"], "skipped_steps": skipped,
@@ -178,17 +192,31 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
         value = -value if pc.monitor == "val_loss" else value
         if value > best:
             best, best_epoch, stale = value, epoch, 0
-            save_checkpoint(best_path, net, {**meta, "epoch": epoch, "metrics": row})
+            if main:
+                save_checkpoint(best_path, net, {**meta, "epoch": epoch, "metrics": row})
         else:
             stale += 1
-        save_checkpoint(last_path, net, {**meta, "epoch": epoch}, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else {},
-                        epoch=epoch, history=history, best=best, best_epoch=best_epoch, skipped=skipped,
-                        rng=torch.get_rng_state())  # dropout draws: a resumed run continues the same stream
+        if main:
+            save_checkpoint(last_path, net, {**meta, "epoch": epoch}, optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else {},
+                            epoch=epoch, history=history, best=best, best_epoch=best_epoch, skipped=skipped,
+                            rng=torch.get_rng_state())  # dropout draws: a resumed run continues the same stream
         test_hook(f"{phase}:epoch{epoch}")
-        if report is not None:
-            report(epoch, row)
-        if pc.early_stop_patience and stale >= pc.early_stop_patience:
+        stop = bool(pc.early_stop_patience and stale >= pc.early_stop_patience)
+        if not dd.active():
+            if report is not None:
+                report(epoch, row)
+        elif main:
+            try:
+                if report is not None:
+                    report(epoch, row)
+            except BaseException:
+                dd.broadcast(True)  # pruned or failed: release the followers from this job
+                raise
+            dd.broadcast(stop)
+        elif dd.broadcast(None):
+            raise dd._Stop()
+        if stop:
             break
     best_value = -best if pc.monitor == "val_loss" else best
     return PhaseResult(phase, backbone, best_value, best_epoch, best_path, history, skipped, precision.name,

@@ -155,8 +155,8 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
             out = report_mod.build(tracking, cfg.report_dir, cfg.registered_model,
                                    data_digest=dataset(cfg, "phase2").digest,
                                    provenance=_provenance(cfg, tracking, time.time() - t_start, root.id))
-            root.log_artifact(out / "results.md", "report")
-            root.log_artifact(out / "results.csv", "report")
+            for f in ("results.md", "results.csv", "report.html", "provenance.json"):
+                root.log_artifact(out / f, "report")
             result.report_dir = str(out)
     except BaseException as e:
         _fail_root(root, tracking, e)

@@ -60,7 +60,7 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
         v = vs[-1] if vs else None
         rows.append({
             "backbone": t.get("backbone"), "strategy": t.get("strategy"),
-            "init": ("phase 1 (" + (p1.data.tags.get("init", "?") if p1 else "?") + " → C-NMC)") if p1 else init,
+            "init": (f"phase 1 ({p1.data.tags.get('init', '?')} → {p1.data.tags.get('data_kind', '?')})") if p1 else init,
             "split_protocol": t.get("split_protocol"),
             "phase1_val_macro_f1": p1.data.metrics.get("val_macro_f1") if p1 else None,
             "phase2_val_accuracy": m.get("val_accuracy"), "val_macro_f1": m.get("val_macro_f1"),
@@ -86,15 +86,23 @@ def _short(v: str) -> str:
 
 
 def double_gain(df: pd.DataFrame) -> pd.DataFrame:
-    """Test accuracy and macro-F1 of double minus single transfer, per backbone."""
+    """Test accuracy and macro-F1 of double transfer minus single transfer and minus scratch,
+    per backbone (empty where a strategy was not run)."""
     rows = []
     for b, g in df.groupby("backbone"):
         s = g.set_index("strategy")
-        if {"double", "single"} <= set(s.index):
-            rows.append({"backbone": b,
-                         "gain_test_accuracy": s.at["double", "test_accuracy"] - s.at["single", "test_accuracy"],
-                         "gain_test_macro_f1": s.at["double", "test_macro_f1"] - s.at["single", "test_macro_f1"]})
-    return pd.DataFrame(rows, columns=["backbone", "gain_test_accuracy", "gain_test_macro_f1"])
+        if "double" not in s.index:
+            continue
+        row = {"backbone": b}
+        for other in ("single", "scratch"):
+            if other in s.index:
+                for m in ("test_accuracy", "test_macro_f1"):
+                    row[f"{m}_vs_{other}"] = s.at["double", m] - s.at[other, m]
+        if len(row) > 1:
+            rows.append(row)
+    cols = ["backbone"] + [f"{m}_vs_{o}" for o in ("single", "scratch") for m in ("test_accuracy", "test_macro_f1")]
+    out = pd.DataFrame(rows, columns=cols)
+    return out.dropna(axis=1, how="all") if len(out) else out
 
 
 def seed_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -206,18 +214,19 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
     shown = df.drop(columns=["phase2_run"]) if not df.empty else df
     md = ["# Results", "", "Generated from an MLflow search by `dtl report`. Split protocol per row: "
           "Aria has no patient IDs, so its split is image-level (optimistic); C-NMC splits are patient-level.", "",
-          _md(shown), "## Double vs single transfer (test, difference)", "", _md(gain),
+          _md(shown), "## Gain of double transfer (test, difference; CIs of each row above)", "", _md(gain),
           "## Seed format", "", _md(seed), "## Figures", ""]
     md += [f"![{n}]({n})" for n in figs]
     md += ["", "## Provenance", "", "```json", json.dumps(prov, indent=2, default=str), "```", ""]
     (out / "results.md").write_text("\n".join(md))
+    (out / "provenance.json").write_text(json.dumps(prov, indent=2, default=str))
     imgs = "".join(f'<h3>{html.escape(n)}</h3><img src="data:image/png;base64,{base64.b64encode(d).decode()}"/>'
                    for n, d in figs.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ALL double transfer: results</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}</style></head><body>
 <h1>Results</h1>{shown.to_html(index=False, na_rep="")}
-<h2>Double vs single transfer</h2>{gain.to_html(index=False)}
+<h2>Gain of double transfer</h2>{gain.to_html(index=False)}
 <h2>Seed format</h2>{seed.to_html(index=False)}<h2>Figures</h2>{imgs}
 <h2>Provenance</h2><pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre></body></html>"""
     (out / "report.html").write_text(page)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import zlib
 import os
 import shutil
 import time
@@ -142,7 +143,8 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
     storage_url = cfg.tune.storage or DEFAULT_STORAGE
     storage = make_storage(storage_url, cfg.tune.heartbeat_s)
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=cfg.tune.sampler_seed),
+                                # seeded per study: reproducible, yet backbones do not all start from the same draws
+                                sampler=optuna.samplers.TPESampler(seed=cfg.tune.sampler_seed + zlib.crc32(name.encode()) % 10**6),
                                 pruner=make_pruner(cfg, pc.epochs))
     if hasattr(storage, "fail_stale_trials") or isinstance(storage, optuna.storages.RDBStorage):
         optuna.storages.fail_stale_trials(study)
@@ -179,7 +181,8 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
         workdir = workroot / f"trial-{origin if origin is not None else trial.number}"
         trun = start_run(tracking, f"trial-{trial.number}", {**tags, "dtl.role": "trial", "optuna.trial": trial.number,
                                                              "optuna.state": "RUNNING",
-                                                             "optuna.retry_of": origin}, parent=run.id)
+                                                             "optuna.retry_of": origin,
+                                                             "world_size": _world_size()}, parent=run.id)
         trial.set_user_attr("mlflow_run_id", trun.id)
         trun.log_params({**flatten(tcfg), **{f"trial.{k}": v for k, v in overrides.items()}})
 
@@ -300,6 +303,12 @@ def _n_stages(backbone: str) -> int:
     from dtl.models import DTLNet, ModelSpec
 
     return len(DTLNet(ModelSpec(backbone, ("a", "b"))).stage_groups())
+
+
+def _world_size() -> int:
+    from dtl import distributed
+
+    return distributed.world_size()
 
 
 def _quietly(fn, *args) -> None:

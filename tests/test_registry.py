@@ -45,3 +45,20 @@ def test_policy_file_validation(tmp_path):
     f.write_text("metric: val_accuracy\ntie_breaks: [val_macro_f1]\n")
     assert load_policy(f, "other").registered_model == "other"
     assert load_policy("registry/policy.yaml").metric == "val_macro_f1"
+
+
+def test_gain_of_double_transfer_table():
+    import pandas as pd
+
+    from dtl.report import double_gain, seed_table
+
+    df = pd.DataFrame([
+        {"backbone": "r", "strategy": "double", "test_accuracy": 0.9, "test_macro_f1": 0.8},
+        {"backbone": "r", "strategy": "scratch", "test_accuracy": 0.7, "test_macro_f1": 0.75},
+        {"backbone": "e", "strategy": "double", "test_accuracy": 0.9, "test_macro_f1": 0.8},
+    ])
+    g = double_gain(df)
+    assert list(g["backbone"]) == ["r"] and g.loc[0, "test_accuracy_vs_scratch"] == pytest.approx(0.2)
+    assert "test_accuracy_vs_single" not in g.columns
+    full = df.assign(phase2_val_accuracy=0.5, init="scratch", split_protocol="image-level", test_accuracy_ci="")
+    assert list(seed_table(full).columns) == ["Model", "Phase-2 Accuracy", "Eval Acc", "Notes"]

@@ -92,7 +92,7 @@ class BatchLoader:
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
-                 shuffle: bool, seed: int = 0, drop_last: bool = False):
+                 shuffle: bool, seed: int = 0, drop_last: bool = False, shard: tuple[int, int] = (0, 1)):
         # One copy out of the memory map (a few hundred MB at most for these datasets); on CUDA
         # the split then lives on the GPU and batches never cross the PCIe bus again.
         self.images = torch.from_numpy(np.array(images)).to(device)
@@ -100,9 +100,13 @@ class BatchLoader:
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.device = device
         self.epoch = 0
+        self.rank, self.world = shard  # DDP: this rank's slice of every epoch's permutation
+
+    def _n(self) -> int:
+        return len(self.labels) // self.world if self.world > 1 else len(self.labels)
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = self._n()
         return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -115,6 +119,8 @@ class BatchLoader:
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
+        if self.world > 1:  # every rank the same number of samples, disjoint
+            order = order[self.rank:self._n() * self.world:self.world]
         order = order.to(self.images.device)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
