@@ -243,6 +243,13 @@ def _preview(ds, args) -> int:
     return 0
 
 
+def _registry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="demo")
+    p.add_argument("-o", "--override", action="append", default=[])
+    p.add_argument("--data-digest", default="", help="only models/runs trained on this data digest")
+    p.add_argument("--tracking-uri", default="")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtl", description="Double transfer learning for ALL cell images, tracked in MLflow.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -274,20 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--splits", default="val,test")
     e.set_defaults(fn=cmd_evaluate)
     pr = sub.add_parser("promote", help="move the champion/challenger aliases by the policy")
-    pr.add_argument("--config", default="demo")
-    pr.add_argument("-o", "--override", action="append", default=[])
+    _registry_args(pr)
     pr.add_argument("--policy", default="")
     pr.add_argument("--model", default="", help="registered model name (default: the policy's)")
-    pr.add_argument("--data-digest", default="", help="only versions trained on this data digest")
     pr.add_argument("--force", action="store_true", help="move even to a worse candidate")
-    pr.add_argument("--tracking-uri", default="")
     pr.set_defaults(fn=cmd_promote)
     r = sub.add_parser("report", help="results table and figures from an MLflow search")
-    r.add_argument("--config", default="demo")
-    r.add_argument("-o", "--override", action="append", default=[])
+    _registry_args(r)
     r.add_argument("--out", default="", help="output folder (default: the config's report_dir, outputs/report)")
-    r.add_argument("--data-digest", default="")
-    r.add_argument("--tracking-uri", default="")
     r.set_defaults(fn=cmd_report)
     pd_ = sub.add_parser("predict", help="classify image files with a logged or registered model")
     pd_.add_argument("images", nargs="+")

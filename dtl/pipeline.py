@@ -3,6 +3,7 @@ single-phase jobs. Each step is idempotent, so rerunning a killed command resume
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,10 +127,9 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
     tracking = connect(cfg.tracking_uri, cfg.experiment)
     _check_inputs(cfg, ("phase1", "phase2") if "double" in cfg.strategies or "single" in cfg.strategies
                   else ("phase2",))
-    root = open_root_run(tracking, cfg, "main")
-    result = PipelineResult(root.id)
     t_start = time.time()
-    try:
+    with root_run(tracking, cfg, "main") as root:
+        result = PipelineResult(root.id)
         for backbone in cfg.backbones:
             p1 = None
             if "double" in cfg.strategies:
@@ -158,11 +158,6 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
             for f in ("results.md", "results.csv", "report.html", "provenance.json"):
                 root.log_artifact(out / f, "report")
             result.report_dir = str(out)
-    except BaseException as e:
-        _fail_root(root, tracking, e)
-        raise
-    if not tracking.outer_run_id:
-        root.end("FINISHED")
     return result
 
 
@@ -192,22 +187,31 @@ def _provenance(cfg: Config, tracking: Tracking, wall: float, run_id: str) -> di
     }
 
 
-def _fail_root(root: Run, tracking: Tracking, e: BaseException) -> None:
+@contextlib.contextmanager
+def root_run(tracking: Tracking, cfg: Config, job: str):
+    """The job's root run, ended FINISHED, FAILED (with the reason) or KILLED; under
+    ``mlflow run`` MLflow ends its own run."""
+    root = open_root_run(tracking, cfg, job)
     try:
-        root.set_tags({"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
-        if not tracking.outer_run_id:
-            root.end("FAILED" if isinstance(e, Exception) else "KILLED")
-    except Exception:  # noqa: BLE001 - the tracking server itself may be gone
-        pass
+        yield root
+    except BaseException as e:
+        try:
+            root.set_tags({"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+            if not tracking.outer_run_id:
+                root.end("FAILED" if isinstance(e, Exception) else "KILLED")
+        except Exception:  # noqa: BLE001 - the tracking server itself may be gone
+            pass
+        raise
+    if not tracking.outer_run_id:
+        root.end("FINISHED")
 
 
 def single_phase(cfg: Config, phase: str, source: str = "", strategy: str = "double") -> dict:
     """``phase1`` or ``phase2`` alone (phase 2 from ``source`` when double transfer)."""
     tracking = connect(cfg.tracking_uri, cfg.experiment)
     _check_inputs(cfg, (phase,))
-    root = open_root_run(tracking, cfg, phase)
     out = {}
-    try:
+    with root_run(tracking, cfg, phase) as root:
         for backbone in cfg.backbones:
             if phase == "phase1":
                 s = run_study(cfg, "phase1", backbone, tracking, root.id)
@@ -219,9 +223,4 @@ def single_phase(cfg: Config, phase: str, source: str = "", strategy: str = "dou
                 s = run_phase2_strategy(cfg, tracking, root, backbone, strategy, None, src, f"phase1:{source}")
                 finish_phase2(cfg, tracking, s, None, register_it=True, pipeline_run=root.id)
             out[backbone] = s
-    except BaseException as e:
-        _fail_root(root, tracking, e)
-        raise
-    if not tracking.outer_run_id:
-        root.end("FINISHED")
     return out

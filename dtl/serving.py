@@ -102,7 +102,7 @@ class ImageClassifier:
                 images.append(image_from_value(v))
             except DTLError as e:
                 raise DTLError(f"input row {i}: {e}") from None
-        probs = self.predict_proba(images)
+        probs = self.predict_proba(images).astype(np.float32)
         df = pd.DataFrame(probs, columns=[f"p_{c}" for c in self.classes])
         df.insert(0, "class", [self.classes[j] for j in probs.argmax(1)] if len(probs) else [])
         return df
@@ -128,14 +128,20 @@ def _load_pyfunc(path: str) -> ImageClassifier:
     return load_classifier(path, dev)
 
 
-def signature_and_example(example_image: np.ndarray):
+def signature_and_example(example_image: np.ndarray, classes: list[str]):
+    """The output schema (class + one probability per class) and a base64-PNG input example.
+
+    The signature deliberately has no input schema: MLflow would coerce a bare N×H×W×3 array
+    into a 2-D DataFrame before the model sees it, and images of any size fit no tensor spec.
+    The input example documents the format; ``ImageClassifier.predict`` validates every row."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
+    from mlflow.types.schema import ColSpec, Schema
 
     buf = io.BytesIO()
     Image.fromarray(example_image).save(buf, format="PNG")
     example = pd.DataFrame({INPUT_COLUMN: [base64.b64encode(buf.getvalue()).decode()]})
-    return ModelSignature(inputs=Schema([ColSpec(AnyType(), INPUT_COLUMN)])), example
+    outputs = Schema([ColSpec("string", "class")] + [ColSpec("float", f"p_{c}") for c in classes])
+    return ModelSignature(inputs=None, outputs=outputs), example
 
 
 def save_model(path, net, meta: dict, example_image: np.ndarray, mlflow_model=None, **_ignored):
@@ -167,7 +173,7 @@ def save_model(path, net, meta: dict, example_image: np.ndarray, mlflow_model=No
     (data / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
     add_to_model(mlflow_model, loader_module="dtl.serving", data=DATA_DIR, conda_env="conda.yaml",
                  python_env="python_env.yaml")
-    signature, example = signature_and_example(example_image)
+    signature, example = signature_and_example(example_image, list(meta["spec"]["classes"]))
     mlflow_model.signature = signature
     _save_example(mlflow_model, example, str(path))
     mlflow_model.save(str(path / "MLmodel"))

@@ -90,8 +90,12 @@ def test_registered_model_round_trip(done):
     model = mlflow.pyfunc.load_model("models:/all-dtl@champion")
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 255, (3, 90, 70, 3), dtype=np.uint8)  # any size
-    out = model.predict({"image": batch})
+    out = model.predict(batch)  # a bare N×H×W×3 uint8 array
     assert list(out.columns) == ["class", "p_Benign", "p_Early", "p_Pre", "p_Pro"] and len(out) == 3
+    assert model.predict({"image": batch}).equals(out)
+    sig = model.metadata.signature
+    assert [c.name for c in sig.outputs.inputs] == ["class", "p_Benign", "p_Early", "p_Pre", "p_Pro"]
+    assert model.metadata.saved_input_example_info is not None
     assert np.allclose(out.filter(like="p_").sum(1), 1.0, atol=1e-4)
     files = sorted((cache_files := Path(cfg.cache_dir) / "demo" / "aria" / "Original" / "Pro").glob("*.jpg"))[:2]
     by_path = model.predict(pd.DataFrame({"image": [str(f) for f in files]}))
