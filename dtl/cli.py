@@ -24,6 +24,8 @@ def _common(p: argparse.ArgumentParser, phases: tuple[str, ...] = ("phase1", "ph
     g.add_argument("--config", default="demo", help="recipe name in experiments/ or a YAML path (default: demo)")
     g.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, repeatable (e.g. phase2.lr_head=3e-4)")
+    g.add_argument("--overrides", default="", metavar="'K=V K=V'",
+                   help="several overrides in one whitespace-separated string (MLproject's -P overrides=...)")
     g.add_argument("--backbones", default="", help="comma-separated timm names (resnet50,efficientnet_b3,inception_v3)")
     g.add_argument("--n-trials", type=_int, default=0, help="Optuna trials per study (0 = recipe value)")
     g.add_argument("--epochs", type=_int, default=0, help="epochs per trial (0 = recipe value)")
@@ -48,7 +50,7 @@ def _common(p: argparse.ArgumentParser, phases: tuple[str, ...] = ("phase1", "ph
 def _config(args):
     from dtl import config
 
-    o = list(args.override)
+    o = list(args.override) + getattr(args, "overrides", "").split()
     if args.backbones:
         o.append(f"backbones=[{args.backbones}]")
     for ph in ("phase1", "phase2"):

@@ -162,7 +162,12 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
     start, best, best_epoch, skipped, stale = 0, -float("inf"), -1, 0, 0
     if resume and last_path.exists():
         ck = load_checkpoint(last_path)
-        net.load_state_dict(ck["model"])
+        try:
+            net.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise DTLError(f"{last_path} is a checkpoint of another model ({ck.get('meta', {}).get('spec')}), "
+                           f"not {net.spec.backbone} with classes {list(net.spec.classes)}: {str(e)[:300]}. "
+                           "Remove it or use another work_dir.") from None
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         if scaler is not None and ck.get("scaler"):

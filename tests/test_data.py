@@ -118,6 +118,11 @@ def test_label_file_naming_unknown_files_is_an_error(tmp_path, cache_dir):
     Image.new("RGB", (8, 8)).save(root / "validation_data" / "C-NMC_test_prelim_phase_data" / "999.bmp")
     with pytest.raises(DTLError, match=r"does not label: \['999.bmp'\]"):
         load_dataset(DataConfig(kind="cnmc", root=str(root)), tmp_path / "cache")
+    (root / "validation_data" / "C-NMC_test_prelim_phase_data" / "999.bmp").unlink()
+    csv = root / "validation_data" / "C-NMC_test_prelim_phase_data_labels.csv"
+    csv.write_text(csv.read_text() + "notes.txt,readme.md,1\n")
+    with pytest.raises(DTLError, match=r"names 1 file\(s\) that are not C-NMC test images.*readme.md"):
+        load_dataset(DataConfig(kind="cnmc", root=str(root)), tmp_path / "cache")
 
 
 def test_presplit_folders_are_used_as_given(tmp_path):

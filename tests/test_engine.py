@@ -79,3 +79,14 @@ def test_final_evaluation_with_tta(workspace, cache_dir):
             assert f"{split}_{k}" in m and f"{split}_{k}_ci_low" in m
         assert ev["confusion"][split]["classes"] == ["all", "hem"]
     assert list(ev["predictions"]["test"].columns) == ["path", "label", "predicted", "p_all", "p_hem"]
+
+
+def test_checkpoint_of_another_backbone_or_class_count_is_refused(workspace, cache_dir):
+    from dtl import DTLError
+
+    cfg = _cfg(cache_dir, workspace, **{"phase1.epochs": 1})
+    res = run_phase(cfg, "phase1", "test_resnet", workspace / "x", resume=False)
+    with pytest.raises(DTLError, match=r"trained on classes \['all', 'hem'\].*Benign"):
+        evaluate_checkpoint(cfg, "phase2", res.checkpoint)  # 2-class checkpoint on the 4-class data
+    with pytest.raises(DTLError, match="checkpoint of another model"):
+        run_phase(cfg, "phase1", "test_efficientnet", workspace / "x", resume=True)  # its last.pt is a resnet

@@ -213,6 +213,11 @@ def _cnmc_prelim(root: Path) -> tuple[pd.DataFrame, list[str]]:
     if len(bad):
         raise DTLError(f"{labels_csv}: labels must be 0 (normal) or 1 (ALL); rows with other values: "
                        f"{bad['new_names'].head(5).tolist()}")
+    unknown = lab[~lab["new_names"].str.fullmatch(r"\d+\.bmp") | lab["Patient_ID"].map(parse_cnmc_name).isna()]
+    if len(unknown):
+        raise DTLError(f"{labels_csv} names {len(unknown)} file(s) that are not C-NMC test images "
+                       f"(new_names must be <n>.bmp, Patient_ID an original UID_..._all/hem.bmp name): "
+                       f"{unknown[['Patient_ID', 'new_names']].head(5).values.tolist()}\n{CNMC_LAYOUT}")
     present = {p.name for p in _images_under(img_dir)} if img_dir.is_dir() else set()
     unlisted = sorted(present - set(lab["new_names"]))
     if unlisted:
