@@ -129,7 +129,7 @@ def cmd_promote(args) -> int:
     from dtl import config, registry, tracking
 
     cfg = config.load([args.config], args.override)
-    pol = registry.load_policy(args.policy or cfg.policy, args.model)
+    pol = registry.load_policy(args.policy or cfg.policy, args.model or cfg.registered_model)
     t = tracking.connect(args.tracking_uri or cfg.tracking_uri, cfg.experiment)
     flt = {"data_digest": args.data_digest} if args.data_digest else None
     d = registry.promote(t, pol, flt, force=args.force, cards_dir=Path(cfg.cards_dir))
@@ -144,7 +144,7 @@ def cmd_report(args) -> int:
     cfg = config.load([args.config], args.override)
     t = tracking.connect(args.tracking_uri or cfg.tracking_uri, cfg.experiment)
     out = report.build(t, args.out or cfg.report_dir, cfg.registered_model, args.data_digest or None,
-                       provenance={"command": " ".join(sys.argv)})
+                       provenance={"command": "dtl " + " ".join(sys.argv[1:])})
     if t.outer_run_id:
         r = tracking.Run(t, t.outer_run_id)
         for f in ("results.md", "results.csv", "report.html"):

@@ -173,7 +173,7 @@ def _provenance(cfg: Config, tracking: Tracking, wall: float, run_id: str) -> di
     dev = resolve_device(cfg.device)
     phases = ("phase1", "phase2") if ("double" in cfg.strategies or "single" in cfg.strategies) else ("phase2",)
     return {
-        "command": " ".join(sys.argv), "git_commit": git_commit(), "pipeline_run": run_id,
+        "command": "dtl " + " ".join(sys.argv[1:]), "git_commit": git_commit(), "pipeline_run": run_id,
         "recipe": cfg.name, "backbones": list(cfg.backbones), "strategies": list(cfg.strategies),
         "init": {"phase1": cfg.phase1.init, "phase2_single": cfg.phase1.init},
         "data": {ph: {"kind": dataset(cfg, ph).kind, "root": cfg.phase(ph).data.root or "(demo, generated)",

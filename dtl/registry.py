@@ -204,14 +204,7 @@ def write_card(tracking: Tracking, name: str, version: str, policy: Policy, card
     mv = client.get_model_version(name, version)
     run = client.get_run(mv.run_id)
     t, m = run.data.tags, run.data.metrics
-    spec_path = None
-    try:
-        import mlflow
-
-        spec_path = mlflow.artifacts.download_artifacts(f"{mv.source}/dtl/spec.json")
-    except Exception:
-        pass
-    spec = json.loads(Path(spec_path).read_text()) if spec_path else {}
+    spec = _model_spec(client, mv)
     classes = spec.get("spec", {}).get("classes", [])
     metrics = {k: v for k, v in sorted(m.items()) if k.startswith(("test_", "val_")) and "precision_" not in k
                and "recall_" not in k}
@@ -247,6 +240,18 @@ def write_card(tracking: Tracking, name: str, version: str, policy: Policy, card
     client.log_dict(mv.run_id, card, f"model_card/{name}-v{version}.json")
     client.log_text(mv.run_id, md, f"model_card/{name}-v{version}.md")
     return stem.with_suffix(".md")
+
+
+def _model_spec(client, mv) -> dict:
+    """``dtl/spec.json`` of a version's logged model (classes, input spec, lineage)."""
+    import mlflow
+
+    model_id = getattr(mv, "model_id", None) or (mv.source[len("models:/"):] if mv.source.startswith("models:/m-") else None)
+    try:
+        base = client.get_logged_model(model_id).artifact_location if model_id else mv.source
+        return json.loads(Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/dtl/spec.json")).read_text())
+    except Exception as e:  # noqa: BLE001 - a card without the spec still says what it can
+        return {"error": f"spec.json not readable: {type(e).__name__}"}
 
 
 def _card_markdown(c: dict) -> str:

@@ -66,6 +66,9 @@ def test_main_registers_promotes_and_reports(done):
     assert not [r for r in runs if r.info.status == "RUNNING"]
     # model card written for the champion
     assert (tmp / "cards" / "all-dtl-v1.md").read_text().count("NOT for diagnosis") == 1
+    card = __import__("json").loads((tmp / "cards" / "all-dtl-v1.json").read_text())
+    assert card["classes"] == ["Benign", "Early", "Pre", "Pro"] and card["input"]["size"] == 64
+    assert card["data"]["phase2"]["split_protocol"] == "image-level" and card["lineage"]["phase1_run"]
     # report: markdown + csv with one row per backbone
     df = pd.read_csv(tmp / "report" / "results.csv")
     assert list(df["backbone"]) == ["test_resnet"]
