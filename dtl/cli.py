@@ -155,11 +155,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    import os
+
     import mlflow.pyfunc
 
     from dtl.serving import image_from_value
     from dtl.tracking import DEFAULT_TRACKING_URI
-    import os
 
     mlflow.set_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     files = [f for spec in args.images for f in spec.split()]

@@ -81,7 +81,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, precision: Prec
     model.train()
     total, n, skipped = 0.0, 0, 0
     t0 = time.perf_counter()
-    for x_u8, y in loader:
+    for step, (x_u8, y) in enumerate(loader):
         x = train_transform(x_u8, spec, aug, gen)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -93,7 +93,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, precision: Prec
                 loss = loss + aux_weight * F.cross_entropy(aux.float(), y, weight=class_weights,
                                                            label_smoothing=label_smoothing)
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"training loss is {loss.item()} at step {n // max(len(y), 1)}: "
+            raise NonFiniteLoss(f"training loss is {loss.item()} at step {step} of the epoch: "
                                 "lower the learning rate or use fp32/bf16")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:

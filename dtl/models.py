@@ -40,7 +40,7 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
+    def from_dict(cls, d: dict) -> ModelSpec:
         return cls(d["backbone"], tuple(d["classes"]), d.get("head", "linear"),
                    int(d.get("head_channels", 256)), float(d.get("head_dropout", 0.2)), bool(d.get("aux", False)))
 

@@ -7,28 +7,35 @@ weights come from; everything else is shared. Tracking and tuning reach in only 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from dtl import DTLError
-from dtl.config import Config
+from dtl.config import Config, to_dict
 from dtl.data.cache import BatchLoader, split_array
 from dtl.data.datasets import Dataset, load_dataset
 from dtl.data.transforms import InputSpec
-from dtl.engine import (NonFiniteLoss, cosine_lr, evaluate, predict, resolve_device, resolve_precision,
-                        train_one_epoch)
+from dtl.engine import NonFiniteLoss, cosine_lr, evaluate, predict, resolve_device, resolve_precision, train_one_epoch
 from dtl.metrics import confusion, evaluate_predictions
-from dtl.models import (DTLNet, ModelSpec, build_model, load_backbone_weights, load_checkpoint,
-                        model_from_checkpoint, param_groups, read_weights, resolve_input_spec,
-                        save_checkpoint)
+from dtl.models import (
+    DTLNet,
+    ModelSpec,
+    build_model,
+    load_backbone_weights,
+    load_checkpoint,
+    model_from_checkpoint,
+    param_groups,
+    read_weights,
+    resolve_input_spec,
+    save_checkpoint,
+)
 
 _DATASETS: dict = {}
 _LOADERS: dict = {}
@@ -99,7 +106,7 @@ class PhaseResult:
 
 def _init_model(cfg: Config, phase: str, backbone: str, classes: list[str], init_from: str | Path | None) -> DTLNet:
     pc = cfg.phase(phase)
-    spec = ModelSpec(backbone, tuple(classes), pc.head, pc.head_channels, pc.head_dropout, 
+    spec = ModelSpec(backbone, tuple(classes), pc.head, pc.head_channels, pc.head_dropout,
                      aux=pc.aux_weight > 0 and backbone.split(".")[0] == "inception_v3")
     if init_from:  # a phase-1 checkpoint (or a weights file): backbone keys only, the head is new
         net = build_model(spec, "scratch")
@@ -121,7 +128,7 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
 
     pc = cfg.phase(phase)
     if dd.active() and dd.is_main():  # followers receive the same job and train their shards
-        dd.broadcast({"cfg": _plain(cfg), "phase": phase, "backbone": backbone, "workdir": str(workdir),
+        dd.broadcast({"cfg": to_dict(cfg), "phase": phase, "backbone": backbone, "workdir": str(workdir),
                       "init_from": str(init_from) if init_from else None, "resume": resume, "init_label": init_label})
     seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
@@ -157,7 +164,7 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
     best_path, last_path = workdir / "best.pt", workdir / "last.pt"
     meta = {"phase": phase, "backbone": backbone, "init": init, "input": ispec.to_dict(),
             "data_digest": ds.digest, "data_kind": ds.kind, "protocol": ds.protocol,
-            "config": json.loads(json.dumps(_plain(cfg)))}
+            "config": to_dict(cfg)}
     history: list[dict] = []
     start, best, best_epoch, skipped, stale = 0, -float("inf"), -1, 0, 0
     if resume and last_path.exists():
@@ -226,12 +233,6 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
     best_value = -best if pc.monitor == "val_loss" else best
     return PhaseResult(phase, backbone, best_value, best_epoch, best_path, history, skipped, precision.name,
                        str(device), init)
-
-
-def _plain(cfg: Config) -> dict:
-    from dtl.config import to_dict
-
-    return to_dict(cfg)
 
 
 def evaluate_checkpoint(cfg: Config, phase: str, checkpoint: Path, splits=("val", "test")) -> dict:

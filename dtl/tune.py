@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import zlib
 import os
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,7 +146,7 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
                                 # seeded per study: reproducible, yet backbones do not all start from the same draws
                                 sampler=optuna.samplers.TPESampler(seed=cfg.tune.sampler_seed + zlib.crc32(name.encode()) % 10**6),
                                 pruner=make_pruner(cfg, pc.epochs))
-    if hasattr(storage, "fail_stale_trials") or isinstance(storage, optuna.storages.RDBStorage):
+    if isinstance(storage, optuna.storages.RDBStorage):  # journal storage has no heartbeat
         optuna.storages.fail_stale_trials(study)
     init = init_label or pc.init
     tags = {"dtl.role": "study", "dtl.study": name, "phase": phase, "backbone": backbone, "strategy": strategy,

@@ -2,11 +2,11 @@
 
 import os
 import subprocess
-import tomllib
 from pathlib import Path
 
 import mlflow
 import pytest
+import tomllib
 import yaml
 
 from tests.conftest import PYTHON, ROOT, demo_overrides

@@ -1,5 +1,3 @@
-import os
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

@@ -1,6 +1,5 @@
 """run_phase on CPU: resume equals an uninterrupted run, AMP bookkeeping, evaluation."""
 
-import shutil
 
 import numpy as np
 import pytest

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from dtl.metrics import bootstrap_ci, confusion, evaluate_predictions, point_metrics
 from dtl.engine import cosine_lr
+from dtl.metrics import bootstrap_ci, confusion, evaluate_predictions, point_metrics
 
 
 @pytest.mark.parametrize("k, n, seed", [(2, 60, 0), (4, 200, 1), (4, 9, 2)])

@@ -1,16 +1,21 @@
-import os
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 
 from dtl import DTLError
-from dtl.engine import NonFiniteLoss, Precision, train_one_epoch
 from dtl.config import AugmentConfig
 from dtl.data.transforms import InputSpec
-from dtl.models import (DTLNet, ModelSpec, build_model, check_backbone, load_backbone_weights, param_groups,
-                        resolve_input_spec)
+from dtl.engine import NonFiniteLoss, Precision, train_one_epoch
+from dtl.models import (
+    DTLNet,
+    ModelSpec,
+    build_model,
+    check_backbone,
+    load_backbone_weights,
+    param_groups,
+    resolve_input_spec,
+)
 
 
 def _spec(backbone="test_resnet", head="linear", classes=("a", "b")):

@@ -100,7 +100,7 @@ def test_registered_model_round_trip(done):
     assert [c.name for c in sig.outputs.inputs] == ["class", "p_Benign", "p_Early", "p_Pre", "p_Pro"]
     assert model.metadata.saved_input_example_info is not None
     assert np.allclose(out.filter(like="p_").sum(1), 1.0, atol=1e-4)
-    files = sorted((cache_files := Path(cfg.cache_dir) / "demo" / "aria" / "Original" / "Pro").glob("*.jpg"))[:2]
+    files = sorted((Path(cfg.cache_dir) / "demo" / "aria" / "Original" / "Pro").glob("*.jpg"))[:2]
     by_path = model.predict(pd.DataFrame({"image": [str(f) for f in files]}))
     arrays = model.predict(pd.DataFrame({"image": [np.asarray(Image.open(f).convert("RGB")) for f in files]}))
     assert np.allclose(by_path.filter(like="p_"), arrays.filter(like="p_"), atol=1e-5)

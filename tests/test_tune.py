@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from dtl import DTLError, config
 from dtl.tracking import connect
 from dtl.tune import make_storage, run_study
-from tests.conftest import PYTHON, ROOT, demo_overrides
+from tests.conftest import PYTHON, demo_overrides
 
 pytestmark = pytest.mark.slow
 

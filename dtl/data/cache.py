@@ -70,8 +70,7 @@ def split_array(ds: Dataset, split: str, spec: InputSpec, segment: bool, cache_d
             for _ in it:
                 pass
         out.flush()
-        del out
-        os.replace(tmp, target)
+        os.replace(tmp, target)  # only a complete file ever gets the final name
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise DTLError(f"could not write the image cache {target}: {e}. Nothing was kept; free space "

@@ -47,7 +47,7 @@ class InputSpec:
                 "std": list(self.std), "interpolation": self.interpolation}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "InputSpec":
+    def from_dict(cls, d: dict) -> InputSpec:
         return cls(int(d["size"]), int(d["cache_size"]), tuple(d["mean"]), tuple(d["std"]),
                    d.get("interpolation", "bicubic"))
 
