@@ -89,3 +89,12 @@ def test_checkpoint_of_another_backbone_or_class_count_is_refused(workspace, cac
         evaluate_checkpoint(cfg, "phase2", res.checkpoint)  # 2-class checkpoint on the 4-class data
     with pytest.raises(DTLError, match="checkpoint of another model"):
         run_phase(cfg, "phase1", "test_efficientnet", workspace / "x", resume=True)  # its last.pt is a resnet
+
+
+def test_early_stopping_on_the_monitored_metric(workspace, cache_dir):
+    # lr 0 and a frozen backbone (BN statistics too): the validation metric is the same every
+    # epoch, never an improvement, so patience 1 stops after epoch 1
+    cfg = _cfg(cache_dir, workspace, **{"phase1.epochs": 5, "phase1.lr_head": 0.0, "phase1.lr_backbone": 0.0,
+                                        "phase1.unfreeze": 0, "phase1.early_stop_patience": 1})
+    res = run_phase(cfg, "phase1", "test_resnet", workspace / "es", resume=False)
+    assert [r["epoch"] for r in res.history] == [0, 1] and res.best_epoch == 0
