@@ -217,7 +217,7 @@ def end_orphans(tracking: Tracking, parent: str | None = None, alive: set[str] |
         t = r.data.tags
         if r.info.run_id == tracking.outer_run_id or (alive and r.info.run_id in alive):
             continue
-        if "dtl.pid" not in t or t.get("dtl.host") != host or _pid_alive(int(t["dtl.pid"])):
+        if "dtl.pid" not in t or t.get("dtl.host") != host or pid_alive(int(t["dtl.pid"])):
             continue
         tracking.client.set_tag(r.info.run_id, "dtl.ended_by", "rerun: the process that ran it was gone")
         tracking.client.set_terminated(r.info.run_id, "KILLED")
@@ -225,7 +225,7 @@ def end_orphans(tracking: Tracking, parent: str | None = None, alive: set[str] |
     return n
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:

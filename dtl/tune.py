@@ -146,8 +146,9 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
                                 # seeded per study: reproducible, yet backbones do not all start from the same draws
                                 sampler=optuna.samplers.TPESampler(seed=cfg.tune.sampler_seed + zlib.crc32(name.encode()) % 10**6),
                                 pruner=make_pruner(cfg, pc.epochs))
-    if isinstance(storage, optuna.storages.RDBStorage):  # journal storage has no heartbeat
+    if isinstance(storage, optuna.storages.RDBStorage):  # heartbeats: RDB storages only
         optuna.storages.fail_stale_trials(study)
+    _fail_dead_trials(study, tracking)
     init = init_label or pc.init
     tags = {"dtl.role": "study", "dtl.study": name, "phase": phase, "backbone": backbone, "strategy": strategy,
             "init": init, "data_digest": ds.digest, "data_kind": ds.kind, "split_protocol": ds.protocol,
@@ -248,6 +249,28 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
         raise
     run.end("FINISHED")
     return result
+
+
+def _fail_dead_trials(study: optuna.Study, tracking: Tracking) -> int:
+    """Trials still RUNNING whose process is gone from this host (its MLflow run records host
+    and pid) are failed and retried at once, on any storage: journal storage has no
+    heartbeat, and an RDB heartbeat may not have gone stale yet when the command is rerun."""
+    import socket
+
+    from dtl.tracking import pid_alive
+
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            continue  # killed before its run existed: the heartbeat (RDB) is the only witness
+        tags = tracking.client.get_run(run_id).data.tags
+        if tags.get("dtl.host") != socket.gethostname() or pid_alive(int(tags.get("dtl.pid", "0") or 0)):
+            continue
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        RetryCallback(max_retry=2)(study, study._storage.get_trial(t._trial_id))
+        n += 1
+    return n
 
 
 def _summarise(study, run: Run, name, phase, backbone, strategy, workroot: Path, wall: float) -> StudyResult:
