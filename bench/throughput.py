@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=16)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: plain,kornia,pyfunc")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: train (a-d), plain, kornia, pyfunc")
     p.add_argument("--cache-dir", default=".dtl/cache")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
@@ -238,26 +238,29 @@ def main(argv=None) -> int:
                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                  "torch": torch.__version__, "timm": __import__("timm").__version__, "data": str(ds.root),
                  "train_images": int((ds.manifest["split"] == "train").sum()), "steps": args.steps}
-    res["a_model_only_img_s"] = ceiling(args, spec, device, precision, len(ds.classes))
-    res["b_project_img_s"], res["eval_project_img_s"] = project(args, ds, spec, device, precision)
-    if "plain" not in skip:
-        res["c_plain_img_s"] = plain(args, ds, spec, device, precision)
-    if "kornia" not in skip:
-        res["d_kornia_img_s"] = kornia_variant(args, ds, spec, device, precision)
+    if "train" not in skip:
+        res["a_model_only_img_s"] = ceiling(args, spec, device, precision, len(ds.classes))
+        res["b_project_img_s"], res["eval_project_img_s"] = project(args, ds, spec, device, precision)
+        if "plain" not in skip:
+            res["c_plain_img_s"] = plain(args, ds, spec, device, precision)
+        if "kornia" not in skip:
+            res["d_kornia_img_s"] = kornia_variant(args, ds, spec, device, precision)
     if device.type == "cuda":
         res["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if "pyfunc" not in skip:
         res["pyfunc_cpu_img_s_batch32"] = pyfunc_cpu(args, spec, len(ds.classes))
-    res["b_over_a"] = res["b_project_img_s"] / res["a_model_only_img_s"]
-    if res.get("c_plain_img_s"):
-        res["b_over_c"] = res["b_project_img_s"] / res["c_plain_img_s"]
-    from dtl.data.cache import cache_key
+    if "train" not in skip:
+        res["b_over_a"] = res["b_project_img_s"] / res["a_model_only_img_s"]
+        if res.get("c_plain_img_s"):
+            res["b_over_c"] = res["b_project_img_s"] / res["c_plain_img_s"]
+        from dtl.data.cache import cache_key
 
-    cached = Path(args.cache_dir) / "arrays" / f"{cache_key(ds, 'train', spec, False)}.npy"
-    res["cache_over_raw_uint8"] = cached.stat().st_size / (res["train_images"] * spec.cache_size ** 2 * 3)
+        cached = Path(args.cache_dir) / "arrays" / f"{cache_key(ds, 'train', spec, False)}.npy"
+        res["cache_over_raw_uint8"] = cached.stat().st_size / (res["train_images"] * spec.cache_size ** 2 * 3)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{args.backbone}-{device.type}-{precision.name}{'-compile' if args.compile else ''}"
+    parts = "-pyfunc-only" if "train" in skip else ""
+    stem = out / f"{args.backbone}-{device.type}-{precision.name}{'-compile' if args.compile else ''}{parts}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2))
     rows = [(k, f"{v:,.1f}" if isinstance(v, float) and v > 10 else (f"{v:.3f}" if isinstance(v, float) else str(v)))
             for k, v in res.items()]
