@@ -145,10 +145,11 @@ def cmd_report(args) -> int:
     t = tracking.connect(args.tracking_uri or cfg.tracking_uri, cfg.experiment)
     out = report.build(t, args.out or cfg.report_dir, cfg.registered_model, args.data_digest or None,
                        provenance={"command": "dtl " + " ".join(sys.argv[1:])})
-    if t.outer_run_id:
-        r = tracking.Run(t, t.outer_run_id)
-        for f in ("results.md", "results.csv", "report.html"):
-            r.log_artifact(out / f, "report")
+    r = tracking.Run(t, t.outer_run_id) if t.outer_run_id else tracking.start_run(t, "report", {"dtl.role": "report"})
+    for f in ("results.md", "results.csv", "seed_table.csv", "report.html", "provenance.json"):
+        r.log_artifact(out / f, "report")
+    if not t.outer_run_id:
+        r.end()
     print((out / "results.md").read_text())
     print(f"written to {out}/ (results.md, results.csv, seed_table.csv, report.html)")
     return 0

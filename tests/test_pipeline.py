@@ -189,3 +189,17 @@ def test_promotion_never_downgrades_unless_forced_and_records_the_previous_champ
     assert (tmp / "cards" / f"all-dtl-v{worse.version}.json").exists()
     # put the real champion back for the other tests
     promote(t, policy, {"pipeline_run": champ.tags["pipeline_run"]}, force=True, cards_dir=tmp / "cards")
+
+
+def test_report_command_rebuilds_the_table_from_mlflow_and_logs_it(done):
+    tmp, cfg, res = done
+    out = tmp / "again"
+    p = subprocess.run([PYTHON, "-m", "dtl", "report", "--out", str(out)], capture_output=True, text=True, cwd=tmp,
+                       env={**os.environ})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert pd.read_csv(out / "results.csv")["backbone"].tolist() == ["test_resnet"]
+    assert "| Model | Phase-2 Accuracy | Eval Acc | Notes |" in (out / "results.md").read_text()
+    t = connect(cfg.tracking_uri, cfg.experiment)
+    runs = mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'report'", output_format="list")
+    assert len(runs) == 1
+    assert {"report/results.md", "report/report.html"} <= {a.path for a in t.client.list_artifacts(runs[0].info.run_id, "report")}
