@@ -56,6 +56,7 @@ class Candidate:
     version: str
     metrics: dict
     data_digest: str = ""
+    synthetic: bool = False  # trained on the built-in demo data
 
 
 @dataclass
@@ -96,6 +97,10 @@ def select(candidates: list[Candidate], policy: Policy, current: Candidate | Non
         return Decision(best.version, runner, True, "no champion yet", ranked)
     if best.version == current.version:
         return Decision(best.version, runner, False, "the champion is still the best candidate", ranked)
+    if best.synthetic and not current.synthetic and not force:
+        return Decision(current.version, None, False,
+                        f"v{best.version} was trained on the synthetic demo data; it never replaces champion "
+                        f"v{current.version}, trained on real data (use --force to move anyway)", ranked)
     same_data = current.data_digest == best.data_digest
     if same_data and eligible(current) and _key(best, policy)[:-1] < _key(current, policy)[:-1] and not force:
         return Decision(current.version, best.version, False,
@@ -163,8 +168,7 @@ def candidates(tracking: Tracking, name: str, filter_tags: dict | None = None) -
     for v in tracking.client.search_model_versions(f"name='{name}'"):
         if filter_tags and any(v.tags.get(k) != str(val) for k, val in filter_tags.items()):
             continue
-        metrics = {k[len("metric."):]: float(x) for k, x in v.tags.items() if k.startswith("metric.")}
-        out.append(Candidate(str(v.version), metrics, v.tags.get("data_digest", "")))
+        out.append(_candidate(v))
     return out
 
 
@@ -173,8 +177,13 @@ def current_champion(tracking: Tracking, name: str) -> Candidate | None:
         mv = tracking.client.get_model_version_by_alias(name, "champion")
     except Exception:
         return None
+    return _candidate(mv)
+
+
+def _candidate(mv) -> Candidate:
     metrics = {k[len("metric."):]: float(x) for k, x in mv.tags.items() if k.startswith("metric.")}
-    return Candidate(str(mv.version), metrics, mv.tags.get("data_digest", ""))
+    return Candidate(str(mv.version), metrics, mv.tags.get("data_digest", ""),
+                     mv.tags.get("data_kind", "").startswith("demo"))
 
 
 def promote(tracking: Tracking, policy: Policy, filter_tags: dict | None = None, force: bool = False,

@@ -22,6 +22,9 @@ def c(v, f1, acc=0.0, digest="d1"):
     ([c(3, 0.7, digest="d2")], c(1, 0.9), False, "3", None, True),               # other data: not comparable
     ([c(1, 0.9), c(3, 0.95)], c(1, 0.9), False, "3", "1", True),                 # better candidate
     ([c(1, 0.9), c(3, 0.85)], c(1, 0.9), False, "1", "3", False),                # champion still best
+    ([Candidate("4", {"val_macro_f1": 0.99}, "demo", True)], c(1, 0.7), False, "1", None, False),  # demo never
+    ([Candidate("4", {"val_macro_f1": 0.99}, "demo", True)], c(1, 0.7), True, "4", None, True),    # ... unless forced
+    ([c(5, 0.6, digest="real")], Candidate("4", {"val_macro_f1": 0.99}, "demo", True), False, "5", None, True),
 ])
 def test_select(cands, current, force, champion, challenger, moved):
     d = select(cands, P, current, force)
