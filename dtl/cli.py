@@ -108,6 +108,8 @@ def cmd_evaluate(args) -> int:
     from dtl.phases import evaluate_checkpoint
 
     cfg = _config(args)
+    if not args.checkpoint and not args.run:
+        raise DTLError("evaluate needs --checkpoint FILE or --run <study run id>")
     ckpt = Path(args.checkpoint) if args.checkpoint else pipeline.phase1_source(args.run, cfg)
     ev = evaluate_checkpoint(cfg, args.phase, ckpt, tuple(args.splits.split(",")))
     t = tracking.connect(cfg.tracking_uri, cfg.experiment)

@@ -60,8 +60,10 @@ def evaluate_study(cfg: Config, study: StudyResult, tracking: Tracking) -> dict:
 def phase1_source(source: str, cfg: Config) -> Path:
     """A phase-1 result for phase 2: a study run id (its best checkpoint), a ``models:/`` or
     ``runs:/`` model URI (its safetensors weights) or a local checkpoint file."""
+    if not source:
+        raise DTLError("no phase-1 source given: pass a study run id, a models:/ or runs:/ URI, or a checkpoint file")
     p = Path(source)
-    if p.exists():
+    if p.is_file():
         return p
     dst = Path(cfg.work_dir) / "phase1-sources" / source.replace("/", "_").replace(":", "_")
     try:
@@ -217,9 +219,10 @@ def single_phase(cfg: Config, phase: str, source: str = "", strategy: str = "dou
                 s = run_study(cfg, "phase1", backbone, tracking, root.id)
                 evaluate_study(cfg, s, tracking)
             else:
-                src = phase1_source(source, cfg) if (strategy == "double") else None
                 if strategy == "double" and not source:
-                    raise DTLError("phase 2 with double transfer needs --phase1 <run id | models:/ URI | file>")
+                    raise DTLError("phase 2 with double transfer needs --phase1 <run id | models:/ URI | file> "
+                                   "(or --strategy single|scratch)")
+                src = phase1_source(source, cfg) if strategy == "double" else None
                 s = run_phase2_strategy(cfg, tracking, root, backbone, strategy, None, src, f"phase1:{source}")
                 finish_phase2(cfg, tracking, s, None, register_it=True, pipeline_run=root.id)
             out[backbone] = s

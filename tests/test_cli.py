@@ -47,6 +47,13 @@ def test_malformed_optuna_storage_url(workspace, cache_dir):
     assert p.returncode == 2 and "Optuna storage 'notaurl' is not usable" in p.stderr and "journal:" in p.stderr
 
 
+def test_phase2_double_without_a_phase1_source_and_evaluate_without_a_target(workspace):
+    p = dtl("phase2", "--backbones", "test_resnet")
+    assert p.returncode == 2 and "needs --phase1" in p.stderr
+    p = dtl("evaluate")
+    assert p.returncode == 2 and "--checkpoint FILE or --run" in p.stderr
+
+
 @pytest.mark.parametrize("args, needle", [
     (["main", "--n-trials", "many"], "invalid _int value"),
     (["data", "audit", "x", "--kind", "nope"], "invalid choice"),
