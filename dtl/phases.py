@@ -119,6 +119,40 @@ def _init_model(cfg: Config, phase: str, backbone: str, classes: list[str], init
     return build_model(spec, pc.init)
 
 
+def _optimizer(net: DTLNet, pc, steps_per_epoch: int):
+    """AdamW/Adamax over discriminative parameter groups; per-step cosine with warm-up."""
+    groups = param_groups(net, pc.lr_head, pc.lr_backbone, pc.weight_decay)
+    opt_cls = torch.optim.AdamW if pc.optimizer == "adamw" else torch.optim.Adamax
+    optimizer = opt_cls(groups, lr=pc.lr_head)
+    steps, warm = pc.epochs * steps_per_epoch, pc.warmup_epochs * steps_per_epoch
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps, warm))
+
+
+def _class_weights(ds: Dataset, device: torch.device) -> torch.Tensor:
+    """Inverse-frequency cross-entropy weights from the training split."""
+    counts = np.bincount(ds.label_ids("train"), minlength=len(ds.classes)).astype(np.float64)
+    return torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+
+
+def _restore(last_path: Path, net: DTLNet, optimizer, scheduler, scaler) -> tuple:
+    """Load ``last.pt`` into the model and the training state; returns where to continue."""
+    ck = load_checkpoint(last_path)
+    try:
+        net.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise DTLError(f"{last_path} is a checkpoint of another model ({ck.get('meta', {}).get('spec')}), "
+                       f"not {net.spec.backbone} with classes {list(net.spec.classes)}: {str(e)[:300]}. "
+                       "Remove it or use another work_dir.") from None
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    if scaler is not None and ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
+    if "rng" in ck:
+        torch.set_rng_state(ck["rng"])  # dropout draws continue the interrupted stream
+    return (int(ck["epoch"]) + 1, list(ck["history"]), float(ck["best"]), int(ck["best_epoch"]),
+            int(ck["skipped"]))
+
+
 def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: str | Path | None = None,
               report: Callable[[int, dict], None] | None = None, resume: bool = True,
               init_label: str | None = None) -> PhaseResult:
@@ -144,16 +178,9 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
     net.to(device)
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    groups = param_groups(net, pc.lr_head, pc.lr_backbone, pc.weight_decay)
-    opt_cls = torch.optim.AdamW if pc.optimizer == "adamw" else torch.optim.Adamax
-    optimizer = opt_cls(groups, lr=pc.lr_head)
-    steps = pc.epochs * len(train_ld)
-    warm = pc.warmup_epochs * len(train_ld)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps, warm))
+    optimizer, scheduler = _optimizer(net, pc, len(train_ld))
     scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
-    counts = np.bincount(ds.label_ids("train"), minlength=len(ds.classes)).astype(np.float64)
-    weights = (torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-               if pc.class_weights else None)
+    weights = _class_weights(ds, device) if pc.class_weights else None
     model = torch.compile(net) if cfg.compile else net
     if dd.active():
         from torch.nn.parallel import DistributedDataParallel
@@ -168,22 +195,8 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
     history: list[dict] = []
     start, best, best_epoch, skipped, stale = 0, -float("inf"), -1, 0, 0
     if resume and last_path.exists():
-        ck = load_checkpoint(last_path)
-        try:
-            net.load_state_dict(ck["model"])
-        except RuntimeError as e:
-            raise DTLError(f"{last_path} is a checkpoint of another model ({ck.get('meta', {}).get('spec')}), "
-                           f"not {net.spec.backbone} with classes {list(net.spec.classes)}: {str(e)[:300]}. "
-                           "Remove it or use another work_dir.") from None
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        start, history = int(ck["epoch"]) + 1, list(ck["history"])
-        best, best_epoch, skipped = float(ck["best"]), int(ck["best_epoch"]), int(ck["skipped"])
+        start, history, best, best_epoch, skipped = _restore(last_path, net, optimizer, scheduler, scaler)
         stale = start - 1 - best_epoch
-        if "rng" in ck:
-            torch.set_rng_state(ck["rng"])
 
     main = dd.is_main()
     for epoch in range(start, pc.epochs):
