@@ -145,8 +145,9 @@ def cmd_report(args) -> int:
 
     cfg = config.load([args.config], args.override)
     t = tracking.connect(args.tracking_uri or cfg.tracking_uri, cfg.experiment)
+    prov = {**report.last_provenance(t), "report_command": "dtl " + " ".join(sys.argv[1:])}
     out = report.build(t, args.out or cfg.report_dir, cfg.registered_model, args.data_digest or None,
-                       provenance={"command": "dtl " + " ".join(sys.argv[1:])})
+                       provenance=prov, description=cfg.description)
     r = tracking.Run(t, t.outer_run_id) if t.outer_run_id else tracking.start_run(t, "report", {"dtl.role": "report"})
     for f in ("results.md", "results.csv", "seed_table.csv", "report.html", "provenance.json"):
         r.log_artifact(out / f, "report")

@@ -98,6 +98,7 @@ class TuneConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = "demo"  # recipe name, logged
+    description: str = ""  # what the recipe's results are (and are not); printed atop the report
     backbones: tuple[str, ...] = ("test_resnet.r160_in1k",)
     strategies: tuple[str, ...] = ("double",)  # phase-2 starts: double | single | scratch
     image_size: int = 0  # 0 = the backbone's own timm input size

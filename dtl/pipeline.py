@@ -156,7 +156,8 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
             test_hook("report")
             out = report_mod.build(tracking, cfg.report_dir, cfg.registered_model,
                                    data_digest=dataset(cfg, "phase2").digest,
-                                   provenance=_provenance(cfg, tracking, time.time() - t_start, root.id))
+                                   provenance=_provenance(cfg, tracking, time.time() - t_start, root.id),
+                                   description=cfg.description)
             for f in ("results.md", "results.csv", "report.html", "provenance.json"):
                 root.log_artifact(out / f, "report")
             result.report_dir = str(out)

@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -197,7 +198,7 @@ def _png(fig) -> bytes:
 
 
 def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_digest: str | None = None,
-          provenance: dict | None = None) -> Path:
+          provenance: dict | None = None, description: str = "") -> Path:
     """Write results.md / results.csv / seed_table.csv / report.html and the figures."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,8 +212,12 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
         (out / name).write_bytes(data)
     prov = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "tracking_uri": _redacted(tracking.uri),
             "experiment_id": tracking.experiment_id, **(provenance or {})}
+    for k in ("command", "report_command"):  # `python -m dtl` shows as a path to dtl/__main__.py
+        if isinstance(prov.get(k), str):
+            prov[k] = re.sub(r"\S*dtl/__main__\.py", "dtl", prov[k])
     shown = df.drop(columns=["phase2_run"]) if not df.empty else df
-    md = ["# Results", "", "Generated from an MLflow search by `dtl report`. Split protocol per row: "
+    md = ["# Results", "", *([description.strip(), ""] if description else []),
+          "Generated from an MLflow search by `dtl report`. Split protocol per row: "
           "Aria has no patient IDs, so its split is image-level (optimistic); C-NMC splits are patient-level.", "",
           _md(shown), "## Gain of double transfer (test, difference; CIs of each row above)", "", _md(gain),
           "## Seed format", "", _md(seed), "## Figures", ""]
@@ -225,12 +230,25 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ALL double transfer: results</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}</style></head><body>
-<h1>Results</h1>{shown.to_html(index=False, na_rep="")}
+<h1>Results</h1><p>{html.escape(description)}</p>{shown.to_html(index=False, na_rep="")}
 <h2>Gain of double transfer</h2>{gain.to_html(index=False)}
 <h2>Seed format</h2>{seed.to_html(index=False)}<h2>Figures</h2>{imgs}
 <h2>Provenance</h2><pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre></body></html>"""
     (out / "report.html").write_text(page)
     return out
+
+
+def last_provenance(tracking: Tracking) -> dict:
+    """The provenance that the latest finished ``main`` logged, to keep it when a report is rebuilt."""
+    import mlflow
+
+    runs = find_runs(tracking, "tags.`dtl.role` = 'pipeline' and tags.`dtl.job` = 'main' and attributes.status = 'FINISHED'")
+    for r in sorted(runs, key=lambda r: r.info.start_time, reverse=True):
+        try:
+            return mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/report/provenance.json")
+        except Exception:  # noqa: BLE001 - an older run without it
+            continue
+    return {}
 
 
 def _redacted(uri: str) -> str:
