@@ -70,9 +70,11 @@ def phase1_source(source: str, cfg: Config) -> Path:
         if source.startswith(("models:/", "runs:/")):
             import mlflow
 
-            local = Path(mlflow.artifacts.download_artifacts(f"{source.rstrip('/')}/dtl/weights.safetensors",
-                                                             dst_path=str(dst)))
-            return local
+            from dtl.registry import model_artifacts
+
+            base = model_artifacts(mlflow.MlflowClient(), source)
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/dtl/weights.safetensors",
+                                                            dst_path=str(dst)))
         return download(source, "checkpoint/best.pt", dst)
     except Exception as e:
         raise DTLError(f"cannot resolve phase-1 source {source!r} ({type(e).__name__}: {str(e)[:200]}). "

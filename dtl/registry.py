@@ -251,13 +251,36 @@ def write_card(tracking: Tracking, name: str, version: str, policy: Policy, card
     return stem.with_suffix(".md")
 
 
+def model_artifacts(client, uri: str) -> str:
+    """Where a logged model's files are, for ``models:/m-<id>``, ``models:/<name>@<alias>``,
+    ``models:/<name>/<version>`` or ``runs:/<run>/<path>`` (MLflow 3 keeps logged models outside
+    the run's artifacts, so ``models:/.../sub/path`` cannot be downloaded directly)."""
+    if uri.startswith("runs:/"):
+        return uri.rstrip("/")
+    if not uri.startswith("models:/"):
+        raise DTLError(f"{uri!r} is not a models:/ or runs:/ URI")
+    rest = uri[len("models:/"):].strip("/")
+    if rest.startswith("m-"):
+        model_id = rest
+    else:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = rest.rsplit("/", 1)
+            mv = client.get_model_version(name, version)
+        model_id = getattr(mv, "model_id", None) or (mv.source[len("models:/"):] if mv.source.startswith("models:/m-") else None)
+        if model_id is None:
+            return mv.source.rstrip("/")
+    return client.get_logged_model(model_id).artifact_location.rstrip("/")
+
+
 def _model_spec(client, mv) -> dict:
     """``dtl/spec.json`` of a version's logged model (classes, input spec, lineage)."""
     import mlflow
 
-    model_id = getattr(mv, "model_id", None) or (mv.source[len("models:/"):] if mv.source.startswith("models:/m-") else None)
     try:
-        base = client.get_logged_model(model_id).artifact_location if model_id else mv.source
+        base = model_artifacts(client, f"models:/{mv.name}/{mv.version}")
         return json.loads(Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/dtl/spec.json")).read_text())
     except Exception as e:  # noqa: BLE001 - a card without the spec still says what it can
         return {"error": f"spec.json not readable: {type(e).__name__}"}

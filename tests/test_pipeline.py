@@ -206,3 +206,15 @@ def test_report_command_rebuilds_the_table_from_mlflow_and_logs_it(done):
     runs = mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'report'", output_format="list")
     assert len(runs) == 1
     assert {"report/results.md", "report/report.html"} <= {a.path for a in t.client.list_artifacts(runs[0].info.run_id, "report")}
+
+
+def test_phase2_alone_from_a_registered_model_uri(done):
+    """`dtl phase2 --phase1 models:/all-dtl@champion`: backbone weights from a logged model."""
+    tmp, cfg, res = done
+    cfg2 = config.load(["demo"], [f"cache_dir={cfg.cache_dir}", f"work_dir={tmp}/runs2", f"tune.storage=sqlite:///{tmp}/o2.db",
+                                  "backbones=[test_resnet]", "phase2.n_trials=1", "phase2.epochs=1", "bootstrap=20",
+                                  "experiment=from-uri", f"cards_dir={tmp}/cards2"])
+    out = pipeline.single_phase(cfg2, "phase2", "models:/all-dtl@champion")
+    s = out["test_resnet"]
+    run = mlflow.MlflowClient().get_run(s.run_id)
+    assert run.data.tags["init"] == "phase1:models:/all-dtl@champion" and "test_accuracy" in run.data.metrics
