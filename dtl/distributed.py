@@ -49,9 +49,16 @@ def broadcast(obj=None):
 
 
 def release() -> None:
-    """Rank 0: tell the followers there is no more work."""
+    """Rank 0: tell the followers there is no more work, then leave the group together with
+    them (a rank exiting while another still tears down gloo can abort the other)."""
     if active() and is_main():
         broadcast(None)
+        _leave()
+
+
+def _leave() -> None:
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def follow() -> int:
@@ -64,7 +71,7 @@ def follow() -> int:
     while True:
         job = broadcast(None)
         if job is None:
-            dist.destroy_process_group()
+            _leave()
             return 0
         cfg = from_dict(job["cfg"])
         try:
