@@ -22,7 +22,7 @@ from dtl.config import Config, to_dict
 from dtl.data.cache import BatchLoader, split_array
 from dtl.data.datasets import Dataset, load_dataset
 from dtl.data.transforms import InputSpec
-from dtl.engine import NonFiniteLoss, cosine_lr, evaluate, predict, resolve_device, resolve_precision, train_one_epoch
+from dtl.engine import cosine_lr, evaluate, predict, resolve_device, resolve_precision, train_one_epoch
 from dtl.metrics import confusion, evaluate_predictions
 from dtl.models import (
     DTLNet,
@@ -276,5 +276,3 @@ def evaluate_checkpoint(cfg: Config, phase: str, checkpoint: Path, splits=("val"
         out["predictions"][split] = table
     return out
 
-
-__all__ = ["run_phase", "evaluate_checkpoint", "PhaseResult", "NonFiniteLoss", "dataset", "test_hook"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dtl.tracking import Tracking, find_runs
+from dtl.tracking import Tracking, find_runs, redact
 
 COLUMNS = ["backbone", "strategy", "init", "split_protocol", "phase1_val_macro_f1", "phase2_val_accuracy",
            "val_macro_f1", "test_accuracy", "test_accuracy_ci", "test_macro_f1", "test_macro_f1_ci",
@@ -210,7 +210,7 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
     seed.to_csv(out / "seed_table.csv", index=False)
     for name, data in figs.items():
         (out / name).write_bytes(data)
-    prov = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "tracking_uri": _redacted(tracking.uri),
+    prov = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "tracking_uri": redact(tracking.uri),
             "experiment_id": tracking.experiment_id, **(provenance or {})}
     for k in ("command", "report_command"):  # `python -m dtl` shows as a path to dtl/__main__.py
         if isinstance(prov.get(k), str):
@@ -250,8 +250,3 @@ def last_provenance(tracking: Tracking) -> dict:
             continue
     return {}
 
-
-def _redacted(uri: str) -> str:
-    from dtl.tracking import redact
-
-    return redact(uri)

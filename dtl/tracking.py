@@ -8,7 +8,6 @@ pipeline's root run and its experiment is used: ``set_experiment`` is never call
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -284,7 +283,3 @@ def log_evaluation(run: Run, ev: dict, prefix: str = "") -> None:
 def download(run_id: str, path: str, dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
-
-
-def json_safe(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))

@@ -24,7 +24,7 @@ import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryCallback
 from optuna.trial import TrialState
 
-from dtl import DTLError
+from dtl import DTLError, distributed
 from dtl.config import EXPERIMENTS_DIR, Config, flatten, with_phase
 from dtl.engine import NonFiniteLoss
 from dtl.phases import dataset, run_phase, test_hook
@@ -183,7 +183,7 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
         trun = start_run(tracking, f"trial-{trial.number}", {**tags, "dtl.role": "trial", "optuna.trial": trial.number,
                                                              "optuna.state": "RUNNING",
                                                              "optuna.retry_of": origin,
-                                                             "world_size": _world_size()}, parent=run.id)
+                                                             "world_size": distributed.world_size()}, parent=run.id)
         trial.set_user_attr("mlflow_run_id", trun.id)
         trun.log_params({**flatten(tcfg), **{f"trial.{k}": v for k, v in overrides.items()}})
 
@@ -326,12 +326,6 @@ def _n_stages(backbone: str) -> int:
     from dtl.models import DTLNet, ModelSpec
 
     return len(DTLNet(ModelSpec(backbone, ("a", "b"))).stage_groups())
-
-
-def _world_size() -> int:
-    from dtl import distributed
-
-    return distributed.world_size()
 
 
 def _quietly(fn, *args) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -392,10 +391,3 @@ def load_dataset(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
     if cfg.kind == "cnmc":
         return load_cnmc(cfg, cache_dir)
     return load_folder(cfg, cache_dir, cfg.kind)
-
-
-def write_manifest(ds: Dataset, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.manifest.to_csv(path, index=False)
-    (path.with_suffix(".audit.json")).write_text(json.dumps(ds.audit(), indent=2))
-    return path
