@@ -194,7 +194,9 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
             "config": to_dict(cfg)}
     history: list[dict] = []
     start, best, best_epoch, skipped, stale = 0, -float("inf"), -1, 0, 0
-    if resume and last_path.exists():
+    # Resume only a run of this very configuration: a last.pt left by another trial's settings
+    # (e.g. after the Optuna storage was deleted but work_dir kept) is overwritten, not loaded.
+    if resume and last_path.exists() and load_checkpoint(last_path)["meta"].get("config") == meta["config"]:
         start, history, best, best_epoch, skipped = _restore(last_path, net, optimizer, scheduler, scaler)
         stale = start - 1 - best_epoch
 
