@@ -133,7 +133,17 @@ def cmd_promote(args) -> int:
     cfg = config.load([args.config], args.override)
     pol = registry.load_policy(args.policy or cfg.policy, args.model or cfg.registered_model)
     t = tracking.connect(args.tracking_uri or cfg.tracking_uri, cfg.experiment)
-    flt = {"data_digest": args.data_digest} if args.data_digest else None
+    if args.any_data:
+        flt = None
+    elif args.data_digest:
+        flt = {"data_digest": args.data_digest}
+    else:  # only versions trained on the recipe's phase-2 data and split protocol compete
+        from dtl.data.datasets import load_dataset
+
+        ds = load_dataset(cfg.phase2.data, cfg.cache_dir)
+        flt = {"data_digest": ds.digest, "split_protocol": ds.protocol}
+        print(f"candidates: versions trained on {ds.kind} data digest {ds.digest[:12]} ({ds.protocol} split); "
+              "--data-digest D or --any-data to choose otherwise")
     d = registry.promote(t, pol, flt, force=args.force, cards_dir=Path(cfg.cards_dir))
     print(json.dumps({"champion": d.champion, "challenger": d.challenger, "moved": d.moved, "reason": d.reason,
                       "ranked": d.ranked}, indent=2))
@@ -292,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--policy", default="")
     pr.add_argument("--model", default="", help="registered model name (default: the policy's)")
     pr.add_argument("--force", action="store_true", help="move even to a worse candidate")
+    pr.add_argument("--any-data", action="store_true",
+                    help="let versions trained on any data compete (default: the recipe's phase-2 data digest "
+                         "and split protocol only)")
     pr.set_defaults(fn=cmd_promote)
     r = sub.add_parser("report", help="results table and figures from an MLflow search")
     _registry_args(r)

@@ -88,11 +88,19 @@ class AugmentConfig:
 class TuneConfig:
     storage: str = ""  # Optuna storage URL; empty = sqlite file beside the MLflow store
     pruner: str = "median"  # median | hyperband | threshold | none
-    pruner_warmup_epochs: int = 1
-    threshold: float = 0.0  # threshold pruner: prune when the monitored metric is below this
+    pruner_startup_trials: int = 5  # median pruner: no pruning before this many trials completed
+    pruner_warmup_epochs: int = 1  # no pruning before this epoch, and never inside the LR warm-up
+    startup_trials: int = 10  # TPE's random start-up draws; a best trial among them is flagged
+    max_trials: int = 0  # cap on trials of any state per study (pruned/failed included); 0 = 3 x n_trials
+    threshold: float = 0.0  # threshold pruner: prune when the monitored metric is worse than this
     search_space: str = "search_space.yaml"  # relative to experiments/ unless absolute
     heartbeat_s: int = 10  # a trial silent for 3x this is declared failed and retried
     sampler_seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinalConfig:
+    repeats: int = 1  # after a study, retrain its best parameters with this many seeds (seed, seed+1, ...)
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,7 @@ class Config:
     bootstrap: int = 1000  # bootstrap resamples for confidence intervals
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     phase2: PhaseConfig = field(default_factory=PhaseConfig)
 
@@ -250,6 +259,10 @@ def validate(cfg: Config) -> None:
     _choice(cfg.tune.pruner, PRUNERS, "tune.pruner")
     for s in cfg.strategies:
         _choice(s, STRATEGIES, "strategies")
+    if cfg.final.repeats < 1:
+        raise DTLError("final.repeats must be >= 1 (1 = the tuned run only)")
+    if cfg.tune.pruner_startup_trials < 0 or cfg.tune.startup_trials < 0 or cfg.tune.max_trials < 0:
+        raise DTLError("tune.pruner_startup_trials, tune.startup_trials and tune.max_trials must be >= 0")
     if not cfg.backbones:
         raise DTLError("backbones is empty; name at least one timm model")
     for ph in ("phase1", "phase2"):
@@ -262,6 +275,8 @@ def validate(cfg: Config) -> None:
             raise DTLError(f"{ph}.epochs must be >= 1")
         if p.n_trials < 1:
             raise DTLError(f"{ph}.n_trials must be >= 1")
+        if not p.monitor.startswith("val_"):
+            raise DTLError(f"{ph}.monitor={p.monitor!r} must be a validation metric (val_macro_f1, val_loss, ...)")
         if not 0 <= p.data.val_fraction < 1 or not 0 <= p.data.test_fraction < 1:
             raise DTLError(f"{ph}.data fractions must be in [0, 1)")
 

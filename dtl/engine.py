@@ -75,6 +75,24 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def weighted_smoothed_ce(logits: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None = None,
+                         label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against the smoothed target, each sample weighted by ``w[y]`` (weighted mean).
+
+    PyTorch's ``cross_entropy(weight=w, label_smoothing=e)`` also weights the smoothing term of
+    each class by ``w[c]``, which skews the target itself (weights [0.75, 1.5], e=0.1: the optimum
+    p(y|y) is 0.905 instead of 0.95). Here the target stays ``(1-e)·onehot + e/K`` for every class
+    weighting, so the weights change how much a sample counts, never what it is pulled towards."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    k = logits.shape[1]
+    per_sample = -(1.0 - label_smoothing) * logp.gather(1, y[:, None]).squeeze(1) \
+        - label_smoothing / k * logp.sum(1)
+    if class_weights is None:
+        return per_sample.mean()
+    w = class_weights[y]
+    return (w * per_sample).sum() / w.sum()
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, precision: Precision, spec: InputSpec,
                     aug: AugmentConfig, gen: torch.Generator, class_weights=None, label_smoothing=0.0,
                     grad_clip: float = 0.0, channels_last: bool = False, aux_weight: float = 0.0) -> dict:
@@ -88,10 +106,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, precision: Prec
         with precision.autocast():
             out = model(x)
             logits, aux = out if isinstance(out, tuple) else (out, None)
-            loss = F.cross_entropy(logits.float(), y, weight=class_weights, label_smoothing=label_smoothing)
+            loss = weighted_smoothed_ce(logits, y, class_weights, label_smoothing)
             if aux is not None:  # InceptionV3 auxiliary logits: training only, weighted
-                loss = loss + aux_weight * F.cross_entropy(aux.float(), y, weight=class_weights,
-                                                           label_smoothing=label_smoothing)
+                loss = loss + aux_weight * weighted_smoothed_ce(aux, y, class_weights, label_smoothing)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"training loss is {loss.item()} at step {step} of the epoch: "
                                 "lower the learning rate or use fp32/bf16")
@@ -137,11 +154,11 @@ def predict(model, loader, precision: Precision, spec: InputSpec, tta: bool = Fa
 
 
 def evaluate(model, loader, precision: Precision, spec: InputSpec, split: str = "val",
-             channels_last: bool = False) -> dict:
+             channels_last: bool = False, tta: bool = False) -> dict:
     """Loss, accuracy and macro-F1 of a split, plus the raw probabilities for later use."""
     from dtl.metrics import point_metrics
 
-    probs, y = predict(model, loader, precision, spec, channels_last=channels_last)
+    probs, y = predict(model, loader, precision, spec, tta=tta, channels_last=channels_last)
     loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y)))
     m = point_metrics(y, probs)
     return {f"{split}_loss": loss, f"{split}_accuracy": m["accuracy"], f"{split}_macro_f1": m["macro_f1"],

@@ -6,6 +6,13 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
+LOWER_IS_BETTER = ("loss", "ece")
+
+
+def direction(metric: str) -> str:
+    """``minimize`` for losses and calibration error (``val_loss``, ``test_ece``), else ``maximize``."""
+    return "minimize" if metric.rsplit("_", 1)[-1] in LOWER_IS_BETTER else "maximize"
+
 
 def expected_calibration_error(y: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
     conf = probs.max(1)

@@ -127,7 +127,10 @@ class DTLNet(nn.Module):
     def set_unfreeze(self, k: int) -> None:
         """Train the top ``k`` backbone stages and the head; ``k=-1`` trains everything."""
         groups = self.stage_groups()
-        trainable = set(n for g in groups for n in g) if k < 0 else set(n for g in groups[len(groups) - k:] for n in g) if k > 0 else set()
+        if k > len(groups) or k < -1:
+            raise DTLError(f"unfreeze={k} is out of range for {self.spec.backbone}: it has {len(groups)} stage "
+                           f"groups; valid values are 0 (head only) to {len(groups)}, or -1 (all)")
+        trainable = {n for g in (groups if k < 0 else groups[len(groups) - k:] if k > 0 else []) for n in g}
         for name, p in self.backbone.named_parameters():
             p.requires_grad_(name in trainable)
         for p in self.head.parameters():

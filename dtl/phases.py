@@ -7,6 +7,8 @@ weights come from; everything else is shared. Tracking and tuning reach in only 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import random
 import signal
@@ -23,7 +25,7 @@ from dtl.data.cache import BatchLoader, split_array
 from dtl.data.datasets import Dataset, load_dataset
 from dtl.data.transforms import InputSpec
 from dtl.engine import cosine_lr, evaluate, predict, resolve_device, resolve_precision, train_one_epoch
-from dtl.metrics import confusion, evaluate_predictions
+from dtl.metrics import confusion, direction, evaluate_predictions
 from dtl.models import (
     DTLNet,
     ModelSpec,
@@ -102,6 +104,32 @@ class PhaseResult:
     precision: str = "fp32"
     device: str = "cpu"
     init: str = ""
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def init_digest(source: str | Path) -> str:
+    """What a run starts from, as a short stable string: the content hash of a weights file or
+    checkpoint (``file:PATH`` or a path), else the init name (``scratch``, ``imagenet``)."""
+    text = str(source)
+    path = Path(text[5:] if text.startswith("file:") else text)
+    if isinstance(source, Path) or text.startswith("file:"):
+        if not path.is_file():
+            raise DTLError(f"initial weights {path} do not exist")
+        st = path.stat()
+        return "sha256:" + _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)[:16]
+    return text
+
+
+def _same_run(saved: dict, meta: dict) -> bool:
+    return saved.get("config") == meta["config"] and saved.get("init_digest") == meta["init_digest"]
 
 
 def _init_model(cfg: Config, phase: str, backbone: str, classes: list[str], init_from: str | Path | None) -> DTLNet:
@@ -189,14 +217,17 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
 
     workdir.mkdir(parents=True, exist_ok=True)
     best_path, last_path = workdir / "best.pt", workdir / "last.pt"
-    meta = {"phase": phase, "backbone": backbone, "init": init, "input": ispec.to_dict(),
+    sign = -1.0 if direction(pc.monitor) == "minimize" else 1.0  # ``best`` is kept as "higher is better"
+    meta = {"phase": phase, "backbone": backbone, "init": init, "init_digest": init_digest(Path(init_from) if init_from else pc.init),
+            "input": ispec.to_dict(),
             "data_digest": ds.digest, "data_kind": ds.kind, "protocol": ds.protocol,
             "config": to_dict(cfg)}
     history: list[dict] = []
     start, best, best_epoch, skipped, stale = 0, -float("inf"), -1, 0, 0
-    # Resume only a run of this very configuration: a last.pt left by another trial's settings
-    # (e.g. after the Optuna storage was deleted but work_dir kept) is overwritten, not loaded.
-    if resume and last_path.exists() and load_checkpoint(last_path)["meta"].get("config") == meta["config"]:
+    # Resume only a run of this very configuration and starting point: a last.pt left by another
+    # trial's settings or started from other weights (e.g. phase 1 retrained, or the Optuna storage
+    # deleted but work_dir kept) is overwritten, not loaded.
+    if resume and last_path.exists() and _same_run(load_checkpoint(last_path)["meta"], meta):
         start, history, best, best_epoch, skipped = _restore(last_path, net, optimizer, scheduler, scaler)
         stale = start - 1 - best_epoch
 
@@ -206,7 +237,9 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
         tr = train_one_epoch(model, train_ld, optimizer, scheduler, scaler, precision, ispec, cfg.augment, gen,
                              weights, pc.label_smoothing, pc.grad_clip, channels_last, pc.aux_weight)
-        ev = evaluate(net, val_ld, precision, ispec, "val", channels_last)  # every rank: same weights, same result
+        # every rank: same weights, same result; with TTA the same views as the final evaluation, so
+        # the value Optuna maximises is the value promotion later reads
+        ev = evaluate(net, val_ld, precision, ispec, "val", channels_last, tta=pc.tta)
         skipped += tr["skipped_steps"]
         row = {"epoch": epoch, "train_loss": tr["train_loss"], "lr": tr["lr"],
                "train_images_per_s": tr["train_images_per_s"], "skipped_steps": skipped,
@@ -215,8 +248,7 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
             raise DTLError(f"monitor={pc.monitor!r} is not a validation metric; valid: "
                            f"{', '.join(k for k in row if k.startswith('val_'))}")
         history.append(row)
-        value = row[pc.monitor]
-        value = -value if pc.monitor == "val_loss" else value
+        value = sign * row[pc.monitor]
         if value > best:
             best, best_epoch, stale = value, epoch, 0
             if main:
@@ -245,7 +277,7 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
             raise dd._Stop()
         if stop:
             break
-    best_value = -best if pc.monitor == "val_loss" else best
+    best_value = sign * best
     return PhaseResult(phase, backbone, best_value, best_epoch, best_path, history, skipped, precision.name,
                        str(device), init)
 

@@ -95,8 +95,8 @@ def run_phase2_strategy(cfg: Config, tracking: Tracking, root: Run, backbone: st
     return run_study(cfg2, "phase2", backbone, tracking, root.id, strategy, init_label=init)
 
 
-def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, p1: StudyResult | None,
-                  register_it: bool, pipeline_run: str) -> str | None:
+def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, register_it: bool,
+                  pipeline_run: str) -> str | None:
     """Evaluate, log the model and (optionally) register it with lineage tags."""
     from dtl.registry import log_model, register
 
@@ -111,15 +111,31 @@ def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, p1: Study
             "phase2_trial": study.best_trial, "data_digest": ds2.digest, "data_kind": ds2.kind,
             "split_protocol": ds2.protocol, "duplicates_removed": ds2.duplicates_removed,
             "pipeline_run": pipeline_run, "study": study.study_name}
-    if p1 is not None:
-        ds1 = dataset(cfg, "phase1")
-        tags.update({"phase1_run": p1.run_id, "phase1_trial": p1.best_trial, "phase1_data_digest": ds1.digest,
-                     "phase1_data_kind": ds1.kind, "phase1_split_protocol": ds1.protocol})
+    tags.update(phase1_lineage(run))
     for k in ("val_macro_f1", "val_accuracy", "val_balanced_accuracy", "test_accuracy", "test_macro_f1",
               "test_balanced_accuracy"):
         if k in metrics:
             tags[f"metric.{k}"] = round(float(metrics[k]), 6)
     return register(tracking, cfg.registered_model, uri, study.run_id, tags)
+
+
+def phase1_lineage(study_run: Run) -> dict:
+    """Lineage of the weights a phase-2 study actually started from, read from the study run itself
+    (its ``init`` tag, written when the study was created), never from the job at hand."""
+    tags = study_run.client.get_run(study_run.id).data.tags
+    init = tags.get("init", "")
+    out = {"init_digest": tags.get("init_digest", "")}
+    if not init.startswith("phase1:"):
+        return out
+    source = init[len("phase1:"):]
+    out["phase1_source"] = source
+    try:
+        p1 = study_run.client.get_run(source).data.tags
+    except Exception:  # noqa: BLE001 - a models:/ URI or a file: no phase-1 run to read
+        return out
+    return {**out, "phase1_run": source, "phase1_trial": p1.get("best_trial", ""),
+            "phase1_data_digest": p1.get("data_digest", ""), "phase1_data_kind": p1.get("data_kind", ""),
+            "phase1_split_protocol": p1.get("split_protocol", ""), "phase1_init": p1.get("init", "")}
 
 
 def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResult:
@@ -144,13 +160,14 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
             for i, strategy in enumerate(cfg.strategies):
                 s = run_phase2_strategy(cfg, tracking, root, backbone, strategy, p1)
                 result.studies[("phase2", strategy, backbone)] = s
-                v = finish_phase2(cfg, tracking, s, p1 if strategy == "double" else None, register_it=i == 0,
+                v = finish_phase2(cfg, tracking, s, register_it=i == 0,
                                   pipeline_run=root.id)
                 if v:
                     result.versions[backbone] = v
         if promote and result.versions:
             policy = registry.load_policy(cfg.policy, cfg.registered_model)
-            d = registry.promote(tracking, policy, {"data_digest": dataset(cfg, "phase2").digest},
+            ds2 = dataset(cfg, "phase2")
+            d = registry.promote(tracking, policy, {"data_digest": ds2.digest, "split_protocol": ds2.protocol},
                                  cards_dir=Path(cfg.cards_dir))
             result.champion = d.champion
             root.set_tags({"dtl.champion": d.champion, "dtl.promotion": d.reason})
@@ -227,6 +244,6 @@ def single_phase(cfg: Config, phase: str, source: str = "", strategy: str = "dou
                                    "(or --strategy single|scratch)")
                 src = phase1_source(source, cfg) if strategy == "double" else None
                 s = run_phase2_strategy(cfg, tracking, root, backbone, strategy, None, src, f"phase1:{source}")
-                finish_phase2(cfg, tracking, s, None, register_it=True, pipeline_run=root.id)
+                finish_phase2(cfg, tracking, s, register_it=True, pipeline_run=root.id)
             out[backbone] = s
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from dtl import DTLError
+from dtl.metrics import direction
 from dtl.tracking import Run, Tracking
 
 CARDS_DIR = Path("registry/cards")
@@ -25,7 +26,7 @@ CARDS_DIR = Path("registry/cards")
 class Policy:
     registered_model: str = "all-dtl"
     metric: str = "val_macro_f1"
-    direction: str = "maximize"  # maximize | minimize
+    direction: str = "maximize"  # maximize | minimize; must agree with the metric (losses, ECE: minimize)
     min_value: float | None = None
     tie_breaks: tuple[str, ...] = ("val_balanced_accuracy", "val_accuracy")
 
@@ -41,10 +42,23 @@ def load_policy(path: str | Path, registered_model: str = "") -> Policy:
     bad = sorted(set(raw) - known)
     if bad:
         raise DTLError(f"{p}: unknown policy key(s) {bad}; valid: {sorted(known)}")
-    if raw.get("direction", "maximize") not in ("maximize", "minimize"):
+    metric = str(raw.get("metric", Policy.metric))
+    if not metric.startswith("val_"):
+        raise DTLError(f"{p}: metric={metric!r} is not a validation metric. Promotion selects on validation "
+                       "(val_macro_f1, val_balanced_accuracy, val_loss, ...); selecting on test would make the "
+                       "test figures of the champion optimistic.")
+    raw.setdefault("direction", direction(metric))
+    if raw["direction"] not in ("maximize", "minimize"):
         raise DTLError(f"{p}: direction must be maximize or minimize")
+    if raw["direction"] != direction(metric):
+        raise DTLError(f"{p}: direction={raw['direction']} contradicts metric {metric} "
+                       f"({'lower' if direction(metric) == 'minimize' else 'higher'} is better); "
+                       f"use direction: {direction(metric)} or leave it out")
     if "tie_breaks" in raw:
         raw["tie_breaks"] = tuple(raw["tie_breaks"] or ())
+        bad = [t for t in raw["tie_breaks"] if not str(t).startswith("val_")]
+        if bad:
+            raise DTLError(f"{p}: tie_breaks {bad} are not validation metrics")
     pol = Policy(**raw)
     if registered_model:
         pol = Policy(registered_model, pol.metric, pol.direction, pol.min_value, pol.tie_breaks)
@@ -69,9 +83,13 @@ class Decision:
 
 
 def _key(c: Candidate, policy: Policy) -> tuple:
-    sign = 1 if policy.direction == "maximize" else -1
-    vals = [c.metrics.get(policy.metric, float("nan"))] + [c.metrics.get(t, float("nan")) for t in policy.tie_breaks]
-    return tuple(sign * (v if v == v else -math.inf * sign) for v in vals) + (int(c.version),)
+    """Sort key, larger is better: each metric signed by its own direction, a missing one last."""
+    out = []
+    for i, name in enumerate((policy.metric,) + tuple(policy.tie_breaks)):
+        sign = 1 if (policy.direction if i == 0 else direction(name)) == "maximize" else -1
+        v = c.metrics.get(name, float("nan"))
+        out.append(sign * v if v == v else -math.inf)
+    return tuple(out) + (int(c.version),)
 
 
 def select(candidates: list[Candidate], policy: Policy, current: Candidate | None = None,

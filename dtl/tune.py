@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -27,12 +29,12 @@ from optuna.trial import TrialState
 from dtl import DTLError, distributed
 from dtl.config import EXPERIMENTS_DIR, Config, flatten, with_phase
 from dtl.engine import NonFiniteLoss
-from dtl.phases import dataset, run_phase, test_hook
+from dtl.metrics import direction
+from dtl.phases import dataset, init_digest, run_phase, test_hook
 from dtl.tracking import Run, Tracking, end_orphans, find_run, log_data, redact, start_run
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DEFAULT_STORAGE = "sqlite:///optuna.db"
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 @dataclass
@@ -117,20 +119,52 @@ def make_storage(url: str, heartbeat_s: int):
                        "journal:./optuna.journal") from None
 
 
-def make_pruner(cfg: Config, n_epochs: int):
-    t = cfg.tune
+def make_pruner(cfg: Config, phase: str):
+    """The configured pruner. It never judges a trial inside the LR warm-up (the metric there says
+    little about the learning rate), and the median pruner waits for ``pruner_startup_trials``
+    completed trials, so early trials are not pruned against one lucky start."""
+    t, pc = cfg.tune, cfg.phase(phase)
+    warmup = max(t.pruner_warmup_epochs, pc.warmup_epochs)
     if t.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=t.pruner_warmup_epochs)
+        return optuna.pruners.MedianPruner(n_startup_trials=t.pruner_startup_trials, n_warmup_steps=warmup)
     if t.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_epochs)
+        return optuna.pruners.HyperbandPruner(min_resource=min(warmup + 1, pc.epochs), max_resource=pc.epochs)
     if t.pruner == "threshold":
-        return optuna.pruners.ThresholdPruner(lower=t.threshold, n_warmup_steps=t.pruner_warmup_epochs)
+        bound = {"lower" if direction(pc.monitor) == "maximize" else "upper": t.threshold}
+        return optuna.pruners.ThresholdPruner(**bound, n_warmup_steps=warmup)
     return optuna.pruners.NopPruner()
 
 
-def study_name(cfg: Config, phase: str, backbone: str, strategy: str, digest: str, experiment: str) -> str:
-    parts = [experiment, phase] + ([strategy] if phase == "phase2" else []) + [backbone, digest[:10]]
+def study_identity(cfg: Config, phase: str, data_digest: str, init: str) -> str:
+    """Hash of what a study's trials depend on: the data (manifest digest, so the split too), what
+    training starts from (:func:`dtl.phases.init_digest`: content hash of the phase-1 checkpoint or
+    weights file, or the init name) and the training settings that are not tuned per trial. A study
+    is reopened only when all of them are the same; n_trials may grow without a new study."""
+    pc = dataclasses.asdict(cfg.phase(phase))
+    for k in ("n_trials", "data"):
+        pc.pop(k)
+    ident = {"data": data_digest, "init": init, "phase": pc, "seed": cfg.seed, "image_size": cfg.image_size,
+             "augment": dataclasses.asdict(cfg.augment), "deterministic": cfg.deterministic}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def study_name(phase: str, backbone: str, strategy: str, identity: str, experiment: str) -> str:
+    parts = [experiment, phase] + ([strategy] if phase == "phase2" else []) + [backbone, identity[:10]]
     return ".".join(parts)
+
+
+def open_optuna_study(cfg: Config, name: str, phase: str, storage) -> optuna.Study:
+    """Create or reopen the study; its direction follows the monitored metric."""
+    want = direction(cfg.phase(phase).monitor)
+    # seeded per study: reproducible, yet backbones do not all start from the same draws
+    sampler = optuna.samplers.TPESampler(seed=cfg.tune.sampler_seed + zlib.crc32(name.encode()) % 10**6,
+                                         n_startup_trials=cfg.tune.startup_trials)
+    try:
+        return optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction=want,
+                                   sampler=sampler, pruner=make_pruner(cfg, phase))
+    except ValueError as e:  # an existing study with the other direction
+        raise DTLError(f"Optuna study {name} exists with another direction than {want} "
+                       f"({cfg.phase(phase).monitor}): {e}") from None
 
 
 def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent_run: str | None = None,
@@ -139,19 +173,20 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
     """Tune one (phase, backbone, strategy); returns the best trial and its checkpoint."""
     pc = cfg.phase(phase)
     ds = dataset(cfg, phase)
-    name = study_name(cfg, phase, backbone, strategy, ds.digest, experiment or cfg.experiment)
+    start = init_digest(init_from if init_from else pc.init)
+    identity = study_identity(cfg, phase, ds.digest, start)
+    name = study_name(phase, backbone, strategy, identity, experiment or cfg.experiment)
     storage_url = cfg.tune.storage or DEFAULT_STORAGE
     storage = make_storage(storage_url, cfg.tune.heartbeat_s)
-    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
-                                # seeded per study: reproducible, yet backbones do not all start from the same draws
-                                sampler=optuna.samplers.TPESampler(seed=cfg.tune.sampler_seed + zlib.crc32(name.encode()) % 10**6),
-                                pruner=make_pruner(cfg, pc.epochs))
+    study = open_optuna_study(cfg, name, phase, storage)
     if isinstance(storage, optuna.storages.RDBStorage):  # heartbeats: RDB storages only
         optuna.storages.fail_stale_trials(study)
     _fail_dead_trials(study, tracking)
     init = init_label or pc.init
     tags = {"dtl.role": "study", "dtl.study": name, "phase": phase, "backbone": backbone, "strategy": strategy,
-            "init": init, "data_digest": ds.digest, "data_kind": ds.kind, "split_protocol": ds.protocol,
+            "init": init, "init_digest": start, "dtl.study_identity": identity, "monitor": pc.monitor,
+            "direction": direction(pc.monitor),
+            "data_digest": ds.digest, "data_kind": ds.kind, "split_protocol": ds.protocol,
             "precision": cfg.precision, "optuna.storage": redact(storage_url)}
     run = find_run(tracking, {"dtl.study": name})
     if run is None:
@@ -232,17 +267,20 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
                 origin = RetryCallback.retried_trial_number(t)
                 shutil.rmtree(workroot / f"trial-{origin if origin is not None else t.number}", ignore_errors=True)
 
-    def finished() -> int:
-        return len(study.get_trials(deepcopy=False, states=FINISHED))
-
-    remaining = pc.n_trials - finished()
+    # n_trials counts COMPLETED trials (a pruned trial is no sample of the objective at full length);
+    # the cap on trials of any state makes a study whose trials all prune or fail end anyway.
+    cap = cfg.tune.max_trials or 3 * pc.n_trials
+    remaining = min(pc.n_trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
+                    cap - len(study.get_trials(deepcopy=False)))
     try:
         if remaining > 0:
-            study.optimize(objective, n_trials=remaining + 2,  # +2: room for retries of failed trials
-                           callbacks=[optuna.study.MaxTrialsCallback(pc.n_trials, states=FINISHED), keep_best_only],
+            study.optimize(objective, n_trials=cap,  # bounded by the two callbacks below
+                           callbacks=[optuna.study.MaxTrialsCallback(pc.n_trials, states=(TrialState.COMPLETE,)),
+                                      optuna.study.MaxTrialsCallback(cap, states=None), keep_best_only],
                            catch=(NonFiniteLoss, torch.cuda.OutOfMemoryError, DTLError), gc_after_trial=True)
         keep_best_only(study, None)
-        result = _summarise(study, run, name, phase, backbone, strategy, workroot, time.time() - t0)
+        result = _summarise(study, run, name, phase, backbone, strategy, workroot, time.time() - t0,
+                            cfg.tune.startup_trials)
     except BaseException as e:
         _quietly(run.set_tags, {"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
         _quietly(run.end, "FAILED" if isinstance(e, Exception) else "KILLED")
@@ -273,7 +311,8 @@ def _fail_dead_trials(study: optuna.Study, tracking: Tracking) -> int:
     return n
 
 
-def _summarise(study, run: Run, name, phase, backbone, strategy, workroot: Path, wall: float) -> StudyResult:
+def _summarise(study, run: Run, name, phase, backbone, strategy, workroot: Path, wall: float,
+               startup_trials: int) -> StudyResult:
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials)
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
@@ -287,9 +326,14 @@ def _summarise(study, run: Run, name, phase, backbone, strategy, workroot: Path,
                        "Rerun with a new work_dir or delete the study to retrain.")
     run.log_metrics({"best_value": best.value, "n_complete": counts["complete"], "n_pruned": counts["pruned"],
                      "n_failed": counts["fail"], "study_wall_s": wall})
+    # TPE draws its first ``startup_trials`` at random: a best trial among them was never proposed
+    # by the model of the objective, so its "best parameters" are one lucky draw, not a tuning result.
+    startup_best = best.number < startup_trials
     run.set_tags({"best_trial": best.number, "best_trial_run_id": best.user_attrs.get("mlflow_run_id", ""),
+                  "dtl.best_is_startup_draw": str(startup_best).lower(),
                   **{f"best.{k}": v for k, v in best.params.items()}})
-    run.log_dict({"best_trial": best.number, "best_value": best.value, "params": best.params, "counts": counts},
+    run.log_dict({"best_trial": best.number, "best_value": best.value, "params": best.params, "counts": counts,
+                  "best_is_startup_draw": startup_best, "direction": study.direction.name.lower()},
                  "study/best.json")
     _log_plots(study, run)
     if run.client.get_run(run.id).data.tags.get("dtl.checkpoint_trial") != str(best.number):

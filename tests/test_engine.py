@@ -98,3 +98,33 @@ def test_early_stopping_on_the_monitored_metric(workspace, cache_dir):
                                         "phase1.unfreeze": 0, "phase1.early_stop_patience": 1})
     res = run_phase(cfg, "phase1", "test_resnet", workspace / "es", resume=False)
     assert [r["epoch"] for r in res.history] == [0, 1] and res.best_epoch == 0
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_class_weights_do_not_skew_the_smoothed_target(label):
+    """Weights [0.75, 1.5] with smoothing 0.1: the loss of one sample is minimised at
+    p(y|y) = 1 - 0.1 + 0.1/2 = 0.95 for either class (PyTorch's weighted smoothing gives 0.905)."""
+    from dtl.engine import weighted_smoothed_ce
+
+    w = torch.tensor([0.75, 1.5])
+    logits = torch.zeros(1, 2, requires_grad=True)
+    y = torch.tensor([label])
+    opt = torch.optim.SGD([logits], lr=1.0)
+    for _ in range(2000):
+        opt.zero_grad()
+        weighted_smoothed_ce(logits, y, w, 0.1).backward()
+        opt.step()
+    assert torch.softmax(logits, 1)[0, label].item() == pytest.approx(0.95, abs=1e-3)
+
+
+def test_weighted_loss_is_a_weighted_mean_of_samples():
+    from dtl.engine import weighted_smoothed_ce
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    y = torch.tensor([0, 1, 1])
+    w = torch.tensor([0.75, 1.5])
+    per = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    expected = (w[y] * per).sum() / w[y].sum()
+    assert weighted_smoothed_ce(logits, y, w, 0.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert weighted_smoothed_ce(logits, y, None, 0.1).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1).item(), rel=1e-6)

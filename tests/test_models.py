@@ -46,6 +46,20 @@ def test_unfreeze_depth_leaves_exactly_the_top_stages_trainable(k):
     assert names == ({"head"} if k == 0 else {"head", "backbone"})
 
 
+@pytest.mark.parametrize("backbone", ["test_resnet", "resnet50"])
+def test_unfreeze_beyond_the_stage_count_is_refused(backbone):
+    """resnet50 has 6 coarse groups; unfreeze=7 used to wrap around (groups[-1:]) and train
+    layer4 only."""
+    net = DTLNet(_spec(backbone))
+    n = len(net.stage_groups())
+    net.set_unfreeze(n)  # the top n stages = all of them
+    assert all(p.requires_grad for p in net.backbone.parameters())
+    with pytest.raises(DTLError, match=f"has {n} stage groups.*0 \\(head only\\) to {n}"):
+        net.set_unfreeze(n + 1)
+    with pytest.raises(DTLError, match="out of range"):
+        net.set_unfreeze(-2)
+
+
 def test_frozen_bn_statistics_do_not_move():
     net = DTLNet(_spec())
     net.set_unfreeze(1)

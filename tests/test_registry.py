@@ -65,3 +65,26 @@ def test_gain_of_double_transfer_table():
     assert "test_accuracy_vs_single" not in g.columns
     full = df.assign(phase2_val_accuracy=0.5, init="scratch", split_protocol="image-level", test_accuracy_ci="")
     assert list(seed_table(full).columns) == ["Model", "Phase-2 Accuracy", "Eval Acc", "Notes"]
+
+
+def test_policy_direction_follows_the_metric_and_test_metrics_are_refused(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("metric: val_loss\n")
+    assert load_policy(f).direction == "minimize"  # derived, not the maximize default
+    f.write_text("metric: val_loss\ndirection: maximize\n")
+    with pytest.raises(DTLError, match="contradicts metric val_loss"):
+        load_policy(f)
+    f.write_text("metric: test_macro_f1\n")
+    with pytest.raises(DTLError, match="not a validation metric"):
+        load_policy(f)
+    f.write_text("metric: val_macro_f1\ntie_breaks: [test_accuracy]\n")
+    with pytest.raises(DTLError, match="tie_breaks"):
+        load_policy(f)
+
+
+def test_tie_breaks_keep_their_own_direction():
+    """val_loss (minimize) tied: the tie-break val_balanced_accuracy still prefers the higher value."""
+    p = Policy(metric="val_loss", direction="minimize", tie_breaks=("val_balanced_accuracy",))
+    a = Candidate("1", {"val_loss": 0.3, "val_balanced_accuracy": 0.9})
+    b = Candidate("2", {"val_loss": 0.3, "val_balanced_accuracy": 0.7})
+    assert select([a, b], p).champion == "1"

@@ -17,13 +17,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_threshold_pruner_prunes_and_tags_the_trial_runs(workspace, cache_dir):
+    """Pruned trials do not count toward n_trials: with every trial pruned the study goes on to
+    its cap on trials of any state (here 3 for n_trials=2), then ends with a clear error."""
     cfg = config.load(["demo"], demo_overrides(cache_dir, workspace, **{
-        "tune.pruner": "threshold", "tune.threshold": 1.01, "tune.pruner_warmup_epochs": 1}))
+        "tune.pruner": "threshold", "tune.threshold": 1.01, "tune.pruner_warmup_epochs": 1, "tune.max_trials": 3}))
     t = connect(cfg.tracking_uri, cfg.experiment)
-    with pytest.raises(DTLError, match="no trial completed.*'pruned': 2"):
+    with pytest.raises(DTLError, match="no trial completed.*'pruned': 3"):
         run_study(cfg, "phase1", "test_resnet", t)
     trials = mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'trial'", output_format="list")
-    assert len(trials) == 2
+    assert len(trials) == 3
     for r in trials:
         assert r.data.tags["optuna.state"] == "PRUNED" and r.data.tags["optuna.pruned_epoch"] == "1"
         assert r.info.status == "FINISHED"
@@ -40,6 +42,7 @@ def test_median_pruner_study_logs_parent_summary(workspace, cache_dir):
     m = run.data.metrics
     assert m["n_complete"] + m["n_pruned"] == 3 and "study_wall_s" in m and "best_value" in m
     assert run.data.tags["best_trial"] == str(res.best_trial)
+    assert run.data.tags["dtl.best_is_startup_draw"] == "true"  # 3 trials < TPE's 10 random start-up draws
     arts = {a.path for a in t.client.list_artifacts(res.run_id, "study")}
     assert "study/optimization_history.png" in arts and "study/best.json" in arts
     assert {a.path for a in t.client.list_artifacts(res.run_id, "checkpoint")} == {"checkpoint/best.pt"}
@@ -109,3 +112,52 @@ def test_two_workers_share_one_journal_study(workspace, cache_dir):
     assert sorted(numbers) == sorted(str(t.number) for t in study.trials)  # each trial logged once
     studies = mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'study'", output_format="list")
     assert len(studies) == 1
+
+
+def test_loss_monitor_minimises_everywhere(workspace, cache_dir):
+    """monitor=val_loss: the study minimises, the best trial has the lowest loss, and its best.pt
+    is the epoch with the lowest loss."""
+    from dtl.models import load_checkpoint
+
+    cfg = config.load(["demo"], demo_overrides(cache_dir, workspace, **{"phase1.monitor": "val_loss",
+                                                                        "phase1.n_trials": 3}))
+    t = connect(cfg.tracking_uri, cfg.experiment)
+    res = run_study(cfg, "phase1", "test_resnet", t)
+    study = optuna.load_study(study_name=res.study_name, storage=cfg.tune.storage)
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    values = [tr.value for tr in study.trials if tr.state == TrialState.COMPLETE]
+    assert res.best_value == min(values)
+    hist = t.client.get_metric_history(res.best_trial_run_id, "val_loss")
+    ck = load_checkpoint(res.checkpoint)["meta"]["metrics"]
+    assert ck["val_loss"] == pytest.approx(min(h.value for h in hist))
+    assert t.client.get_run(res.run_id).data.tags["direction"] == "minimize"
+
+
+@pytest.mark.parametrize("monitor", ["val_macro_f1", "val_loss"])
+def test_pruner_waits_for_startup_trials_and_the_lr_warmup(monitor):
+    """The median pruner judges nothing before 5 completed trials, nor inside the LR warm-up
+    (here 2 epochs), whichever direction the monitor has."""
+    from optuna.trial import create_trial
+
+    from dtl.tune import make_pruner
+
+    cfg = config.load(["demo"], [f"phase1.monitor={monitor}", "phase1.warmup_epochs=2", "tune.pruner_warmup_epochs=1"])
+    sign = 1 if monitor == "val_macro_f1" else -1
+    study = optuna.create_study(direction="maximize" if sign > 0 else "minimize", pruner=make_pruner(cfg, "phase1"))
+
+    def good():
+        return create_trial(value=sign * 0.9, intermediate_values={e: sign * 0.9 for e in range(4)})
+
+    def bad_trial_prunes_at(epoch):
+        tr = study.ask()
+        tr.report(sign * 0.1, epoch)
+        out = tr.should_prune()
+        study.tell(tr, state=TrialState.PRUNED)
+        return out
+
+    for _ in range(4):
+        study.add_trial(good())
+    assert not bad_trial_prunes_at(3)  # 4 completed trials: still starting up
+    study.add_trial(good())
+    assert not bad_trial_prunes_at(1)  # epoch 1 is inside the 2-epoch LR warm-up
+    assert bad_trial_prunes_at(2)
