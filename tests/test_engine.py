@@ -128,3 +128,33 @@ def test_weighted_loss_is_a_weighted_mean_of_samples():
     assert weighted_smoothed_ce(logits, y, w, 0.0).item() == pytest.approx(expected.item(), rel=1e-6)
     assert weighted_smoothed_ce(logits, y, None, 0.1).item() == pytest.approx(
         torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1).item(), rel=1e-6)
+
+
+def test_last_pt_of_other_starting_weights_is_not_resumed(workspace, cache_dir):
+    """Same config, other starting checkpoint: the interrupted run's last.pt must not be resumed."""
+    cfg = _cfg(cache_dir, workspace, **{"phase1.epochs": 1, "phase2.epochs": 2})
+    a = run_phase(cfg, "phase1", "test_resnet", workspace / "a", resume=False).checkpoint
+    b = run_phase(config.load(["demo"], demo_overrides(cache_dir, workspace, **{"phase1.epochs": 1, "seed": 1})),
+                  "phase1", "test_resnet", workspace / "b", resume=False).checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(epoch, row):
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_phase(cfg, "phase2", "test_resnet", workspace / "p2", init_from=a, report=stop_after_first)
+    seen_resumed = []
+    resumed = run_phase(cfg, "phase2", "test_resnet", workspace / "p2", init_from=a,
+                        report=lambda e, r: seen_resumed.append(e))
+    assert seen_resumed == [1] and [r["epoch"] for r in resumed.history] == [0, 1]  # epoch 0 from last.pt
+    with pytest.raises(Stop):
+        run_phase(cfg, "phase2", "test_resnet", workspace / "p3", init_from=a, report=stop_after_first)
+    seen = []
+    fresh = run_phase(cfg, "phase2", "test_resnet", workspace / "p3", init_from=b,
+                      report=lambda e, r: seen.append(e))
+    assert seen == [0, 1] and [r["epoch"] for r in fresh.history] == [0, 1]  # trained from epoch 0
+    meta = load_checkpoint(fresh.checkpoint)["meta"]
+    assert meta["init_digest"].startswith("sha256:") and meta["init_digest"] != load_checkpoint(
+        workspace / "p2" / "best.pt")["meta"]["init_digest"]

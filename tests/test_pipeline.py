@@ -222,3 +222,28 @@ def test_phase2_alone_from_a_registered_model_uri(done):
     s = out["test_resnet"]
     run = mlflow.MlflowClient().get_run(s.run_id)
     assert run.data.tags["init"] == "phase1:models:/all-dtl@champion" and "test_accuracy" in run.data.metrics
+
+
+def test_phase1_retrained_on_other_data_starts_a_new_phase2_study(workspace, cache_dir):
+    """The phase-2 study is keyed by the content hash of the checkpoint it starts from: phase 1
+    retrained on other data (another split seed) trains phase 2 anew, and the new version's
+    lineage names the phase-1 run its weights really started from."""
+    base = demo_overrides(cache_dir, workspace, **{"phase1.n_trials": 1, "phase2.n_trials": 1,
+                                                   "cards_dir": str(workspace / "cards")})
+    first = pipeline.main(config.load(["demo"], base), report=False)
+    second = pipeline.main(config.load(["demo"], base + ["phase1.data.split_seed=7"]), report=False)
+    p1a, p1b = first.studies[("phase1", "", "test_resnet")], second.studies[("phase1", "", "test_resnet")]
+    p2a, p2b = first.studies[("phase2", "double", "test_resnet")], second.studies[("phase2", "double", "test_resnet")]
+    assert p1a.run_id != p1b.run_id
+    assert p2a.study_name != p2b.study_name and p2a.run_id != p2b.run_id
+    t = connect(f"sqlite:///{workspace}/mlflow.db", "all-dtl-demo")
+    assert t.client.get_run(p2b.run_id).data.metrics["n_complete"] == 1  # trained, not reopened
+    va = t.client.get_model_version("all-dtl", first.versions["test_resnet"])
+    vb = t.client.get_model_version("all-dtl", second.versions["test_resnet"])
+    assert va.version != vb.version
+    assert va.tags["phase1_run"] == p1a.run_id and vb.tags["phase1_run"] == p1b.run_id
+    assert vb.tags["phase1_data_digest"] != va.tags["phase1_data_digest"]
+    # the same command again reopens both studies: nothing retrains, no new version
+    again = pipeline.main(config.load(["demo"], base + ["phase1.data.split_seed=7"]), report=False)
+    assert again.studies[("phase2", "double", "test_resnet")].run_id == p2b.run_id
+    assert again.versions["test_resnet"] == str(vb.version)
