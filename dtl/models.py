@@ -9,6 +9,7 @@ and anything missing or unexpected outside the head is an error that names the k
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -190,7 +191,7 @@ def _imagenet(spec: ModelSpec) -> DTLNet:
     saved = hf.HF_HUB_OFFLINE
     try:
         hf.HF_HUB_OFFLINE = True  # cached weights need no network
-        return DTLNet(spec, pretrained=True)
+        return _with_pretrained_aux(DTLNet(spec, pretrained=True))
     except Exception:
         pass
     finally:
@@ -199,10 +200,21 @@ def _imagenet(spec: ModelSpec) -> DTLNet:
         raise DTLError(f"ImageNet weights for {spec.backbone} are not in the local hub cache and the timm hub "
                        f"(huggingface.co) is not reachable: offline. {hint}")
     try:
-        return DTLNet(spec, pretrained=True)
+        return _with_pretrained_aux(DTLNet(spec, pretrained=True))
     except Exception as e:  # network, hub or missing-weights errors all mean the same to the user
         raise DTLError(f"could not load ImageNet weights for {spec.backbone} from the timm hub "
                        f"({type(e).__name__}: {str(e)[:200]}). {hint}") from None
+
+
+def _with_pretrained_aux(net: DTLNet) -> DTLNet:
+    """Keep InceptionV3's pretrained auxiliary classifier (the torchvision weights have one; timm
+    drops it when the model is built without ``aux_logits``)."""
+    if net.aux_head is not None:
+        full = timm.create_model(net.spec.backbone, pretrained=True, aux_logits=True)
+        if full.pretrained_cfg.get("tag") == "tv_in1k":  # timm's other InceptionV3 weights have no aux head
+            _take_aux_weights(net, {f"AuxLogits.{k}": v for k, v in full.AuxLogits.state_dict().items()},
+                              f"timm {net.spec.backbone}")
+    return net
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -231,6 +243,7 @@ def load_backbone_weights(net: DTLNet, state: dict[str, torch.Tensor], source: s
     dropped) or a plain timm state dict (its classifier is dropped). Anything else missing or
     unexpected fails with the key names."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = _take_aux_weights(net, state, source)
     if any(k.startswith("backbone.") for k in state):
         sd = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         stray = [k for k in state if not k.startswith(("backbone.", "head.", "aux_head."))]
@@ -249,6 +262,32 @@ def load_backbone_weights(net: DTLNet, state: dict[str, torch.Tensor], source: s
         raise DTLError(f"weights from {source} do not match backbone {net.spec.backbone}: "
                        f"missing {list(missing)[:10]}, unexpected {(list(unexpected) + stray)[:10]} "
                        f"({len(bad)} keys); only head keys may differ")
+
+
+AUX_PREFIXES = ("AuxLogits.", "aux_head.")  # timm/torchvision InceptionV3, and a dtl checkpoint
+
+
+def _take_aux_weights(net: DTLNet, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """InceptionV3's auxiliary classifier: its two conv blocks go onto ``net.aux_head`` (its ``fc``
+    has the source's class count, so it stays new); without an auxiliary head they are dropped with
+    a warning. Returns the state without the auxiliary keys."""
+    aux = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(AUX_PREFIXES)}
+    rest = {k: v for k, v in state.items() if not k.startswith(AUX_PREFIXES)}
+    if not aux:
+        return rest
+    convs = {k: v for k, v in aux.items() if not k.startswith("fc.")}
+    if net.aux_head is None:
+        warnings.warn(f"{source}: {len(aux)} auxiliary-classifier weights dropped ({net.spec.backbone} is built "
+                      "without an auxiliary head; aux_weight > 0 uses them)", stacklevel=3)
+        return rest
+    try:
+        missing, unexpected = net.aux_head.load_state_dict(convs, strict=False)
+    except RuntimeError as e:
+        raise DTLError(f"auxiliary-head weights from {source} do not fit: {str(e)[:300]}") from None
+    bad = [k for k in missing if not k.startswith("fc.")] + list(unexpected)
+    if bad:
+        raise DTLError(f"auxiliary-head weights from {source} do not match: {bad[:10]}")
+    return rest
 
 
 def param_groups(net: DTLNet, lr_head: float, lr_backbone: float, weight_decay: float) -> list[dict]:

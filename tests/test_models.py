@@ -159,3 +159,24 @@ def test_inception_aux_logits_train_only_and_one_tensor_in_eval():
         assert net(x).shape == (2, 4)
     with pytest.raises(DTLError, match="inception_v3"):
         DTLNet(ModelSpec("test_resnet", ("a", "b"), aux=True))
+
+
+def test_inception_v3_file_weights_with_auxiliary_logits(tmp_path):
+    """timm's own inception_v3 state dict has 14 AuxLogits.* keys: with an auxiliary head their
+    conv blocks are loaded onto it (fc stays new: other classes); without one they are dropped."""
+    from safetensors.torch import save_file
+
+    src = timm.create_model("inception_v3", pretrained=False, aux_logits=True)
+    f = tmp_path / "inception_v3.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(f))
+    spec = ModelSpec("inception_v3", ("a", "b", "c", "d"), "pbs", 16, 0.1, aux=True)
+    net = build_model(spec, f"file:{f}")
+    aux_src = src.AuxLogits.state_dict()
+    for k, v in net.aux_head.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(v, aux_src[k]), k
+    assert net.aux_head.fc.out_features == 4
+    assert torch.equal(net.backbone.Mixed_7c.branch1x1.conv.weight, src.Mixed_7c.branch1x1.conv.weight)
+    with pytest.warns(UserWarning, match="14 auxiliary-classifier weights dropped"):
+        plain = build_model(ModelSpec("inception_v3", ("a", "b"), "linear", 16, 0.1), f"file:{f}")
+    assert plain.aux_head is None
