@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
+from dtl.stats import bootstrap_ci
+
 LOWER_IS_BETTER = ("loss", "ece")
 
 
@@ -68,29 +70,13 @@ def point_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     }
 
 
-def bootstrap_ci(y: np.ndarray, probs: np.ndarray, n: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap (resampling images, seeded) for each metric of :func:`point_metrics`."""
-    rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {}
-    for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        for k, v in point_metrics(y[idx], probs[idx]).items():
-            samples.setdefault(k, []).append(v)
-    out = {}
-    for k, vals in samples.items():
-        arr = np.asarray(vals, dtype=float)
-        arr = arr[~np.isnan(arr)]
-        out[k] = (float(np.quantile(arr, alpha / 2)), float(np.quantile(arr, 1 - alpha / 2))) if len(arr) else (float("nan"),) * 2
-    return out
-
-
 def evaluate_predictions(y: np.ndarray, probs: np.ndarray, classes: list[str], split: str,
-                         n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
-    """``{split}_{metric}`` with ``_ci_low``/``_ci_high``, plus per-class precision/recall/F1."""
+                         n_boot: int = 1000, seed: int = 0, groups=None) -> dict[str, float]:
+    """``{split}_{metric}`` with ``_ci_low``/``_ci_high``, plus per-class precision/recall/F1.
+    With ``groups`` (patients, or near-duplicate clusters) the bootstrap resamples whole groups."""
     out: dict[str, float] = {}
     point = point_metrics(y, probs)
-    cis = bootstrap_ci(y, probs, n_boot, seed) if n_boot > 0 else {}
+    cis = bootstrap_ci(y, probs, point_metrics, n_boot, seed, groups) if n_boot > 0 else {}
     for k, v in point.items():
         out[f"{split}_{k}"] = v
         if k in cis:

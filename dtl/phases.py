@@ -282,6 +282,17 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
                        str(device), init)
 
 
+def bootstrap_units(table) -> tuple[str, object]:
+    """What a bootstrap resamples for a split's manifest rows: patients where every row has one
+    (C-NMC), else near-duplicate groups where the manifest has them, else images."""
+    patients = table["patient"].astype(str)
+    if len(table) and (patients != "").all():
+        return "patient", patients.to_numpy()
+    if "group" in table and len(table) and (table["group"].astype(str) != "").all():
+        return "group", table["group"].astype(str).to_numpy()
+    return "image", None
+
+
 def evaluate_checkpoint(cfg: Config, phase: str, checkpoint: Path, splits=("val", "test")) -> dict:
     """Final evaluation of a checkpoint: metrics with bootstrap CIs, confusion matrices and a
     predictions table per split (the test split is touched here, once, after tuning)."""
@@ -295,15 +306,18 @@ def evaluate_checkpoint(cfg: Config, phase: str, checkpoint: Path, splits=("val"
                        f"the {phase} data has {ds.classes}")
     ispec = InputSpec.from_dict(meta["input"])
     net.to(device)
-    out = {"metrics": {}, "confusion": {}, "predictions": {}}
+    out = {"metrics": {}, "confusion": {}, "predictions": {}, "ci_unit": {}}
     for split in splits:
         if not (ds.manifest["split"] == split).any():
             continue
         ld = loader(cfg, phase, split, ispec, device, cfg.eval_batch_size, train=False)
         probs, y = predict(net, ld, precision, ispec, tta=pc.tta)
-        out["metrics"].update(evaluate_predictions(y, probs, ds.classes, split, cfg.bootstrap, cfg.seed))
+        unit, groups = bootstrap_units(ds.split(split))
+        out["ci_unit"][split] = unit
+        out["metrics"].update(evaluate_predictions(y, probs, ds.classes, split, cfg.bootstrap, cfg.seed, groups))
         out["confusion"][split] = confusion(y, probs.argmax(1), ds.classes)
         table = ds.split(split)[["path", "label"]].copy()
+        table["bootstrap_unit"] = groups if groups is not None else table["path"]  # for paired comparisons
         table["predicted"] = [ds.classes[i] for i in probs.argmax(1)]
         for i, c in enumerate(ds.classes):
             table[f"p_{c}"] = probs[:, i].round(5)

@@ -273,6 +273,8 @@ def log_evaluation(run: Run, ev: dict, prefix: str = "") -> None:
     from dtl.metrics import confusion_figure
 
     run.log_metrics(ev["metrics"])
+    if ev.get("ci_unit"):
+        run.set_tags({f"ci_unit.{split}": unit for split, unit in ev["ci_unit"].items()})
     for split, cm in ev["confusion"].items():
         run.log_dict(cm, f"evaluation/{prefix}confusion_{split}.json")
         run.log_figure(confusion_figure(cm, f"{prefix}{split}"), f"evaluation/{prefix}confusion_{split}.png")

@@ -77,7 +77,11 @@ def test_final_evaluation_with_tta(workspace, cache_dir):
         for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece"):
             assert f"{split}_{k}" in m and f"{split}_{k}_ci_low" in m
         assert ev["confusion"][split]["classes"] == ["all", "hem"]
-    assert list(ev["predictions"]["test"].columns) == ["path", "label", "predicted", "p_all", "p_hem"]
+    assert list(ev["predictions"]["test"].columns) == ["path", "label", "bootstrap_unit", "predicted", "p_all", "p_hem"]
+    # C-NMC has patient IDs: the intervals resample patients, not cells
+    assert ev["ci_unit"] == {"val": "patient", "test": "patient"}
+    # with TTA, the value Optuna saw (validation during training) is the value promotion reads
+    assert res.best_value == pytest.approx(m["val_macro_f1"], abs=1e-9)
 
 
 def test_checkpoint_of_another_backbone_or_class_count_is_refused(workspace, cache_dir):
