@@ -76,7 +76,8 @@ def loader(cfg: Config, phase: str, split: str, spec: InputSpec, device: torch.d
         _LOADERS[key] = BatchLoader(arr, ds.label_ids(split), batch_size, device, shuffle=train, seed=cfg.seed,
                                     shard=shard)
     ld = _LOADERS[key]
-    ld.batch_size, ld.shuffle, ld.drop_last = batch_size, train, train and len(ld.labels) > batch_size
+    # the cached loader is shared by trials and seed repeats: the batch order follows this run's seed
+    ld.batch_size, ld.shuffle, ld.drop_last, ld.seed = batch_size, train, train and len(ld.labels) > batch_size, cfg.seed
     return ld
 
 

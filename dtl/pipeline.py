@@ -4,6 +4,8 @@ single-phase jobs. Each step is idempotent, so rerunning a killed command resume
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +13,9 @@ from pathlib import Path
 from dtl import DTLError
 from dtl.config import Config, flatten, with_phase
 from dtl.models import check_backbone
-from dtl.phases import dataset, evaluate_checkpoint, test_hook
-from dtl.tracking import Run, Tracking, connect, download, end_orphans, log_evaluation, start_run
+from dtl.phases import dataset, evaluate_checkpoint, run_phase, test_hook
+from dtl.stats import mean_spread
+from dtl.tracking import Run, Tracking, connect, download, end_orphans, find_runs, log_evaluation, start_run
 from dtl.tune import StudyResult, run_study
 
 
@@ -95,12 +98,70 @@ def run_phase2_strategy(cfg: Config, tracking: Tracking, root: Run, backbone: st
     return run_study(cfg2, "phase2", backbone, tracking, root.id, strategy, init_label=init)
 
 
+def repeat_best(cfg: Config, study: StudyResult, tracking: Tracking) -> dict:
+    """Retrain the study's best parameters with seeds ``seed+1 .. seed+repeats-1`` and evaluate each
+    on test, so the table can show the spread across seeds beside the single run's bootstrap CI
+    (which covers test-set sampling, not training randomness). Each repeat is a nested run
+    (``dtl.role=repeat``), found again on rerun; only its metrics are kept, not its weights."""
+    n = cfg.final.repeats
+    run = Run(tracking, study.run_id)
+    if n <= 1:
+        return {}
+    best_cfg = with_phase(cfg, study.phase, **study.best_params)
+    done = {r.data.tags.get("dtl.repeat_seed"): r for r in
+            find_runs(tracking, f"tags.`mlflow.parentRunId` = '{study.run_id}' and tags.`dtl.role` = 'repeat' "
+                                "and attributes.status = 'FINISHED'")}
+    values: dict[str, list] = {}
+    base = run.client.get_run(study.run_id).data.metrics
+    for k in REPEAT_METRICS:
+        values[k] = [base.get(k)]
+    for i in range(1, n):
+        seed = cfg.seed + i
+        r = done.get(str(seed))
+        if r is None:
+            metrics = _train_repeat(dataclasses.replace(best_cfg, seed=seed), study, tracking, seed)
+        else:
+            metrics = r.data.metrics
+        for k in REPEAT_METRICS:
+            values[k].append(metrics.get(k))
+    summary = {}
+    for k, vals in values.items():
+        s = mean_spread(vals)
+        summary.update({f"seeds_{k}_mean": s["mean"], f"seeds_{k}_std": s["std"], f"seeds_{k}_min": s["min"],
+                        f"seeds_{k}_max": s["max"]})
+    run.log_metrics({**summary, "seeds_n": n})
+    return summary
+
+
+REPEAT_METRICS = ("val_macro_f1", "test_accuracy", "test_macro_f1", "test_balanced_accuracy")
+
+
+def _train_repeat(cfg: Config, study: StudyResult, tracking: Tracking, seed: int) -> dict:
+    workdir = Path(cfg.work_dir) / study.study_name / f"repeat-seed{seed}"
+    rrun = start_run(tracking, f"repeat-seed{seed}", {"dtl.role": "repeat", "dtl.repeat_seed": seed,
+                                                      "phase": study.phase, "backbone": study.backbone,
+                                                      "strategy": study.strategy, "init": study.init_label},
+                     parent=study.run_id)
+    try:
+        res = run_phase(cfg, study.phase, study.backbone, workdir, init_from=study.init_from,
+                        init_label=study.init_label or None)
+        ev = evaluate_checkpoint(cfg, study.phase, res.checkpoint, splits=("val", "test"))
+        rrun.log_metrics({k: v for k, v in ev["metrics"].items() if "_ci_" not in k})
+    except BaseException:
+        rrun.end("FAILED")
+        raise
+    rrun.end("FINISHED")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return ev["metrics"]
+
+
 def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, register_it: bool,
                   pipeline_run: str) -> str | None:
     """Evaluate, log the model and (optionally) register it with lineage tags."""
     from dtl.registry import log_model, register
 
     metrics = evaluate_study(cfg, study, tracking)
+    repeat_best(cfg, study, tracking)
     run = Run(tracking, study.run_id)
     uri = log_model(run, study.checkpoint, cfg.phase2.data.hsv_segment)
     test_hook("registration")

@@ -22,10 +22,12 @@ import pandas as pd
 
 from dtl.tracking import Tracking, find_runs, redact
 
-COLUMNS = ["backbone", "strategy", "init", "split_protocol", "phase1_val_macro_f1", "phase2_val_accuracy",
-           "val_macro_f1", "test_accuracy", "test_accuracy_ci", "test_macro_f1", "test_macro_f1_ci",
-           "test_balanced_accuracy", "trials", "pruned", "failed", "best_params", "registered_version", "alias",
-           "data_digest", "phase2_run"]
+COLUMNS = ["backbone", "strategy", "init", "split_protocol", "masked", "phase1_val_macro_f1", "phase2_val_accuracy",
+           "val_macro_f1", "test_accuracy", "test_accuracy_ci", "test_macro_f1", "test_macro_f1_ci", "ci_unit",
+           "test_accuracy_seeds", "test_macro_f1_seeds", "test_balanced_accuracy", "trials", "pruned", "failed",
+           "flags", "best_params", "registered_version", "alias", "data_digest", "phase2_run"]
+ROW_KEY = ("backbone", "strategy", "split_protocol", "masked")  # one row per study of this kind (the latest)
+GAIN_METRICS = ("accuracy", "macro_f1")
 
 
 def _ci(m: dict, k: str) -> str:
@@ -48,8 +50,9 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
     except Exception:
         pass
     latest: dict = {}
-    for r in runs:  # the latest study per (backbone, strategy, data)
-        key = (r.data.tags.get("backbone"), r.data.tags.get("strategy"), r.data.tags.get("data_digest"))
+    for r in runs:  # the latest study per (backbone, strategy, data, masking)
+        key = (r.data.tags.get("backbone"), r.data.tags.get("strategy"), r.data.tags.get("data_digest"),
+               _masked(r.data.tags))
         if key not in latest or r.info.start_time > latest[key].info.start_time:
             latest[key] = r
     rows = []
@@ -62,20 +65,35 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
         rows.append({
             "backbone": t.get("backbone"), "strategy": t.get("strategy"),
             "init": (f"phase 1 ({p1.data.tags.get('init', '?')} → {p1.data.tags.get('data_kind', '?')})") if p1 else init,
-            "split_protocol": t.get("split_protocol"),
+            "split_protocol": t.get("split_protocol"), "masked": _masked(t),
             "phase1_val_macro_f1": p1.data.metrics.get("val_macro_f1") if p1 else None,
             "phase2_val_accuracy": m.get("val_accuracy"), "val_macro_f1": m.get("val_macro_f1"),
             "test_accuracy": m.get("test_accuracy"), "test_accuracy_ci": _ci(m, "test_accuracy"),
             "test_macro_f1": m.get("test_macro_f1"), "test_macro_f1_ci": _ci(m, "test_macro_f1"),
+            "ci_unit": t.get("ci_unit.test", "image"),
+            "test_accuracy_seeds": _seeds(m, "test_accuracy"), "test_macro_f1_seeds": _seeds(m, "test_macro_f1"),
             "test_balanced_accuracy": m.get("test_balanced_accuracy"),
             "trials": int(m.get("n_complete", 0) + m.get("n_pruned", 0) + m.get("n_failed", 0)),
             "pruned": int(m.get("n_pruned", 0)), "failed": int(m.get("n_failed", 0)),
+            "flags": "best trial is a random start-up draw" if t.get("dtl.best_is_startup_draw") == "true" else "",
             "best_params": json.dumps({k[5:]: _short(val) for k, val in sorted(t.items()) if k.startswith("best.")}),
             "registered_version": v.version if v else "", "alias": ",".join(v.aliases) if v else "",
             "data_digest": (t.get("data_digest") or "")[:12], "phase2_run": r.info.run_id,
         })
     df = pd.DataFrame(rows, columns=COLUMNS)
     return df.sort_values(["backbone", "strategy"]).reset_index(drop=True) if len(df) else df
+
+
+def _masked(tags: dict) -> str:
+    """Whether the annotation corner was masked for this study ('' for runs that predate masking)."""
+    return tags.get("mask_annotation", "")
+
+
+def _seeds(m: dict, k: str) -> str:
+    n = m.get("seeds_n")
+    if not n or f"seeds_{k}_mean" not in m:
+        return ""
+    return f"{m[f'seeds_{k}_mean']:.4f} ± {m[f'seeds_{k}_std']:.4f} (n={int(n)})"
 
 
 def _short(v: str) -> str:
@@ -86,24 +104,100 @@ def _short(v: str) -> str:
         return v
 
 
-def double_gain(df: pd.DataFrame) -> pd.DataFrame:
-    """Test accuracy and macro-F1 of double transfer minus single transfer and minus scratch,
-    per backbone (empty where a strategy was not run)."""
-    rows = []
-    for b, g in df.groupby("backbone"):
-        s = g.set_index("strategy")
-        if "double" not in s.index:
+def comparison_pairs(df: pd.DataFrame) -> list[tuple[str, int, int]]:
+    """Pairs of rows that differ in one respect: double vs single/scratch (same protocol and
+    masking), each protocol vs the default grouped one, masked vs unmasked. ``(what, a, b)``
+    with row indices; the gain reported is a − b."""
+    pairs = []
+    rows = df.reset_index(drop=True)
+    for i, a in rows.iterrows():
+        for j, b in rows.iterrows():
+            same = {k: a[k] == b[k] for k in ROW_KEY}
+            differs = [k for k, v in same.items() if not v]
+            if len(differs) != 1:
+                continue
+            k = differs[0]
+            if k == "strategy" and a[k] == "double":
+                pairs.append((f"double − {b[k]}", i, j))
+            elif k == "split_protocol" and a[k] == DEFAULT_PROTOCOL:
+                pairs.append((f"{a[k]} − {b[k]}", i, j))
+            elif k == "masked" and a[k] == "true" and b[k] == "false":
+                pairs.append(("masked − unmasked", i, j))
+    return pairs
+
+
+DEFAULT_PROTOCOL = "grouped"
+
+
+def paired_gains(pairs: list[tuple[str, dict, pd.DataFrame, pd.DataFrame]], classes: list[str] | None = None,
+                 n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per (comparison, metric): the difference a − b with a paired bootstrap CI over the
+    test items both predictions tables hold (matched by path), resampling their bootstrap units."""
+    from dtl.metrics import point_metrics
+    from dtl.stats import paired_bootstrap
+
+    out = []
+    for what, info, pa, pb in pairs:
+        m = pa.merge(pb, on="path", suffixes=("_a", "_b"))
+        if m.empty:
             continue
-        row = {"backbone": b}
-        for other in ("single", "scratch"):
-            if other in s.index:
-                for m in ("test_accuracy", "test_macro_f1"):
-                    row[f"{m}_vs_{other}"] = s.at["double", m] - s.at[other, m]
-        if len(row) > 1:
-            rows.append(row)
-    cols = ["backbone"] + [f"{m}_vs_{o}" for o in ("single", "scratch") for m in ("test_accuracy", "test_macro_f1")]
-    out = pd.DataFrame(rows, columns=cols)
-    return out.dropna(axis=1, how="all") if len(out) else out
+        cls = classes or [c[2:] for c in pa.columns if c.startswith("p_")]
+        index = {c: i for i, c in enumerate(cls)}
+        y = m["label_a"].map(index).to_numpy()
+        prob = {s: m[[f"p_{c}_{s}" for c in cls]].to_numpy(float) for s in ("a", "b")}
+        units = m["bootstrap_unit_a"].astype(str).to_numpy() if "bootstrap_unit_a" in m else None
+        res = paired_bootstrap(y, prob["a"], prob["b"], point_metrics, GAIN_METRICS, n_boot, seed, units)
+        for metric, r in res.items():
+            out.append({**info, "comparison": what, "metric": f"test_{metric}", "gain": r["diff"],
+                        "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+                        "ci_excludes_0": "yes" if r["excludes_zero"] else "no",
+                        "test_items": r["n_items"], "units": f"{r['n_units']} {r['unit']}s"})
+    cols = ["backbone", "comparison", "metric", "gain", "ci_low", "ci_high", "ci_excludes_0", "test_items", "units"]
+    return pd.DataFrame(out, columns=cols)
+
+
+def gains(df: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
+    """Paired gains of the comparable rows of ``df``, from the predictions each study logged."""
+    import mlflow
+
+    pairs, tables = [], {}
+
+    def table(run_id):
+        if run_id not in tables:
+            try:
+                tables[run_id] = pd.read_csv(mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"runs:/{run_id}/evaluation/predictions_test.csv"))
+            except Exception:  # noqa: BLE001 - a study without a final evaluation
+                tables[run_id] = None
+        return tables[run_id]
+
+    for what, i, j in comparison_pairs(df):
+        a, b = df.iloc[i], df.iloc[j]
+        ta, tb = table(a["phase2_run"]), table(b["phase2_run"])
+        if ta is not None and tb is not None:
+            info = {"backbone": a["backbone"]}
+            pairs.append((f"{what} ({_context(a, b)})", info, ta, tb))
+    return paired_gains(pairs, n_boot=n_boot)
+
+
+GAINS_TEXT = ("Each gain is a − b of a test metric over the test items that both rows were evaluated on "
+              "(matched by file), with a 95% paired bootstrap CI resampling the same items (or their patients / "
+              "near-duplicate groups) for both models. A gain is called a difference only where its CI excludes 0.")
+
+
+def _gain_summary(gain: pd.DataFrame) -> str:
+    if gain.empty:
+        return "No comparable pairs of rows (one strategy, protocol and masking setting only)."
+    sig = gain[gain["ci_excludes_0"] == "yes"]
+    if sig.empty:
+        return f"None of the {len(gain)} gains has a CI that excludes 0: no difference is shown by these runs."
+    items = "; ".join(f"{r.backbone} {r.comparison} {r.metric} {r.gain:+.4f} ({r.ci_low:+.4f} to {r.ci_high:+.4f})"
+                      for r in sig.itertuples())
+    return f"{len(sig)} of {len(gain)} gains have a CI that excludes 0: {items}."
+
+
+def _context(a, b) -> str:
+    return ", ".join(f"{a[k]}" for k in ROW_KEY[1:] if a[k] == b[k] and a[k] != "")
 
 
 def seed_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -203,7 +297,7 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = collect(tracking, registered_model, data_digest)
-    gain = double_gain(df)
+    gain = gains(df)
     seed = seed_table(df)
     figs = figures(tracking, df)
     df.to_csv(out / "results.csv", index=False)
@@ -219,7 +313,7 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
     md = ["# Results", "", *([description.strip(), ""] if description else []),
           "Generated from an MLflow search by `dtl report`. Split protocol per row: "
           "Aria has no patient IDs, so its split is image-level (optimistic); C-NMC splits are patient-level.", "",
-          _md(shown), "## Gain of double transfer (test, difference; CIs of each row above)", "", _md(gain),
+          _md(shown), "## Paired gains", "", GAINS_TEXT, "", _gain_summary(gain), "", _md(gain),
           "## Seed format", "", _md(seed), "## Figures", ""]
     md += [f"![{n}]({n})" for n in figs]
     md += ["", "## Provenance", "", "```json", json.dumps(prov, indent=2, default=str), "```", ""]
@@ -231,7 +325,7 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}</style></head><body>
 <h1>Results</h1><p>{html.escape(description)}</p>{shown.to_html(index=False, na_rep="")}
-<h2>Gain of double transfer</h2>{gain.to_html(index=False)}
+<h2>Paired gains</h2><p>{html.escape(GAINS_TEXT)}</p><p>{html.escape(_gain_summary(gain))}</p>{gain.to_html(index=False)}
 <h2>Seed format</h2>{seed.to_html(index=False)}<h2>Figures</h2>{imgs}
 <h2>Provenance</h2><pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre></body></html>"""
     (out / "report.html").write_text(page)

@@ -50,6 +50,8 @@ class StudyResult:
     checkpoint: Path
     best_trial_run_id: str
     counts: dict = field(default_factory=dict)
+    init_from: Path | None = None  # the weights file the trials started from (double transfer)
+    init_label: str = ""
 
 
 def load_search_space(cfg: Config, phase: str) -> dict:
@@ -281,6 +283,7 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
         keep_best_only(study, None)
         result = _summarise(study, run, name, phase, backbone, strategy, workroot, time.time() - t0,
                             cfg.tune.startup_trials)
+        result.init_from, result.init_label = init_from, init
     except BaseException as e:
         _quietly(run.set_tags, {"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
         _quietly(run.end, "FAILED" if isinstance(e, Exception) else "KILLED")

@@ -247,3 +247,25 @@ def test_phase1_retrained_on_other_data_starts_a_new_phase2_study(workspace, cac
     again = pipeline.main(config.load(["demo"], base + ["phase1.data.split_seed=7"]), report=False)
     assert again.studies[("phase2", "double", "test_resnet")].run_id == p2b.run_id
     assert again.versions["test_resnet"] == str(vb.version)
+
+
+def test_final_repeats_retrain_the_best_parameters_with_other_seeds(workspace, cache_dir):
+    cfg = config.load(["demo"], demo_overrides(cache_dir, workspace, **{
+        "phase1.n_trials": 1, "phase2.n_trials": 1, "final.repeats": 3, "strategies": "[scratch]",
+        "cards_dir": str(workspace / "cards")}))
+    res = pipeline.main(cfg)
+    s = res.studies[("phase2", "scratch", "test_resnet")]
+    t = connect(cfg.tracking_uri, cfg.experiment)
+    reps = mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'repeat'", output_format="list")
+    assert sorted(r.data.tags["dtl.repeat_seed"] for r in reps) == ["1", "2"]
+    assert all(r.data.tags["mlflow.parentRunId"] == s.run_id and "test_accuracy" in r.data.metrics for r in reps)
+    m = t.client.get_run(s.run_id).data.metrics
+    accs = [m["test_accuracy"]] + [r.data.metrics["test_accuracy"] for r in reps]
+    assert m["seeds_n"] == 3 and m["seeds_test_accuracy_mean"] == pytest.approx(np.mean(accs))
+    assert m["seeds_test_accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
+    assert not list((workspace / "runs" / s.study_name).glob("repeat-*"))  # only metrics are kept
+    row = pd.read_csv(workspace / "report" / "results.csv").iloc[0]
+    assert row["test_accuracy_seeds"].endswith("(n=3)")
+    # rerun: the repeats are found again, not retrained
+    pipeline.main(cfg, report=False)
+    assert len(mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'repeat'", output_format="list")) == 2

@@ -50,41 +50,37 @@ def test_policy_file_validation(tmp_path):
     assert load_policy("registry/policy.yaml").metric == "val_macro_f1"
 
 
-def test_gain_of_double_transfer_table():
+def test_comparison_pairs_and_paired_gains():
+    import numpy as np
     import pandas as pd
 
-    from dtl.report import double_gain, seed_table
+    from dtl.report import comparison_pairs, paired_gains, seed_table
 
     df = pd.DataFrame([
-        {"backbone": "r", "strategy": "double", "test_accuracy": 0.9, "test_macro_f1": 0.8},
-        {"backbone": "r", "strategy": "scratch", "test_accuracy": 0.7, "test_macro_f1": 0.75},
-        {"backbone": "e", "strategy": "double", "test_accuracy": 0.9, "test_macro_f1": 0.8},
+        {"backbone": "r", "strategy": "double", "split_protocol": "grouped", "masked": "true"},
+        {"backbone": "r", "strategy": "scratch", "split_protocol": "grouped", "masked": "true"},
+        {"backbone": "r", "strategy": "double", "split_protocol": "image-level", "masked": "true"},
+        {"backbone": "r", "strategy": "double", "split_protocol": "grouped", "masked": "false"},
+        {"backbone": "e", "strategy": "scratch", "split_protocol": "grouped", "masked": "true"},
     ])
-    g = double_gain(df)
-    assert list(g["backbone"]) == ["r"] and g.loc[0, "test_accuracy_vs_scratch"] == pytest.approx(0.2)
-    assert "test_accuracy_vs_single" not in g.columns
-    full = df.assign(phase2_val_accuracy=0.5, init="scratch", split_protocol="image-level", test_accuracy_ci="")
+    assert sorted((w, i, j) for w, i, j in comparison_pairs(df)) == [
+        ("double − scratch", 0, 1), ("grouped − image-level", 0, 2), ("masked − unmasked", 0, 3)]
+    rng = np.random.default_rng(0)
+    n = 200
+    label = rng.choice(["x", "y"], n)
+    good = np.where(label == "x", 0.9, 0.1)
+    noisy = rng.uniform(0, 1, n)
+
+    def table(p_x, paths):
+        return pd.DataFrame({"path": paths, "label": label[:len(paths)], "bootstrap_unit": paths,
+                             "p_x": p_x[:len(paths)], "p_y": 1 - p_x[:len(paths)]})
+
+    paths = [f"img{i}.jpg" for i in range(n)]
+    g = paired_gains([("double − scratch", {"backbone": "r"}, table(good, paths), table(noisy, paths)),
+                      ("same", {"backbone": "r"}, table(good, paths), table(good, paths[:120]))], n_boot=200)
+    acc = g[(g["comparison"] == "double − scratch") & (g["metric"] == "test_accuracy")].iloc[0]
+    assert acc["gain"] > 0.3 and acc["ci_low"] > 0 and acc["ci_excludes_0"] == "yes" and acc["test_items"] == n
+    same = g[g["comparison"] == "same"]
+    assert (same["gain"] == 0).all() and (same["ci_excludes_0"] == "no").all() and (same["test_items"] == 120).all()
+    full = df.assign(phase2_val_accuracy=0.5, test_accuracy=0.9, init="scratch", test_accuracy_ci="")
     assert list(seed_table(full).columns) == ["Model", "Phase-2 Accuracy", "Eval Acc", "Notes"]
-
-
-def test_policy_direction_follows_the_metric_and_test_metrics_are_refused(tmp_path):
-    f = tmp_path / "p.yaml"
-    f.write_text("metric: val_loss\n")
-    assert load_policy(f).direction == "minimize"  # derived, not the maximize default
-    f.write_text("metric: val_loss\ndirection: maximize\n")
-    with pytest.raises(DTLError, match="contradicts metric val_loss"):
-        load_policy(f)
-    f.write_text("metric: test_macro_f1\n")
-    with pytest.raises(DTLError, match="not a validation metric"):
-        load_policy(f)
-    f.write_text("metric: val_macro_f1\ntie_breaks: [test_accuracy]\n")
-    with pytest.raises(DTLError, match="tie_breaks"):
-        load_policy(f)
-
-
-def test_tie_breaks_keep_their_own_direction():
-    """val_loss (minimize) tied: the tie-break val_balanced_accuracy still prefers the higher value."""
-    p = Policy(metric="val_loss", direction="minimize", tie_breaks=("val_balanced_accuracy",))
-    a = Candidate("1", {"val_loss": 0.3, "val_balanced_accuracy": 0.9})
-    b = Candidate("2", {"val_loss": 0.3, "val_balanced_accuracy": 0.7})
-    assert select([a, b], p).champion == "1"
