@@ -253,11 +253,7 @@ def write_card(tracking: Tracking, name: str, version: str, policy: Policy, card
                     "git_commit": t.get("mlflow.source.git.commit"), "init": t.get("init"),
                     "strategy": t.get("strategy"), "previous_champion": mv.tags.get("dtl.previous_champion"),
                     "model_uri": mv.source},
-        "limitations": [
-            "Aria ALL has no patient IDs: its split is image-level, so test metrics are optimistic.",
-            "Trained on images from the sources named above; other stains, scanners and hospitals may differ.",
-            "Confidence intervals are bootstrap intervals over test images, not over patients.",
-        ],
+        "limitations": _limitations(t),
     }
     md = _card_markdown(card)
     cards_dir.mkdir(parents=True, exist_ok=True)
@@ -267,6 +263,23 @@ def write_card(tracking: Tracking, name: str, version: str, policy: Policy, card
     client.log_dict(mv.run_id, card, f"model_card/{name}-v{version}.json")
     client.log_text(mv.run_id, md, f"model_card/{name}-v{version}.md")
     return stem.with_suffix(".md")
+
+
+CI_UNITS = {"patient": "patients", "group": "near-duplicate groups (one smear field each)", "image": "test images"}
+
+
+def _limitations(tags: dict) -> list[str]:
+    """What the card must warn about, from the study run's own tags (split protocol, CI unit)."""
+    protocol = tags.get("split_protocol", "unknown")
+    unit = tags.get("ci_unit.test", "image")
+    out = []
+    if protocol != "patient-level":
+        out.append(f"The phase-2 data has no patient IDs: the split is {protocol} (images of one patient may be on "
+                   "both sides), so test metrics are optimistic.")
+    out.append("Trained on images from the sources named above; other stains, scanners and hospitals may differ.")
+    out.append(f"Confidence intervals are bootstrap intervals resampling {CI_UNITS.get(unit, unit)}"
+               + ("." if unit == "patient" else ", not patients."))
+    return out
 
 
 def model_artifacts(client, uri: str) -> str:
