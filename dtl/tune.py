@@ -143,8 +143,8 @@ def study_identity(cfg: Config, phase: str, data_digest: str, init: str) -> str:
     weights file, or the init name) and the training settings that are not tuned per trial. A study
     is reopened only when all of them are the same; n_trials may grow without a new study."""
     pc = dataclasses.asdict(cfg.phase(phase))
-    for k in ("n_trials", "data"):
-        pc.pop(k)
+    pc.pop("n_trials")
+    pc["data"].pop("root")  # where the files are is not what they are: the digest says that
     ident = {"data": data_digest, "init": init, "phase": pc, "seed": cfg.seed, "image_size": cfg.image_size,
              "augment": dataclasses.asdict(cfg.augment), "deterministic": cfg.deterministic}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
