@@ -151,3 +151,30 @@ def test_evaluate_a_study_run_from_the_cli(workspace, cache_dir):
     assert "test_macro_f1" in p.stdout and "95% CI" in p.stdout
     ev = mlflow.search_runs([exp.experiment_id], "tags.`dtl.role` = 'evaluate'", output_format="list")
     assert len(ev) == 1 and "test_balanced_accuracy_ci_low" in ev[0].data.metrics
+
+
+def test_promote_ranks_only_versions_of_the_recipes_data(workspace, cache_dir):
+    """A version trained on other data (here: another digest and split protocol, with a better
+    validation score) does not compete for `champion` unless asked for with --any-data."""
+    import json
+
+    from dtl import config, pipeline
+    from dtl.tracking import connect
+
+    o = demo_overrides(cache_dir, workspace, **{"phase1.n_trials": 1, "phase2.n_trials": 1, "phase1.epochs": 1,
+                                                "phase2.epochs": 1, "cards_dir": str(workspace / "cards")})
+    res = pipeline.main(config.load(["demo"], o), report=False)
+    t = connect(f"sqlite:///{workspace}/mlflow.db", "all-dtl-demo")
+    v1 = t.client.get_model_version("all-dtl", res.versions["test_resnet"])
+    other = t.client.create_model_version(
+        "all-dtl", v1.source, run_id=v1.run_id,
+        tags={**v1.tags, "data_digest": "0" * 64, "split_protocol": "image-level", "metric.val_macro_f1": "0.999",
+              "dtl.model_uri": "other"})
+    args = ["promote", "--config", "demo"] + [x for kv in o for x in ("-o", kv)]
+    p = dtl(*args, cwd=workspace)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout[p.stdout.index("{"):])
+    assert out["champion"] == str(v1.version) and str(other.version) not in out["ranked"]
+    assert "candidates: versions trained on demo-aria data digest" in p.stdout
+    p = dtl(*args, "--any-data", cwd=workspace)
+    assert json.loads(p.stdout[p.stdout.index("{"):])["champion"] == str(other.version)
