@@ -96,6 +96,15 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class FuzzyConfig:
+    enabled: bool = False  # `main` also fits the fuzzy head on each double-transfer phase-2 model
+    n_trials: int = 30  # Optuna trials of the fuzzy study (k, clusters, fuzzifier m, t-norm; seconds each)
+    registered_model: str = ""  # empty = "<registered_model>-fuzzy"
+    cross_variant: bool = True  # also evaluate on Aria's Segmented images of the test items
+    corruptions: bool = True  # also evaluate on blurred and JPEG-compressed test images
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "demo"  # recipe name, logged
     description: str = ""  # what the recipe's results are (and are not); printed atop the report
@@ -122,6 +131,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     phase2: PhaseConfig = field(default_factory=PhaseConfig)
+    fuzzy: FuzzyConfig = field(default_factory=FuzzyConfig)
 
     def phase(self, name: str) -> PhaseConfig:
         if name not in ("phase1", "phase2"):
@@ -264,6 +274,8 @@ def validate(cfg: Config) -> None:
             raise DTLError(f"{ph}.n_trials must be >= 1")
         if not 0 <= p.data.val_fraction < 1 or not 0 <= p.data.test_fraction < 1:
             raise DTLError(f"{ph}.data fractions must be in [0, 1)")
+    if cfg.fuzzy.n_trials < 1:
+        raise DTLError("fuzzy.n_trials must be >= 1")
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

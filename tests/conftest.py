@@ -3,6 +3,7 @@ once per session, and the real datasets in ../shared/datasets (skip, or fail in 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -54,3 +55,22 @@ def demo_overrides(cache_dir: Path, tmp: Path, **extra) -> list[str]:
 
 
 PYTHON = sys.executable
+
+
+@contextlib.contextmanager
+def module_workspace(tmp: Path):
+    """``workspace`` for module-scoped fixtures: cwd and a sqlite MLflow store in ``tmp``, restored after."""
+    import mlflow
+
+    old, saved = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(tmp)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    try:
+        yield tmp
+    finally:
+        os.chdir(old)
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved

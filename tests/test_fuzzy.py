@@ -156,3 +156,102 @@ def test_paired_bootstrap_difference_and_interval():
     assert grouped["diff"] == r["diff"] and grouped["ci_low"] != r["ci_low"]
     with pytest.raises(ValueError, match="differ in length"):
         paired_bootstrap(y, good[:10], bad, acc)
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+
+@pytest.fixture(scope="module")
+def fuzzy_done(tmp_path_factory, cache_dir):
+    """A tiny demo `main` (test_resnet, 1 trial per phase, 2 epochs), then the fuzzy job on its phase-2 model."""
+    from dtl import config, pipeline
+    from dtl.fuzzy_job import run_fuzzy
+    from dtl.tracking import connect
+    from tests.conftest import demo_overrides, module_workspace
+
+    with module_workspace(tmp_path_factory.mktemp("fuzzy")) as tmp:
+        cfg = config.load(["demo"], demo_overrides(cache_dir, tmp, cards_dir=str(tmp / "cards"), **{
+            "phase1.n_trials": 1, "phase2.n_trials": 1, "fuzzy.n_trials": 3}))
+        res = pipeline.main(cfg, report=False)
+        t = connect(cfg.tracking_uri, cfg.experiment)
+        p2 = res.studies[("phase2", "double", "test_resnet")]
+        yield tmp, cfg, t, p2, run_fuzzy(cfg, t, p2.run_id)
+
+
+@pytest.mark.slow
+def test_fuzzy_study_is_nested_under_the_phase2_study_and_resumes(fuzzy_done):
+    import optuna
+
+    from dtl.fuzzy_job import run_fuzzy
+    from dtl.tracking import find_runs
+
+    tmp, cfg, t, p2, out = fuzzy_done
+    run = t.client.get_run(out["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == p2.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["dtl.study"] == f"{p2.study_name}.fuzzy.t{p2.best_trial}"
+    trials = find_runs(t, f"tags.`mlflow.parentRunId` = '{out['run_id']}'")
+    assert len(trials) == 3 and {r.data.tags["dtl.role"] for r in trials} == {"fuzzy-trial"}
+    assert all("val_macro_f1" in r.data.metrics for r in trials)
+    for k in ("test_fuzzy_accuracy", "test_softmax_accuracy", "test_diff_macro_f1_ci_low", "segmented_fuzzy_macro_f1",
+              "blur2_diff_accuracy", "jpeg1_fuzzy_abstain_auroc", "test_softmax_ece", "train_coverage"):
+        assert k in run.data.metrics, k
+    assert run.data.metrics["train_coverage"] == 1.0  # every train image fires its own cluster's rule
+    # rerun, this time from the registered softmax model: same phase-2 run, so the same study; nothing new
+    again = run_fuzzy(cfg, t, "models:/all-dtl@champion")
+    assert again["run_id"] == out["run_id"] and again["registered"] == out["registered"] == "all-dtl-fuzzy/1"
+    assert len(find_runs(t, f"tags.`mlflow.parentRunId` = '{out['run_id']}'")) == 3
+    study = optuna.load_study(study_name=again["study"], storage=cfg.tune.storage)
+    assert len(study.trials) == 3
+    assert len(find_runs(t, "tags.`dtl.role` = 'fuzzy-study'")) == 1
+
+
+@pytest.mark.slow
+def test_fuzzy_pyfunc_round_trip_through_the_registry(fuzzy_done):
+    import mlflow
+    import pandas as pd
+
+    from dtl.phases import dataset
+
+    tmp, cfg, t, p2, out = fuzzy_done
+    mv = t.client.get_model_version("all-dtl-fuzzy", "1")
+    assert mv.tags["head"] == "fuzzy" and mv.tags["phase2_run"] == p2.run_id
+    assert "fuzzy Mamdani head" in mv.description and "NOT for diagnosis" in mv.description
+    model = mlflow.pyfunc.load_model("models:/all-dtl-fuzzy/1")
+    ds = dataset(cfg, "phase2")
+    test = ds.split("test")
+    pred = model.predict(pd.DataFrame({"image": [str(ds.root / p) for p in test["path"]]}))
+    assert list(pred.columns) == ["class", "p_Benign", "p_Early", "p_Pre", "p_Pro", "firing_strength"]
+    assert np.allclose(pred.filter(like="p_").sum(1), 1.0, atol=1e-5)
+    assert ((pred["firing_strength"] >= 0) & (pred["firing_strength"] <= 1)).all()
+    # the served model decodes the files itself, yet scores exactly what the job measured on the test split
+    acc = float((pred["class"].to_numpy() == test["label"].to_numpy()).mean())
+    assert acc == pytest.approx(t.client.get_run(out["run_id"]).data.metrics["test_fuzzy_accuracy"], abs=1e-9)
+    one = model.predict({"image": [np.asarray(__import__("PIL").Image.open(ds.root / test["path"][0]).convert("RGB"))]})
+    assert one["class"][0] == pred["class"][0]
+
+
+@pytest.mark.slow
+def test_report_has_the_fuzzy_vs_softmax_section(fuzzy_done):
+    from dtl import report
+
+    tmp, cfg, t, p2, out = fuzzy_done
+    d = report.build(t, tmp / "report", cfg.registered_model)
+    md = (d / "results.md").read_text()
+    assert "## Fuzzy vs softmax" in md and "cross-variant (Segmented)" in md and "JPEG q=10" in md
+    assert "95% CI" in md and ("does not beat softmax" in md or "see the table" in md)
+    assert (d / "fuzzy_risk_coverage.png").stat().st_size > 5000 and "Fuzzy vs softmax" in (d / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_dtl_fuzzy_cli_resumes_the_finished_study(fuzzy_done):
+    import os
+    import subprocess
+
+    from tests.conftest import PYTHON, demo_overrides
+
+    tmp, cfg, t, p2, out = fuzzy_done
+    o = [a for x in demo_overrides(cfg.cache_dir, tmp, **{"fuzzy.n_trials": 3}) for a in ("-o", x)]
+    p = subprocess.run([PYTHON, "-m", "dtl", "fuzzy", "--config", "demo", *o], capture_output=True, text=True,
+                       env={**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]},
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"run {out['run_id']}" in p.stdout and "-> all-dtl-fuzzy/1" in p.stdout
