@@ -1,6 +1,6 @@
 """A Mamdani fuzzy inference system on the features of a double-transfer model (pure numpy).
 
-``features -> standardise -> PCA to k dims (whitened, fitted on train only) -> fuzzy c-means
+``features -> standardise -> PCA to k dims (fitted on train only) -> fuzzy c-means
 (scikit-fuzzy's ``cmeans``) -> one Gaussian membership function per (cluster, dimension),
 centred on the cluster centre with the cluster's fuzzy spread -> one rule per cluster:``
 
@@ -26,7 +26,7 @@ import numpy as np
 import skfuzzy as fuzz
 
 TNORMS = ("min", "product")
-SIGMA_FLOOR = 0.05  # in whitened PCA units: a cluster never collapses to a spike
+SIGMA_FLOOR = 0.05  # in units of the first component's std: a cluster never collapses to a spike
 COVER = 1e-3  # every train point has at least this membership, in every dimension, in its own cluster
 UNIVERSE_POINTS = 201
 
@@ -37,7 +37,7 @@ class FuzzySystem:
 
     classes: list[str]
     mean: np.ndarray  # (d,) train feature mean
-    projection: np.ndarray  # (d, k) standardise + PCA + whiten, as one matrix
+    projection: np.ndarray  # (d, k) standardise + PCA + scale, as one matrix
     centres: np.ndarray  # (J, k) cluster centres = Gaussian means
     sigmas: np.ndarray  # (J, k) fuzzy spreads = Gaussian sigmas
     weights: np.ndarray  # (J, C) consequent weight of "class c is HIGH" in rule j
@@ -50,7 +50,7 @@ class FuzzySystem:
         return np.linspace(0.0, 1.0, self.n_points)
 
     def project(self, features: np.ndarray) -> np.ndarray:
-        """Features (n, d) -> whitened PCA coordinates (n, k)."""
+        """Features (n, d) -> PCA coordinates (n, k), first component at unit variance."""
         return (np.asarray(features, dtype=np.float64) - self.mean) @ self.projection
 
     def rule_activations(self, z: np.ndarray) -> np.ndarray:
@@ -145,11 +145,12 @@ def fit(features: np.ndarray, y: np.ndarray, classes: list[str], k: int, n_clust
     k = int(min(k, x.shape[1], len(x) - 1))
     mean = x.mean(0)
     std = np.maximum(x.std(0), 1e-6)
-    # PCA by SVD of the standardised train matrix; whitening makes every kept direction unit
-    # variance, so one sigma floor and one Gaussian shape fit all dimensions.
+    # PCA by SVD of the standardised train matrix, scaled so that the first component has unit
+    # variance. Not whitened: whitening would blow the minor (mostly noise) components up to the
+    # size of the class-separating ones and c-means would cluster the noise.
     _, s, vt = np.linalg.svd((x - mean) / std, full_matrices=False)
-    scale = np.maximum(s[:k] / np.sqrt(max(len(x) - 1, 1)), 1e-6)
-    projection = (vt[:k].T / std[:, None]) / scale[None, :]
+    scale = max(s[0] / np.sqrt(max(len(x) - 1, 1)), 1e-6)
+    projection = (vt[:k].T / std[:, None]) / scale
     z = (x - mean) @ projection
     centres, u, *_ = fuzz.cluster.cmeans(z.T, int(n_clusters), float(m), error=1e-5, maxiter=300, seed=seed)
     return FuzzySystem(list(classes), mean, projection, centres, fuzzy_spreads(z, centres, u, m),

@@ -273,7 +273,7 @@ def model_card(name: str, backbone: str, src: Source, params: dict, results: dic
 
 **What it is.** The phase-2 double-transfer network `{backbone}` ({src.label}, phase-2 study run
 `{src.run_id}`) up to the pooled output of its head block, followed by a Mamdani fuzzy inference
-system instead of the last linear layer: whitened PCA to k={params['k']} dims (fitted on train
+system instead of the last linear layer: PCA to k={params['k']} dims (fitted on train
 only), fuzzy c-means with {params['n_clusters']} clusters (fuzzifier m={params['m']:.2f}), one
 Gaussian membership function per cluster and dimension, one rule per cluster
 ("IF z1 is A_1j AND ... THEN class c is HIGH/LOW" with weights from the cluster/class
