@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from importlib.metadata import version
@@ -85,7 +86,8 @@ def main(argv=None) -> int:
                        m=1.5, tnorm=tnorm)
         rows.append(measure(fs, x[1000:]))
         print(json.dumps(rows[-1]))
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPUs",
+    load = os.getloadavg()[0]  # the cores may be shared: absolute times scale with it, the ratio much less
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f}",
             "numpy": np.__version__, "scikit-fuzzy": version("scikit-fuzzy"), "command": "python -m bench.fuzzy_speed"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
