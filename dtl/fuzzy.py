@@ -49,6 +49,12 @@ class FuzzySystem:
     def universe(self) -> np.ndarray:
         return np.linspace(0.0, 1.0, self.n_points)
 
+    @property
+    def cover_floor(self) -> float:
+        """The firing strength that every training point reaches by construction (see
+        :func:`fuzzy_spreads`): ``COVER`` with min, ``COVER ** k`` with the product t-norm."""
+        return COVER if self.tnorm == "min" else COVER ** self.centres.shape[1]
+
     def project(self, features: np.ndarray) -> np.ndarray:
         """Features (n, d) -> PCA coordinates (n, k), first component at unit variance."""
         return (np.asarray(features, dtype=np.float64) - self.mean) @ self.projection

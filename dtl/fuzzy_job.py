@@ -263,7 +263,8 @@ def evaluate_sets(cfg: Config, ds, clf: ImageClassifier, fs: fuzzy.FuzzySystem, 
     return results
 
 
-def model_card(name: str, backbone: str, src: Source, params: dict, results: dict, ds, coverage: float) -> str:
+def model_card(name: str, backbone: str, src: Source, params: dict, results: dict, ds, coverage: float,
+               floor: float) -> str:
     """What the registered fuzzy model is, in plain words, with its test comparison."""
     from dtl.fuzzy_report import verdict
 
@@ -283,7 +284,7 @@ Hyperparameters tuned by Optuna on the validation macro-F1.
 **Input / output.** Column `image` (path, base64 bytes, raw bytes or H×W×3 uint8 RGB, any size;
 the backbone's own preprocessing inside). Out: `class`, `p_<class>` (normalised crisp outputs,
 not calibrated probabilities), `firing_strength` (strongest rule activation, 0–1; low means the
-input is unlike the training data: abstain). {coverage:.1%} of the training images fire a rule at ≥ {fuzzy.COVER}.
+input is unlike the training data: abstain). {coverage:.1%} of the training images fire a rule at ≥ {floor:.3g}.
 
 **Test ({ds.kind}, {ds.protocol} split, n={t['n']}).** accuracy fuzzy {t['fuzzy']['accuracy']:.4f} vs softmax
 {t['softmax']['accuracy']:.4f}; macro-F1 {t['fuzzy']['macro_f1']:.4f} vs {t['softmax']['macro_f1']:.4f}
@@ -306,7 +307,7 @@ def _finish(cfg: Config, tracking: Tracking, run: Run, src: Source, ds, best, da
 
     clf, backbone = src.classifier, src.classifier.net.spec.backbone
     fs = fuzzy.fit(*data["train"], ds.classes, seed=cfg.seed, **best.params)
-    coverage = float((fs.infer(data["train"][0])[1] >= fuzzy.COVER).mean())
+    coverage = float((fs.infer(data["train"][0])[1] >= fs.cover_floor * (1 - 1e-9)).mean())
     results = evaluate_sets(cfg, ds, clf, fs, device)
     run.log_metrics({**flat_metrics(results), "best_value": best.value, "train_coverage": coverage})
     run.log_dict({"backbone": backbone, "params": best.params, "best_trial": best.number, "best_value": best.value,
@@ -314,7 +315,7 @@ def _finish(cfg: Config, tracking: Tracking, run: Run, src: Source, ds, best, da
     run.log_text(fs.rules_text(), "fuzzy/rules.txt")
     run.log_figure(risk_coverage_figure(results, backbone), "fuzzy/risk_coverage.png")
     name = cfg.fuzzy.registered_model or f"{cfg.registered_model}-fuzzy"
-    card = model_card(name, backbone, src, best.params, results, ds, coverage)
+    card = model_card(name, backbone, src, best.params, results, ds, coverage, fs.cover_floor)
     run.log_text(card, "fuzzy/model_card.md")
     meta = {"spec": clf.net.spec.to_dict(), "input": clf.spec.to_dict(), "hsv_segment": clf.segment,
             "head": "fuzzy", "fuzzy": best.params, "phase2_run": src.run_id}

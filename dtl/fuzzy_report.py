@@ -109,7 +109,8 @@ def section(tracking: Tracking, data_digest: str | None = None) -> tuple[list[st
              "fuzzy c-means, Gaussian membership functions, tuned on val) against the model's own softmax head, "
              "on the same test items. Differences are fuzzy − softmax with paired bootstrap 95% CIs; the "
              "abstention signal of the fuzzy head is its firing strength, of softmax its maximum probability "
-             "(AUROC for detecting errors: higher is better).", "", summary, "", _md(df),
+             "(AUROC for detecting errors: higher is better). The fuzzy head's probabilities are its normalised "
+             "crisp outputs, not calibrated probabilities: its ECE is expected to be high.", "", summary, "", _md(df),
              "Best fuzzy hyperparameters: " + "; ".join(
                  f"{r['backbone']}: {', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in r['params'].items())} "
                  f"(val macro-F1 {r['best_value']:.4f}, registered {r['registered']})" for r in rows), "",

@@ -72,8 +72,8 @@ def test_membership_functions_from_cmeans_centres_cover_the_train_features():
         # every train point, in every dimension, lies inside some cluster's membership function
         assert per_dim.max(1).min() >= fuzzy.COVER * (1 - 1e-9)
         # and fires some rule (the whole antecedent) above the floor: its own cluster's
-        floor = fuzzy.COVER if tnorm == "min" else fuzzy.COVER ** 4
-        assert fs.infer(x)[1].min() >= floor * (1 - 1e-9)
+        assert fs.cover_floor == (fuzzy.COVER if tnorm == "min" else fuzzy.COVER ** 4)
+        assert fs.infer(x)[1].min() >= fs.cover_floor * (1 - 1e-9)
         assert fs.centres.shape == (6, 4) and (fs.sigmas >= fuzzy.SIGMA_FLOOR).all()
 
 
@@ -195,7 +195,7 @@ def test_fuzzy_study_is_nested_under_the_phase2_study_and_resumes(fuzzy_done):
     for k in ("test_fuzzy_accuracy", "test_softmax_accuracy", "test_diff_macro_f1_ci_low", "segmented_fuzzy_macro_f1",
               "blur2_diff_accuracy", "jpeg1_fuzzy_abstain_auroc", "test_softmax_ece", "train_coverage"):
         assert k in run.data.metrics, k
-    assert run.data.metrics["train_coverage"] == 1.0  # every train image fires its own cluster's rule
+    assert run.data.metrics["train_coverage"] == 1.0  # every train image fires its own cluster's rule (cover_floor)
     # rerun, this time from the registered softmax model: same phase-2 run, so the same study; nothing new
     again = run_fuzzy(cfg, t, "models:/all-dtl@champion")
     assert again["run_id"] == out["run_id"] and again["registered"] == out["registered"] == "all-dtl-fuzzy/1"
