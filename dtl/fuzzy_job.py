@@ -65,14 +65,28 @@ def resolve_source(tracking: Tracking, cfg: Config, source: str) -> Source:
             mv = client.get_model_version(*rest.rsplit("/", 1))
         else:
             raise DTLError(f"{source!r}: give models:/<name>@<alias> or models:/<name>/<version>")
+        _check_phase2_run(tracking, mv.run_id, source)
         dst = Path(cfg.work_dir) / "fuzzy-sources" / rest.replace("/", "_").replace("@", "_")
         folder = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_artifacts(client, source)}/dtl",
                                                      dst_path=str(dst))
         return Source(mv.run_id, source, load_classifier(folder, str(device)))
+    _check_phase2_run(tracking, source, f"run {source}")
     net, meta = model_from_checkpoint(phase1_source(source, cfg))  # a study run's checkpoint/best.pt
     net.to(device)
     return Source(source, f"run:{source}", ImageClassifier(net, list(net.spec.classes),
                                                            InputSpec.from_dict(meta["input"]), seg))
+
+
+def _check_phase2_run(tracking: Tracking, run_id: str, label: str) -> None:
+    try:
+        tags = tracking.client.get_run(run_id).data.tags
+    except Exception:  # noqa: BLE001 - not a run id of this store
+        raise DTLError(f"{label!r} is not a run of {redact(tracking.uri)}: give a phase-2 study run id or "
+                       "models:/<name>@<alias> | models:/<name>/<version> of a model registered from one") from None
+    if tags.get("dtl.role") != "study" or tags.get("phase") != "phase2":
+        raise DTLError(f"{label} does not lead to a phase-2 study run (run {run_id} has dtl.role="
+                       f"{tags.get('dtl.role')!r}, phase={tags.get('phase')!r}); give a phase-2 study run id "
+                       "or a model registered from one")
 
 
 def embed(net, images: np.ndarray | BatchLoader, spec: InputSpec, device, batch_size: int = 128):
@@ -216,10 +230,6 @@ def _open_study(cfg: Config, tracking: Tracking, src: Source, ds, backbone: str)
     """The Optuna study (same storage as the phase studies) and its MLflow run, nested under
     the phase-2 study run; both found again on a rerun."""
     ptags = tracking.client.get_run(src.run_id).data.tags
-    if ptags.get("dtl.role") != "study" or ptags.get("phase") != "phase2":
-        raise DTLError(f"{src.label} does not lead to a phase-2 study run (run {src.run_id} has dtl.role="
-                       f"{ptags.get('dtl.role')!r}, phase={ptags.get('phase')!r}); give a phase-2 study run id "
-                       "or a model registered from one")
     if ptags.get("data_digest") != ds.digest:
         raise DTLError(f"the phase-2 model of run {src.run_id} was trained on data {ptags.get('data_digest', '')[:12]}, "
                        f"the config's phase-2 data is {ds.digest[:12]} ({ds.kind} at {ds.root}): use the same "

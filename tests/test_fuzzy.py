@@ -2,6 +2,7 @@
 and (slow) the tracked job end to end: nested resumable study, registered pyfunc model."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +257,53 @@ def test_dtl_fuzzy_cli_resumes_the_finished_study(fuzzy_done):
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"run {out['run_id']}" in p.stdout and "-> all-dtl-fuzzy/1" in p.stdout
+
+
+@pytest.mark.slow
+def test_fuzzy_model_behind_mlflow_models_serve(fuzzy_done):
+    """The registered fuzzy model behind the real `mlflow models serve`: class, probabilities, firing strength."""
+    import base64
+
+    import mlflow
+    import requests
+
+    from tests.conftest import served_model
+
+    tmp, cfg, t, p2, out = fuzzy_done
+    img = sorted((Path(cfg.cache_dir) / "demo" / "aria" / "Original" / "Pro").glob("*.jpg"))[0]
+    local = mlflow.pyfunc.load_model("models:/all-dtl-fuzzy/1").predict({"image": [str(img)]}).iloc[0]
+    with served_model("models:/all-dtl-fuzzy/1", tmp) as url:
+        r = requests.post(f"{url}/invocations", timeout=60,
+                          json={"dataframe_records": [{"image": base64.b64encode(img.read_bytes()).decode()}]})
+        assert r.status_code == 200, r.text
+        pred = r.json()["predictions"][0]
+        assert pred["class"] == local["class"] and pred["firing_strength"] == pytest.approx(local["firing_strength"])
+        assert sum(pred[f"p_{c}"] for c in ("Benign", "Early", "Pre", "Pro")) == pytest.approx(1, abs=1e-4)
+        bad = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image": "bm90IGFuIGltYWdl"}]}, timeout=60)
+        assert bad.status_code >= 400 and "not a readable image" in bad.text
+
+
+@pytest.mark.slow
+def test_fuzzy_refuses_a_source_that_is_not_a_matching_phase2_model(fuzzy_done):
+    from dtl import DTLError
+    from dtl.fuzzy_job import run_fuzzy
+    from dtl.tracking import find_run
+
+    tmp, cfg, t, p2, out = fuzzy_done
+    p1 = find_run(t, {"dtl.role": "study", "phase": "phase1"})
+    for source in (p1.id, out["run_id"], "models:/all-dtl-fuzzy/1"):  # phase-1 study, fuzzy study, fuzzy model
+        with pytest.raises(DTLError, match="does not lead to a phase-2 study run"):
+            run_fuzzy(cfg, t, source)
+    with pytest.raises(DTLError, match="is not a run of"):
+        run_fuzzy(cfg, t, "0123456789abcdef")
+
+
+def test_dtl_fuzzy_without_phase2_runs_says_what_to_run_first(workspace, cache_dir):
+    import subprocess
+
+    from tests.conftest import PYTHON, demo_overrides
+
+    o = [a for x in demo_overrides(cache_dir, workspace) for a in ("-o", x)]
+    p = subprocess.run([PYTHON, "-m", "dtl", "fuzzy", "--config", "demo", *o], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2 and "no finished double-transfer phase-2 study" in p.stderr and "dtl main" in p.stderr
