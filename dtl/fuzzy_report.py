@@ -75,6 +75,7 @@ def table(rows: list[dict]) -> list[dict]:
                 "ΔF1 [95% CI]": f"{df1['diff']:+.4f} [{df1['ci_low']:+.4f}, {df1['ci_high']:+.4f}]",
                 "ECE fuzzy / softmax": f"{f['ece']:.3f} / {m['ece']:.3f}",
                 "error AUROC firing / maxprob": f"{f['abstain_auroc']:.3f} / {m['abstain_auroc']:.3f}",
+                "acc at 80% coverage fuzzy / softmax": f"{f['selective_accuracy_80']:.4f} / {m['selective_accuracy_80']:.4f}",
                 "verdict (F1)": verdict(df1),
             })
     return out
