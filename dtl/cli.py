@@ -260,6 +260,36 @@ def _preview(ds, args) -> int:
     return 0
 
 
+def cmd_fuzzy(args) -> int:
+    from dtl import tracking
+    from dtl.fuzzy_job import phase2_studies, run_fuzzy
+    from dtl.fuzzy_report import verdict
+    from dtl.phases import dataset
+
+    if args.fuzzy_trials:
+        args.override.append(f"fuzzy.n_trials={args.fuzzy_trials}")
+    cfg = _config(args)
+    t = tracking.connect(cfg.tracking_uri, cfg.experiment)
+    sources = [args.source] if args.source else phase2_studies(t, dataset(cfg, "phase2").digest)
+    if not sources:
+        raise DTLError("no finished double-transfer phase-2 study on this config's phase-2 data in experiment "
+                       f"{cfg.experiment!r}: run `dtl main` (or `dtl phase2`) first, or pass --source")
+    for src in sources:
+        r = run_fuzzy(cfg, t, src)
+        line = (f"fuzzy {r['backbone']}: study {r['study']} run {r['run_id']} best val macro-F1 "
+                f"{r['best_value']:.4f} {r['best_params']} ({r['counts']}) -> {r['registered']}")
+        print(line)
+        for s, v in (r["results"] or {}).items():
+            d = v["diff"]["macro_f1"]
+            print(f"  {s:10s} n={v['n']:4d} acc {v['fuzzy']['accuracy']:.4f} vs softmax {v['softmax']['accuracy']:.4f}; "
+                  f"macro-F1 {v['fuzzy']['macro_f1']:.4f} vs {v['softmax']['macro_f1']:.4f} "
+                  f"(diff {d['diff']:+.4f}, 95% CI {d['ci_low']:+.4f}..{d['ci_high']:+.4f}: {verdict(d)}); "
+                  f"error AUROC firing {v['fuzzy']['abstain_auroc']:.3f} vs maxprob {v['softmax']['abstain_auroc']:.3f}")
+    if t.outer_run_id:
+        tracking.Run(t, t.outer_run_id).set_tags({"dtl.role": "fuzzy-job"})
+    return 0
+
+
 def _registry_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="demo")
     p.add_argument("-o", "--override", action="append", default=[])
@@ -310,6 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_args(r)
     r.add_argument("--out", default="", help="output folder (default: the config's report_dir, outputs/report)")
     r.set_defaults(fn=cmd_report)
+    fz = sub.add_parser("fuzzy", help="fit, tune and compare a Mamdani fuzzy head on phase-2 models' features",
+                        description="For each phase-2 model (default: the latest double-transfer study per backbone "
+                                    "on this config's phase-2 data): Optuna study of the fuzzy system on val, nested "
+                                    "under the phase-2 study run; comparison with the softmax head on test, "
+                                    "Segmented and corrupted test images; registered as <registered_model>-fuzzy.")
+    _common(fz, ("phase2",))
+    fz.add_argument("--source", default="", help="a phase-2 study run id or models:/<name>@<alias> | /<version>")
+    fz.add_argument("--fuzzy-trials", type=_int, default=0, help="Optuna trials of the fuzzy study (0 = recipe value)")
+    fz.set_defaults(fn=cmd_fuzzy)
     pd_ = sub.add_parser("predict", help="classify image files with a logged or registered model")
     pd_.add_argument("images", nargs="+")
     pd_.add_argument("--model", default="models:/all-dtl@champion")

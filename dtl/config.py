@@ -104,6 +104,15 @@ class FinalConfig:
 
 
 @dataclass(frozen=True)
+class FuzzyConfig:
+    enabled: bool = False  # `main` also fits the fuzzy head on each double-transfer phase-2 model
+    n_trials: int = 30  # Optuna trials of the fuzzy study (k, clusters, fuzzifier m, t-norm; seconds each)
+    registered_model: str = ""  # empty = "<registered_model>-fuzzy"
+    cross_variant: bool = True  # also evaluate on Aria's Segmented images of the test items
+    corruptions: bool = True  # also evaluate on blurred and JPEG-compressed test images
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "demo"  # recipe name, logged
     description: str = ""  # what the recipe's results are (and are not); printed atop the report
@@ -131,6 +140,7 @@ class Config:
     final: FinalConfig = field(default_factory=FinalConfig)
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     phase2: PhaseConfig = field(default_factory=PhaseConfig)
+    fuzzy: FuzzyConfig = field(default_factory=FuzzyConfig)
 
     def phase(self, name: str) -> PhaseConfig:
         if name not in ("phase1", "phase2"):
@@ -279,6 +289,8 @@ def validate(cfg: Config) -> None:
             raise DTLError(f"{ph}.monitor={p.monitor!r} must be a validation metric (val_macro_f1, val_loss, ...)")
         if not 0 <= p.data.val_fraction < 1 or not 0 <= p.data.test_fraction < 1:
             raise DTLError(f"{ph}.data fractions must be in [0, 1)")
+    if cfg.fuzzy.n_trials < 1:
+        raise DTLError("fuzzy.n_trials must be >= 1")
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

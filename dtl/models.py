@@ -69,8 +69,12 @@ class PBSHead(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, n_classes)
 
+    def features(self, x):
+        """The pooled output of the conv block: what the last linear layer sees."""
+        return self.pool(self.block(x)).flatten(1)
+
     def forward(self, x):
-        return self.fc(self.pool(self.block(x)).flatten(1))
+        return self.fc(self.features(x))
 
 
 class LinearHead(nn.Module):
@@ -80,8 +84,12 @@ class LinearHead(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(in_ch, n_classes)
 
+    def features(self, x):
+        """The pooled backbone features: what the last linear layer sees."""
+        return self.drop(self.pool(x).flatten(1))
+
     def forward(self, x):
-        return self.fc(self.drop(self.pool(x).flatten(1)))
+        return self.fc(self.features(x))
 
 
 class DTLNet(nn.Module):
@@ -113,6 +121,11 @@ class DTLNet(nn.Module):
             aux = self.aux_head(mid)
             return self.head(self.backbone.forward_postaux(mid)), aux
         return self.head(self.backbone.forward_features(x))
+
+    def features(self, x):
+        """Penultimate features: the head's pooled output before its last linear layer
+        (``head.fc``), for models that sit on top of the network (the fuzzy head)."""
+        return self.head.features(self.backbone.forward_features(x))
 
     def train(self, mode: bool = True):
         super().train(mode)

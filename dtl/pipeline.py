@@ -225,6 +225,10 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
                                   pipeline_run=root.id)
                 if v:
                     result.versions[backbone] = v
+                if strategy == "double" and cfg.fuzzy.enabled:  # the fuzzy head on this phase-2 model
+                    from dtl.fuzzy_job import run_fuzzy
+
+                    run_fuzzy(cfg, tracking, s.run_id)
         if promote and result.versions:
             policy = registry.load_policy(cfg.policy, cfg.registered_model)
             ds2 = dataset(cfg, "phase2")

@@ -74,6 +74,17 @@ def _rows(data) -> list:
     return [data]
 
 
+def read_images(data) -> list[np.ndarray]:
+    """Every input row as an RGB uint8 array; a bad row fails with its index."""
+    images = []
+    for i, v in enumerate(_rows(data)):
+        try:
+            images.append(image_from_value(v))
+        except DTLError as e:
+            raise DTLError(f"input row {i}: {e}") from None
+    return images
+
+
 class ImageClassifier:
     """What ``mlflow.pyfunc.load_model`` returns under the hood (see module docstring)."""
 
@@ -96,13 +107,7 @@ class ImageClassifier:
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, data, params=None) -> pd.DataFrame:
-        images = []
-        for i, v in enumerate(_rows(data)):
-            try:
-                images.append(image_from_value(v))
-            except DTLError as e:
-                raise DTLError(f"input row {i}: {e}") from None
-        probs = self.predict_proba(images).astype(np.float32)
+        probs = self.predict_proba(read_images(data)).astype(np.float32)
         df = pd.DataFrame(probs, columns=[f"p_{c}" for c in self.classes])
         df.insert(0, "class", [self.classes[j] for j in probs.argmax(1)] if len(probs) else [])
         return df

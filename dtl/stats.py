@@ -82,9 +82,13 @@ def paired_bootstrap(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, me
     out = {}
     for m in metrics:
         lo, hi = _interval(diffs[m], alpha)
+        arr = np.asarray(diffs[m], dtype=float)
+        arr = arr[~np.isnan(arr)]
         out[m] = {"diff": float(point_a[m] - point_b[m]), "ci_low": lo, "ci_high": hi,
                   "excludes_zero": bool(lo > 0 or hi < 0), "n_items": int(len(y)), "n_units": rs.n_units,
-                  "unit": rs.unit}
+                  "unit": rs.unit,
+                  # share of resamples where A is not better: a one-sided bootstrap p-value for "A beats B"
+                  "p_le_0": float((arr <= 0).mean()) if len(arr) else float("nan")}
     return out
 
 
@@ -95,3 +99,15 @@ def mean_spread(values) -> dict:
         return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
             "min": float(arr.min()), "max": float(arr.max()), "n": int(len(arr))}
+
+
+def paired_difference(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray,
+                      metric: Callable[[np.ndarray, np.ndarray], float], n: int = 1000, seed: int = 0,
+                      groups=None, alpha: float = 0.05) -> dict[str, float]:
+    """:func:`paired_bootstrap` of one scalar ``metric(y, pred)`` (any prediction format the metric
+    takes: labels, probabilities): ``diff``, ``ci_low``, ``ci_high`` and ``p_le_0``."""
+    y, pred_a, pred_b = np.asarray(y), np.asarray(pred_a), np.asarray(pred_b)
+    if not len(y) == len(pred_a) == len(pred_b):
+        raise ValueError(f"y, pred_a and pred_b differ in length ({len(y)}, {len(pred_a)}, {len(pred_b)})")
+    r = paired_bootstrap(y, pred_a, pred_b, lambda t, q: {"m": metric(t, q)}, ("m",), n, seed, groups, alpha)["m"]
+    return {k: r[k] for k in ("diff", "ci_low", "ci_high", "p_le_0")}

@@ -3,6 +3,7 @@ once per session, and the real datasets in ../shared/datasets (skip, or fail in 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -54,3 +55,54 @@ def demo_overrides(cache_dir: Path, tmp: Path, **extra) -> list[str]:
 
 
 PYTHON = sys.executable
+
+
+@contextlib.contextmanager
+def module_workspace(tmp: Path):
+    """``workspace`` for module-scoped fixtures: cwd and a sqlite MLflow store in ``tmp``, restored after."""
+    import mlflow
+
+    old, saved = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(tmp)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    try:
+        yield tmp
+    finally:
+        os.chdir(old)
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@contextlib.contextmanager
+def served_model(model_uri: str, cwd: Path):
+    """The real `mlflow models serve` process for ``model_uri`` on a free 127.0.0.1 port; yields its base URL."""
+    import socket
+    import subprocess
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(Path(PYTHON).parent / "mlflow"), "models", "serve", "-m", model_uri,
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -20,3 +20,14 @@ def test_throughput_bench_smoke(tmp_path, cache_dir):
         assert res[k] > 0, k
     assert res["cache_over_raw_uint8"] < 1.2
     assert (tmp_path / "test_resnet-cpu-fp32.md").read_text().startswith("| key | value |")
+
+
+def test_fuzzy_speed_bench_smoke(tmp_path):
+    p = subprocess.run([PYTHON, "-m", "bench.fuzzy_speed", "--n", "20", "--k", "3", "--clusters", "4",
+                        "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "fuzzy_speed.json").read_text())
+    assert [r["tnorm"] for r in res["rows"]] == ["min", "product"]
+    for r in res["rows"]:
+        assert r["n"] == 20 and r["vectorised_s"] > 0 and r["skfuzzy_s"] > 0 and r["max_abs_diff"] < 5e-3
+    assert (tmp_path / "fuzzy_speed.md").read_text().startswith("| t-norm |")

@@ -1,0 +1,400 @@
+"""The fuzzy-head job (``dtl fuzzy``): features of a phase-2 model -> Optuna study of the
+Mamdani system on val -> one final comparison with the softmax head on the same test items
+(in-distribution, cross-variant, corrupted) -> a logged and registered pyfunc model.
+
+The fuzzy study is an MLflow run nested under the phase-2 study run it reads the model
+from, with one nested run per trial; its Optuna study lives in the same storage as the
+others (``load_if_exists``), so a rerun resumes and adds no trials once ``n_trials`` are done.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+from PIL import Image, ImageFilter
+
+from dtl import DTLError, fuzzy
+from dtl.config import Config, flatten
+from dtl.data.cache import BatchLoader, decode, split_array
+from dtl.data.transforms import InputSpec, eval_transform
+from dtl.engine import resolve_device
+from dtl.fuzzy_serving import features_and_probs
+from dtl.metrics import _confusion_counts, point_metrics
+from dtl.phases import dataset, loader
+from dtl.serving import ImageClassifier, load_classifier
+from dtl.stats import paired_difference
+from dtl.tracking import Run, Tracking, end_orphans, find_run, find_runs, redact, start_run
+from dtl.tune import DEFAULT_STORAGE, make_storage, suggest
+
+# Corruptions of the uint8 test images: (name, kind, severity). Deterministic, so "seeded" trivially.
+CORRUPTIONS = (("blur1", "blur", 1.0), ("blur2", "blur", 2.0), ("jpeg1", "jpeg", 30), ("jpeg2", "jpeg", 10))
+SPACE_KEYS = ("k", "n_clusters", "m", "tnorm")
+COMPLETE = (optuna.trial.TrialState.COMPLETE,)  # the fuzzy study never prunes: completed trials count
+
+
+@dataclass
+class Source:
+    """The phase-2 model the fuzzy head sits on: its study run and the classifier itself."""
+
+    run_id: str
+    label: str
+    classifier: ImageClassifier
+
+
+def resolve_source(tracking: Tracking, cfg: Config, source: str) -> Source:
+    """A phase-2 study run id (its best checkpoint) or a registered/logged ``models:/`` URI."""
+    import mlflow
+
+    from dtl.models import model_from_checkpoint
+    from dtl.pipeline import phase1_source
+    from dtl.registry import model_artifacts
+
+    device = resolve_device(cfg.device)
+    seg = cfg.phase2.data.hsv_segment
+    if source.startswith("models:/"):
+        rest = source[len("models:/"):]
+        client = tracking.client
+        if "@" in rest:
+            mv = client.get_model_version_by_alias(*rest.split("@", 1))
+        elif "/" in rest:
+            mv = client.get_model_version(*rest.rsplit("/", 1))
+        else:
+            raise DTLError(f"{source!r}: give models:/<name>@<alias> or models:/<name>/<version>")
+        _check_phase2_run(tracking, mv.run_id, source)
+        dst = Path(cfg.work_dir) / "fuzzy-sources" / rest.replace("/", "_").replace("@", "_")
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_artifacts(client, source)}/dtl",
+                                                     dst_path=str(dst))
+        return Source(mv.run_id, source, load_classifier(folder, str(device)))
+    _check_phase2_run(tracking, source, f"run {source}")
+    net, meta = model_from_checkpoint(phase1_source(source, cfg))  # a study run's checkpoint/best.pt
+    net.to(device)
+    return Source(source, f"run:{source}", ImageClassifier(net, list(net.spec.classes),
+                                                           InputSpec.from_dict(meta["input"]), seg))
+
+
+def _check_phase2_run(tracking: Tracking, run_id: str, label: str) -> None:
+    try:
+        tags = tracking.client.get_run(run_id).data.tags
+    except Exception:  # noqa: BLE001 - not a run id of this store
+        raise DTLError(f"{label!r} is not a run of {redact(tracking.uri)}: give a phase-2 study run id or "
+                       "models:/<name>@<alias> | models:/<name>/<version> of a model registered from one") from None
+    if tags.get("dtl.role") != "study" or tags.get("phase") != "phase2":
+        raise DTLError(f"{label} does not lead to a phase-2 study run (run {run_id} has dtl.role="
+                       f"{tags.get('dtl.role')!r}, phase={tags.get('phase')!r}); give a phase-2 study run id "
+                       "or a model registered from one")
+
+
+def embed(net, images: np.ndarray | BatchLoader, spec: InputSpec, device, batch_size: int = 128):
+    """Features and softmax probabilities of uint8 images (an array or a split's loader)."""
+    ld = images if isinstance(images, BatchLoader) else BatchLoader(images, np.zeros(len(images)), batch_size,
+                                                                     device, shuffle=False)
+    net.eval()
+    feats, probs = [], []
+    for x_u8, _ in ld:
+        f, p = features_and_probs(net, eval_transform(x_u8, spec))
+        feats.append(f)
+        probs.append(p)
+    return np.concatenate(feats), np.concatenate(probs)
+
+
+def corrupt(images: np.ndarray, kind: str, severity: float) -> np.ndarray:
+    """Gaussian blur (radius in px) or JPEG re-encoding (quality) of uint8 RGB images."""
+    out = np.empty_like(images)
+    for i, im in enumerate(images):
+        pil = Image.fromarray(np.asarray(im))
+        if kind == "blur":
+            out[i] = np.asarray(pil.filter(ImageFilter.GaussianBlur(severity)))
+        else:
+            buf = io.BytesIO()
+            pil.save(buf, format="JPEG", quality=int(severity))
+            out[i] = np.asarray(Image.open(buf).convert("RGB"))
+    return out
+
+
+def cross_variant(ds, spec: InputSpec, segment: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """Aria's ``Segmented`` images of the test items (same relative paths), or None when the
+    data has no Segmented folder beside Original. Returns (images, index into the test split)."""
+    if ds.root.name != "Original" or not (ds.root.parent / "Segmented").is_dir():
+        return None
+    other = ds.root.parent / "Segmented"
+    paths = list(ds.split("test")["path"])
+    keep = [i for i, p in enumerate(paths) if (other / p).is_file()]
+    if not keep:
+        return None
+    arr = np.stack([decode(other / paths[i], spec.cache_size, spec.interpolation, segment) for i in keep])
+    return arr, np.asarray(keep)
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
+    cm = _confusion_counts(y, pred, k).astype(float)
+    tp = np.diag(cm)
+    denom = cm.sum(0) + cm.sum(1)
+    return float(np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-12), 0.0).mean())
+
+
+def compare(y: np.ndarray, fz: tuple[np.ndarray, np.ndarray], sm: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Fuzzy vs softmax on the same items: point metrics, abstention metrics (firing strength
+    vs max probability), paired bootstrap CIs of the accuracy and macro-F1 differences, and
+    risk-coverage curves (50 points) for the figure."""
+    probs, strength = fz
+    k = sm.shape[1]
+    out: dict = {"n": int(len(y))}
+    for name, p, conf in (("fuzzy", probs, strength), ("softmax", sm, sm.max(1))):
+        correct = p.argmax(1) == y
+        m = point_metrics(y, p)
+        m.update({key[len(name) + 1:]: v for key, v in fuzzy.abstention_metrics(correct, conf, name).items()})
+        cov, risk = fuzzy.risk_coverage(correct, conf)
+        pick = np.unique(np.linspace(0, len(cov) - 1, 50).astype(int))
+        out[name] = {**m, "curve": [cov[pick].round(4).tolist(), risk[pick].round(4).tolist()]}
+    out["diff"] = {
+        "accuracy": paired_difference(y, probs.argmax(1), sm.argmax(1), lambda t, q: float((t == q).mean()),
+                                     n_boot, seed),
+        "macro_f1": paired_difference(y, probs.argmax(1), sm.argmax(1), lambda t, q: macro_f1(t, q, k), n_boot, seed),
+    }
+    return out
+
+
+def flat_metrics(results: dict) -> dict[str, float]:
+    """``{set}_{fuzzy|softmax}_{metric}`` and ``{set}_diff_{metric}`` (+ ``_ci_low/_ci_high``)."""
+    out = {}
+    for s, r in results.items():
+        for head in ("fuzzy", "softmax"):
+            out.update({f"{s}_{head}_{k}": v for k, v in r[head].items() if k != "curve"})
+        for k, d in r["diff"].items():
+            out[f"{s}_diff_{k}"], out[f"{s}_diff_{k}_ci_low"], out[f"{s}_diff_{k}_ci_high"] = \
+                d["diff"], d["ci_low"], d["ci_high"]
+    return out
+
+
+def search_space(cfg: Config) -> dict:
+    """The ``fuzzy`` block of the recipe's search-space file (the project's default file when
+    that one has none), checked against the system's hyperparameters."""
+    import yaml
+
+    from dtl.config import EXPERIMENTS_DIR
+
+    path = Path(cfg.tune.search_space)
+    if not path.is_absolute() and not path.exists():
+        path = EXPERIMENTS_DIR / path
+    block = (yaml.safe_load(path.read_text()) or {}).get("fuzzy") if path.exists() else None
+    if not block:
+        path = EXPERIMENTS_DIR / "search_space.yaml"
+        block = yaml.safe_load(path.read_text())["fuzzy"]
+    bad = sorted(set(block) - set(SPACE_KEYS))
+    if bad:
+        raise DTLError(f"{path}: fuzzy keys {bad} are not fuzzy-head hyperparameters (valid: {list(SPACE_KEYS)})")
+    return block
+
+
+def study_name(parent_tags: dict) -> str:
+    """``<phase-2 study>.fuzzy.t<trial>``: one fuzzy study per phase-2 model (its best trial)."""
+    return f"{parent_tags['dtl.study']}.fuzzy.t{parent_tags.get('dtl.checkpoint_trial') or parent_tags.get('best_trial', 0)}"
+
+
+def _objective(cfg: Config, tracking: Tracking, run: Run, tags: dict, space: dict, data: dict, classes: list[str]):
+    """An Optuna objective: fit on train features, score macro-F1 on val; one nested run per trial."""
+    (xt, yt), (xv, yv) = data["train"], data["val"]
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, space, 0)
+        trun = start_run(tracking, f"trial-{trial.number}", {**tags, "dtl.role": "fuzzy-trial",
+                                                             "optuna.trial": trial.number, "optuna.state": "RUNNING"},
+                         parent=run.id)
+        trial.set_user_attr("mlflow_run_id", trun.id)
+        trun.log_params({f"trial.{k}": v for k, v in params.items()})
+        try:
+            t0 = time.perf_counter()
+            fs = fuzzy.fit(xt, yt, classes, seed=cfg.seed, **params)
+            fit_s = time.perf_counter() - t0
+            probs, strength = fs.predict_proba(xv)
+            m = point_metrics(yv, probs)
+        except Exception as e:
+            trun.set_tags({"optuna.state": "FAIL", "dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+            trun.end("FAILED")
+            raise
+        trun.log_metrics({"val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"], "val_ece": m["ece"],
+                          "val_firing_median": float(np.median(strength)), "fit_s": fit_s})
+        trun.set_tags({"optuna.state": "COMPLETE"})
+        trun.end("FINISHED")
+        return m["macro_f1"]
+
+    return objective
+
+
+def _open_study(cfg: Config, tracking: Tracking, src: Source, ds, backbone: str) -> tuple:
+    """The Optuna study (same storage as the phase studies) and its MLflow run, nested under
+    the phase-2 study run; both found again on a rerun."""
+    ptags = tracking.client.get_run(src.run_id).data.tags
+    if ptags.get("data_digest") != ds.digest:
+        raise DTLError(f"the phase-2 model of run {src.run_id} was trained on data {ptags.get('data_digest', '')[:12]}, "
+                       f"the config's phase-2 data is {ds.digest[:12]} ({ds.kind} at {ds.root}): use the same "
+                       "--config / --phase2-root as the run")
+    name = study_name(ptags)
+    url = cfg.tune.storage or DEFAULT_STORAGE
+    study = optuna.create_study(study_name=name, storage=make_storage(url, cfg.tune.heartbeat_s), load_if_exists=True,
+                                direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=cfg.tune.sampler_seed + zlib.crc32(name.encode()) % 10**6))
+    tags = {"dtl.role": "fuzzy-study", "dtl.study": name, "phase": "fuzzy", "head": "fuzzy", "backbone": backbone,
+            "strategy": ptags.get("strategy"), "init": ptags.get("init"), "data_digest": ds.digest,
+            "data_kind": ds.kind, "split_protocol": ds.protocol, "phase2_run": src.run_id,
+            "optuna.storage": redact(url)}
+    run = find_run(tracking, {"dtl.study": name})
+    if run is None:
+        run = start_run(tracking, f"fuzzy-{backbone}", tags, parent=src.run_id)
+        run.log_params({**{f"fuzzy.{k}": v for k, v in flatten(cfg.fuzzy).items()}, "study": name,
+                        "source": src.label, "seed": cfg.seed, "bootstrap": cfg.bootstrap})
+    else:
+        run.reopen()
+    end_orphans(tracking, parent=run.id)
+    return study, run, tags
+
+
+def evaluate_sets(cfg: Config, ds, clf: ImageClassifier, fs: fuzzy.FuzzySystem, device) -> dict:
+    """Fuzzy vs softmax on the test split, on the Segmented images of the same test items
+    (cross-variant) and on blurred / JPEG-compressed copies of the test images."""
+    seg = cfg.phase2.data.hsv_segment
+    y = ds.label_ids("test")
+    ft, pt = embed(clf.net, loader(cfg, "phase2", "test", clf.spec, device, cfg.eval_batch_size, False), clf.spec, device)
+    results = {"test": compare(y, fs.predict_proba(ft), pt, cfg.bootstrap, cfg.seed)}
+    cv = cross_variant(ds, clf.spec, seg) if cfg.fuzzy.cross_variant else None
+    if cv is not None:
+        f, p = embed(clf.net, cv[0], clf.spec, device)
+        results["segmented"] = compare(y[cv[1]], fs.predict_proba(f), p, cfg.bootstrap, cfg.seed)
+    if cfg.fuzzy.corruptions:
+        base = np.asarray(split_array(ds, "test", clf.spec, seg, cfg.cache_dir))
+        for name, kind, severity in CORRUPTIONS:
+            f, p = embed(clf.net, corrupt(base, kind, severity), clf.spec, device)
+            results[name] = compare(y, fs.predict_proba(f), p, cfg.bootstrap, cfg.seed)
+    return results
+
+
+def model_card(name: str, backbone: str, src: Source, params: dict, results: dict, ds, coverage: float,
+               floor: float) -> str:
+    """What the registered fuzzy model is, in plain words, with its test comparison."""
+    from dtl.fuzzy_report import verdict
+
+    t = results["test"]
+    d = t["diff"]["macro_f1"]
+    return f"""# {name}: fuzzy Mamdani head on {backbone} (research use only, NOT for diagnosis)
+
+**What it is.** The phase-2 double-transfer network `{backbone}` ({src.label}, phase-2 study run
+`{src.run_id}`) up to the pooled output of its head block, followed by a Mamdani fuzzy inference
+system instead of the last linear layer: PCA to k={params['k']} dims (fitted on train
+only), fuzzy c-means with {params['n_clusters']} clusters (fuzzifier m={params['m']:.2f}), one
+Gaussian membership function per cluster and dimension, one rule per cluster
+("IF z1 is A_1j AND ... THEN class c is HIGH/LOW" with weights from the cluster/class
+co-occurrence on train), {params['tnorm']} t-norm, max aggregation, centroid defuzzification.
+Hyperparameters tuned by Optuna on the validation macro-F1.
+
+**Input / output.** Column `image` (path, base64 bytes, raw bytes or H×W×3 uint8 RGB, any size;
+the backbone's own preprocessing inside). Out: `class`, `p_<class>` (normalised crisp outputs,
+not calibrated probabilities), `firing_strength` (strongest rule activation, 0–1; low means the
+input is unlike the training data: abstain). {coverage:.1%} of the training images fire a rule at ≥ {floor:.3g}.
+
+**Test ({ds.kind}, {ds.protocol} split, n={t['n']}).** accuracy fuzzy {t['fuzzy']['accuracy']:.4f} vs softmax
+{t['softmax']['accuracy']:.4f}; macro-F1 {t['fuzzy']['macro_f1']:.4f} vs {t['softmax']['macro_f1']:.4f}
+(difference {d['diff']:+.4f}, paired bootstrap 95% CI {d['ci_low']:+.4f} to {d['ci_high']:+.4f}: {verdict(d)}).
+AUROC for detecting errors: firing strength {t['fuzzy']['abstain_auroc']:.3f}, softmax max-probability
+{t['softmax']['abstain_auroc']:.3f}.
+
+**Limitations.** Aria has no patient IDs (image-level split: optimistic). The fuzzy head is
+only as good as the features of the network below it.
+"""
+
+
+def _finish(cfg: Config, tracking: Tracking, run: Run, src: Source, ds, best, data: dict, device) -> dict:
+    """Refit the best system, evaluate it once against softmax, log and register the model."""
+    from mlflow.models import Model
+
+    from dtl import fuzzy_serving
+    from dtl.fuzzy_report import risk_coverage_figure
+    from dtl.registry import register
+
+    clf, backbone = src.classifier, src.classifier.net.spec.backbone
+    fs = fuzzy.fit(*data["train"], ds.classes, seed=cfg.seed, **best.params)
+    coverage = float((fs.infer(data["train"][0])[1] >= fs.cover_floor * (1 - 1e-9)).mean())
+    results = evaluate_sets(cfg, ds, clf, fs, device)
+    run.log_metrics({**flat_metrics(results), "best_value": best.value, "train_coverage": coverage})
+    run.log_dict({"backbone": backbone, "params": best.params, "best_trial": best.number, "best_value": best.value,
+                  "train_coverage": coverage, "sets": results}, "fuzzy/comparison.json")
+    run.log_text(fs.rules_text(), "fuzzy/rules.txt")
+    run.log_figure(risk_coverage_figure(results, backbone), "fuzzy/risk_coverage.png")
+    name = cfg.fuzzy.registered_model or f"{cfg.registered_model}-fuzzy"
+    card = model_card(name, backbone, src, best.params, results, ds, coverage, fs.cover_floor)
+    run.log_text(card, "fuzzy/model_card.md")
+    meta = {"spec": clf.net.spec.to_dict(), "input": clf.spec.to_dict(), "hsv_segment": clf.segment,
+            "head": "fuzzy", "fuzzy": best.params, "phase2_run": src.run_id}
+    example = np.random.default_rng(0).integers(0, 255, (clf.spec.size, clf.spec.size, 3)).astype(np.uint8)
+    info = Model.log(artifact_path=None, name="model", flavor=fuzzy_serving, run_id=run.id, net=clf.net, meta=meta,
+                     system=fs, example_image=example, card=card)
+    clf.net.to(device)  # save_model moved it to the CPU
+    t = results["test"]
+    version = register(tracking, name, info.model_uri, run.id, {
+        "head": "fuzzy", "backbone": backbone, "phase2_run": src.run_id, "data_digest": ds.digest,
+        "data_kind": ds.kind, "split_protocol": ds.protocol, "study": run.client.get_run(run.id).data.tags["dtl.study"],
+        "metric.val_macro_f1": round(best.value, 6), "metric.test_accuracy": round(t["fuzzy"]["accuracy"], 6),
+        "metric.test_macro_f1": round(t["fuzzy"]["macro_f1"], 6)})
+    tracking.client.update_model_version(name, version, description=card)
+    tracking.client.update_registered_model(name, description="Fuzzy Mamdani heads on ALL double-transfer features "
+                                                              "(research use only, not for diagnosis)")
+    run.set_tags({"dtl.evaluated_trial": best.number, "dtl.model_uri": info.model_uri,
+                  "dtl.registered": f"{name}/{version}"})
+    return {"results": results, "registered": f"{name}/{version}", "model_uri": info.model_uri}
+
+
+def run_fuzzy(cfg: Config, tracking: Tracking, source: str) -> dict:
+    """Tune, evaluate, log and register the fuzzy head of one phase-2 model (resumable)."""
+    src = resolve_source(tracking, cfg, source)
+    ds = dataset(cfg, "phase2")
+    clf = src.classifier
+    if list(clf.classes) != ds.classes:
+        raise DTLError(f"{src.label} predicts {clf.classes}, the phase-2 data has {ds.classes}")
+    backbone = clf.net.spec.backbone
+    study, run, tags = _open_study(cfg, tracking, src, ds, backbone)
+    try:
+        device = resolve_device(cfg.device)
+        data = {}
+        for s in ("train", "val"):
+            ld = loader(cfg, "phase2", s, clf.spec, device, cfg.eval_batch_size, train=False)
+            data[s] = (embed(clf.net, ld, clf.spec, device)[0], ds.label_ids(s))
+        remaining = cfg.fuzzy.n_trials - len(study.get_trials(deepcopy=False, states=COMPLETE))
+        t0 = time.time()
+        if remaining > 0:
+            study.optimize(_objective(cfg, tracking, run, tags, search_space(cfg), data, ds.classes),
+                           n_trials=remaining + 2,  # +2: room for failed fits
+                           callbacks=[optuna.study.MaxTrialsCallback(cfg.fuzzy.n_trials, states=COMPLETE)],
+                           catch=(ValueError, np.linalg.LinAlgError))
+        best = study.best_trial
+        done = run.client.get_run(run.id).data.tags
+        if done.get("dtl.evaluated_trial") == str(best.number) and done.get("dtl.registered"):
+            out = {"registered": done["dtl.registered"], "model_uri": done.get("dtl.model_uri"), "results": None}
+        else:
+            out = _finish(cfg, tracking, run, src, ds, best, data, device)
+        counts = {s.name.lower(): sum(t.state == s for t in study.get_trials(deepcopy=False))
+                  for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)}
+        run.log_metrics({"n_complete": counts["complete"], "n_failed": counts["fail"], "study_wall_s": time.time() - t0})
+        run.set_tags({"best_trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}})
+    except BaseException as e:
+        run.set_tags({"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+        run.end("FAILED" if isinstance(e, Exception) else "KILLED")
+        raise
+    run.end("FINISHED")
+    return {"run_id": run.id, "study": study.study_name, "backbone": backbone, "best_value": best.value,
+            "best_params": best.params, "counts": counts, **out}
+
+
+def phase2_studies(tracking: Tracking, data_digest: str, strategy: str = "double") -> list[str]:
+    """The latest phase-2 study run per backbone on this data (the default sources of ``dtl fuzzy``)."""
+    flt = (f"tags.`dtl.role` = 'study' and tags.phase = 'phase2' and tags.strategy = '{strategy}' "
+           f"and tags.data_digest = '{data_digest}'")
+    latest: dict = {}
+    for r in find_runs(tracking, flt):
+        if "dtl.checkpoint_trial" in r.data.tags:  # finished, with its best checkpoint logged
+            latest[r.data.tags.get("backbone")] = r.info.run_id  # runs come oldest first
+    return [latest[b] for b in sorted(latest)]
