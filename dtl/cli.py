@@ -163,7 +163,7 @@ def cmd_predict(args) -> int:
 
     import mlflow.pyfunc
 
-    from dtl.serving import image_from_value
+    from dtl.serving import InputPolicy, image_from_value
     from dtl.tracking import DEFAULT_TRACKING_URI
 
     mlflow.set_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
@@ -177,9 +177,9 @@ def cmd_predict(args) -> int:
     failed = 0
     for f in files:
         try:
-            arr = image_from_value(f) if Path(f).exists() else None
-            if arr is None:
+            if not Path(f).exists():
                 raise DTLError("no such file")
+            arr = image_from_value(f, InputPolicy(allow_paths=True))  # the user's own files, read here
             row = model.predict({"image": [arr]}).iloc[0]
         except DTLError as e:
             print(f"{f}: ERROR: {e}", file=sys.stderr)

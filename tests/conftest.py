@@ -3,8 +3,12 @@ once per session, and the real datasets in ../shared/datasets (skip, or fail in 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +58,37 @@ def demo_overrides(cache_dir: Path, tmp: Path, **extra) -> list[str]:
 
 
 PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_serve(model_uri: str, cwd: Path, timeout: float = 180):
+    """A real ``mlflow models serve`` of ``model_uri`` on 127.0.0.1 (local env manager); yields
+    its base URL once /ping answers, and stops it afterwards."""
+    import requests
+
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(Path(PYTHON).parent / "mlflow"), "models", "serve", "-m", model_uri,
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

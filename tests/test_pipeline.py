@@ -13,7 +13,7 @@ from PIL import Image
 
 from dtl import config, pipeline
 from dtl.tracking import connect
-from tests.conftest import PYTHON, demo_overrides
+from tests.conftest import PYTHON, demo_overrides, mlflow_serve
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +101,8 @@ def test_registered_model_round_trip(done):
     assert model.metadata.saved_input_example_info is not None
     assert np.allclose(out.filter(like="p_").sum(1), 1.0, atol=1e-4)
     files = sorted((Path(cfg.cache_dir) / "demo" / "aria" / "Original" / "Pro").glob("*.jpg"))[:2]
-    by_path = model.predict(pd.DataFrame({"image": [str(f) for f in files]}))
+    local = mlflow.pyfunc.load_model("models:/all-dtl@champion", model_config={"allow_paths": True})
+    by_path = local.predict(pd.DataFrame({"image": [str(f) for f in files]}))
     arrays = model.predict(pd.DataFrame({"image": [np.asarray(Image.open(f).convert("RGB")) for f in files]}))
     assert np.allclose(by_path.filter(like="p_"), arrays.filter(like="p_"), atol=1e-5)
     net = mlflow.pytorch.load_model("models:/all-dtl@champion")
@@ -122,50 +123,24 @@ def test_predict_cli_names_bad_files_and_predicts_the_rest(done):
     assert str(bad) in p.stderr and "not a readable image" in p.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_a_rest_request_with_an_image(done):
     """The champion behind the real `mlflow models serve` process on 127.0.0.1."""
     import base64
-    import time
 
     import requests
 
     tmp, cfg, res = done
-    port = _free_port()
-    env = {**os.environ, "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen([str(Path(PYTHON).parent / "mlflow"), "models", "serve", "-m", "models:/all-dtl@champion",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(1)
+    with mlflow_serve("models:/all-dtl@champion", tmp) as url:
         img = sorted((Path(cfg.cache_dir) / "demo" / "aria" / "Original" / "Pre").glob("*.jpg"))[0]
         body = {"dataframe_records": [{"image": base64.b64encode(img.read_bytes()).decode()}]}
-        r = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
+        r = requests.post(f"{url}/invocations", json=body, timeout=60)
         assert r.status_code == 200, r.text
         pred = r.json()["predictions"][0]
         assert pred["class"] in ("Benign", "Early", "Pre", "Pro")
         assert abs(sum(pred[f"p_{c}"] for c in ("Benign", "Early", "Pre", "Pro")) - 1) < 1e-4
-        bad = requests.post(f"http://127.0.0.1:{port}/invocations",
-                            json={"dataframe_records": [{"image": "bm90IGFuIGltYWdl"}]}, timeout=60)
-        assert bad.status_code >= 400 and "not a readable image" in bad.text
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        bad = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image": "bm90IGFuIGltYWdl"}]},
+                            timeout=60)
+        assert bad.status_code == 400 and "not a readable image" in bad.text
 
 
 def test_promotion_never_downgrades_unless_forced_and_records_the_previous_champion(done):
