@@ -1,7 +1,9 @@
 """The command line and the MLproject as a user runs them (real subprocesses)."""
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -47,9 +49,11 @@ def test_malformed_optuna_storage_url(workspace, cache_dir):
     assert p.returncode == 2 and "Optuna storage 'notaurl' is not usable" in p.stderr and "journal:" in p.stderr
 
 
-def test_phase2_double_without_a_phase1_source_and_evaluate_without_a_target(workspace):
-    p = dtl("phase2", "--backbones", "test_resnet")
-    assert p.returncode == 2 and "needs --phase1" in p.stderr
+def test_phase2_double_without_a_phase1_study_and_evaluate_without_a_target(workspace, cache_dir):
+    o = demo_overrides(cache_dir, workspace)
+    p = dtl("phase2", *[x for kv in o for x in ("-o", kv)])
+    assert p.returncode == 2 and "holds no finished phase-1 study of test_resnet" in p.stderr
+    assert "mlflow run . -e phase1 --experiment-name all-dtl-demo" in p.stderr and "Traceback" not in p.stderr
     p = dtl("evaluate")
     assert p.returncode == 2 and "--checkpoint FILE or --run" in p.stderr
 
@@ -151,3 +155,75 @@ def test_evaluate_a_study_run_from_the_cli(workspace, cache_dir):
     assert "test_macro_f1" in p.stdout and "95% CI" in p.stdout
     ev = mlflow.search_runs([exp.experiment_id], "tags.`dtl.role` = 'evaluate'", output_format="list")
     assert len(ev) == 1 and "test_balanced_accuracy_ci_low" in ev[0].data.metrics
+
+
+def mlflow_run(entry: str, workspace: Path, cache_dir: Path, *params: str, experiment: str = "job",
+               popen: bool = False):
+    """`mlflow run <checkout> -e <entry> --env-manager local --experiment-name <experiment>` on
+    the tiny demo (one backbone, one trial of one epoch), as a user types it."""
+    o = demo_overrides(cache_dir, workspace, **{"cards_dir": str(workspace / "cards"), "bootstrap": 20})
+    o = [x for x in o if not x.startswith(("tune.storage", "backbones", "phase1.", "phase2."))]
+    cmd = [str(Path(PYTHON).parent / "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local",
+           "--experiment-name", experiment, "-P", "backbones=test_resnet", "-P", "n_trials=1", "-P", "epochs=1",
+           "-P", f"storage=sqlite:///{workspace}/optuna.db", "-P", "overrides=" + " ".join(o), *params]
+    env = {**os.environ, "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}"}
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.slow
+def test_mlflow_run_main_then_phase2_on_defaults_keeps_the_job_in_one_experiment(workspace, cache_dir):
+    """Runs, logged models (with their metrics linked to model and dataset) and registered
+    versions (with the card as description) of `mlflow run -e main`, then `-e phase2` with no
+    `phase1`: it takes the experiment's latest phase-1 study, says which and tags it."""
+    main = mlflow_run("main", workspace, cache_dir)
+    assert main.returncode == 0, main.stderr[-3000:]
+    p2 = mlflow_run("phase2", workspace, cache_dir)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("job")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    assert not client.search_runs(["0"]), "nothing of the job in MLflow's Default experiment"
+    p1 = [r for r in runs if r.data.tags.get("dtl.role") == "study" and r.data.tags["phase"] == "phase1"]
+    assert len(p1) == 1
+    assert f"double transfer from phase-1 study run {p1[0].info.run_id}" in p2.stdout
+    outer = [r for r in runs if r.data.tags.get("dtl.job") == "phase2"]
+    assert outer[0].data.tags["dtl.phase1_source.test_resnet"] == p1[0].info.run_id
+    p2s = [r for r in runs if r.data.tags.get("dtl.role") == "study" and r.data.tags["phase"] == "phase2"]
+    assert len(p2s) == 2 and {r.data.tags["init"] for r in p2s} == {f"phase1:{p1[0].info.run_id}"}
+    models = client.search_logged_models([exp.experiment_id])
+    assert len(models) == 2 and {m.source_run_id for m in models} == {r.info.run_id for r in p2s}
+    for m in models:
+        linked = {(x.key, x.dataset_name) for x in m.metrics if x.model_id == m.model_id}
+        assert {("test_accuracy", "phase2-test"), ("val_macro_f1", "phase2-val")} <= linked, linked
+    versions = client.search_model_versions("name='all-dtl'")
+    assert {v.model_id for v in versions} == {m.model_id for m in models}
+    champ = client.get_model_version_by_alias("all-dtl", "champion")
+    assert champ.description.startswith("# Model card: all-dtl v") and "NOT for diagnosis" in champ.description
+
+
+@pytest.mark.slow
+def test_a_killed_mlflow_run_is_ended_killed_by_the_next_invocation(workspace, cache_dir):
+    """SIGKILL to the process group of `mlflow run -e main` part-way; the next invocation ends
+    MLflow's outer run of the killed one KILLED, as it does the project's own runs."""
+    proc = mlflow_run("main", workspace, cache_dir, popen=True)
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    deadline = time.time() + 300
+    trials = []
+    while not trials and time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+        exp = client.get_experiment_by_name("job")
+        if exp is not None:
+            trials = client.search_runs([exp.experiment_id], "tags.`dtl.role` = 'trial'")
+    assert trials, proc.stdout.read()[-3000:] if proc.poll() is not None else "no trial started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed = client.search_runs([exp.experiment_id], "tags.`dtl.role` = 'pipeline'")
+    assert len(killed) == 1 and killed[0].info.status == "RUNNING"
+    again = mlflow_run("phase1", workspace, cache_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    first = client.get_run(killed[0].info.run_id)
+    assert first.info.status == "KILLED" and "process that ran it was gone" in first.data.tags["dtl.ended_by"]
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")

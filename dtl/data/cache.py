@@ -20,6 +20,7 @@ from PIL import Image
 from dtl import DTLError
 from dtl.data.datasets import Dataset
 from dtl.data.transforms import InputSpec, hsv_segment
+from dtl.progress import live
 
 CACHE_VERSION = "1"
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -82,7 +83,7 @@ def split_array(ds: Dataset, split: str, spec: InputSpec, segment: bool, cache_d
 
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
             it = pool.map(work, range(len(files)))
-            if progress:
+            if progress and live():  # no carriage-return bars in logs, none with --quiet
                 from tqdm import tqdm
 
                 it = tqdm(it, total=len(files), desc=f"caching {ds.kind}/{split}", unit="img", leave=False)
