@@ -166,7 +166,8 @@ def mlflow_run(entry: str, workspace: Path, cache_dir: Path, *params: str, exper
     cmd = [str(Path(PYTHON).parent / "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local",
            "--experiment-name", experiment, "-P", "backbones=test_resnet", "-P", "n_trials=1", "-P", "epochs=1",
            "-P", f"storage=sqlite:///{workspace}/optuna.db", "-P", "overrides=" + " ".join(o), *params]
-    env = {**os.environ, "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     if popen:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True)
@@ -191,25 +192,35 @@ def test_mlflow_run_main_then_phase2_on_defaults_keeps_the_job_in_one_experiment
     assert f"double transfer from phase-1 study run {p1[0].info.run_id}" in p2.stdout
     outer = [r for r in runs if r.data.tags.get("dtl.job") == "phase2"]
     assert outer[0].data.tags["dtl.phase1_source.test_resnet"] == p1[0].info.run_id
+    # the same start as main's phase 2: its study (complete) is resumed, not trained again
     p2s = [r for r in runs if r.data.tags.get("dtl.role") == "study" and r.data.tags["phase"] == "phase2"]
-    assert len(p2s) == 2 and {r.data.tags["init"] for r in p2s} == {f"phase1:{p1[0].info.run_id}"}
+    assert len(p2s) == 1 and p2s[0].data.tags["init"] == f"phase1:{p1[0].info.run_id}"
     models = client.search_logged_models([exp.experiment_id])
-    assert len(models) == 2 and {m.source_run_id for m in models} == {r.info.run_id for r in p2s}
+    assert len(models) == 1 and models[0].source_run_id == p2s[0].info.run_id
     for m in models:
         linked = {(x.key, x.dataset_name) for x in m.metrics if x.model_id == m.model_id}
         assert {("test_accuracy", "phase2-test"), ("val_macro_f1", "phase2-val")} <= linked, linked
     versions = client.search_model_versions("name='all-dtl'")
-    assert {v.model_id for v in versions} == {m.model_id for m in models}
+    assert {v.source for v in versions} == {f"models:/{m.model_id}" for m in models}  # the sqlite registry links by source
+    assert {client.get_run(v.run_id).info.experiment_id for v in versions} == {exp.experiment_id}
     champ = client.get_model_version_by_alias("all-dtl", "champion")
     assert champ.description.startswith("# Model card: all-dtl v") and "NOT for diagnosis" in champ.description
+    # what a person reads in the log: a plain line per trial (no carriage returns off a terminal),
+    # a summary table at the end; and system metrics on every study run
+    assert "phase1 test_resnet: trial 0 complete value" in main.stderr and "\r" not in main.stderr
+    assert "test macro-F1" in main.stdout and "champion" in main.stdout
+    for r in p1 + p2s:
+        assert any(k.startswith("system/cpu_utilization") for k in r.data.metrics), sorted(r.data.metrics)
 
 
 @pytest.mark.slow
 def test_a_killed_mlflow_run_is_ended_killed_by_the_next_invocation(workspace, cache_dir):
     """SIGKILL to the process group of `mlflow run -e main` part-way; the next invocation ends
     MLflow's outer run of the killed one KILLED, as it does the project's own runs."""
+    from dtl.tracking import connect
+
+    client = connect(os.environ["MLFLOW_TRACKING_URI"], "job").client  # the store exists before two processes poll it
     proc = mlflow_run("main", workspace, cache_dir, popen=True)
-    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     deadline = time.time() + 300
     trials = []
     while not trials and time.time() < deadline and proc.poll() is None:
