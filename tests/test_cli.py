@@ -1,8 +1,12 @@
 """The command line and the MLproject as a user runs them (real subprocesses)."""
 
+import fcntl
 import os
+import pty
 import signal
+import struct
 import subprocess
+import termios
 import time
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import pytest
 import tomllib
 import yaml
 
+from dtl.tracking import connect
 from tests.conftest import PYTHON, ROOT, demo_overrides
 
 
@@ -217,8 +222,6 @@ def test_mlflow_run_main_then_phase2_on_defaults_keeps_the_job_in_one_experiment
 def test_a_killed_mlflow_run_is_ended_killed_by_the_next_invocation(workspace, cache_dir):
     """SIGKILL to the process group of `mlflow run -e main` part-way; the next invocation ends
     MLflow's outer run of the killed one KILLED, as it does the project's own runs."""
-    from dtl.tracking import connect
-
     client = connect(os.environ["MLFLOW_TRACKING_URI"], "job").client  # the store exists before two processes poll it
     proc = mlflow_run("main", workspace, cache_dir, popen=True)
     deadline = time.time() + 300
@@ -238,3 +241,36 @@ def test_a_killed_mlflow_run_is_ended_killed_by_the_next_invocation(workspace, c
     first = client.get_run(killed[0].info.run_id)
     assert first.info.status == "KILLED" and "process that ran it was gone" in first.data.tags["dtl.ended_by"]
     assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+
+
+def _on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
+    """Run `dtl ...` with stderr on a pseudo-terminal, as a person at a shell sees it."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160-column window
+    proc = subprocess.Popen([PYTHON, "-m", "dtl", *args], stdout=subprocess.DEVNULL, stderr=slave, cwd=cwd)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=600), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_live_progress_line_on_a_terminal_and_quiet_turns_it_off(workspace, cache_dir):
+    o = demo_overrides(cache_dir, workspace, **{"phase1.n_trials": 1, "phase1.epochs": 2})
+    flags = [x for kv in o for x in ("-o", kv)]
+    rc, err = _on_a_terminal(["phase1", *flags], workspace)
+    assert rc == 0, err[-2000:]
+    line = err[err.rindex("phase1 test_resnet"):]
+    assert "\r" in err and "1/1" in line and "best=" in line and "pruned=0" in line, line[:300]
+    assert "epoch=2/2" in err  # the epoch is shown while the trial runs
+    rc, err = _on_a_terminal(["phase1", "--quiet", *flags, "-o", "experiment=quiet",
+                              "-o", f"tune.storage=sqlite:///{workspace}/quiet.db"], workspace)
+    assert rc == 0 and "phase1 test_resnet" not in err and "caching" not in err, err[-2000:]

@@ -22,10 +22,10 @@ import requests
 from PIL import Image
 
 from dtl.models import DTLNet, ModelSpec, resolve_input_spec, save_checkpoint
-from dtl.registry import log_model, register
+from dtl.registry import log_model, model_artifacts, register
 from dtl.serving import InputPolicy, InvalidInput, decode_image_bytes
 from dtl.tracking import connect, start_run
-from tests.conftest import ROOT, SHARED, mlflow_serve
+from tests.conftest import ROOT, SHARED, mlflow_serve, require_real_data
 
 CLASSES = ("Benign", "Early", "Pre", "Pro")
 
@@ -168,8 +168,6 @@ def test_decoded_bytes_are_bounded():
 
 
 def _aria_image() -> Path:
-    from tests.conftest import require_real_data
-
     require_real_data()
     return sorted((SHARED / "aria-all-pbs-2021" / "Original" / "Pro").glob("*.jpg"))[0]
 
@@ -180,8 +178,6 @@ def test_champion_loads_and_predicts_in_a_fresh_virtualenv_from_its_own_requirem
     is not importable: the model brings its own code."""
     _, t = champion
     img = _aria_image()
-    from dtl.registry import model_artifacts
-
     reqs = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"{model_artifacts(t.client, 'models:/all-dtl@champion')}/requirements.txt",
         dst_path=str(tmp_path / "reqs")))

@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from dtl import DTLError, config
-from dtl.tracking import connect
+from dtl.tracking import connect, find_runs, start_run
 from dtl.tune import make_storage, run_study
 from tests.conftest import PYTHON, demo_overrides
 
@@ -109,3 +109,11 @@ def test_two_workers_share_one_journal_study(workspace, cache_dir):
     assert sorted(numbers) == sorted(str(t.number) for t in study.trials)  # each trial logged once
     studies = mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'study'", output_format="list")
     assert len(studies) == 1
+
+
+def test_find_runs_pages_past_one_page(workspace):
+    """Every matching run, in start order, however many pages MLflow splits them into."""
+    t = connect(os.environ["MLFLOW_TRACKING_URI"], "paging")
+    ids = [start_run(t, f"r{i}", {"dtl.role": "trial"}).id for i in range(5)]
+    assert [r.info.run_id for r in find_runs(t, "tags.`dtl.role` = 'trial'", page_size=2)] == ids
+    assert len(find_runs(t, "tags.`dtl.role` = 'trial'", max_results=3, page_size=2)) == 3
