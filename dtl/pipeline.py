@@ -132,7 +132,7 @@ def run_phase2_strategy(cfg: Config, tracking: Tracking, root: Run, backbone: st
 
 def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, p1: StudyResult | None,
                   register_it: bool, pipeline_run: str) -> str | None:
-    """Evaluate, log the model and (optionally) register it with lineage tags."""
+    """Log the model, evaluate (metrics linked to the model) and optionally register it with lineage tags."""
     from dtl.registry import log_model, register
 
     run = Run(tracking, study.run_id)
