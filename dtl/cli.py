@@ -348,10 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         dd.init()
         if not dd.is_main():
             return dd.follow()
-    if getattr(args, "quiet", False):
-        from dtl import progress
+    from dtl import progress
 
-        progress.QUIET = True
+    progress.QUIET = bool(getattr(args, "quiet", False))
+    if not progress.live():  # MLflow's own download bars: carriage-return noise in a log
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return args.fn(args)
     except DTLError as e:
