@@ -36,6 +36,7 @@ def _common(p: argparse.ArgumentParser, phases: tuple[str, ...] = ("phase1", "ph
     g.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     g.add_argument("--experiment", default="", help="MLflow experiment name (ignored under `mlflow run`)")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in the run) instead of stopping")
+    g.add_argument("--quiet", action="store_true", help="no live progress lines (errors and the final summary only)")
     if "phase1" in phases:
         g.add_argument("--phase1-root", default="", help="C-NMC root (folder holding training_data/)")
         g.add_argument("--phase1-kind", default="", help="cnmc | imagefolder | presplit | demo-cnmc")
@@ -85,6 +86,12 @@ def cmd_main(args) -> int:
 
     cfg = _config(args)
     res = pipeline.main(cfg)
+    if res.report_dir:
+        import pandas as pd
+
+        from dtl.progress import summary_table
+
+        print(summary_table(pd.read_csv(Path(res.report_dir) / "results.csv")))
     print(f"pipeline run {res.run_id}: registered {res.versions}, champion v{res.champion}")
     if res.report_dir:
         print(f"report: {res.report_dir}/results.md")
@@ -173,7 +180,7 @@ def cmd_predict(args) -> int:
 
     import mlflow.pyfunc
 
-    from dtl.serving import image_from_value
+    from dtl.serving import InputPolicy, image_from_value
     from dtl.tracking import DEFAULT_TRACKING_URI
 
     mlflow.set_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
@@ -187,9 +194,9 @@ def cmd_predict(args) -> int:
     failed = 0
     for f in files:
         try:
-            arr = image_from_value(f) if Path(f).exists() else None
-            if arr is None:
+            if not Path(f).exists():
                 raise DTLError("no such file")
+            arr = image_from_value(f, InputPolicy(allow_paths=True))  # the user's own files, read here
             row = model.predict({"image": [arr]}).iloc[0]
         except DTLError as e:
             print(f"{f}: ERROR: {e}", file=sys.stderr)
@@ -393,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         dd.init()
         if not dd.is_main():
             return dd.follow()
+    from dtl import progress
+
+    progress.QUIET = bool(getattr(args, "quiet", False))
+    if not progress.live():  # MLflow's own download bars: carriage-return noise in a log
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return args.fn(args)
     except DTLError as e:

@@ -20,7 +20,15 @@ import pandas as pd
 import torch
 
 from dtl.fuzzy import FuzzySystem
-from dtl.serving import DATA_DIR, ImageClassifier, load_classifier, read_images, signature_and_example
+from dtl.serving import (
+    DATA_DIR,
+    ImageClassifier,
+    InputPolicy,
+    load_classifier,
+    pip_requirements,
+    read_images,
+    signature_and_example,
+)
 
 SYSTEM_FILE = "fuzzy.json"
 
@@ -36,7 +44,7 @@ class FuzzyImageClassifier(ImageClassifier):
     """The backbone's features through the Mamdani system instead of the linear layer."""
 
     def __init__(self, base: ImageClassifier, system: FuzzySystem):
-        super().__init__(base.net, base.classes, base.spec, base.segment, base.batch_size)
+        super().__init__(base.net, base.classes, base.spec, base.segment, base.batch_size, base.policy)
         self.system = system
 
     def features(self, images: list[np.ndarray]) -> np.ndarray:
@@ -45,18 +53,19 @@ class FuzzyImageClassifier(ImageClassifier):
         return np.concatenate(out) if out else np.zeros((0, self.system.mean.shape[0]))
 
     def predict(self, data, params=None) -> pd.DataFrame:
-        probs, strength = self.system.predict_proba(self.features(read_images(data)))
+        probs, strength = self.system.predict_proba(self.features(read_images(data, self.policy)))
         df = pd.DataFrame(probs.astype(np.float32), columns=[f"p_{c}" for c in self.classes])
         df.insert(0, "class", [self.classes[j] for j in probs.argmax(1)] if len(probs) else [])
         df["firing_strength"] = strength.astype(np.float32)
         return df
 
 
-def _load_pyfunc(path: str) -> FuzzyImageClassifier:
-    """MLflow's pyfunc entry point (``loader_module: dtl.fuzzy_serving``); ``path`` is the data folder."""
+def _load_pyfunc(path: str, model_config: dict | None = None) -> FuzzyImageClassifier:
+    """MLflow's pyfunc entry point (``loader_module: dtl.fuzzy_serving``); ``path`` is the data folder,
+    ``model_config`` the caller's input policy (file paths only when asked, as for the softmax model)."""
     dev = os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     system = FuzzySystem.from_dict(json.loads((Path(path) / SYSTEM_FILE).read_text()))
-    return FuzzyImageClassifier(load_classifier(path, dev), system)
+    return FuzzyImageClassifier(load_classifier(path, dev, InputPolicy.from_config(model_config)), system)
 
 
 def save_model(path, net, meta: dict, system: FuzzySystem, example_image: np.ndarray, card: str,
@@ -78,7 +87,8 @@ def save_model(path, net, meta: dict, system: FuzzySystem, example_image: np.nda
         (data / "MODEL_CARD.md").write_text(card)
         signature, example = signature_and_example(example_image, list(system.classes))
         signature.outputs = Schema(signature.outputs.inputs + [ColSpec("float", "firing_strength")])
-        reqs = [f"{p}=={version(p)}" for p in ("torch", "timm", "scikit-fuzzy", "safetensors", "pillow", "pandas")]
+        # self-contained like the softmax model: its own copy of dtl and exact pins (scikit-fuzzy too)
+        reqs = pip_requirements() + [f"scikit-fuzzy=={version('scikit-fuzzy')}"]
         mlflow.pyfunc.save_model(str(path), loader_module="dtl.fuzzy_serving", data_path=str(data),
                                  mlflow_model=mlflow_model, signature=signature, input_example=example,
-                                 pip_requirements=reqs)
+                                 code_paths=[str(Path(__file__).resolve().parent)], pip_requirements=reqs)

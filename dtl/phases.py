@@ -182,6 +182,21 @@ def _restore(last_path: Path, net: DTLNet, optimizer, scheduler, scaler) -> tupl
             int(ck["skipped"]))
 
 
+def training_module(net: DTLNet, compile_model: bool, device: torch.device) -> torch.nn.Module:
+    """The module the training loop calls. ``compile`` compiles ``net`` in place *before* any
+    DDP wrap, as PyTorch advises (Dynamo does not trace the DDP wrapper well); wrapping the
+    uncompiled net instead would silently drop the compilation under torchrun."""
+    from dtl import distributed as dd
+
+    if compile_model:
+        net.compile()  # in place: state_dict keys and checkpoints stay those of the plain module
+    if not dd.active():
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: str | Path | None = None,
               report: Callable[[int, dict], None] | None = None, resume: bool = True,
               init_label: str | None = None) -> PhaseResult:
@@ -210,11 +225,7 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
     optimizer, scheduler = _optimizer(net, pc, len(train_ld))
     scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
     weights = _class_weights(ds, device) if pc.class_weights else None
-    model = torch.compile(net) if cfg.compile else net
-    if dd.active():
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    model = training_module(net, cfg.compile, device)
 
     workdir.mkdir(parents=True, exist_ok=True)
     best_path, last_path = workdir / "best.pt", workdir / "last.pt"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,17 @@ from dtl.config import Config, flatten, with_phase
 from dtl.models import check_backbone
 from dtl.phases import dataset, evaluate_checkpoint, run_phase, test_hook
 from dtl.stats import mean_spread
-from dtl.tracking import Run, Tracking, connect, download, end_orphans, find_runs, log_evaluation, start_run
+from dtl.tracking import (
+    Run,
+    Tracking,
+    base_tags,
+    connect,
+    download,
+    end_orphans,
+    find_runs,
+    log_evaluation,
+    start_run,
+)
 from dtl.tune import StudyResult, run_study
 
 
@@ -41,21 +52,24 @@ def open_root_run(tracking: Tracking, cfg: Config, job: str) -> Run:
     end_orphans(tracking)
     if tracking.outer_run_id:
         run = Run(tracking, tracking.outer_run_id)
-        run.set_tags({"dtl.role": "pipeline", "dtl.job": job})
+        # host and pids let a later invocation end this run KILLED when `mlflow run` is killed
+        # (nobody else would: MLflow ends its run only when its own process survives)
+        run.set_tags({**base_tags(), "dtl.launcher_pid": os.getppid(), "dtl.role": "pipeline", "dtl.job": job})
     else:
         run = start_run(tracking, f"{job}-{time.strftime('%Y%m%d-%H%M%S')}", {"dtl.role": "pipeline", "dtl.job": job})
     run.log_params({**flatten(cfg), "job": job})
     return run
 
 
-def evaluate_study(cfg: Config, study: StudyResult, tracking: Tracking) -> dict:
-    """Final evaluation of a study's best trial on val and test, logged once on the study run."""
+def evaluate_study(cfg: Config, study: StudyResult, tracking: Tracking, model_id: str | None = None) -> dict:
+    """Final evaluation of a study's best trial on val and test, logged once on the study run
+    (and linked to the logged model ``model_id`` and each split's dataset when given)."""
     run = Run(tracking, study.run_id)
     tags = run.client.get_run(run.id).data.tags
     if tags.get("dtl.evaluated_trial") == str(study.best_trial):
         return run.client.get_run(run.id).data.metrics
     ev = evaluate_checkpoint(cfg, study.phase, study.checkpoint)
-    log_evaluation(run, ev)
+    log_evaluation(run, ev, model_id=model_id, data=(dataset(cfg, study.phase), study.phase))
     run.set_tags({"dtl.evaluated_trial": study.best_trial})
     return ev["metrics"]
 
@@ -83,6 +97,27 @@ def phase1_source(source: str, cfg: Config) -> Path:
         raise DTLError(f"cannot resolve phase-1 source {source!r} ({type(e).__name__}: {str(e)[:200]}). "
                        "Give a phase-1 study run id, a models:/ or runs:/ URI of a logged dtl model, "
                        "or a checkpoint file.") from None
+
+
+def latest_phase1_study(cfg: Config, tracking: Tracking, backbone: str) -> StudyResult:
+    """The latest finished phase-1 study of ``backbone`` on the recipe's phase-1 data in this
+    experiment, for ``phase2`` run on its defaults; a DTLError naming the command to make one."""
+    ds1 = dataset(cfg, "phase1")
+    flt = (f"tags.`dtl.role` = 'study' and tags.phase = 'phase1' and tags.backbone = '{backbone}' "
+           f"and tags.data_digest = '{ds1.digest}' and attributes.status = 'FINISHED'")
+    runs = [r for r in find_runs(tracking, flt) if r.data.tags.get("dtl.checkpoint_trial")]
+    if not runs:
+        exp = tracking.client.get_experiment(tracking.experiment_id).name
+        raise DTLError(f"phase 2 with double transfer needs a phase-1 result, and experiment {exp!r} holds no "
+                       f"finished phase-1 study of {backbone} on the recipe's phase-1 data ({ds1.kind}, digest "
+                       f"{ds1.digest[:12]}). Create one with `mlflow run . -e phase1 --experiment-name {exp} "
+                       f"-P config={cfg.name} -P backbones={backbone}` (or `dtl phase1 --config {cfg.name}`), "
+                       "or pass -P phase1=<study run id | models:/ URI | checkpoint file>.")
+    r = max(runs, key=lambda r: (r.info.end_time or 0, r.info.start_time))
+    t = r.data.tags
+    return StudyResult(t.get("dtl.study", ""), r.info.run_id, "phase1", backbone, "", int(t["best_trial"]),
+                       float(r.data.metrics.get("best_value", float("nan"))),
+                       {k[5:]: v for k, v in t.items() if k.startswith("best.")}, Path(), t.get("best_trial_run_id", ""))
 
 
 def run_phase2_strategy(cfg: Config, tracking: Tracking, root: Run, backbone: str, strategy: str,
@@ -157,13 +192,14 @@ def _train_repeat(cfg: Config, study: StudyResult, tracking: Tracking, seed: int
 
 def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, register_it: bool,
                   pipeline_run: str) -> str | None:
-    """Evaluate, log the model and (optionally) register it with lineage tags."""
+    """Log the model, evaluate (metrics linked to the model) and optionally register it with lineage tags."""
     from dtl.registry import log_model, register
 
-    metrics = evaluate_study(cfg, study, tracking)
-    repeat_best(cfg, study, tracking)
     run = Run(tracking, study.run_id)
-    uri = log_model(run, study.checkpoint, cfg.phase2.data.hsv_segment)
+    uri = log_model(run, study.checkpoint, cfg.phase2.data.hsv_segment)  # first: the metrics link to it
+    model_id = run.client.get_run(run.id).data.tags.get("dtl.model_id")
+    metrics = evaluate_study(cfg, study, tracking, model_id)
+    repeat_best(cfg, study, tracking)
     test_hook("registration")
     if not register_it:
         return None
@@ -304,11 +340,15 @@ def single_phase(cfg: Config, phase: str, source: str = "", strategy: str = "dou
                 s = run_study(cfg, "phase1", backbone, tracking, root.id)
                 evaluate_study(cfg, s, tracking)
             else:
-                if strategy == "double" and not source:
-                    raise DTLError("phase 2 with double transfer needs --phase1 <run id | models:/ URI | file> "
-                                   "(or --strategy single|scratch)")
-                src = phase1_source(source, cfg) if strategy == "double" else None
-                s = run_phase2_strategy(cfg, tracking, root, backbone, strategy, None, src, f"phase1:{source}")
+                p1, src_id = None, source
+                if strategy == "double" and not source:  # the defaults: this experiment's latest phase 1
+                    p1 = latest_phase1_study(cfg, tracking, backbone)
+                    src_id = p1.run_id
+                    root.set_tags({f"dtl.phase1_source.{backbone}": p1.run_id})
+                    print(f"phase 2 {backbone}: double transfer from phase-1 study run {p1.run_id} "
+                          f"({p1.study_name}, best trial {p1.best_trial}, {p1.best_value:.4f})", flush=True)
+                src = phase1_source(src_id, cfg) if strategy == "double" else None
+                s = run_phase2_strategy(cfg, tracking, root, backbone, strategy, None, src, f"phase1:{src_id}")
                 finish_phase2(cfg, tracking, s, register_it=True, pipeline_run=root.id)
             out[backbone] = s
     return out

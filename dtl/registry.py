@@ -155,10 +155,15 @@ def log_model(run: Run, checkpoint: Path, hsv_segment: bool = False) -> str:
     card_meta = {"spec": net.spec.to_dict(), "input": meta["input"], "hsv_segment": hsv_segment,
                   "phase": meta.get("phase"), "init": meta.get("init"), "data_digest": meta.get("data_digest"),
                   "protocol": meta.get("protocol")}
-    info = Model.log(artifact_path=None, name="model", flavor=serving, run_id=run.id, net=net, meta=card_meta,
-                     example_image=example)
+    # Created in the run's own experiment: MLflow would otherwise put it in the active (Default) one.
+    logged = run.client.create_logged_model(run.t.experiment_id, name="model", source_run_id=run.id,
+                                            model_type="image-classifier",
+                                            tags={"backbone": net.spec.backbone, "phase": str(meta.get("phase"))})
+    info = Model.log(artifact_path=None, name="model", flavor=serving, run_id=run.id, model_id=logged.model_id,
+                     net=net, meta=card_meta, example_image=example)
+    run.client.finalize_logged_model(logged.model_id, "READY")
     uri = info.model_uri
-    run.set_tags({"dtl.model_uri": uri, "dtl.model_checkpoint": digest})
+    run.set_tags({"dtl.model_uri": uri, "dtl.model_checkpoint": digest, "dtl.model_id": logged.model_id})
     return uri
 
 
@@ -262,6 +267,9 @@ def write_card(tracking: Tracking, name: str, version: str, policy: Policy, card
     stem.with_suffix(".md").write_text(md)
     client.log_dict(mv.run_id, card, f"model_card/{name}-v{version}.json")
     client.log_text(mv.run_id, md, f"model_card/{name}-v{version}.md")
+    # The registry page of the version shows its card (descriptions hold at most 5,000 characters).
+    client.update_model_version(name, version, description=md if len(md) <= 5000 else md[:4950] + "\n\n(truncated; "
+                                f"the full card is the run artifact model_card/{name}-v{version}.md)")
     return stem.with_suffix(".md")
 
 

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -68,6 +69,9 @@ def connect(tracking_uri: str = "", experiment: str = "all-dtl") -> Tracking:
         outer = os.environ.get("MLFLOW_RUN_ID")
         if outer:
             exp_id = client.get_run(outer).info.experiment_id
+            if exp_id == "0":  # `mlflow run` without --experiment-name: say where the job is going
+                print(f"note: this `mlflow run` logs to MLflow's Default experiment; the recipe names "
+                      f"{experiment!r}: add --experiment-name {experiment} to keep the job there", file=sys.stderr)
         else:
             exp = client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else _create_experiment(client, experiment)
@@ -121,14 +125,19 @@ class Run:
     def log_params(self, params: dict[str, Any]) -> None:
         existing = self.client.get_run(self.id).data.params
         items = [Param(k, _param_value(v)) for k, v in params.items() if k not in existing]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.id, params=items[i:i + 100])
+        if items:
+            self.client.log_batch(self.id, params=items)  # MLflow splits large batches itself
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
+        """Log numeric metrics (NaN skipped); ``model_id`` and ``dataset`` (name, digest) link
+        them to a logged model and the dataset they were computed on (MLflow 3)."""
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if _is_number(v)]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(self.id, metrics=items[i:i + 500])
+        name, digest = dataset or (None, None)
+        items = [Metric(k, float(v), ts, step, model_id=model_id, dataset_name=name, dataset_digest=digest)
+                 for k, v in metrics.items() if _is_number(v)]
+        if items:
+            self.client.log_batch(self.id, metrics=items)  # MLflow splits large batches itself
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
@@ -189,9 +198,18 @@ def base_tags() -> dict[str, str]:
     return {"mlflow.source.git.commit": git_commit(), "dtl.host": socket.gethostname(), "dtl.pid": str(os.getpid())}
 
 
-def find_runs(tracking: Tracking, filter_string: str, max_results: int = 1000):
-    return tracking.client.search_runs([tracking.experiment_id], filter_string=filter_string,
-                                       max_results=max_results, order_by=["attributes.start_time ASC"])
+def find_runs(tracking: Tracking, filter_string: str, max_results: int | None = None, page_size: int = 1000):
+    """Runs of the experiment matching ``filter_string``, oldest first: every match (paged
+    through MLflow's page tokens, past the 1,000 of one page) unless ``max_results`` caps it."""
+    out, token = [], None
+    while True:
+        n = page_size if max_results is None else min(page_size, max_results - len(out))
+        page = tracking.client.search_runs([tracking.experiment_id], filter_string=filter_string, max_results=n,
+                                           order_by=["attributes.start_time ASC"], page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token or (max_results is not None and len(out) >= max_results):
+            return out
 
 
 def find_run(tracking: Tracking, tags: dict[str, str]) -> Run | None:
@@ -204,7 +222,8 @@ def find_run(tracking: Tracking, tags: dict[str, str]) -> Run | None:
 
 
 def end_orphans(tracking: Tracking, parent: str | None = None, alive: set[str] | None = None) -> int:
-    """End RUNNING dtl runs whose process is gone (same host, pid not alive) as KILLED.
+    """End RUNNING dtl runs whose process is gone (same host, pid not alive) as KILLED: study,
+    trial and root runs, and the outer run of a killed ``mlflow run`` invocation.
 
     ``alive`` lists run ids known to be live elsewhere (e.g. trials Optuna still sees running)."""
     flt = "attributes.status = 'RUNNING'"
@@ -216,7 +235,10 @@ def end_orphans(tracking: Tracking, parent: str | None = None, alive: set[str] |
         t = r.data.tags
         if r.info.run_id == tracking.outer_run_id or (alive and r.info.run_id in alive):
             continue
-        if "dtl.pid" not in t or t.get("dtl.host") != host or pid_alive(int(t["dtl.pid"])):
+        if "dtl.pid" not in t or t.get("dtl.host") != host:
+            continue
+        # an `mlflow run` outer run also records its launcher: alive while either process is
+        if any(pid_alive(int(t[k])) for k in ("dtl.pid", "dtl.launcher_pid") if t.get(k, "").isdigit()):
             continue
         tracking.client.set_tag(r.info.run_id, "dtl.ended_by", "rerun: the process that ran it was gone")
         tracking.client.set_terminated(r.info.run_id, "KILLED")
@@ -240,10 +262,15 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def log_dataset(run: Run, ds, context: str, name: str) -> None:
-    """Log one split of the manifest as an MLflow dataset input (``mlflow.log_input`` by run id)."""
+def dataset_ref(ds, split: str, name: str) -> tuple[str, str]:
+    """(name, digest) of one split as logged by :func:`log_dataset`, to link metrics to it."""
     import hashlib
 
+    return f"{name}-{split}", hashlib.sha256((ds.digest + split).encode()).hexdigest()[:16]
+
+
+def log_dataset(run: Run, ds, context: str, name: str) -> None:
+    """Log one split of the manifest as an MLflow dataset input (``mlflow.log_input`` by run id)."""
     import pandas as pd
     from mlflow.entities import DatasetInput, InputTag
 
@@ -251,8 +278,8 @@ def log_dataset(run: Run, ds, context: str, name: str) -> None:
     df = ds.manifest[ds.manifest["split"] == split]
     if not len(df):
         return
-    digest = hashlib.sha256((ds.digest + split).encode()).hexdigest()[:16]
-    dataset = mlflow.data.from_pandas(pd.DataFrame(df), source=str(ds.root), name=f"{name}-{split}", digest=digest)
+    ds_name, digest = dataset_ref(ds, split, name)
+    dataset = mlflow.data.from_pandas(pd.DataFrame(df), source=str(ds.root), name=ds_name, digest=digest)
     run.client.log_inputs(run.id, [DatasetInput(dataset._to_mlflow_entity(),
                                                 [InputTag("mlflow.data.context", context)])])
 
@@ -268,11 +295,21 @@ def log_data(run: Run, ds, name: str) -> None:
         log_dataset(run, ds, ctx, name)
 
 
-def log_evaluation(run: Run, ev: dict, prefix: str = "") -> None:
-    """Metrics with CIs, confusion matrices (JSON + PNG) and predictions of a final evaluation."""
+def log_evaluation(run: Run, ev: dict, prefix: str = "", model_id: str | None = None, data=None) -> None:
+    """Metrics with CIs, confusion matrices (JSON + PNG) and predictions of a final evaluation.
+
+    With ``model_id`` and ``data`` (the dataset and the name it was logged under), each
+    split's metrics are linked to the logged model and to that split's dataset, so MLflow's
+    model views compare models by them."""
     from dtl.metrics import confusion_figure
 
-    run.log_metrics(ev["metrics"])
+    if model_id is None or data is None:
+        run.log_metrics(ev["metrics"])
+    else:
+        ds, name = data
+        for split in {k.split("_", 1)[0] for k in ev["metrics"]}:
+            run.log_metrics({k: v for k, v in ev["metrics"].items() if k.startswith(f"{split}_")},
+                            model_id=model_id, dataset=dataset_ref(ds, split, name))
     if ev.get("ci_unit"):
         run.set_tags({f"ci_unit.{split}": unit for split, unit in ev["ci_unit"].items()})
     for split, cm in ev["confusion"].items():
@@ -285,3 +322,15 @@ def log_evaluation(run: Run, ev: dict, prefix: str = "") -> None:
 def download(run_id: str, path: str, dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+
+
+def system_metrics(run_id: str):
+    """Start MLflow's system-metrics monitor (CPU, memory, disk, network; GPU where pynvml
+    sees one) on ``run_id``, so a slow study can be explained from the UI; call ``finish()``
+    on the result. A resumed run continues its step count. Interval:
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL (default 10 s)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True)  # to the URI connect() set
+    monitor.start()
+    return monitor

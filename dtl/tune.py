@@ -31,7 +31,8 @@ from dtl.config import EXPERIMENTS_DIR, Config, flatten, with_phase
 from dtl.engine import NonFiniteLoss
 from dtl.metrics import direction
 from dtl.phases import dataset, init_digest, run_phase, test_hook
-from dtl.tracking import Run, Tracking, end_orphans, find_run, log_data, redact, start_run
+from dtl.progress import StudyProgress
+from dtl.tracking import Run, Tracking, end_orphans, find_run, log_data, redact, start_run, system_metrics
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -215,7 +216,7 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
         overrides = suggest(trial, space, n_stages)
         tcfg = with_phase(cfg, phase, **overrides)
         # A retry of a killed trial continues in the killed trial's folder, from its last.pt.
-        origin = RetryCallback.retried_trial_number(trial.study._storage.get_trial(trial._trial_id))
+        origin = RetryCallback.retried_trial_number(_frozen(trial.study, trial.number))
         workdir = workroot / f"trial-{origin if origin is not None else trial.number}"
         trun = start_run(tracking, f"trial-{trial.number}", {**tags, "dtl.role": "trial", "optuna.trial": trial.number,
                                                              "optuna.state": "RUNNING",
@@ -226,6 +227,7 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
 
         def report(epoch: int, row: dict) -> None:
             trun.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            bar.epoch(trial.number, epoch)
             test_hook(f"{phase}:trial{trial.number}:epoch{epoch}")
             trial.report(row[pc.monitor], epoch)
             if trial.should_prune():
@@ -272,13 +274,21 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
     # n_trials counts COMPLETED trials (a pruned trial is no sample of the objective at full length);
     # the cap on trials of any state makes a study whose trials all prune or fail end anyway.
     cap = cfg.tune.max_trials or 3 * pc.n_trials
-    remaining = min(pc.n_trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
-                    cap - len(study.get_trials(deepcopy=False)))
+    n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    remaining = min(pc.n_trials - n_complete, cap - len(study.get_trials(deepcopy=False)))
+    monitor = system_metrics(run.id)
+    bar = StudyProgress(f"{phase} {strategy} {backbone}" if phase == "phase2" else f"{phase} {backbone}",
+                        pc.n_trials, n_complete, pc.epochs)
+
+    def show(study_: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+        best = study_.best_value if any(x.state == TrialState.COMPLETE for x in study_.get_trials(deepcopy=False)) else None
+        bar.trial_done(t.number, t.state.name, t.value, best)
+
     try:
         if remaining > 0:
             study.optimize(objective, n_trials=cap,  # bounded by the two callbacks below
                            callbacks=[optuna.study.MaxTrialsCallback(pc.n_trials, states=(TrialState.COMPLETE,)),
-                                      optuna.study.MaxTrialsCallback(cap, states=None), keep_best_only],
+                                      optuna.study.MaxTrialsCallback(cap, states=None), keep_best_only, show],
                            catch=(NonFiniteLoss, torch.cuda.OutOfMemoryError, DTLError), gc_after_trial=True)
         keep_best_only(study, None)
         result = _summarise(study, run, name, phase, backbone, strategy, workroot, time.time() - t0,
@@ -288,6 +298,9 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
         _quietly(run.set_tags, {"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
         _quietly(run.end, "FAILED" if isinstance(e, Exception) else "KILLED")
         raise
+    finally:
+        monitor.finish()
+        bar.close()
     run.end("FINISHED")
     return result
 
@@ -308,10 +321,15 @@ def _fail_dead_trials(study: optuna.Study, tracking: Tracking) -> int:
         tags = tracking.client.get_run(run_id).data.tags
         if tags.get("dtl.host") != socket.gethostname() or pid_alive(int(tags.get("dtl.pid", "0") or 0)):
             continue
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        RetryCallback(max_retry=2)(study, study._storage.get_trial(t._trial_id))
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        RetryCallback(max_retry=2)(study, _frozen(study, t.number))
         n += 1
     return n
+
+
+def _frozen(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    """Trial ``number`` as stored now (public API: trial numbers index ``get_trials``)."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
 def _summarise(study, run: Run, name, phase, backbone, strategy, workroot: Path, wall: float,

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,33 +79,35 @@ def module_workspace(tmp: Path):
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-@contextlib.contextmanager
-def served_model(model_uri: str, cwd: Path):
-    """The real `mlflow models serve` process for ``model_uri`` on a free 127.0.0.1 port; yields its base URL."""
-    import socket
-    import subprocess
-    import time
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
+
+@contextlib.contextmanager
+def mlflow_serve(model_uri: str, cwd: Path, timeout: float = 180):
+    """A real ``mlflow models serve`` of ``model_uri`` on 127.0.0.1 (local env manager); yields
+    its base URL once /ping answers, and stops it afterwards."""
     import requests
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen([str(Path(PYTHON).parent / "mlflow"), "models", "serve", "-m", model_uri,
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + timeout
         while time.time() < deadline:
             try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             time.sleep(1)
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)

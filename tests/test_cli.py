@@ -1,7 +1,13 @@
 """The command line and the MLproject as a user runs them (real subprocesses)."""
 
+import fcntl
 import os
+import pty
+import signal
+import struct
 import subprocess
+import termios
+import time
 from pathlib import Path
 
 import mlflow
@@ -9,6 +15,7 @@ import pytest
 import tomllib
 import yaml
 
+from dtl.tracking import connect
 from tests.conftest import PYTHON, ROOT, demo_overrides
 
 
@@ -47,9 +54,11 @@ def test_malformed_optuna_storage_url(workspace, cache_dir):
     assert p.returncode == 2 and "Optuna storage 'notaurl' is not usable" in p.stderr and "journal:" in p.stderr
 
 
-def test_phase2_double_without_a_phase1_source_and_evaluate_without_a_target(workspace):
-    p = dtl("phase2", "--backbones", "test_resnet")
-    assert p.returncode == 2 and "needs --phase1" in p.stderr
+def test_phase2_double_without_a_phase1_study_and_evaluate_without_a_target(workspace, cache_dir):
+    o = demo_overrides(cache_dir, workspace)
+    p = dtl("phase2", *[x for kv in o for x in ("-o", kv)])
+    assert p.returncode == 2 and "holds no finished phase-1 study of test_resnet" in p.stderr
+    assert "mlflow run . -e phase1 --experiment-name all-dtl-demo" in p.stderr and "Traceback" not in p.stderr
     p = dtl("evaluate")
     assert p.returncode == 2 and "--checkpoint FILE or --run" in p.stderr
 
@@ -151,6 +160,120 @@ def test_evaluate_a_study_run_from_the_cli(workspace, cache_dir):
     assert "test_macro_f1" in p.stdout and "95% CI" in p.stdout
     ev = mlflow.search_runs([exp.experiment_id], "tags.`dtl.role` = 'evaluate'", output_format="list")
     assert len(ev) == 1 and "test_balanced_accuracy_ci_low" in ev[0].data.metrics
+
+
+def mlflow_run(entry: str, workspace: Path, cache_dir: Path, *params: str, experiment: str = "job",
+               popen: bool = False):
+    """`mlflow run <checkout> -e <entry> --env-manager local --experiment-name <experiment>` on
+    the tiny demo (one backbone, one trial of one epoch), as a user types it."""
+    o = demo_overrides(cache_dir, workspace, **{"cards_dir": str(workspace / "cards"), "bootstrap": 20})
+    o = [x for x in o if not x.startswith(("tune.storage", "backbones", "phase1.", "phase2."))]
+    cmd = [str(Path(PYTHON).parent / "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local",
+           "--experiment-name", experiment, "-P", "backbones=test_resnet", "-P", "n_trials=1", "-P", "epochs=1",
+           "-P", f"storage=sqlite:///{workspace}/optuna.db", "-P", "overrides=" + " ".join(o), *params]
+    env = {**os.environ, "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.slow
+def test_mlflow_run_main_then_phase2_on_defaults_keeps_the_job_in_one_experiment(workspace, cache_dir):
+    """Runs, logged models (with their metrics linked to model and dataset) and registered
+    versions (with the card as description) of `mlflow run -e main`, then `-e phase2` with no
+    `phase1`: it takes the experiment's latest phase-1 study, says which and tags it."""
+    main = mlflow_run("main", workspace, cache_dir)
+    assert main.returncode == 0, main.stderr[-3000:]
+    p2 = mlflow_run("phase2", workspace, cache_dir)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("job")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    assert not client.search_runs(["0"]), "nothing of the job in MLflow's Default experiment"
+    p1 = [r for r in runs if r.data.tags.get("dtl.role") == "study" and r.data.tags["phase"] == "phase1"]
+    assert len(p1) == 1
+    assert f"double transfer from phase-1 study run {p1[0].info.run_id}" in p2.stdout
+    outer = [r for r in runs if r.data.tags.get("dtl.job") == "phase2"]
+    assert outer[0].data.tags["dtl.phase1_source.test_resnet"] == p1[0].info.run_id
+    # the same start as main's phase 2: its study (complete) is resumed, not trained again
+    p2s = [r for r in runs if r.data.tags.get("dtl.role") == "study" and r.data.tags["phase"] == "phase2"]
+    assert len(p2s) == 1 and p2s[0].data.tags["init"] == f"phase1:{p1[0].info.run_id}"
+    models = client.search_logged_models([exp.experiment_id])
+    assert len(models) == 1 and models[0].source_run_id == p2s[0].info.run_id
+    for m in models:
+        linked = {(x.key, x.dataset_name) for x in m.metrics if x.model_id == m.model_id}
+        assert {("test_accuracy", "phase2-test"), ("val_macro_f1", "phase2-val")} <= linked, linked
+    versions = client.search_model_versions("name='all-dtl'")
+    assert {v.source for v in versions} == {f"models:/{m.model_id}" for m in models}  # the sqlite registry links by source
+    assert {client.get_run(v.run_id).info.experiment_id for v in versions} == {exp.experiment_id}
+    champ = client.get_model_version_by_alias("all-dtl", "champion")
+    assert champ.description.startswith("# Model card: all-dtl v") and "NOT for diagnosis" in champ.description
+    # what a person reads in the log: a plain line per trial (no carriage returns off a terminal),
+    # a summary table at the end; and system metrics on every study run
+    assert "phase1 test_resnet: trial 0 complete value" in main.stderr and "\r" not in main.stderr
+    assert "test macro-F1" in main.stdout and "champion" in main.stdout
+    for r in p1 + p2s:
+        assert any(k.startswith("system/cpu_utilization") for k in r.data.metrics), sorted(r.data.metrics)
+
+
+@pytest.mark.slow
+def test_a_killed_mlflow_run_is_ended_killed_by_the_next_invocation(workspace, cache_dir):
+    """SIGKILL to the process group of `mlflow run -e main` part-way; the next invocation ends
+    MLflow's outer run of the killed one KILLED, as it does the project's own runs."""
+    client = connect(os.environ["MLFLOW_TRACKING_URI"], "job").client  # the store exists before two processes poll it
+    proc = mlflow_run("main", workspace, cache_dir, popen=True)
+    deadline = time.time() + 300
+    trials = []
+    while not trials and time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+        exp = client.get_experiment_by_name("job")
+        if exp is not None:
+            trials = client.search_runs([exp.experiment_id], "tags.`dtl.role` = 'trial'")
+    assert trials, proc.stdout.read()[-3000:] if proc.poll() is not None else "no trial started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed = client.search_runs([exp.experiment_id], "tags.`dtl.role` = 'pipeline'")
+    assert len(killed) == 1 and killed[0].info.status == "RUNNING"
+    again = mlflow_run("phase1", workspace, cache_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    first = client.get_run(killed[0].info.run_id)
+    assert first.info.status == "KILLED" and "process that ran it was gone" in first.data.tags["dtl.ended_by"]
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+
+
+def _on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
+    """Run `dtl ...` with stderr on a pseudo-terminal, as a person at a shell sees it."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160-column window
+    proc = subprocess.Popen([PYTHON, "-m", "dtl", *args], stdout=subprocess.DEVNULL, stderr=slave, cwd=cwd)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=600), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_live_progress_line_on_a_terminal_and_quiet_turns_it_off(workspace, cache_dir):
+    o = demo_overrides(cache_dir, workspace, **{"phase1.n_trials": 1, "phase1.epochs": 2})
+    flags = [x for kv in o for x in ("-o", kv)]
+    rc, err = _on_a_terminal(["phase1", *flags], workspace)
+    assert rc == 0, err[-2000:]
+    line = err[err.rindex("phase1 test_resnet"):]
+    assert "\r" in err and "1/1" in line and "best=" in line and "pruned=0" in line, line[:300]
+    assert "epoch=2/2" in err  # the epoch is shown while the trial runs
+    rc, err = _on_a_terminal(["phase1", "--quiet", *flags, "-o", "experiment=quiet",
+                              "-o", f"tune.storage=sqlite:///{workspace}/quiet.db"], workspace)
+    assert rc == 0 and "phase1 test_resnet" not in err and "caching" not in err, err[-2000:]
 
 
 def test_promote_ranks_only_versions_of_the_recipes_data(workspace, cache_dir):

@@ -1,4 +1,4 @@
-"""One trial trained data-parallel by torchrun with 2 processes on CPU (gloo)."""
+"""One trial trained data-parallel by torchrun with 2 processes on CPU (gloo); compile before the DDP wrap."""
 
 import os
 import subprocess
@@ -10,9 +10,8 @@ import pytest
 from dtl.models import load_checkpoint
 from tests.conftest import PYTHON, demo_overrides
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_torchrun_two_processes_train_one_study(workspace, cache_dir):
     o = demo_overrides(cache_dir, workspace, **{"phase1.n_trials": 2, "phase1.epochs": 2, "device": "cpu"})
     torchrun = str(Path(PYTHON).parent / "torchrun")
@@ -30,3 +29,25 @@ def test_torchrun_two_processes_train_one_study(workspace, cache_dir):
     ckpts = list((workspace / "runs").glob("*/trial-*/best.pt"))
     assert len(ckpts) == 1 and load_checkpoint(ckpts[0])["meta"]["backbone"] == "test_resnet"
     assert not [r for r in mlflow.search_runs([exp.experiment_id], output_format="list") if r.info.status == "RUNNING"]
+
+
+def test_compile_is_applied_before_the_ddp_wrap(tmp_path, monkeypatch):
+    """`compile: true` under DDP: the wrapped module is the compiled net, not a plain copy."""
+    import torch
+    import torch.distributed as dist
+
+    from dtl.models import DTLNet, ModelSpec
+    from dtl.phases import training_module
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; one process group member is enough here
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        net = DTLNet(ModelSpec("test_resnet", ("a", "b")))
+        model = training_module(net, True, torch.device("cpu"))
+        assert isinstance(model, torch.nn.parallel.DistributedDataParallel) and model.module is net
+        assert net._compiled_call_impl is not None  # nn.Module.compile() in place
+        assert list(net.state_dict()) == list(DTLNet(ModelSpec("test_resnet", ("a", "b"))).state_dict())
+        plain = training_module(DTLNet(ModelSpec("test_resnet", ("a", "b"))), False, torch.device("cpu"))
+        assert plain._compiled_call_impl is None
+    finally:
+        dist.destroy_process_group()

@@ -267,12 +267,12 @@ def test_fuzzy_model_behind_mlflow_models_serve(fuzzy_done):
     import mlflow
     import requests
 
-    from tests.conftest import served_model
+    from tests.conftest import mlflow_serve
 
     tmp, cfg, t, p2, out = fuzzy_done
     img = sorted((Path(cfg.cache_dir) / "demo" / "aria" / "Original" / "Pro").glob("*.jpg"))[0]
     local = mlflow.pyfunc.load_model("models:/all-dtl-fuzzy/1").predict({"image": [str(img)]}).iloc[0]
-    with served_model("models:/all-dtl-fuzzy/1", tmp) as url:
+    with mlflow_serve("models:/all-dtl-fuzzy/1", tmp) as url:
         r = requests.post(f"{url}/invocations", timeout=60,
                           json={"dataframe_records": [{"image": base64.b64encode(img.read_bytes()).decode()}]})
         assert r.status_code == 200, r.text

@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from dtl import DTLError, config
-from dtl.tracking import connect
+from dtl.tracking import connect, find_runs, start_run
 from dtl.tune import make_storage, run_study
 from tests.conftest import PYTHON, demo_overrides
 
@@ -161,3 +161,11 @@ def test_pruner_waits_for_startup_trials_and_the_lr_warmup(monitor):
     study.add_trial(good())
     assert not bad_trial_prunes_at(1)  # epoch 1 is inside the 2-epoch LR warm-up
     assert bad_trial_prunes_at(2)
+
+
+def test_find_runs_pages_past_one_page(workspace):
+    """Every matching run, in start order, however many pages MLflow splits them into."""
+    t = connect(os.environ["MLFLOW_TRACKING_URI"], "paging")
+    ids = [start_run(t, f"r{i}", {"dtl.role": "trial"}).id for i in range(5)]
+    assert [r.info.run_id for r in find_runs(t, "tags.`dtl.role` = 'trial'", page_size=2)] == ids
+    assert len(find_runs(t, "tags.`dtl.role` = 'trial'", max_results=3, page_size=2)) == 3

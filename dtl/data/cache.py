@@ -20,6 +20,7 @@ from PIL import Image
 from dtl import DTLError
 from dtl.data.datasets import Dataset
 from dtl.data.transforms import InputSpec, hsv_segment
+from dtl.progress import live
 
 CACHE_VERSION = "1"
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -28,8 +29,27 @@ _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Im
 def decode(path: Path, size: int, interpolation: str = "bicubic", segment: bool = False) -> np.ndarray:
     """One image file -> RGB uint8 ``size×size×3`` (the shared decode of training, cache and serving)."""
     with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"))
+        rgb = to_rgb(im)
     return resize_rgb(rgb, size, interpolation, segment)
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    """Any PIL image -> RGB uint8 H×W×3, the same way for training and serving.
+
+    16-bit and 32-bit greyscale are scaled to 8 bits (``convert("RGB")`` would clip them to
+    white); transparent images are composited over white, the background of a smear; palette,
+    CMYK, YCbCr and bilevel images go through Pillow's own conversion."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        grey = np.asarray(im, dtype=np.float64)
+        top = grey.max(initial=0.0)
+        scale = 255.0 if top <= 255 else (65535.0 if top <= 65535 else top)
+        grey = np.clip(np.rint(grey * (255.0 / scale)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.stack([grey] * 3, -1))
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(im.convert("RGB"))
 
 
 def resize_rgb(rgb: np.ndarray, size: int, interpolation: str = "bicubic", segment: bool = False) -> np.ndarray:
@@ -63,7 +83,7 @@ def split_array(ds: Dataset, split: str, spec: InputSpec, segment: bool, cache_d
 
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
             it = pool.map(work, range(len(files)))
-            if progress:
+            if progress and live():  # no carriage-return bars in logs, none with --quiet
                 from tqdm import tqdm
 
                 it = tqdm(it, total=len(files), desc=f"caching {ds.kind}/{split}", unit="img", leave=False)

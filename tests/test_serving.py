@@ -1,0 +1,208 @@
+"""The registered model as a service and as a portable artifact.
+
+A real ``mlflow models serve`` on 127.0.0.1: bad rows get HTTP 400 naming the row and the
+problem, file paths are never read, decoding is bounded, every image mode classifies, and
+the server answers a valid request after each bad one. Then the model's own requirements
+in a fresh virtualenv, with this checkout out of reach, load ``@champion`` and predict.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from dtl.models import DTLNet, ModelSpec, resolve_input_spec, save_checkpoint
+from dtl.registry import log_model, model_artifacts, register
+from dtl.serving import InputPolicy, InvalidInput, decode_image_bytes
+from dtl.tracking import connect, start_run
+from tests.conftest import ROOT, SHARED, mlflow_serve, require_real_data
+
+CLASSES = ("Benign", "Early", "Pre", "Pro")
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory):
+    """An untrained test_resnet logged, registered and aliased ``champion`` in a fresh store
+    (serving does not need a trained model, and this keeps the module fast)."""
+    tmp = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    old, cwd = os.environ.get("MLFLOW_TRACKING_URI"), os.getcwd()
+    os.chdir(tmp)  # the store's artifacts go under the working directory
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    t = connect(uri, "serving")
+    net = DTLNet(ModelSpec("test_resnet", CLASSES))
+    ckpt = save_checkpoint(tmp / "best.pt", net, {"phase": "phase2", "init": "scratch", "data_digest": "x",
+                                                  "input": resolve_input_spec("test_resnet", 64).to_dict()})
+    run = start_run(t, "serving-model", {"dtl.role": "study"})
+    model_uri = log_model(run, ckpt)
+    version = register(t, "all-dtl", model_uri, run.id, {"backbone": "test_resnet"})
+    t.client.set_registered_model_alias("all-dtl", "champion", version)
+    run.end()
+    yield tmp, t
+    os.chdir(cwd)
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="module")
+def server(champion):
+    tmp, _ = champion
+    with mlflow_serve("models:/all-dtl@champion", tmp) as url:
+        yield url
+
+
+def _png(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _cell() -> Image.Image:
+    """A stained-cell-like RGB picture: a purple disc on a pale background."""
+    yy, xx = np.mgrid[:90, :80]
+    disc = ((yy - 45) ** 2 + (xx - 40) ** 2) < 900
+    arr = np.where(disc[..., None], [120, 60, 160], [235, 225, 230]).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+GOOD = _b64(_png(_cell()))
+
+
+def _post(url: str, rows: list) -> requests.Response:
+    return requests.post(f"{url}/invocations", json={"dataframe_records": [{"image": r} for r in rows]}, timeout=30)
+
+
+def _assert_still_serves(url: str) -> None:
+    r = _post(url, [GOOD])
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["class"] in CLASSES
+
+
+def _bad_rows(tmp: Path) -> dict[str, str]:
+    fifo = tmp / "blocking.fifo"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    bomb = Image.new("L", (9000, 9000))  # 81 MP of zeros: a few hundred KB as PNG
+    return {
+        "existing file": str(ROOT / "README.md"),
+        "missing file": str(tmp / "no-such-image.jpg"),
+        "server's own weights": str(next(tmp.rglob("weights.safetensors"), tmp / "w")),
+        "fifo": str(fifo),  # the old code opened it and blocked the worker forever
+        "device": "/dev/zero",
+        "not an image": _b64(b"plain text, not an image"),
+        "decompression bomb": _b64(_png(bomb)),
+    }
+
+
+@pytest.mark.slow
+def test_bad_rows_get_400_naming_the_row_and_the_server_keeps_serving(champion, server):
+    tmp, _ = champion
+    answers = {}
+    for what, value in _bad_rows(tmp).items():
+        r = _post(server, [GOOD, value])
+        assert r.status_code == 400, (what, r.status_code, r.text[:300])
+        msg = r.json()["message"]
+        assert "input row 1:" in msg, (what, msg[-300:])
+        answers[what] = msg.split("input row 1:")[-1]
+        _assert_still_serves(server)
+    # paths are never read: an existing file and a missing one get the same answer (no oracle)
+    for what in ("existing file", "missing file", "server's own weights", "fifo", "device"):
+        assert "file paths are not read" in answers[what], (what, answers[what])
+    assert "not a readable image" in answers["not an image"]
+    assert "exceeds the limit" in answers["decompression bomb"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("I;16", "PNG"), ("P", "PNG"), ("RGBA", "PNG"),
+                                       ("LA", "PNG"), ("CMYK", "JPEG"), ("CMYK", "TIFF")])
+def test_every_image_mode_converts_and_classifies(server, mode, fmt):
+    rgb = _cell()
+    if mode == "I;16":  # the 8-bit grey picture scaled to 16 bits: must classify like the 8-bit one
+        img = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
+        assert img.mode == "I;16"
+    else:
+        img = rgb.convert(mode)
+    r = _post(server, [_b64(_png(img, fmt)), _b64(_png(rgb.convert("L")))])
+    assert r.status_code == 200, r.text[-500:]
+    pred, grey = r.json()["predictions"]
+    assert pred["class"] in CLASSES
+    if mode in ("L", "I;16"):
+        assert all(abs(pred[f"p_{c}"] - grey[f"p_{c}"]) < 1e-4 for c in CLASSES), (pred, grey)
+
+
+def test_paths_only_in_local_python_when_asked(champion, tmp_path):
+    """`mlflow.pyfunc.load_model(..., model_config={"allow_paths": True})` reads files; by default not."""
+    f = tmp_path / "cell.png"
+    _cell().save(f)
+    with pytest.raises(InvalidInput, match="input row 0: .*file paths are not read"):
+        mlflow.pyfunc.load_model("models:/all-dtl@champion").predict({"image": [str(f)]})
+    local = mlflow.pyfunc.load_model("models:/all-dtl@champion", model_config={"allow_paths": True})
+    assert local.predict({"image": [str(f)]})["class"][0] in CLASSES
+    with pytest.raises(InvalidInput, match="not a regular file"):
+        local.predict({"image": ["/dev/zero"]})
+
+
+def test_decoded_bytes_are_bounded():
+    data = _png(_cell())
+    with pytest.raises(InvalidInput, match="exceed the limit of 100"):
+        decode_image_bytes(data, InputPolicy(max_bytes=100))
+    with pytest.raises(InvalidInput, match="exceeds the limit of 1000"):
+        decode_image_bytes(data, InputPolicy(max_pixels=1000))
+
+
+def _aria_image() -> Path:
+    require_real_data()
+    return sorted((SHARED / "aria-all-pbs-2021" / "Original" / "Pro").glob("*.jpg"))[0]
+
+
+@pytest.mark.slow
+def test_champion_loads_and_predicts_in_a_fresh_virtualenv_from_its_own_requirements(champion, tmp_path, request):
+    """Only the model's requirements.txt is installed (from the package index); the checkout
+    is not importable: the model brings its own code."""
+    _, t = champion
+    img = _aria_image()
+    reqs = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{model_artifacts(t.client, 'models:/all-dtl@champion')}/requirements.txt",
+        dst_path=str(tmp_path / "reqs")))
+    lines = [x for x in reqs.read_text().split() if x]
+    for dist in ("torch==", "timm==", "safetensors==", "pillow==", "mlflow=="):
+        assert any(x.lower().startswith(dist) for x in lines), (dist, lines)
+    assert not [x for x in lines if x.split("==")[0].lower() in ("dtl", "all-dtl")], lines
+    venv = tmp_path / "venv"
+    request.addfinalizer(lambda: shutil.rmtree(venv, ignore_errors=True))  # ~6 GB with torch's CUDA wheels
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    pip = subprocess.run([py, "-m", "pip", "install", "-q", "-r", str(reqs)], capture_output=True, text=True,
+                         timeout=1500)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    script = (
+        "import sys, mlflow, pandas as pd, base64\n"
+        "try:\n    import dtl\nexcept ImportError:\n    pass\nelse:\n    sys.exit('dtl importable: ' + dtl.__file__)\n"
+        "m = mlflow.pyfunc.load_model('models:/all-dtl@champion')\n"
+        f"b = base64.b64encode(open({str(img)!r}, 'rb').read()).decode()\n"
+        "out = m.predict(pd.DataFrame({'image': [b]}))\n"
+        "import dtl\nprint(out.iloc[0]['class'], dtl.__file__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    p = subprocess.run([py, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cls, where = p.stdout.split()[-2:]
+    assert cls in CLASSES and "/code/dtl/" in where and str(ROOT) not in where
