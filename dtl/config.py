@@ -26,6 +26,12 @@ OPTIMIZERS = ("adamw", "adamax")
 HEADS = ("linear", "pbs")
 STRATEGIES = ("double", "single", "scratch")
 PRUNERS = ("median", "hyperband", "threshold", "none")
+# Split protocols each data kind accepts ("auto" picks the first).
+SPLIT_PROTOCOLS = {
+    "cnmc": ("patient-level",), "demo-cnmc": ("patient-level",), "presplit": ("given",),
+    **{k: ("near-duplicate-groups", "acquisition-blocks", "image-level") for k in ("aria", "demo-aria", "imagefolder")},
+}
+MASK_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,9 @@ class DataConfig:
     val_dir: str = ""
     test_dir: str = ""
     classes: tuple[str, ...] = ()  # expected class names; empty = take them from the data
+    protocol: str = "auto"  # split protocol, one of SPLIT_PROTOCOLS; auto = the kind's default
+    block_size: int = 20  # acquisition-blocks: consecutive file numbers per class kept together
+    mask_annotation: str = "auto"  # on | off | auto (= on for Aria, whose corner stamp leaks the label)
 
 
 @dataclass(frozen=True)
@@ -264,6 +273,20 @@ def validate(cfg: Config) -> None:
             raise DTLError(f"{ph}.n_trials must be >= 1")
         if not 0 <= p.data.val_fraction < 1 or not 0 <= p.data.test_fraction < 1:
             raise DTLError(f"{ph}.data fractions must be in [0, 1)")
+        _validate_split(p.data, ph)
+
+
+def _validate_split(d: DataConfig, ph: str) -> None:
+    _choice(d.protocol, ("auto",) + SPLIT_PROTOCOLS[d.kind], f"{ph}.data.protocol (data.kind={d.kind})")
+    _choice(d.mask_annotation, MASK_MODES, f"{ph}.data.mask_annotation")
+    if d.block_size < 1:
+        raise DTLError(f"{ph}.data.block_size must be >= 1 (file numbers per acquisition block), "
+                       f"got {d.block_size}")
+
+
+def split_protocol(d: DataConfig) -> str:
+    """The split protocol ``d`` asks for, with ``auto`` resolved for its kind."""
+    return SPLIT_PROTOCOLS[d.kind][0] if d.protocol == "auto" else d.protocol
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Seeded, leakage-free splits: pure functions over label (and patient) columns.
+"""Seeded, leakage-free splits: pure functions over label and patient (or group) columns.
 
 The same seed and the same data give the same split on any machine: every random choice is
 drawn from ``numpy.random.default_rng(seed)`` over items sorted by name.
@@ -37,19 +37,17 @@ def patient_split(df: pd.DataFrame, fraction: float, seed: int, name: str = "val
     return out
 
 
-def stratified_split(labels: pd.Series, val_fraction: float, test_fraction: float,
-                     seed: int) -> pd.Series:
-    """Image-level stratified train/val/test assignment (per class, seeded)."""
-    out = pd.Series("train", index=labels.index, dtype=object)
-    rng = np.random.default_rng(seed)
-    for label in sorted(labels.unique()):
-        idx = labels.index[labels == label].to_numpy()
-        idx = idx[rng.permutation(len(idx))]
-        n_test = int(round(test_fraction * len(idx)))
-        n_val = int(round(val_fraction * len(idx)))
-        out[idx[:n_test]] = "test"
-        out[idx[n_test:n_test + n_val]] = "val"
-    return out
+def group_split(labels: pd.Series, groups: pd.Series, val_fraction: float, test_fraction: float,
+                seed: int) -> pd.Series:
+    """Class-stratified train/val/test assignment of whole groups (seeded): a group never spans
+    two splits. A group counts under its most frequent label (near-duplicate clusters and
+    acquisition blocks are single-class; the rule only matters for odd mixed groups)."""
+    stratum = labels.groupby(groups).agg(lambda s: s.value_counts().sort_index().idxmax())
+    table = pd.DataFrame({"label": groups.map(stratum), "patient": groups}, index=labels.index)
+    split = patient_split(table, test_fraction, seed + 1, name="test")
+    rest = table[split == "train"]
+    split[rest.index] = patient_split(rest, val_fraction, seed)
+    return split
 
 
 def patient_overlap(df: pd.DataFrame) -> int:
