@@ -34,6 +34,7 @@ from threadpoolctl import threadpool_limits
 THUMB = 32  # thumbnail side in pixels
 HASH_BITS = 8  # perceptual-hash distance that links two images on its own
 SIM_THRESHOLD = 0.53  # shifted NCC of thumbnails that links two images
+NULL_MARGIN = 0.2  # a link must also beat the set's 99th-percentile random-pair NCC by this much
 MAX_SHIFT = 10  # largest relative shift tried, in thumbnail pixels (~31% of the frame)
 MIN_OVERLAP = 0.5  # smallest overlap (share of the thumbnail area) a shift may leave
 NEIGHBOURS = 8  # candidates per image from the shift-invariant descriptor
@@ -123,6 +124,9 @@ def shifted_ncc(t: np.ndarray, pairs: np.ndarray, batch: int = 2048) -> np.ndarr
 def similar_pairs(thumbs, phashes) -> pd.DataFrame:
     """All linked pairs (index i < j, NCC score, hash distance) among the images."""
     t = decode_thumbs(list(thumbs)).astype(np.float64)
+    # What every image shares (a centred cell in single-cell sets, sensor dust in Aria) is not
+    # evidence of a duplicate: correlate what is left after removing the set's mean thumbnail.
+    t -= t.mean(0) if len(t) > 1 else 0.0
     bits = hash_bits(list(phashes))
     with threadpool_limits(1):  # BLAS threads fight each other on small matrices; one is fastest
         cand = _candidates(t, NEIGHBOURS)
@@ -130,10 +134,26 @@ def similar_pairs(thumbs, phashes) -> pd.DataFrame:
                  for j in i + 1 + np.nonzero((bits[i + 1:] != bits[i]).sum(1) <= HASH_BITS)[0]]
         cand = np.unique(np.concatenate([cand, np.array(close, int).reshape(-1, 2)]), axis=0)
         score = shifted_ncc(t, cand) if len(cand) else np.zeros(0, np.float32)
+        threshold = ncc_threshold(t)
     dist = (bits[cand[:, 0]] != bits[cand[:, 1]]).sum(1) if len(cand) else np.zeros(0, int)
-    keep = (score >= SIM_THRESHOLD) | (dist <= HASH_BITS)
-    return pd.DataFrame({"i": cand[keep, 0], "j": cand[keep, 1], "ncc": score[keep].round(4),
-                         "hash_bits": dist[keep]})
+    keep = (score >= threshold) | (dist <= HASH_BITS)
+    out = pd.DataFrame({"i": cand[keep, 0], "j": cand[keep, 1], "ncc": score[keep].round(4),
+                        "hash_bits": dist[keep]})
+    out.attrs["ncc_threshold"] = round(float(threshold), 4)
+    return out
+
+
+def ncc_threshold(t: np.ndarray, n_random: int = 2000) -> float:
+    """The NCC a link needs in this set: SIM_THRESHOLD (fitted on Aria's smear fields, where 99%
+    of random pairs score below 0.31), raised for sets where random pairs already correlate
+    (centred single cells: PBC 0.49, C-NMC on black 0.86) to :data:`NULL_MARGIN` above the
+    set's 99th-percentile random-pair score (above 1, i.e. no NCC links, on C-NMC)."""
+    if len(t) < 3:
+        return SIM_THRESHOLD
+    pick = np.random.default_rng(0).integers(0, len(t), (n_random, 2))
+    pick = pick[pick[:, 0] != pick[:, 1]]
+    q99 = float(np.quantile(shifted_ncc(t, pick), 0.99))
+    return max(SIM_THRESHOLD, q99 + NULL_MARGIN)
 
 
 def components(n: int, edges: np.ndarray) -> np.ndarray:
