@@ -273,14 +273,15 @@ def validate(cfg: Config) -> None:
             raise DTLError(f"{ph}.n_trials must be >= 1")
         if not 0 <= p.data.val_fraction < 1 or not 0 <= p.data.test_fraction < 1:
             raise DTLError(f"{ph}.data fractions must be in [0, 1)")
-        _validate_split(p.data, ph)
+        validate_data(p.data, f"{ph}.data")
 
 
-def _validate_split(d: DataConfig, ph: str) -> None:
-    _choice(d.protocol, ("auto",) + SPLIT_PROTOCOLS[d.kind], f"{ph}.data.protocol (data.kind={d.kind})")
-    _choice(d.mask_annotation, MASK_MODES, f"{ph}.data.mask_annotation")
+def validate_data(d: DataConfig, where: str) -> None:
+    """Split protocol, annotation-mask mode and block size of one phase's data block."""
+    _choice(d.protocol, ("auto",) + SPLIT_PROTOCOLS[d.kind], f"{where}.protocol (for kind {d.kind})")
+    _choice(d.mask_annotation, MASK_MODES, f"{where}.mask_annotation")
     if d.block_size < 1:
-        raise DTLError(f"{ph}.data.block_size must be >= 1 (file numbers per acquisition block), "
+        raise DTLError(f"{where}.block_size must be >= 1 (file numbers per acquisition block), "
                        f"got {d.block_size}")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dtl import DTLError
 from dtl.config import Config, flatten, with_phase
+from dtl.data.mask import annotation_mask
 from dtl.models import check_backbone
 from dtl.phases import dataset, evaluate_checkpoint, test_hook
 from dtl.tracking import Run, Tracking, connect, download, end_orphans, log_evaluation, start_run
@@ -110,7 +111,7 @@ def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, p1: Study
     tags = {"backbone": study.backbone, "strategy": study.strategy, "phase2_run": study.run_id,
             "phase2_trial": study.best_trial, "data_digest": ds2.digest, "data_kind": ds2.kind,
             "split_protocol": ds2.protocol, "duplicates_removed": ds2.duplicates_removed,
-            "pipeline_run": pipeline_run, "study": study.study_name}
+            "annotation_mask": mask_state(cfg, "phase2"), "pipeline_run": pipeline_run, "study": study.study_name}
     if p1 is not None:
         ds1 = dataset(cfg, "phase1")
         tags.update({"phase1_run": p1.run_id, "phase1_trial": p1.best_trial, "phase1_data_digest": ds1.digest,
@@ -184,6 +185,7 @@ def _provenance(cfg: Config, tracking: Tracking, wall: float, run_id: str) -> di
         "data": {ph: {"kind": dataset(cfg, ph).kind, "root": cfg.phase(ph).data.root or "(demo, generated)",
                       "digest": dataset(cfg, ph).digest, "split_protocol": dataset(cfg, ph).protocol,
                       "duplicates_removed": dataset(cfg, ph).duplicates_removed,
+                      "annotation_mask": mask_state(cfg, ph),
                       "splits": dataset(cfg, ph).audit()["splits"]} for ph in phases},
         "image_size": cfg.image_size or "timm default", "trials": {ph: cfg.phase(ph).n_trials for ph in phases},
         "epochs": {ph: cfg.phase(ph).epochs for ph in phases},
@@ -230,3 +232,9 @@ def single_phase(cfg: Config, phase: str, source: str = "", strategy: str = "dou
                 finish_phase2(cfg, tracking, s, None, register_it=True, pipeline_run=root.id)
             out[backbone] = s
     return out
+
+
+def mask_state(cfg: Config, phase: str) -> str:
+    """``on`` or ``off``: whether the phase's images have their annotation stamp masked."""
+    d = cfg.phase(phase).data
+    return "on" if annotation_mask(d.mask_annotation, dataset(cfg, phase).kind, d.variant) else "off"
