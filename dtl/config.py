@@ -191,6 +191,8 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
             return float(value)
     except (TypeError, ValueError):
         raise DTLError(f"config key {key} must be a number, got {value!r}") from None
+    if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans: keep the user's switch word
+        return "on" if value else "off"
     return "" if value is None else str(value)
 
 

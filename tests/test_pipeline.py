@@ -55,7 +55,7 @@ def test_main_registers_promotes_and_reports(done):
     for k in ("train_loss", "val_loss", "val_accuracy", "lr"):
         assert k in complete[0].data.metrics
     p2 = next(r for r in studies if r.data.tags["phase"] == "phase2")
-    assert p2.data.tags["split_protocol"] == "image-level" and p2.data.tags["init"].startswith("phase1:")
+    assert p2.data.tags["split_protocol"] == "near-duplicate-groups" and p2.data.tags["init"].startswith("phase1:")
     for k in ("test_accuracy", "test_macro_f1_ci_low", "test_macro_f1_ci_high", "val_macro_f1", "n_complete"):
         assert k in p2.data.metrics
     arts = {a.path for a in t.client.list_artifacts(p2.info.run_id, "evaluation")}
@@ -68,7 +68,7 @@ def test_main_registers_promotes_and_reports(done):
     assert (tmp / "cards" / "all-dtl-v1.md").read_text().count("NOT for diagnosis") == 1
     card = __import__("json").loads((tmp / "cards" / "all-dtl-v1.json").read_text())
     assert card["classes"] == ["Benign", "Early", "Pre", "Pro"] and card["input"]["size"] == 64
-    assert card["data"]["phase2"]["split_protocol"] == "image-level" and card["lineage"]["phase1_run"]
+    assert card["data"]["phase2"]["split_protocol"] == "near-duplicate-groups" and card["lineage"]["phase1_run"]
     # report: markdown + csv with one row per backbone
     df = pd.read_csv(tmp / "report" / "results.csv")
     assert list(df["backbone"]) == ["test_resnet"]
@@ -205,7 +205,7 @@ def test_report_command_rebuilds_the_table_from_mlflow_and_logs_it(done):
                                output_format="list")
     assert prov["pipeline_run"] == mains[0].info.run_id  # the provenance the latest main logged is kept
     assert prov["report_command"].startswith("dtl report")
-    assert prov["data"]["phase2"]["split_protocol"] == "image-level" and prov["wall_time_s"] > 0
+    assert prov["data"]["phase2"]["split_protocol"] == "near-duplicate-groups" and prov["wall_time_s"] > 0
     t = connect(cfg.tracking_uri, cfg.experiment)
     runs = mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'report'", output_format="list")
     assert len(runs) == 1

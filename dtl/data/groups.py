@@ -134,26 +134,36 @@ def similar_pairs(thumbs, phashes) -> pd.DataFrame:
                  for j in i + 1 + np.nonzero((bits[i + 1:] != bits[i]).sum(1) <= HASH_BITS)[0]]
         cand = np.unique(np.concatenate([cand, np.array(close, int).reshape(-1, 2)]), axis=0)
         score = shifted_ncc(t, cand) if len(cand) else np.zeros(0, np.float32)
-        threshold = ncc_threshold(t)
+        threshold, floor, bits_limit = link_limits(t, bits)
     dist = (bits[cand[:, 0]] != bits[cand[:, 1]]).sum(1) if len(cand) else np.zeros(0, int)
-    keep = (score >= threshold) | (dist <= HASH_BITS)
+    # a close hash alone also matches unrelated fields (Aria Early-300/748 at 8 bits): it links
+    # only when the thumbnails also agree better than 99% of random pairs do
+    keep = (score >= threshold) | ((dist <= bits_limit) & (score >= floor))
     out = pd.DataFrame({"i": cand[keep, 0], "j": cand[keep, 1], "ncc": score[keep].round(4),
                         "hash_bits": dist[keep]})
-    out.attrs["ncc_threshold"] = round(float(threshold), 4)
+    out.attrs.update(ncc_threshold=round(float(threshold), 4), hash_bits=int(bits_limit))
     return out
 
 
-def ncc_threshold(t: np.ndarray, n_random: int = 2000) -> float:
-    """The NCC a link needs in this set: SIM_THRESHOLD (fitted on Aria's smear fields, where 99%
-    of random pairs score below 0.31), raised for sets where random pairs already correlate
-    (centred single cells: PBC 0.49, C-NMC on black 0.86) to :data:`NULL_MARGIN` above the
-    set's 99th-percentile random-pair score (above 1, i.e. no NCC links, on C-NMC)."""
+def link_limits(t: np.ndarray, bits: np.ndarray, n_random: int = 2000) -> tuple[float, float, int]:
+    """The NCC a link needs, the NCC floor of a hash link (the 99th percentile of random pairs)
+    and the hash distance a link needs in this set. NCC: SIM_THRESHOLD (fitted on Aria's
+    smear fields, where 99% of random pairs score below 0.31), raised where random pairs already
+    correlate (centred single cells: PBC 0.49, C-NMC on black 0.86) to :data:`NULL_MARGIN` above
+    the set's 99th-percentile random-pair score. Hash: HASH_BITS, lowered below the closest
+    0.1% of random pairs where unrelated images hash alike (simple synthetic cells)."""
     if len(t) < 3:
-        return SIM_THRESHOLD
+        return SIM_THRESHOLD, -1.0, HASH_BITS
     pick = np.random.default_rng(0).integers(0, len(t), (n_random, 2))
-    pick = pick[pick[:, 0] != pick[:, 1]]
+    dist = (bits[pick[:, 0]] != bits[pick[:, 1]]).sum(1)
+    # copies with (almost) the same hash are not "random": in a small set they would be a large
+    # share of the sample and raise the bar above themselves
+    pick, dist = pick[(pick[:, 0] != pick[:, 1]) & (dist > 2)], dist[(pick[:, 0] != pick[:, 1]) & (dist > 2)]
+    if not len(pick):
+        return SIM_THRESHOLD, -1.0, HASH_BITS
     q99 = float(np.quantile(shifted_ncc(t, pick), 0.99))
-    return max(SIM_THRESHOLD, q99 + NULL_MARGIN)
+    near = int(np.quantile(dist, 0.001))
+    return max(SIM_THRESHOLD, q99 + NULL_MARGIN), q99, min(HASH_BITS, near - 1)
 
 
 def components(n: int, edges: np.ndarray) -> np.ndarray:

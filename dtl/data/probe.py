@@ -59,6 +59,10 @@ def shortcut_probe(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: in
     x, y, groups = _images(ds, cache_dir, None)
     masked = _images(ds, cache_dir, mask)[0]
     y0, x0 = mask.box(PROBE_SIZE, PROBE_SIZE)
+    # images resized to PROBE_SIZE blend the box edge with its neighbours: probe inside that edge
+    scale = PROBE_SIZE / min(int(ds.manifest["width"].min()), int(ds.manifest["height"].min()))
+    inset = 0 if scale == 1 else int(np.ceil(2 * scale))
+    y0, x0 = y0 + inset, x0 + inset
     h, w = PROBE_SIZE - y0, PROBE_SIZE - x0
     cy, cx = (PROBE_SIZE - h) // 2, (PROBE_SIZE - w) // 2
     colour = np.median(x.reshape(len(x), -1, 3), axis=1).astype(np.float32)

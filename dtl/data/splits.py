@@ -46,7 +46,8 @@ def group_split(labels: pd.Series, groups: pd.Series, val_fraction: float, test_
     table = pd.DataFrame({"label": groups.map(stratum), "patient": groups}, index=labels.index)
     split = patient_split(table, test_fraction, seed + 1, name="test")
     rest = table[split == "train"]
-    split[rest.index] = patient_split(rest, val_fraction, seed)
+    # val_fraction is a share of all images, as test_fraction is: rescale it to what is left
+    split[rest.index] = patient_split(rest, val_fraction / (1 - test_fraction), seed)
     return split
 
 
