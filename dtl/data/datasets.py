@@ -24,6 +24,7 @@ from PIL import Image
 from dtl import DTLError
 from dtl.config import DataConfig, split_protocol
 from dtl.data import demo
+from dtl.data.groups import PARAMS as GROUP_PARAMS
 from dtl.data.groups import assign_groups, cluster_sizes, cross_split_pairs, similar_pairs, thumbnail
 from dtl.data.splits import group_split, patient_overlap, patient_split
 
@@ -306,6 +307,21 @@ def load_folder(cfg: DataConfig, cache_dir: str | Path, kind: str) -> Dataset:
                    grouping=protocol, link_root=twin)
 
 
+def _linked_pairs(src: pd.DataFrame, cache_dir) -> pd.DataFrame:
+    """Near-duplicate pairs of the scanned images, cached by their thumbnails, hashes and the
+    linking parameters (a few seconds on Aria, paid once)."""
+    text = GROUP_PARAMS + "\n" + "\n".join(src["thumb"] + "|" + src["phash"])
+    cache = Path(cache_dir) / "groups" / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.csv"
+    if cache.exists():
+        return pd.read_csv(cache).astype({"i": int, "j": int, "ncc": float, "hash_bits": int})
+    linked = similar_pairs(src["thumb"], src["phash"])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    linked.to_csv(tmp, index=False)
+    os.replace(tmp, cache)
+    return linked
+
+
 def _link_table(df: pd.DataFrame, link_root: Path | None, cache_dir) -> pd.DataFrame:
     """The scan that near-duplicates are found on: the images themselves, or for Aria
     ``Segmented`` their ``Original`` twins (same fields, same names). On a black background
@@ -360,8 +376,7 @@ def _finish(kind, root, df, classes, protocol, cfg, cache_dir, missing=(), dedup
         dup = df["path"] != first
         pairs = list(zip(first[dup], df.loc[dup, "path"]))
         df = df[~dup].reset_index(drop=True)
-    src = _link_table(df, link_root, cache_dir)
-    linked = similar_pairs(src["thumb"], src["phash"])
+    linked = _linked_pairs(_link_table(df, link_root, cache_dir), cache_dir)
     if grouping is not None:  # folder sets: groups from the pairs, then a group split
         df["group"] = assign_groups(df, grouping, cfg.block_size, linked)
         df["split"] = group_split(df["label"], df["group"], cfg.val_fraction, cfg.test_fraction,

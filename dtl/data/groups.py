@@ -37,10 +37,10 @@ SIM_THRESHOLD = 0.53  # shifted NCC of thumbnails that links two images
 NULL_MARGIN = 0.2  # a link must also beat the set's 99th-percentile random-pair NCC by this much
 MAX_SHIFT = 10  # largest relative shift tried, in thumbnail pixels (~31% of the frame)
 MIN_OVERLAP = 0.5  # smallest overlap (share of the thumbnail area) a shift may leave
-NEIGHBOURS = 8  # candidates per image from the shift-invariant descriptor
+NEIGHBOURS = 24  # candidates per image from each descriptor (8 missed fields shifted by a third)
 CORNER_BLANK = (1 / 7, 11 / 56)  # bottom-right (height, width) share ignored: scale-bar stamps
 FILE_NUMBER = re.compile(r"(\d+)\D*$")
-PROTOCOLS = ("image-level", "near-duplicate-groups", "acquisition-blocks")
+PARAMS = f"{THUMB}|{HASH_BITS}|{SIM_THRESHOLD}|{NULL_MARGIN}|{MAX_SHIFT}|{MIN_OVERLAP}|{NEIGHBOURS}|2"
 
 
 def thumbnail(rgb: np.ndarray) -> str:
@@ -69,13 +69,19 @@ def hash_bits(phashes) -> np.ndarray:
 
 
 def _candidates(t: np.ndarray, k: int) -> np.ndarray:
-    """Pairs (i < j) where j is among i's ``k`` nearest by Fourier magnitude, or vice versa."""
-    n = len(t)
-    if n < 2:
+    """Pairs (i < j) where j is among i's ``k`` nearest by Fourier magnitude (finds shifted
+    photos), or by the thumbnails themselves (finds refocused ones), or vice versa."""
+    if len(t) < 2:
         return np.zeros((0, 2), int)
     win = np.outer(np.hanning(THUMB), np.hanning(THUMB))
-    mag = np.log1p(np.abs(np.fft.rfft2((t - t.mean((1, 2), keepdims=True)) * win))).reshape(n, -1)
-    mag -= mag.mean(0)
+    mag = np.log1p(np.abs(np.fft.rfft2((t - t.mean((1, 2), keepdims=True)) * win)))
+    return np.unique(np.concatenate([_nearest(mag, k), _nearest(t - t.mean(0), k)]), axis=0)
+
+
+def _nearest(x: np.ndarray, k: int) -> np.ndarray:
+    """Pairs (i < j) of each row's ``k`` nearest rows by cosine of the centred features."""
+    n = len(x)
+    mag = x.reshape(n, -1) - x.reshape(n, -1).mean(0)
     mag /= np.linalg.norm(mag, axis=1, keepdims=True) + 1e-9
     k = min(k, n - 1)
     nn = np.empty((n, k), int)
@@ -123,13 +129,13 @@ def shifted_ncc(t: np.ndarray, pairs: np.ndarray, batch: int = 2048) -> np.ndarr
 
 def similar_pairs(thumbs, phashes) -> pd.DataFrame:
     """All linked pairs (index i < j, NCC score, hash distance) among the images."""
-    t = decode_thumbs(list(thumbs)).astype(np.float64)
+    raw = decode_thumbs(list(thumbs)).astype(np.float64)
     # What every image shares (a centred cell in single-cell sets, sensor dust in Aria) is not
     # evidence of a duplicate: correlate what is left after removing the set's mean thumbnail.
-    t -= t.mean(0) if len(t) > 1 else 0.0
+    t = raw - raw.mean(0) if len(raw) > 1 else raw
     bits = hash_bits(list(phashes))
     with threadpool_limits(1):  # BLAS threads fight each other on small matrices; one is fastest
-        cand = _candidates(t, NEIGHBOURS)
+        cand = _candidates(raw, NEIGHBOURS)
         close = [(i, int(j)) for i in range(len(bits) - 1)
                  for j in i + 1 + np.nonzero((bits[i + 1:] != bits[i]).sum(1) <= HASH_BITS)[0]]
         cand = np.unique(np.concatenate([cand, np.array(close, int).reshape(-1, 2)]), axis=0)

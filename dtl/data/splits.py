@@ -43,12 +43,32 @@ def group_split(labels: pd.Series, groups: pd.Series, val_fraction: float, test_
     two splits. A group counts under its most frequent label (near-duplicate clusters and
     acquisition blocks are single-class; the rule only matters for odd mixed groups)."""
     stratum = labels.groupby(groups).agg(lambda s: s.value_counts().sort_index().idxmax())
-    table = pd.DataFrame({"label": groups.map(stratum), "patient": groups}, index=labels.index)
-    split = patient_split(table, test_fraction, seed + 1, name="test")
-    rest = table[split == "train"]
-    # val_fraction is a share of all images, as test_fraction is: rescale it to what is left
-    split[rest.index] = patient_split(rest, val_fraction / (1 - test_fraction), seed)
-    return split
+    sizes = groups.value_counts()
+    rng = np.random.default_rng(seed)
+    where: dict = {}
+    for label in sorted(stratum.unique()):
+        names = sorted(stratum.index[stratum == label])
+        order = [names[i] for i in rng.permutation(len(names))]
+        total = int(sizes[names].sum())
+        for name, fraction in (("test", test_fraction), ("val", val_fraction)):
+            rest = [g for g in order if g not in where]
+            for g in _take(rest, sizes, fraction * total):
+                where[g] = name
+    return groups.map(lambda g: where.get(g, "train")).astype(object)
+
+
+def _take(order: list, sizes: pd.Series, target: float) -> list:
+    """Groups, visited in ``order``, taken whenever they bring the taken size closer to
+    ``target``; the last group is always left over (for training)."""
+    taken, chosen = 0, []
+    if target <= 0:
+        return chosen
+    for g in order[:-1]:
+        c = int(sizes[g])
+        if abs(taken + c - target) < abs(taken - target):
+            chosen.append(g)
+            taken += c
+    return chosen
 
 
 def patient_overlap(df: pd.DataFrame) -> int:
