@@ -69,6 +69,7 @@ def test_main_registers_promotes_and_reports(done):
     card = __import__("json").loads((tmp / "cards" / "all-dtl-v1.json").read_text())
     assert card["classes"] == ["Benign", "Early", "Pre", "Pro"] and card["input"]["size"] == 64
     assert card["data"]["phase2"]["split_protocol"] == "near-duplicate-groups" and card["lineage"]["phase1_run"]
+    assert mv.tags["annotation_mask"] == "on" and card["input"]["mask"]["corner"] == "bottom-right"
     # report: markdown + csv with one row per backbone
     df = pd.read_csv(tmp / "report" / "results.csv")
     assert list(df["backbone"]) == ["test_resnet"]
@@ -104,6 +105,12 @@ def test_registered_model_round_trip(done):
     by_path = model.predict(pd.DataFrame({"image": [str(f) for f in files]}))
     arrays = model.predict(pd.DataFrame({"image": [np.asarray(Image.open(f).convert("RGB")) for f in files]}))
     assert np.allclose(by_path.filter(like="p_"), arrays.filter(like="p_"), atol=1e-5)
+    # the logged input spec carries the annotation mask: images that differ only in the stamp agree
+    a = rng.integers(0, 255, (72, 72, 3), dtype=np.uint8)
+    b = a.copy()
+    b[64:, 60:] = (220, 20, 20)
+    p = model.predict({"image": [a, b]}).filter(like="p_").to_numpy()
+    assert np.allclose(p[0], p[1], atol=1e-6)
     net = mlflow.pytorch.load_model("models:/all-dtl@champion")
     import torch
 
