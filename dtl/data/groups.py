@@ -15,8 +15,11 @@ descriptor (the magnitude of the thumbnail's Fourier transform): each image's
 :data:`NEIGHBOURS` nearest images are verified with the shifted NCC, computed for all shifts
 at once by FFT cross-correlation. Linked images form clusters (connected components, i.e.
 union-find over the pairs). The thresholds were set by looking at pairs on both sides of them
-in Aria ``Original``: every pair above 0.53 that was looked at shows the same field, the
-highest-scoring pairs of different fields score 0.52 and the first pairs across classes 0.50.
+in Aria ``Original`` (about 60 pairs): shifted photos of one field score down to 0.55
+(Pre-225/227, refocused and shifted), different fields up to 0.54 (Benign-242/285, merged: a
+false merge only costs a little split balance, a missed pair leaks), pairs across classes
+from 0.50 down. Candidates are the weak link: with 8 neighbours per descriptor, 18 pairs of
+fields shifted by a third of the frame were missed, hence 24.
 """
 
 from __future__ import annotations
