@@ -208,16 +208,21 @@ def cmd_predict(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from dtl.config import DataConfig
+    from dtl.config import DataConfig, validate_data
     from dtl.data.datasets import load_dataset
 
     dc = DataConfig(kind=args.kind, root=args.root, variant=args.variant, skip_bad=args.skip_bad,
                     val_fraction=args.val_fraction, test_fraction=args.test_fraction, split_seed=args.seed,
-                    val_fold=args.val_fold)
+                    val_fold=args.val_fold, protocol=args.protocol, block_size=args.block_size,
+                    mask_annotation=args.mask_annotation)
+    validate_data(dc, "data")
     ds = load_dataset(dc, args.cache_dir)
     if args.action == "preview":
         return _preview(ds, args)
     a = ds.audit()
+    a["shortcut_probe"] = _probe(ds, dc, args)
+    if args.manifest_out:
+        ds.manifest[["path", "label", "group", "split", "sha256"]].to_csv(args.manifest_out, index=False)
     if args.json:
         print(json.dumps(a, indent=2))
         return 0
@@ -231,7 +236,28 @@ def cmd_data(args) -> int:
           f"{a['patient_overlap']}, unreadable {len(a['unreadable'])}, listed but missing {a['missing_listed']}, "
           f"near-duplicate pairs across splits {a['near_duplicates']}")
     print("sizes: " + ", ".join(f"{k} ({v})" for k, v in a["sizes"].items()))
+    print(f"groups {a['groups']} (near-duplicate pairs linked {a['near_duplicates_linked']}); group sizes: "
+          + ", ".join(f"{n}x{size}" for size, n in a["group_sizes"].items()))
+    p = a["shortcut_probe"]
+    if p:
+        print(f"shortcut probe (logistic regression, {p['n_images']} images, grouped 5-fold CV): annotation box "
+              f"rows {p['region']['rows']} cols {p['region']['cols']}: {p['annotation']:.3f} unmasked, "
+              f"{p['annotation_masked']:.3f} masked; central box {p['centre']:.3f}; field colour "
+              f"{p['field_colour']:.3f}; majority class {p['majority']:.3f}")
+    if args.manifest_out:
+        print(f"manifest written to {args.manifest_out}")
     return 0
+
+
+def _probe(ds, dc, args) -> dict | None:
+    """The shortcut probe when asked (--probe), or by default where the annotation mask is on."""
+    from dtl.data.mask import annotation_mask
+    from dtl.data.probe import shortcut_probe
+
+    mask = annotation_mask(dc.mask_annotation, ds.kind, dc.variant)
+    if not (args.probe or (args.probe is None and mask is not None)):
+        return None
+    return shortcut_probe(ds, mask, args.cache_dir, seed=args.seed)
 
 
 def _preview(ds, args) -> int:
@@ -373,6 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-fold", type=int, default=None)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--cache-dir", default=".dtl/cache")
+    d.add_argument("--protocol", default="auto", help="split protocol: auto, near-duplicate-groups, "
+                   "acquisition-blocks, image-level (folder sets); patient-level (C-NMC)")
+    d.add_argument("--block-size", type=int, default=20, help="acquisition-blocks: file numbers per block")
+    d.add_argument("--mask-annotation", default="auto", choices=["auto", "on", "off"])
+    d.add_argument("--manifest-out", default="", help="write the per-image split manifest (CSV: path, label, "
+                   "group, split, sha256) here")
+    d.add_argument("--probe", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the annotation shortcut probe (default: where the annotation mask is on)")
     d.add_argument("--out", default="preview.png")
     d.add_argument("--size", type=int, default=160)
     d.add_argument("--per-class", type=int, default=8)

@@ -26,6 +26,12 @@ OPTIMIZERS = ("adamw", "adamax")
 HEADS = ("linear", "pbs")
 STRATEGIES = ("double", "single", "scratch")
 PRUNERS = ("median", "hyperband", "threshold", "none")
+# Split protocols each data kind accepts ("auto" picks the first).
+SPLIT_PROTOCOLS = {
+    "cnmc": ("patient-level",), "demo-cnmc": ("patient-level",), "presplit": ("given",),
+    **{k: ("near-duplicate-groups", "acquisition-blocks", "image-level") for k in ("aria", "demo-aria", "imagefolder")},
+}
+MASK_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,9 @@ class DataConfig:
     val_dir: str = ""
     test_dir: str = ""
     classes: tuple[str, ...] = ()  # expected class names; empty = take them from the data
+    protocol: str = "auto"  # split protocol, one of SPLIT_PROTOCOLS; auto = the kind's default
+    block_size: int = 20  # acquisition-blocks: consecutive file numbers per class kept together
+    mask_annotation: str = "auto"  # on | off | auto (= on for Aria, whose corner stamp leaks the label)
 
 
 @dataclass(frozen=True)
@@ -201,6 +210,8 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
             return float(value)
     except (TypeError, ValueError):
         raise DTLError(f"config key {key} must be a number, got {value!r}") from None
+    if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans: keep the user's switch word
+        return "on" if value else "off"
     return "" if value is None else str(value)
 
 
@@ -289,8 +300,23 @@ def validate(cfg: Config) -> None:
             raise DTLError(f"{ph}.monitor={p.monitor!r} must be a validation metric (val_macro_f1, val_loss, ...)")
         if not 0 <= p.data.val_fraction < 1 or not 0 <= p.data.test_fraction < 1:
             raise DTLError(f"{ph}.data fractions must be in [0, 1)")
+        validate_data(p.data, f"{ph}.data")
     if cfg.fuzzy.n_trials < 1:
         raise DTLError("fuzzy.n_trials must be >= 1")
+
+
+def validate_data(d: DataConfig, where: str) -> None:
+    """Split protocol, annotation-mask mode and block size of one phase's data block."""
+    _choice(d.protocol, ("auto",) + SPLIT_PROTOCOLS[d.kind], f"{where}.protocol (for kind {d.kind})")
+    _choice(d.mask_annotation, MASK_MODES, f"{where}.mask_annotation")
+    if d.block_size < 1:
+        raise DTLError(f"{where}.block_size must be >= 1 (file numbers per acquisition block), "
+                       f"got {d.block_size}")
+
+
+def split_protocol(d: DataConfig) -> str:
+    """The split protocol ``d`` asks for, with ``auto`` resolved for its kind."""
+    return SPLIT_PROTOCOLS[d.kind][0] if d.protocol == "auto" else d.protocol
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

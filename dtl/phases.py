@@ -13,7 +13,7 @@ import os
 import random
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from dtl import DTLError
 from dtl.config import Config, to_dict
 from dtl.data.cache import BatchLoader, split_array
 from dtl.data.datasets import Dataset, load_dataset
+from dtl.data.mask import annotation_mask
 from dtl.data.transforms import InputSpec
 from dtl.engine import cosine_lr, evaluate, predict, resolve_device, resolve_precision, train_one_epoch
 from dtl.metrics import confusion, direction, evaluate_predictions
@@ -212,7 +213,8 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     ds = dataset(cfg, phase)
-    ispec = resolve_input_spec(backbone, cfg.image_size)
+    ispec = replace(resolve_input_spec(backbone, cfg.image_size),
+                    mask=annotation_mask(pc.data.mask_annotation, ds.kind, pc.data.variant))
     train_ld = loader(cfg, phase, "train", ispec, device, pc.batch_size, train=True)
     val_ld = loader(cfg, phase, "val", ispec, device, cfg.eval_batch_size, train=False)
     net = _init_model(cfg, phase, backbone, ds.classes, init_from)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dtl import DTLError
 from dtl.config import Config, flatten, with_phase
+from dtl.data.mask import mask_state as masked
 from dtl.models import check_backbone
 from dtl.phases import dataset, evaluate_checkpoint, run_phase, test_hook
 from dtl.stats import mean_spread
@@ -207,7 +208,7 @@ def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, register_
     tags = {"backbone": study.backbone, "strategy": study.strategy, "phase2_run": study.run_id,
             "phase2_trial": study.best_trial, "data_digest": ds2.digest, "data_kind": ds2.kind,
             "split_protocol": ds2.protocol, "duplicates_removed": ds2.duplicates_removed,
-            "pipeline_run": pipeline_run, "study": study.study_name}
+            "annotation_mask": mask_state(cfg, "phase2"), "pipeline_run": pipeline_run, "study": study.study_name}
     tags.update(phase1_lineage(run))
     for k in ("val_macro_f1", "val_accuracy", "val_balanced_accuracy", "test_accuracy", "test_macro_f1",
               "test_balanced_accuracy"):
@@ -302,6 +303,7 @@ def _provenance(cfg: Config, tracking: Tracking, wall: float, run_id: str) -> di
         "data": {ph: {"kind": dataset(cfg, ph).kind, "root": cfg.phase(ph).data.root or "(demo, generated)",
                       "digest": dataset(cfg, ph).digest, "split_protocol": dataset(cfg, ph).protocol,
                       "duplicates_removed": dataset(cfg, ph).duplicates_removed,
+                      "annotation_mask": mask_state(cfg, ph),
                       "splits": dataset(cfg, ph).audit()["splits"]} for ph in phases},
         "image_size": cfg.image_size or "timm default", "trials": {ph: cfg.phase(ph).n_trials for ph in phases},
         "epochs": {ph: cfg.phase(ph).epochs for ph in phases},
@@ -352,3 +354,9 @@ def single_phase(cfg: Config, phase: str, source: str = "", strategy: str = "dou
                 finish_phase2(cfg, tracking, s, register_it=True, pipeline_run=root.id)
             out[backbone] = s
     return out
+
+
+def mask_state(cfg: Config, phase: str) -> str:
+    """``on`` or ``off``: whether the phase's images have their annotation stamp masked."""
+    d = cfg.phase(phase).data
+    return masked(d.mask_annotation, dataset(cfg, phase).kind, d.variant)

@@ -86,8 +86,8 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
 
 
 def _masked(tags: dict) -> str:
-    """Whether the annotation corner was masked for this study ('' for runs that predate masking)."""
-    return tags.get("mask_annotation", "")
+    """``on``/``off``: whether the annotation corner was masked for this study ('' before masking existed)."""
+    return tags.get("annotation_mask", "")
 
 
 def _seeds(m: dict, k: str) -> str:
@@ -122,12 +122,12 @@ def comparison_pairs(df: pd.DataFrame) -> list[tuple[str, int, int]]:
                 pairs.append((f"double − {b[k]}", i, j))
             elif k == "split_protocol" and a[k] == DEFAULT_PROTOCOL:
                 pairs.append((f"{a[k]} − {b[k]}", i, j))
-            elif k == "masked" and a[k] == "true" and b[k] == "false":
+            elif k == "masked" and a[k] == "on" and b[k] == "off":
                 pairs.append(("masked − unmasked", i, j))
     return pairs
 
 
-DEFAULT_PROTOCOL = "grouped"
+DEFAULT_PROTOCOL = "near-duplicate-groups"
 
 
 def paired_gains(pairs: list[tuple[str, dict, pd.DataFrame, pd.DataFrame]], classes: list[str] | None = None,
@@ -313,8 +313,12 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
             prov[k] = re.sub(r"\S*dtl/__main__\.py", "dtl", prov[k])
     shown = df.drop(columns=["phase2_run"]) if not df.empty else df
     md = ["# Results", "", *([description.strip(), ""] if description else []),
-          "Generated from an MLflow search by `dtl report`. Split protocol per row: "
-          "Aria has no patient IDs, so its split is image-level (optimistic); C-NMC splits are patient-level.", "",
+          "Generated from an MLflow search by `dtl report`. Split protocol per row (`split_protocol`): C-NMC is "
+          "split by patient; Aria has no patient IDs, so its splits keep near-duplicate groups (one smear field "
+          "photographed several times) on one side (`near-duplicate-groups`), or whole runs of consecutive file "
+          "numbers (`acquisition-blocks:N`, stricter), or single images (`image-level`, leaks near-duplicates "
+          "across splits: optimistic). `masked` = the Aria corner annotation (its colour differs by class) "
+          "blanked before training and in the served model.", "",
           _md(shown), "## Paired gains", "", GAINS_TEXT, "", _gain_summary(gain), "", _md(gain),
           "## Seed format", "", _md(seed), *fuzzy_md, "## Figures", ""]
     md += [f"![{n}]({n})" for n in figs]

@@ -189,7 +189,8 @@ class ImageClassifier:
         self.device = next(net.parameters()).device
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
-        arr = np.stack([resize_rgb(im, self.spec.cache_size, self.spec.interpolation, self.segment) for im in images])
+        arr = np.stack([resize_rgb(im, self.spec.cache_size, self.spec.interpolation, self.segment, self.spec.mask)
+                        for im in images])
         return eval_transform(torch.from_numpy(arr).to(self.device), self.spec)
 
     @torch.no_grad()

@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 
 from dtl import DTLError, distributed
 from dtl.config import EXPERIMENTS_DIR, Config, flatten, with_phase
+from dtl.data.mask import mask_state
 from dtl.engine import NonFiniteLoss
 from dtl.metrics import direction
 from dtl.phases import dataset, init_digest, run_phase, test_hook
@@ -190,6 +191,7 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
             "init": init, "init_digest": start, "dtl.study_identity": identity, "monitor": pc.monitor,
             "direction": direction(pc.monitor),
             "data_digest": ds.digest, "data_kind": ds.kind, "split_protocol": ds.protocol,
+            "annotation_mask": mask_state(pc.data.mask_annotation, ds.kind, pc.data.variant),
             "precision": cfg.precision, "optuna.storage": redact(storage_url)}
     run = find_run(tracking, {"dtl.study": name})
     if run is None:

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ from dtl.config import AugmentConfig, DataConfig
 from dtl.data import demo
 from dtl.data.cache import split_array
 from dtl.data.datasets import load_dataset, parse_cnmc_name
-from dtl.data.splits import patient_overlap, patient_split, stratified_split
+from dtl.data.groups import assign_groups, block_edges, components, file_number
+from dtl.data.mask import AnnotationMask, annotation_mask
+from dtl.data.splits import group_split, patient_overlap, patient_split
 from dtl.data.transforms import InputSpec, eval_transform, hsv_segment, train_transform
 
 
@@ -43,10 +46,56 @@ def test_patient_split_is_disjoint_stratified_and_seeded():
         assert 0.1 < share < 0.35
 
 
-def test_stratified_split_keeps_classes():
-    labels = pd.Series(["a"] * 50 + ["b"] * 30)
-    s = stratified_split(labels, 0.2, 0.2, seed=0)
-    assert (s[labels == "a"] == "test").sum() == 10 and (s[labels == "b"] == "val").sum() == 6
+def test_group_split_keeps_groups_whole_and_classes_stratified():
+    rng = np.random.default_rng(0)
+    labels, groups = [], []
+    for g in range(120):  # groups of 1-4 images, single-class, as near-duplicate clusters are
+        lab = "a" if g < 80 else "b"
+        k = int(rng.integers(1, 5))
+        labels += [lab] * k
+        groups += [f"g{g}"] * k
+    labels, groups = pd.Series(labels), pd.Series(groups)
+    s = group_split(labels, groups, 0.2, 0.2, seed=0)
+    assert group_split(labels, groups, 0.2, 0.2, seed=0).equals(s)
+    assert (s.groupby(groups).nunique() == 1).all()  # no group crosses a split
+    for lab in ("a", "b"):
+        for name in ("val", "test"):
+            assert abs((s[labels == lab] == name).mean() - 0.2) < 0.03
+    singles = group_split(pd.Series(["a"] * 50 + ["b"] * 30), pd.Series(range(80)).astype(str), 0.2, 0.2, 0)
+    assert (singles[:50] == "test").sum() == 10 and (singles[50:] == "val").sum() == 6
+
+
+def test_acquisition_blocks_join_contiguous_numbers_within_a_class():
+    paths = pd.Series([f"Pre/WBC-Malignant-Pre-{i:03d}.jpg" for i in (1, 2, 5, 6, 7, 12)]
+                      + ["Pro/WBC-Malignant-Pro-001.jpg", "Pro/notes.jpg"])
+    labels = pd.Series(["Pre"] * 6 + ["Pro"] * 2)
+    assert file_number(paths[0]) == 1 and file_number("Pro/notes.jpg") is None
+    comp = components(len(paths), block_edges(paths, labels, block_size=5))
+    assert comp[0] == comp[1] == comp[2]  # 1, 2, 5: numbers 1-5
+    assert comp[3] == comp[4] != comp[0] and comp[5] not in (comp[0], comp[3])  # 6-10, 11-15
+    assert comp[6] != comp[0] and len(set(comp)) == 5  # another class; an unnumbered file alone
+    df = pd.DataFrame({"path": paths, "label": labels})
+    pairs = pd.DataFrame({"i": [2], "j": [5]})  # a near-duplicate across blocks joins them
+    g = assign_groups(df, "acquisition-blocks", 5, pairs)
+    assert g[0] == g[5] == g[2] == paths[0] and g.nunique() == 4  # {1,2,5,12} {6,7} {Pro-1} {notes}
+    assert assign_groups(df, "image-level", 5, pairs).equals(df["path"])
+
+
+def test_split_protocol_and_mask_settings_are_validated():
+    from dtl.config import load
+
+    with pytest.raises(DTLError, match=r"phase2.data.protocol \(for kind aria\)='patient-level' is not valid"):
+        load(["demo"], ["phase2.data.kind=aria", "phase2.data.protocol=patient-level"])
+    with pytest.raises(DTLError, match=r"phase1.data.protocol .*choose one of: auto, patient-level"):
+        load(["demo"], ["phase1.data.kind=cnmc", "phase1.data.protocol=acquisition-blocks"])
+    with pytest.raises(DTLError, match=r"phase2.data.mask_annotation='maybe' is not valid; choose one of: auto, on, off"):
+        load(["demo"], ["phase2.data.mask_annotation=maybe"])
+    assert load(["demo"], ["phase2.data.mask_annotation=off"]).phase2.data.mask_annotation == "off"  # not False
+    with pytest.raises(DTLError, match=r"phase2.data.block_size must be >= 1"):
+        load(["demo"], ["phase2.data.block_size=0"])
+    assert annotation_mask("auto", "aria") == AnnotationMask() and annotation_mask("auto", "cnmc") is None
+    assert annotation_mask("on", "imagefolder") and annotation_mask("off", "aria") is None
+    assert annotation_mask("auto", "aria", "segmented").fill == (0, 0, 0)
 
 
 def test_demo_cnmc_uses_the_real_adapter(cache_dir):
@@ -61,7 +110,7 @@ def test_demo_cnmc_uses_the_real_adapter(cache_dir):
 
 def test_demo_aria_removes_duplicates_before_splitting(cache_dir):
     ds = load_dataset(DataConfig(kind="demo-aria"), cache_dir)
-    assert ds.duplicates_removed == 2 and ds.protocol == "image-level"
+    assert ds.duplicates_removed == 2 and ds.protocol == "near-duplicate-groups"
     assert ds.manifest["sha256"].is_unique
     assert ds.classes == ["Benign", "Early", "Pre", "Pro"]
     seg = load_dataset(DataConfig(kind="demo-aria", variant="segmented"), cache_dir)
@@ -130,7 +179,7 @@ def test_presplit_folders_are_used_as_given(tmp_path):
     shutil.copy(tr / "a" / "a0.png", va / "a" / "copy.png")  # a leak the audit must report
     ds = load_dataset(DataConfig(kind="presplit", train_dir=str(tr), val_dir=str(va)), tmp_path / "cache")
     assert ds.protocol == "given" and ds.audit()["splits"] == {"train": 12, "val": 7}
-    assert any(d == 0 for _, _, d in ds.near_duplicates)
+    assert any(pair[-1] == 0 for pair in ds.near_duplicates)  # (a, b, splits, ncc, hash bits)
 
 
 def test_augmentation_shapes_range_and_determinism():
@@ -178,3 +227,79 @@ def test_cache_is_built_once_and_never_half_written(tmp_path, cache_dir, monkeyp
     arr = split_array(ds, "val", spec, False, tmp_path)
     assert arr.shape == (len(ds.split("val")), 36, 36, 3) and arr.dtype == np.uint8
     assert isinstance(split_array(ds, "val", spec, False, tmp_path), np.memmap)
+
+
+def test_demo_near_duplicates_stay_on_one_side_of_the_grouped_split(cache_dir):
+    grouped = load_dataset(DataConfig(kind="demo-aria"), cache_dir)
+    m = grouped.manifest.set_index("path")
+    a = grouped.audit()
+    assert a["near_duplicates"] == 0 and a["near_duplicates_linked"] >= 12
+    assert max(a["group_sizes"]) >= 2 and sum(k * v for k, v in a["group_sizes"].items()) == len(m)
+    for first in ("Benign/WBC-Benign-001.jpg", "Pre/WBC-Pre-001.jpg", "Pro/WBC-Pro-051.jpg"):
+        second = first.replace("001", "002").replace("051", "052")  # the re-exported photo
+        assert m.loc[first, "group"] == m.loc[second, "group"] and m.loc[first, "split"] == m.loc[second, "split"]
+    image_level = load_dataset(DataConfig(kind="demo-aria", protocol="image-level"), cache_dir)
+    assert image_level.audit()["near_duplicates"] > 0 and image_level.digest != grouped.digest
+    blocks = load_dataset(DataConfig(kind="demo-aria", protocol="acquisition-blocks", block_size=10), cache_dir)
+    assert blocks.protocol == "acquisition-blocks:10" and blocks.audit()["near_duplicates"] == 0
+    assert (blocks.manifest.groupby("group")["split"].nunique() == 1).all()
+
+
+def test_audit_writes_the_manifest_and_reports_groups_and_the_probe(cache_dir, tmp_path, capsys):
+    from dtl.cli import main
+
+    out = tmp_path / "split.csv"
+    assert main(["data", "audit", "--kind", "demo-aria", "--cache-dir", str(cache_dir),
+                 "--manifest-out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "near-duplicate-groups split" in text and "near-duplicate pairs across splits 0" in text
+    assert "group sizes:" in text and "shortcut probe" in text
+    man = pd.read_csv(out)
+    assert list(man.columns) == ["path", "label", "group", "split", "sha256"] and len(man) == 238
+    assert (man.groupby("group")["split"].nunique() == 1).all() and man["sha256"].str.len().eq(64).all()
+    assert main(["data", "audit", "--kind", "demo-aria", "--cache-dir", str(cache_dir), "--json"]) == 0
+    probe = json.loads(capsys.readouterr().out)["shortcut_probe"]
+    # the demo's stamp colour is the class: perfect unmasked, about the majority rate masked
+    assert probe["annotation"] > 0.9 and probe["annotation_masked"] <= probe["majority"] + 0.05
+
+
+def test_mask_travels_in_the_input_spec_and_the_cache_key(cache_dir):
+    from dtl.data.cache import cache_key
+
+    spec = InputSpec(32, 36, (0.5,) * 3, (0.5,) * 3, mask=AnnotationMask())
+    back = InputSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert back == spec and back.mask.fill == (230, 230, 230)
+    old = spec.to_dict()
+    del old["mask"]  # a spec written before masking existed: that model never masked
+    assert InputSpec.from_dict(old).mask is None
+    ds = load_dataset(DataConfig(kind="demo-aria"), cache_dir)
+    assert cache_key(ds, "val", spec, False) != cache_key(ds, "val", InputSpec.from_dict(old), False)
+    arr = split_array(ds, "val", spec, False, cache_dir)
+    y0, x0 = spec.mask.box(36, 36)
+    assert (np.asarray(arr)[:, y0 + 1:, x0 + 1:] >= 200).all()  # the stamp is gone from the cached pixels
+
+
+def test_served_model_applies_the_mask_from_its_spec(tmp_path):
+    from safetensors.torch import save_file
+
+    from dtl.models import ModelSpec, build_model
+    from dtl.serving import load_classifier
+
+    net = build_model(ModelSpec("test_resnet", ("a", "b")), "scratch")
+    for name, mask in (("masked", AnnotationMask()), ("plain", None)):
+        d = tmp_path / name
+        d.mkdir()
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(d / "weights.safetensors"))
+        spec = InputSpec(64, 72, (0.5,) * 3, (0.5,) * 3, mask=mask)
+        (d / "spec.json").write_text(json.dumps({"spec": net.spec.to_dict(), "input": spec.to_dict()}))
+    rng = np.random.default_rng(0)
+    field = rng.integers(100, 230, (224, 224, 3), dtype=np.uint8)
+    red, black = field.copy(), field.copy()
+    red[200:222, 190:222] = (220, 20, 20)  # two stamps of different colour in the corner
+    black[200:222, 190:222] = 0
+    masked, plain = load_classifier(tmp_path / "masked"), load_classifier(tmp_path / "plain")
+    assert masked.spec.mask == AnnotationMask() and plain.spec.mask is None
+    p = masked.predict({"image": [red, black]})
+    assert np.allclose(p.iloc[0, 1:].to_numpy(float), p.iloc[1, 1:].to_numpy(float), atol=1e-6)
+    q = plain.predict({"image": [red, black]})
+    assert not np.allclose(q.iloc[0, 1:].to_numpy(float), q.iloc[1, 1:].to_numpy(float), atol=1e-6)

@@ -55,7 +55,7 @@ def test_main_registers_promotes_and_reports(done):
     for k in ("train_loss", "val_loss", "val_accuracy", "lr"):
         assert k in complete[0].data.metrics
     p2 = next(r for r in studies if r.data.tags["phase"] == "phase2")
-    assert p2.data.tags["split_protocol"] == "image-level" and p2.data.tags["init"].startswith("phase1:")
+    assert p2.data.tags["split_protocol"] == "near-duplicate-groups" and p2.data.tags["init"].startswith("phase1:")
     for k in ("test_accuracy", "test_macro_f1_ci_low", "test_macro_f1_ci_high", "val_macro_f1", "n_complete"):
         assert k in p2.data.metrics
     arts = {a.path for a in t.client.list_artifacts(p2.info.run_id, "evaluation")}
@@ -68,7 +68,8 @@ def test_main_registers_promotes_and_reports(done):
     assert (tmp / "cards" / "all-dtl-v1.md").read_text().count("NOT for diagnosis") == 1
     card = __import__("json").loads((tmp / "cards" / "all-dtl-v1.json").read_text())
     assert card["classes"] == ["Benign", "Early", "Pre", "Pro"] and card["input"]["size"] == 64
-    assert card["data"]["phase2"]["split_protocol"] == "image-level" and card["lineage"]["phase1_run"]
+    assert card["data"]["phase2"]["split_protocol"] == "near-duplicate-groups" and card["lineage"]["phase1_run"]
+    assert mv.tags["annotation_mask"] == "on" and card["input"]["mask"]["corner"] == "bottom-right"
     # report: markdown + csv with one row per backbone
     df = pd.read_csv(tmp / "report" / "results.csv")
     assert list(df["backbone"]) == ["test_resnet"]
@@ -105,6 +106,12 @@ def test_registered_model_round_trip(done):
     by_path = local.predict(pd.DataFrame({"image": [str(f) for f in files]}))
     arrays = model.predict(pd.DataFrame({"image": [np.asarray(Image.open(f).convert("RGB")) for f in files]}))
     assert np.allclose(by_path.filter(like="p_"), arrays.filter(like="p_"), atol=1e-5)
+    # the logged input spec carries the annotation mask: images that differ only in the stamp agree
+    a = rng.integers(0, 255, (72, 72, 3), dtype=np.uint8)
+    b = a.copy()
+    b[64:, 60:] = (220, 20, 20)
+    p = model.predict({"image": [a, b]}).filter(like="p_").to_numpy()
+    assert np.allclose(p[0], p[1], atol=1e-6)
     net = mlflow.pytorch.load_model("models:/all-dtl@champion")
     import torch
 
@@ -180,7 +187,7 @@ def test_report_command_rebuilds_the_table_from_mlflow_and_logs_it(done):
                                output_format="list")
     assert prov["pipeline_run"] == mains[0].info.run_id  # the provenance the latest main logged is kept
     assert prov["report_command"].startswith("dtl report")
-    assert prov["data"]["phase2"]["split_protocol"] == "image-level" and prov["wall_time_s"] > 0
+    assert prov["data"]["phase2"]["split_protocol"] == "near-duplicate-groups" and prov["wall_time_s"] > 0
     t = connect(cfg.tracking_uri, cfg.experiment)
     runs = mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'report'", output_format="list")
     assert len(runs) == 1

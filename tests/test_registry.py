@@ -57,14 +57,14 @@ def test_comparison_pairs_and_paired_gains():
     from dtl.report import comparison_pairs, paired_gains, seed_table
 
     df = pd.DataFrame([
-        {"backbone": "r", "strategy": "double", "split_protocol": "grouped", "masked": "true"},
-        {"backbone": "r", "strategy": "scratch", "split_protocol": "grouped", "masked": "true"},
-        {"backbone": "r", "strategy": "double", "split_protocol": "image-level", "masked": "true"},
-        {"backbone": "r", "strategy": "double", "split_protocol": "grouped", "masked": "false"},
-        {"backbone": "e", "strategy": "scratch", "split_protocol": "grouped", "masked": "true"},
+        {"backbone": "r", "strategy": "double", "split_protocol": "near-duplicate-groups", "masked": "on"},
+        {"backbone": "r", "strategy": "scratch", "split_protocol": "near-duplicate-groups", "masked": "on"},
+        {"backbone": "r", "strategy": "double", "split_protocol": "image-level", "masked": "on"},
+        {"backbone": "r", "strategy": "double", "split_protocol": "near-duplicate-groups", "masked": "off"},
+        {"backbone": "e", "strategy": "scratch", "split_protocol": "near-duplicate-groups", "masked": "on"},
     ])
     assert sorted((w, i, j) for w, i, j in comparison_pairs(df)) == [
-        ("double − scratch", 0, 1), ("grouped − image-level", 0, 2), ("masked − unmasked", 0, 3)]
+        ("double − scratch", 0, 1), ("masked − unmasked", 0, 3), ("near-duplicate-groups − image-level", 0, 2)]
     rng = np.random.default_rng(0)
     n = 200
     label = rng.choice(["x", "y"], n)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from dtl import DTLError
 from dtl.data.datasets import Dataset
+from dtl.data.mask import AnnotationMask, apply_mask
 from dtl.data.transforms import InputSpec, hsv_segment
 from dtl.progress import live
 
@@ -26,11 +27,12 @@ CACHE_VERSION = "1"
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
-def decode(path: Path, size: int, interpolation: str = "bicubic", segment: bool = False) -> np.ndarray:
+def decode(path: Path, size: int, interpolation: str = "bicubic", segment: bool = False,
+           mask: AnnotationMask | None = None) -> np.ndarray:
     """One image file -> RGB uint8 ``size×size×3`` (the shared decode of training, cache and serving)."""
     with Image.open(path) as im:
         rgb = to_rgb(im)
-    return resize_rgb(rgb, size, interpolation, segment)
+    return resize_rgb(rgb, size, interpolation, segment, mask)
 
 
 def to_rgb(im: Image.Image) -> np.ndarray:
@@ -52,7 +54,10 @@ def to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def resize_rgb(rgb: np.ndarray, size: int, interpolation: str = "bicubic", segment: bool = False) -> np.ndarray:
+def resize_rgb(rgb: np.ndarray, size: int, interpolation: str = "bicubic", segment: bool = False,
+               mask: AnnotationMask | None = None) -> np.ndarray:
+    """Mask the annotation (raw pixels), HSV-segment if asked, then resize to ``size``×``size``."""
+    rgb = apply_mask(rgb, mask)
     if segment:
         rgb = hsv_segment(rgb)
     if rgb.shape[:2] != (size, size):
@@ -62,6 +67,8 @@ def resize_rgb(rgb: np.ndarray, size: int, interpolation: str = "bicubic", segme
 
 def cache_key(ds: Dataset, split: str, spec: InputSpec, segment: bool) -> str:
     text = f"{CACHE_VERSION}|{ds.digest}|{split}|{spec.cache_size}|{spec.interpolation}|hsv={segment}"
+    if spec.mask is not None:  # unmasked keys stay as they were, so existing caches remain valid
+        text += f"|mask={spec.mask.to_dict()}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -79,7 +86,7 @@ def split_array(ds: Dataset, split: str, spec: InputSpec, segment: bool, cache_d
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
 
         def work(i):
-            out[i] = decode(files[i], size, spec.interpolation, segment)
+            out[i] = decode(files[i], size, spec.interpolation, segment, spec.mask)
 
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
             it = pool.map(work, range(len(files)))

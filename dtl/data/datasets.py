@@ -16,20 +16,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import imagehash
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from dtl import DTLError
-from dtl.config import DataConfig
+from dtl.config import DataConfig, split_protocol
 from dtl.data import demo
-from dtl.data.splits import patient_overlap, patient_split, stratified_split
+from dtl.data.groups import PARAMS as GROUP_PARAMS
+from dtl.data.groups import assign_groups, cluster_sizes, cross_split_pairs, similar_pairs, thumbnail
+from dtl.data.splits import group_split, patient_overlap, patient_split
 
 IMAGE_EXTS = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 ARIA_CLASSES = ("Benign", "Early", "Pre", "Pro")
 CNMC_NAME = re.compile(r"^UID_(?P<h>[Hh]?)(?P<patient>\d+)_(?P<image>\d+)_(?P<cell>\d+)_(?P<label>all|hem)\.bmp$")
-MANIFEST_COLUMNS = ["path", "label", "patient", "split", "sha256", "width", "height"]
-NEAR_DUP_BITS = 4  # perceptual-hash Hamming distance at or below which two images are suspicious
+MANIFEST_COLUMNS = ["path", "label", "patient", "group", "split", "sha256", "width", "height"]
+SCAN_VERSION = "2"  # bump when _scan_one's columns change, so old scan caches are not reused
 
 CNMC_LAYOUT = """expected C-NMC 2019 layout (as downloaded):
   ROOT/training_data/fold_{0,1,2}/{all,hem}/UID_<patient>_<image>_<cell>_all.bmp | UID_H<patient>_..._hem.bmp
@@ -51,17 +54,18 @@ class Dataset:
     root: Path
     classes: list[str]
     manifest: pd.DataFrame
-    protocol: str  # patient-level | image-level | given
+    protocol: str  # patient-level | near-duplicate-groups | acquisition-blocks:N | image-level | given
     duplicates_removed: int = 0
     duplicate_pairs: list[tuple[str, str]] = field(default_factory=list)
     missing_listed: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
-    near_duplicates: list[tuple[str, str, int]] = field(default_factory=list)
+    near_duplicates: list[tuple] = field(default_factory=list)  # linked pairs across splits (a, b, splits, ncc, bits)
+    n_linked: int = 0  # near-duplicate pairs found in the whole set
 
     @property
     def digest(self) -> str:
-        """sha256 of the manifest's identity columns: same files, labels and split -> same digest."""
-        cols = ["path", "label", "patient", "split", "sha256"]
+        """sha256 of the manifest's identity columns: same files, labels, groups and split -> same digest."""
+        cols = ["path", "label", "patient", "group", "split", "sha256"]
         text = self.manifest[cols].to_csv(index=False, lineterminator="\n")
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -94,6 +98,9 @@ class Dataset:
             "missing_listed_files": self.missing_listed[:20],
             "near_duplicates": len(self.near_duplicates),
             "near_duplicate_pairs": [list(p) for p in self.near_duplicates[:20]],
+            "near_duplicates_linked": self.n_linked,
+            "groups": int(m["group"].nunique()),
+            "group_sizes": cluster_sizes(m["group"]),
             "sizes": {f"{w}x{h}": int(n) for (w, h), n in m.groupby(["width", "height"]).size().items()},
         }
 
@@ -102,29 +109,32 @@ class Dataset:
 
 def _scan_one(path: Path) -> dict:
     data = path.read_bytes()
-    row = {"sha256": hashlib.sha256(data).hexdigest(), "width": 0, "height": 0, "phash": "", "ok": True}
+    row = {"sha256": hashlib.sha256(data).hexdigest(), "width": 0, "height": 0, "phash": "", "thumb": "",
+           "ok": True}
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # a full decode: truncated files fail here, not in the middle of training
             row["width"], row["height"] = im.size
-            import imagehash
-
-            row["phash"] = str(imagehash.phash(im.convert("RGB")))
+            rgb = im.convert("RGB")
+            row["phash"] = str(imagehash.phash(rgb))
+            row["thumb"] = thumbnail(np.asarray(rgb))
     except Exception:  # any decoder error means the file is unusable
         row["ok"] = False
     return row
 
 
 def scan_files(root: Path, rel_paths: list[str], cache_dir: str | Path) -> pd.DataFrame:
-    """sha256, size, perceptual hash and readability of each file, cached by (name, size, mtime)."""
+    """sha256, size, perceptual hash, similarity thumbnail and readability of each file, cached by
+    (name, size, mtime)."""
     stats = []
     for rel in rel_paths:
         st = (root / rel).stat()
         stats.append(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}")
-    key = hashlib.sha256((str(root.resolve()) + "\n" + "\n".join(stats)).encode()).hexdigest()[:32]
+    key = hashlib.sha256((SCAN_VERSION + str(root.resolve()) + "\n" + "\n".join(stats)).encode()).hexdigest()[:32]
     cache = Path(cache_dir) / "scans" / f"{key}.csv"
     if cache.exists():
-        return pd.read_csv(cache, dtype={"path": str, "sha256": str, "phash": str}, keep_default_na=False)
+        return pd.read_csv(cache, dtype={"path": str, "sha256": str, "phash": str, "thumb": str},
+                           keep_default_na=False)
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         rows = list(pool.map(lambda r: _scan_one(root / r), rel_paths))
     df = pd.DataFrame(rows)
@@ -259,6 +269,7 @@ def load_cnmc(cfg: DataConfig, cache_dir: str | Path, kind: str = "cnmc") -> Dat
     train["split"] = cnmc_split(train, cfg, has_test=len(test) > 0)
     test["split"] = "test"
     df = pd.concat([train.drop(columns="fold"), test], ignore_index=True)
+    df["group"] = df["patient"]  # patients are the unit that never crosses splits
     return _finish(kind, root, df, ["all", "hem"], "patient-level", cfg, cache_dir, missing=missing)
 
 
@@ -282,16 +293,44 @@ def _folder_table(root: Path, layout: str) -> pd.DataFrame:
 
 
 def load_folder(cfg: DataConfig, cache_dir: str | Path, kind: str) -> Dataset:
-    """Aria (a variant folder) or any class-per-folder set: de-duplicate, then an image-level
-    stratified train/val/test split."""
+    """Aria (a variant folder) or any class-per-folder set: de-duplicate, group (near-duplicate
+    clusters, optionally acquisition blocks), then a class-stratified group split."""
     if kind in ("aria", "demo-aria"):
         root, layout = aria_root(Path(cfg.root), cfg.variant), ARIA_LAYOUT
     else:
         root, layout = Path(cfg.root), FOLDER_LAYOUT
     df = _folder_table(root, layout)
-    return _finish(kind, root, df, sorted(df["label"].unique()), "image-level", cfg, cache_dir,
-                   dedupe=True, split_fn=lambda d: stratified_split(d["label"], cfg.val_fraction,
-                                                                   cfg.test_fraction, cfg.split_seed))
+    protocol = split_protocol(cfg)
+    name = f"{protocol}:{cfg.block_size}" if protocol == "acquisition-blocks" else protocol
+    twin = root.parent / "Original" if kind in ("aria", "demo-aria") and root.name == "Segmented" else None
+    return _finish(kind, root, df, sorted(df["label"].unique()), name, cfg, cache_dir, dedupe=True,
+                   grouping=protocol, link_root=twin)
+
+
+def _linked_pairs(src: pd.DataFrame, cache_dir) -> pd.DataFrame:
+    """Near-duplicate pairs of the scanned images, cached by their thumbnails, hashes and the
+    linking parameters (a few seconds on Aria, paid once)."""
+    text = GROUP_PARAMS + "\n" + "\n".join(src["thumb"] + "|" + src["phash"])
+    cache = Path(cache_dir) / "groups" / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.csv"
+    if cache.exists():
+        return pd.read_csv(cache).astype({"i": int, "j": int, "ncc": float, "hash_bits": int})
+    linked = similar_pairs(src["thumb"], src["phash"])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    linked.to_csv(tmp, index=False)
+    os.replace(tmp, cache)
+    return linked
+
+
+def _link_table(df: pd.DataFrame, link_root: Path | None, cache_dir) -> pd.DataFrame:
+    """The scan that near-duplicates are found on: the images themselves, or for Aria
+    ``Segmented`` their ``Original`` twins (same fields, same names). On a black background
+    every segmented field correlates with every other, so links are only trustworthy on the
+    unsegmented photos."""
+    if link_root is None or not all((link_root / p).is_file() for p in df["path"]):
+        return df
+    twin = scan_files(link_root, df["path"].tolist(), cache_dir)
+    return twin.set_index("path").loc[df["path"]].reset_index()
 
 
 def load_presplit(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
@@ -313,13 +352,14 @@ def load_presplit(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
         lacking = sorted(set(classes) - set(t["label"]))
         if lacking and s != "test":
             raise DTLError(f"{given[s]} lacks class folder(s) {lacking} that the other splits have")
+    df["group"] = df["path"]
     return _finish("presplit", root, df, classes, "given", cfg, cache_dir)
 
 
 # ----------------------------------------------------------------------------- shared tail
 
 def _finish(kind, root, df, classes, protocol, cfg, cache_dir, missing=(), dedupe=False,
-            split_fn=None) -> Dataset:
+            grouping: str | None = None, link_root: Path | None = None) -> Dataset:
     scan = scan_files(root, df["path"].tolist(), cache_dir)
     df = df.merge(scan, on="path", how="left")
     unreadable = df.loc[~df["ok"].astype(bool), "path"].tolist()
@@ -336,16 +376,20 @@ def _finish(kind, root, df, classes, protocol, cfg, cache_dir, missing=(), dedup
         dup = df["path"] != first
         pairs = list(zip(first[dup], df.loc[dup, "path"]))
         df = df[~dup].reset_index(drop=True)
-    if split_fn is not None:
-        df["split"] = split_fn(df)
+    linked = _linked_pairs(_link_table(df, link_root, cache_dir), cache_dir)
+    if grouping is not None:  # folder sets: groups from the pairs, then a group split
+        df["group"] = assign_groups(df, grouping, cfg.block_size, linked)
+        df["split"] = group_split(df["label"], df["group"], cfg.val_fraction, cfg.test_fraction,
+                                  cfg.split_seed)
     _check_classes(cfg, classes, root)
-    near = near_duplicates(df)
+    cross = cross_split_pairs(df, linked)
     manifest = df[MANIFEST_COLUMNS].copy()
     manifest["patient"] = manifest["patient"].fillna("").astype(str)
+    manifest["group"] = manifest["group"].fillna("").astype(str)
     manifest["width"] = manifest["width"].astype(int)
     manifest["height"] = manifest["height"].astype(int)
     return Dataset(kind, root, list(classes), manifest, protocol, len(pairs), pairs, list(missing),
-                   unreadable, near)
+                   unreadable, list(cross.itertuples(index=False, name=None)), len(linked))
 
 
 def _check_classes(cfg: DataConfig, found: list[str], root: Path) -> None:
@@ -359,21 +403,6 @@ def _check_classes(cfg: DataConfig, found: list[str], root: Path) -> None:
     if extra:
         raise DTLError(f"the data under {root} has class(es) {extra} that the config does not name "
                        f"(data.classes={list(cfg.classes)}); add them or remove those folders")
-
-
-def near_duplicates(df: pd.DataFrame, max_bits: int = NEAR_DUP_BITS) -> list[tuple[str, str, int]]:
-    """Pairs of images in different splits whose perceptual hashes differ by <= ``max_bits``."""
-    if "split" not in df or df["split"].nunique() < 2 or not len(df):
-        return []
-    h = np.array([int(x, 16) if x else 0 for x in df["phash"]], dtype=np.uint64)
-    bits = np.unpackbits(h.view(np.uint8).reshape(-1, 8), axis=1).astype(np.uint8)
-    split = df["split"].to_numpy()
-    out = []
-    for i in range(len(df) - 1):
-        dist = (bits[i + 1:] != bits[i]).sum(axis=1)
-        for j in np.nonzero((dist <= max_bits) & (split[i + 1:] != split[i]))[0]:
-            out.append((df["path"].iat[i], df["path"].iat[i + 1 + j], int(dist[j])))
-    return out
 
 
 def load_dataset(cfg: DataConfig, cache_dir: str | Path) -> Dataset:

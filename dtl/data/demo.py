@@ -28,7 +28,27 @@ ARIA_STYLE = {
 }
 CNMC_STYLE = {"all": (0.82, 0.04, 10.0, 2, 0), "hem": (0.52, 0.28, 3.5, 0, 0)}
 
-DEMO_VERSION = "2"  # bump when the drawing changes, so old caches are not reused
+# Class -> colour of the demo's scale-bar stamp: like Aria's, it gives the label away unless masked.
+STAMP_COLOUR = {"Benign": (20, 20, 20), "Early": (200, 30, 30), "Pre": (30, 30, 200), "Pro": (30, 150, 30)}
+NEAR_DUPLICATE_EVERY = 10  # every 10th image is followed by a re-exported photo of its field
+
+DEMO_VERSION = "3"  # bump when the drawing changes, so old caches are not reused
+
+
+def paint_stamp(img: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """A scale-bar stamp in the bottom-right corner (inside the annotation mask's box): a white
+    box holding a bar in the class's colour."""
+    out = img.copy()
+    h, w = out.shape[:2]
+    out[h - max(5, h // 12):h - 1, w - max(10, w // 6):w - 1] = 255
+    out[h - max(3, h // 24):h - 2, w - max(9, w // 6) + 1:w - 2] = colour
+    return out
+
+
+def reexported_copy(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """Another export of the same field: brighter, moved by one pixel, fresh sensor noise."""
+    moved = np.roll(img, tuple(int(v) for v in rng.choice([-1, 1], 2)), axis=(0, 1)).astype(np.float32)
+    return np.clip(moved * 1.04 + 3 + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)
 
 
 def draw_cell(rng: np.random.Generator, size: int, style: tuple, fill_bg: bool) -> np.ndarray:
@@ -153,7 +173,9 @@ def make_cnmc(cache_dir: str | Path, size: int = 64, seed: int = 1) -> Path:
 def make_aria(cache_dir: str | Path, size: int = 72, per_class: int = 60, seed: int = 2) -> Path:
     """A small Aria-shaped set: ``Original/`` and ``Segmented/`` with the four classes.
 
-    Like the real release it holds exact duplicates (two pairs, in ``Pro/``).
+    Like the real release it holds exact duplicates (two pairs, in ``Pro/``), near-duplicates
+    (every ``NEAR_DUPLICATE_EVERY``-th field exported twice) and a class-coloured
+    scale-bar stamp in the bottom-right corner.
     """
     root = Path(cache_dir) / "demo" / "aria"
     if _ready(root):
@@ -169,8 +191,11 @@ def make_aria(cache_dir: str | Path, size: int = 72, per_class: int = 60, seed: 
             img = draw_cell(rng, size, style, fill_bg=True)
             if cls == "Pro" and i in (11, 31):
                 img = prev  # exact duplicate of the previous image, as in the real release
+            elif i % NEAR_DUPLICATE_EVERY == 2:
+                img = reexported_copy(rng, prev)
             prev = img
             name = f"WBC-{cls}-{i:03d}.jpg"
+            img = paint_stamp(img, STAMP_COLOUR[cls])
             Image.fromarray(img).save(o_dir / name, quality=95)
             Image.fromarray(hsv_segment(img)).save(s_dir / name, quality=95)
     return _finish(tmp, root)

@@ -1,4 +1,4 @@
-"""Seeded, leakage-free splits: pure functions over label (and patient) columns.
+"""Seeded, leakage-free splits: pure functions over label and patient (or group) columns.
 
 The same seed and the same data give the same split on any machine: every random choice is
 drawn from ``numpy.random.default_rng(seed)`` over items sorted by name.
@@ -37,19 +37,38 @@ def patient_split(df: pd.DataFrame, fraction: float, seed: int, name: str = "val
     return out
 
 
-def stratified_split(labels: pd.Series, val_fraction: float, test_fraction: float,
-                     seed: int) -> pd.Series:
-    """Image-level stratified train/val/test assignment (per class, seeded)."""
-    out = pd.Series("train", index=labels.index, dtype=object)
+def group_split(labels: pd.Series, groups: pd.Series, val_fraction: float, test_fraction: float,
+                seed: int) -> pd.Series:
+    """Class-stratified train/val/test assignment of whole groups (seeded): a group never spans
+    two splits. A group counts under its most frequent label (near-duplicate clusters and
+    acquisition blocks are single-class; the rule only matters for odd mixed groups)."""
+    stratum = labels.groupby(groups).agg(lambda s: s.value_counts().sort_index().idxmax())
+    sizes = groups.value_counts()
     rng = np.random.default_rng(seed)
-    for label in sorted(labels.unique()):
-        idx = labels.index[labels == label].to_numpy()
-        idx = idx[rng.permutation(len(idx))]
-        n_test = int(round(test_fraction * len(idx)))
-        n_val = int(round(val_fraction * len(idx)))
-        out[idx[:n_test]] = "test"
-        out[idx[n_test:n_test + n_val]] = "val"
-    return out
+    where: dict = {}
+    for label in sorted(stratum.unique()):
+        names = sorted(stratum.index[stratum == label])
+        order = [names[i] for i in rng.permutation(len(names))]
+        total = int(sizes[names].sum())
+        for name, fraction in (("test", test_fraction), ("val", val_fraction)):
+            rest = [g for g in order if g not in where]
+            for g in _take(rest, sizes, fraction * total):
+                where[g] = name
+    return groups.map(lambda g: where.get(g, "train")).astype(object)
+
+
+def _take(order: list, sizes: pd.Series, target: float) -> list:
+    """Groups, visited in ``order``, taken whenever they bring the taken size closer to
+    ``target``; the last group is always left over (for training)."""
+    taken, chosen = 0, []
+    if target <= 0:
+        return chosen
+    for g in order[:-1]:
+        c = int(sizes[g])
+        if abs(taken + c - target) < abs(taken - target):
+            chosen.append(g)
+            taken += c
+    return chosen
 
 
 def patient_overlap(df: pd.DataFrame) -> int:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dtl.config import AugmentConfig
+from dtl.data.mask import AnnotationMask
 
 
 def hsv_segment(rgb: np.ndarray, sat_min: float = 0.18, val_max: float = 0.97) -> np.ndarray:
@@ -34,22 +35,26 @@ def hsv_segment(rgb: np.ndarray, sat_min: float = 0.18, val_max: float = 0.97) -
 @dataclass(frozen=True)
 class InputSpec:
     """What the model expects: square input size, the cached size it is cropped from, and the
-    normalisation; resolved from timm's data config for the backbone."""
+    normalisation, resolved from timm's data config for the backbone; and the annotation mask
+    applied to the raw image first (None = none), so a served model preprocesses as training did."""
 
     size: int
     cache_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
+    mask: AnnotationMask | None = None
 
     def to_dict(self) -> dict:
         return {"size": self.size, "cache_size": self.cache_size, "mean": list(self.mean),
-                "std": list(self.std), "interpolation": self.interpolation}
+                "std": list(self.std), "interpolation": self.interpolation,
+                "mask": self.mask.to_dict() if self.mask else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> InputSpec:
+        # specs written before masking existed have no "mask" key: those models never masked
         return cls(int(d["size"]), int(d["cache_size"]), tuple(d["mean"]), tuple(d["std"]),
-                   d.get("interpolation", "bicubic"))
+                   d.get("interpolation", "bicubic"), AnnotationMask.from_dict(d.get("mask")))
 
 
 def _normalize(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""Shortcut probe: how well a linear classifier predicts the class from one image region.
+
+On Aria the bottom-right scale-bar stamp alone predicts the class far above the majority
+rate; after masking it must fall to the majority rate. The same probe on a central region of
+cells, and on the field's median colour, puts the number in context. Cross-validation folds
+keep near-duplicate groups together (a field in train and test would flatter the probe).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from dtl.data.cache import split_array
+from dtl.data.datasets import Dataset
+from dtl.data.mask import AnnotationMask
+from dtl.data.transforms import InputSpec
+
+PROBE_SIZE = 224  # images are probed at Aria's native size (others are resized to it)
+
+
+def _pool(region: np.ndarray) -> np.ndarray:
+    """2×2 average pooling, flattened: fewer features, same colours (the stamp text is 2+ px)."""
+    n, h, w, c = region.shape
+    r = region[:, :h // 2 * 2, :w // 2 * 2].astype(np.float32) / 255.0
+    return r.reshape(n, h // 2, 2, w // 2, 2, c).mean((2, 4)).reshape(n, -1)
+
+
+def probe_accuracy(features: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0,
+                   folds: int = 5) -> float:
+    """Mean accuracy of a standardised logistic regression over group-aware stratified folds."""
+    if len(np.unique(features, axis=0)) == 1:  # a constant region: the fit would predict the majority
+        return float(np.bincount(y).max() / len(y))
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=300))
+    cv = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+    with threadpool_limits(1):  # BLAS threads only contend on matrices this small
+        return float(cross_val_score(clf, features, y, groups=groups, cv=cv).mean())
+
+
+def _images(ds: Dataset, cache_dir, mask: AnnotationMask | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All images at PROBE_SIZE² through the decoded cache (the training path, masked or not),
+    label ids and groups."""
+    spec = InputSpec(PROBE_SIZE, PROBE_SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), mask=mask)
+    splits = sorted(ds.manifest["split"].unique())
+    x = np.concatenate([np.asarray(split_array(ds, s, spec, False, cache_dir)) for s in splits])
+    y = np.concatenate([ds.label_ids(s) for s in splits])
+    g = np.concatenate([ds.split(s)["group"].to_numpy() for s in splits])
+    return x, y, g
+
+
+def shortcut_probe(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: int = 0) -> dict:
+    """Probe accuracies on the annotation box (raw and masked), a central box of the same size,
+    and the field's median colour, beside the majority-class rate."""
+    mask = mask or AnnotationMask()  # sets without a configured mask are probed at Aria's box
+    x, y, groups = _images(ds, cache_dir, None)
+    masked = _images(ds, cache_dir, mask)[0]
+    y0, x0 = mask.box(PROBE_SIZE, PROBE_SIZE)
+    # images resized to PROBE_SIZE blend the box edge with its neighbours: probe inside that edge
+    scale = PROBE_SIZE / min(int(ds.manifest["width"].min()), int(ds.manifest["height"].min()))
+    inset = 0 if scale == 1 else int(np.ceil(2 * scale))
+    y0, x0 = y0 + inset, x0 + inset
+    h, w = PROBE_SIZE - y0, PROBE_SIZE - x0
+    cy, cx = (PROBE_SIZE - h) // 2, (PROBE_SIZE - w) // 2
+    colour = np.median(x.reshape(len(x), -1, 3), axis=1).astype(np.float32)
+    out = {
+        "region": {"rows": [y0, PROBE_SIZE], "cols": [x0, PROBE_SIZE], "image_size": PROBE_SIZE},
+        "annotation": probe_accuracy(_pool(x[:, y0:, x0:]), y, groups, seed),
+        "annotation_masked": probe_accuracy(_pool(masked[:, y0:, x0:]), y, groups, seed),
+        "centre": probe_accuracy(_pool(x[:, cy:cy + h, cx:cx + w]), y, groups, seed),
+        "field_colour": probe_accuracy(colour, y, groups, seed),
+        "majority": float(np.bincount(y).max() / len(y)),
+        "n_images": int(len(y)),
+    }
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
