@@ -329,8 +329,12 @@ def system_metrics(run_id: str):
     sees one) on ``run_id``, so a slow study can be explained from the UI; call ``finish()``
     on the result. A resumed run continues its step count. Interval:
     MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL (default 10 s)."""
+    import logging
+
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    # its start/stop/no-GPU INFO lines would interleave with the progress lines of every study
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     monitor = SystemMetricsMonitor(run_id, resume_logging=True)  # to the URI connect() set
     monitor.start()
     return monitor
