@@ -146,11 +146,13 @@ def cmd_promote(args) -> int:
         flt = {"data_digest": args.data_digest}
     else:  # only versions trained on the recipe's phase-2 data and split protocol compete
         from dtl.data.datasets import load_dataset
+        from dtl.data.mask import mask_state
 
         ds = load_dataset(cfg.phase2.data, cfg.cache_dir)
-        flt = {"data_digest": ds.digest, "split_protocol": ds.protocol}
-        print(f"candidates: versions trained on {ds.kind} data digest {ds.digest[:12]} ({ds.protocol} split); "
-              "--data-digest D or --any-data to choose otherwise")
+        mask = mask_state(cfg.phase2.data.mask_annotation, ds.kind, cfg.phase2.data.variant)
+        flt = {"data_digest": ds.digest, "split_protocol": ds.protocol, "annotation_mask": mask}
+        print(f"candidates: versions trained on {ds.kind} data digest {ds.digest[:12]} ({ds.protocol} split, "
+              f"annotation mask {mask}); --data-digest D or --any-data to choose otherwise")
     d = registry.promote(t, pol, flt, force=args.force, cards_dir=Path(cfg.cards_dir))
     print(json.dumps({"champion": d.champion, "challenger": d.challenger, "moved": d.moved, "reason": d.reason,
                       "ranked": d.ranked}, indent=2))

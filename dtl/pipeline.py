@@ -269,7 +269,8 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
         if promote and result.versions:
             policy = registry.load_policy(cfg.policy, cfg.registered_model)
             ds2 = dataset(cfg, "phase2")
-            d = registry.promote(tracking, policy, {"data_digest": ds2.digest, "split_protocol": ds2.protocol},
+            d = registry.promote(tracking, policy, {"data_digest": ds2.digest, "split_protocol": ds2.protocol,
+                                                    "annotation_mask": mask_state(cfg, "phase2")},
                                  cards_dir=Path(cfg.cards_dir))
             result.champion = d.champion
             root.set_tags({"dtl.champion": d.champion, "dtl.promotion": d.reason})

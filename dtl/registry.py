@@ -71,6 +71,13 @@ class Candidate:
     metrics: dict
     data_digest: str = ""
     synthetic: bool = False  # trained on the built-in demo data
+    protocol: str = ""  # split protocol
+    mask: str = ""  # annotation masking on/off
+
+    @property
+    def data_key(self) -> tuple[str, str, str]:
+        """What "trained on the same data" means: same files and split, same preprocessing."""
+        return self.data_digest, self.protocol, self.mask
 
 
 @dataclass
@@ -119,12 +126,13 @@ def select(candidates: list[Candidate], policy: Policy, current: Candidate | Non
         return Decision(current.version, None, False,
                         f"v{best.version} was trained on the synthetic demo data; it never replaces champion "
                         f"v{current.version}, trained on real data (use --force to move anyway)", ranked)
-    same_data = current.data_digest == best.data_digest
+    same_data = current.data_key == best.data_key
     if same_data and eligible(current) and _key(best, policy)[:-1] < _key(current, policy)[:-1] and not force:
         return Decision(current.version, best.version, False,
                         f"best candidate v{best.version} is worse than champion v{current.version} on "
-                        f"{policy.metric} over the same data digest (use --force to move anyway)", ranked)
-    why = "better than the champion" if same_data else "champion was trained on other data (digest differs)"
+                        f"{policy.metric} over the same data (use --force to move anyway)", ranked)
+    why = ("better than the champion" if same_data
+           else "champion was trained on other data (digest, split protocol or masking differs)")
     if force and same_data and _key(best, policy)[:-1] < _key(current, policy)[:-1]:
         why = "forced"
     return Decision(best.version, runner if runner != best.version else None, True, why, ranked)
@@ -206,7 +214,8 @@ def current_champion(tracking: Tracking, name: str) -> Candidate | None:
 def _candidate(mv) -> Candidate:
     metrics = {k[len("metric."):]: float(x) for k, x in mv.tags.items() if k.startswith("metric.")}
     return Candidate(str(mv.version), metrics, mv.tags.get("data_digest", ""),
-                     mv.tags.get("data_kind", "").startswith("demo"))
+                     mv.tags.get("data_kind", "").startswith("demo"), mv.tags.get("split_protocol", ""),
+                     mv.tags.get("annotation_mask", ""))
 
 
 def promote(tracking: Tracking, policy: Policy, filter_tags: dict | None = None, force: bool = False,

@@ -25,6 +25,11 @@ def c(v, f1, acc=0.0, digest="d1"):
     ([Candidate("4", {"val_macro_f1": 0.99}, "demo", True)], c(1, 0.7), False, "1", None, False),  # demo never
     ([Candidate("4", {"val_macro_f1": 0.99}, "demo", True)], c(1, 0.7), True, "4", None, True),    # ... unless forced
     ([c(5, 0.6, digest="real")], Candidate("4", {"val_macro_f1": 0.99}, "demo", True), False, "5", None, True),
+    # same digest and protocol, but the champion saw the annotation corner: not the same data
+    ([Candidate("6", {"val_macro_f1": 0.8}, "d1", protocol="p", mask="on")],
+     Candidate("1", {"val_macro_f1": 0.9}, "d1", protocol="p", mask="off"), False, "6", None, True),
+    ([Candidate("6", {"val_macro_f1": 0.8}, "d1", protocol="p", mask="on")],
+     Candidate("1", {"val_macro_f1": 0.9}, "d1", protocol="p", mask="on"), False, "1", "6", False),
 ])
 def test_select(cands, current, force, champion, challenger, moved):
     d = select(cands, P, current, force)
