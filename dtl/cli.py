@@ -297,6 +297,7 @@ def _preview(ds, args) -> int:
 
 def cmd_fuzzy(args) -> int:
     from dtl import tracking
+    from dtl.data.mask import mask_state
     from dtl.fuzzy_job import phase2_studies, run_fuzzy
     from dtl.fuzzy_report import verdict
     from dtl.phases import dataset
@@ -305,7 +306,9 @@ def cmd_fuzzy(args) -> int:
         args.override.append(f"fuzzy.n_trials={args.fuzzy_trials}")
     cfg = _config(args)
     t = tracking.connect(cfg.tracking_uri, cfg.experiment)
-    sources = [args.source] if args.source else phase2_studies(t, dataset(cfg, "phase2").digest)
+    d2 = dataset(cfg, "phase2")
+    mask = mask_state(cfg.phase2.data.mask_annotation, d2.kind, cfg.phase2.data.variant)
+    sources = [args.source] if args.source else phase2_studies(t, d2.digest, mask=mask)
     if not sources:
         raise DTLError("no finished double-transfer phase-2 study on this config's phase-2 data in experiment "
                        f"{cfg.experiment!r}: run `dtl main` (or `dtl phase2`) first, or pass --source")

@@ -389,10 +389,11 @@ def run_fuzzy(cfg: Config, tracking: Tracking, source: str) -> dict:
             "best_params": best.params, "counts": counts, **out}
 
 
-def phase2_studies(tracking: Tracking, data_digest: str, strategy: str = "double") -> list[str]:
-    """The latest phase-2 study run per backbone on this data (the default sources of ``dtl fuzzy``)."""
+def phase2_studies(tracking: Tracking, data_digest: str, strategy: str = "double", mask: str = "") -> list[str]:
+    """The latest phase-2 study run per backbone on this data and annotation masking (the default
+    sources of ``dtl fuzzy``): a study of the same files without the mask is another model."""
     flt = (f"tags.`dtl.role` = 'study' and tags.phase = 'phase2' and tags.strategy = '{strategy}' "
-           f"and tags.data_digest = '{data_digest}'")
+           f"and tags.data_digest = '{data_digest}'" + (f" and tags.annotation_mask = '{mask}'" if mask else ""))
     latest: dict = {}
     for r in find_runs(tracking, flt):
         if "dtl.checkpoint_trial" in r.data.tags:  # finished, with its best checkpoint logged

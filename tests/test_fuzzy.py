@@ -217,7 +217,7 @@ def test_fuzzy_pyfunc_round_trip_through_the_registry(fuzzy_done):
     mv = t.client.get_model_version("all-dtl-fuzzy", "1")
     assert mv.tags["head"] == "fuzzy" and mv.tags["phase2_run"] == p2.run_id
     assert "fuzzy Mamdani head" in mv.description and "NOT for diagnosis" in mv.description
-    model = mlflow.pyfunc.load_model("models:/all-dtl-fuzzy/1")
+    model = mlflow.pyfunc.load_model("models:/all-dtl-fuzzy/1", model_config={"allow_paths": True})
     ds = dataset(cfg, "phase2")
     test = ds.split("test")
     pred = model.predict(pd.DataFrame({"image": [str(ds.root / p) for p in test["path"]]}))
@@ -271,7 +271,8 @@ def test_fuzzy_model_behind_mlflow_models_serve(fuzzy_done):
 
     tmp, cfg, t, p2, out = fuzzy_done
     img = sorted((Path(cfg.cache_dir) / "demo" / "aria" / "Original" / "Pro").glob("*.jpg"))[0]
-    local = mlflow.pyfunc.load_model("models:/all-dtl-fuzzy/1").predict({"image": [str(img)]}).iloc[0]
+    local = mlflow.pyfunc.load_model("models:/all-dtl-fuzzy/1", model_config={"allow_paths": True}).predict(
+        {"image": [str(img)]}).iloc[0]
     with mlflow_serve("models:/all-dtl-fuzzy/1", tmp) as url:
         r = requests.post(f"{url}/invocations", timeout=60,
                           json={"dataframe_records": [{"image": base64.b64encode(img.read_bytes()).decode()}]})
@@ -280,7 +281,9 @@ def test_fuzzy_model_behind_mlflow_models_serve(fuzzy_done):
         assert pred["class"] == local["class"] and pred["firing_strength"] == pytest.approx(local["firing_strength"])
         assert sum(pred[f"p_{c}"] for c in ("Benign", "Early", "Pre", "Pro")) == pytest.approx(1, abs=1e-4)
         bad = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image": "bm90IGFuIGltYWdl"}]}, timeout=60)
-        assert bad.status_code >= 400 and "not a readable image" in bad.text
+        assert bad.status_code == 400 and "not a readable image" in bad.text
+        path = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image": str(img)}]}, timeout=60)
+        assert path.status_code == 400 and "file paths are not read" in path.text  # same input policy as softmax
 
 
 @pytest.mark.slow

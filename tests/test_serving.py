@@ -206,3 +206,24 @@ def test_champion_loads_and_predicts_in_a_fresh_virtualenv_from_its_own_requirem
     assert p.returncode == 0, p.stderr[-3000:]
     cls, where = p.stdout.split()[-2:]
     assert cls in CLASSES and "/code/dtl/" in where and str(ROOT) not in where
+
+
+@pytest.mark.parametrize("module, allowed", [("dtl.serving", set()), ("dtl.fuzzy_serving", {"skfuzzy", "scipy"})])
+def test_served_code_imports_only_what_the_model_requires(module, allowed):
+    """A logged model installs only its requirements.txt (torch, timm, mlflow, ... and scikit-fuzzy
+    for the fuzzy head): the modules it loads must not import the training-side libraries. Found
+    by the fresh-virtualenv test when dtl.data pulled in imagehash; this catches it in seconds."""
+    training_only = {"imagehash", "sklearn", "scipy", "optuna", "skfuzzy", "psycopg", "matplotlib",
+                     "threadpoolctl", "psutil"} - allowed
+    script = (
+        "import sys, importlib.abc\n"
+        f"BLOCK = {sorted(training_only)!r}\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in BLOCK:\n"
+        "            raise ImportError('a served model cannot import ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"import {module}\n"
+    )
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]

@@ -1,3 +1,5 @@
-"""Datasets (adapters, manifests, splits), transforms and the decoded-image cache."""
+"""Datasets (adapters, manifests, splits), transforms and the decoded-image cache.
 
-from dtl.data.datasets import Dataset, load_dataset  # noqa: F401
+Nothing is imported here: a served model imports ``dtl.data.cache`` and ``dtl.data.transforms``
+only, and must not need the dataset scanners' dependencies (imagehash, scipy, scikit-learn).
+"""

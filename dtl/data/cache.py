@@ -12,16 +12,19 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from dtl import DTLError
-from dtl.data.datasets import Dataset
 from dtl.data.mask import AnnotationMask, apply_mask
 from dtl.data.transforms import InputSpec, hsv_segment
 from dtl.progress import live
+
+if TYPE_CHECKING:  # the serving path imports this module: it must not pull in the dataset scanners
+    from dtl.data.datasets import Dataset
 
 CACHE_VERSION = "1"
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
