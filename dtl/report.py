@@ -76,8 +76,9 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
             "test_balanced_accuracy": m.get("test_balanced_accuracy"),
             "trials": int(m.get("n_complete", 0) + m.get("n_pruned", 0) + m.get("n_failed", 0)),
             "pruned": int(m.get("n_pruned", 0)), "failed": int(m.get("n_failed", 0)),
-            "flags": "best trial is a random start-up draw" if t.get("dtl.best_is_startup_draw") == "true" else "",
-            "best_params": json.dumps({k[5:]: _short(val) for k, val in sorted(t.items()) if k.startswith("best.")}),
+            "flags": _flags(t),
+            "best_params": json.dumps({k[5:]: _short(val) for k, val in sorted(t.items()) if k.startswith("best.")})
+            if _tuned(t) else "none tuned (config values)",
             "registered_version": v.version if v else "", "alias": ",".join(v.aliases) if v else "",
             "data_digest": (t.get("data_digest") or "")[:12], "phase2_run": r.info.run_id,
         })
@@ -88,6 +89,16 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
 def _masked(tags: dict) -> str:
     """``on``/``off``: whether the annotation corner was masked for this study ('' before masking existed)."""
     return tags.get("annotation_mask", "")
+
+
+def _tuned(tags: dict) -> bool:
+    return any(k.startswith("best.") for k in tags)
+
+
+def _flags(tags: dict) -> str:
+    """A study whose best trial is one of TPE's random start-up draws did not tune anything yet
+    (a study with an empty search space tunes nothing by design and is not flagged)."""
+    return "best trial is a random start-up draw" if tags.get("dtl.best_is_startup_draw") == "true" and _tuned(tags) else ""
 
 
 def _seeds(m: dict, k: str) -> str:
@@ -247,21 +258,26 @@ def figures(tracking: Tracking, df: pd.DataFrame) -> dict:
     if df.empty:
         return out
     n = len(df)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.6), squeeze=False)
-    for ax, (_, r) in zip(axes[0], df.iterrows()):
+    cols = min(n, 5)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.9 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_axis_off()
+    for ax, (_, r) in zip(axes.flat, df.iterrows()):
         try:
             cm = mlflow.artifacts.load_dict(f"runs:/{r['phase2_run']}/evaluation/confusion_test.json")
-            confusion_figure(cm, f"{r['backbone']} ({r['strategy']})", ax=ax)
+            confusion_figure(cm, _label(r).replace(", ", "\n", 1), ax=ax)
         except Exception:
             ax.set_axis_off()
     fig.tight_layout()
     out["confusion_grid.png"] = _png(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    legend_rows = -(-len(df) // 3)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2 + 0.22 * legend_rows))
     for _, r in df.iterrows():
         run = tracking.client.get_run(r["phase2_run"])
         best = run.data.tags.get("best_trial_run_id")
-        label = f"{r['backbone']} ({r['strategy']})"
+        label = _label(r)
         if best:
             hist = tracking.client.get_metric_history(best, "val_macro_f1")
             axes[0].plot([h.step for h in hist], [h.value for h in hist], marker="o", label=label)
@@ -276,11 +292,20 @@ def figures(tracking: Tracking, df: pd.DataFrame) -> dict:
             axes[1].scatter([k for k, _ in vals], ys, s=12)
     axes[0].set(title="learning curve of the best trial", xlabel="epoch", ylabel="val macro-F1")
     axes[1].set(title="Optuna history (best so far)", xlabel="trial", ylabel="val macro-F1")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[1].get_legend_handles_labels()
+    # one legend below both panels: beside the curves it would hide them once there are many rows
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.22 * legend_rows / (4.2 + 0.22 * legend_rows) + 0.02, 1, 1))
     out["curves.png"] = _png(fig)
     return out
+
+
+def _label(r) -> str:
+    """A row's name in figures: backbone and strategy, with protocol and masking where they vary."""
+    extra = [str(r[k]) for k in ("split_protocol",) if r.get(k)] + ([f"mask {r['masked']}"] if r.get("masked") else [])
+    return f"{r['backbone']} ({r['strategy']})" + (", " + ", ".join(extra) if extra else "")
 
 
 def _png(fig) -> bytes:
@@ -308,6 +333,9 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
         (out / name).write_bytes(data)
     prov = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "tracking_uri": redact(tracking.uri),
             "experiment_id": tracking.experiment_id, **(provenance or {})}
+    commands = row_commands(tracking, df)
+    if len(commands) > 1:  # rows from several jobs: each row's own command, not only the latest job's
+        prov["row_commands"] = commands
     for k in ("command", "report_command"):  # `python -m dtl` shows as a path to dtl/__main__.py
         if isinstance(prov.get(k), str):
             prov[k] = re.sub(r"\S*dtl/__main__\.py", "dtl", prov[k])
@@ -345,6 +373,26 @@ def _fuzzy_html(lines: list[str], figs: dict) -> str:
     text = html.escape("\n".join(x for x in lines[2:] if not x.startswith("![")))
     imgs = "".join(f'<img src="data:image/png;base64,{base64.b64encode(d).decode()}"/>' for d in figs.values())
     return f"<h2>Fuzzy vs softmax</h2><pre>{text}</pre>{imgs}"
+
+
+def row_commands(tracking: Tracking, df: pd.DataFrame) -> list[dict]:
+    """The job (pipeline run, command, git commit) that produced each row: the provenance that the
+    study run's parent pipeline logged, where it logged one."""
+    import mlflow
+
+    out: dict = {}
+    for _, r in df.iterrows():
+        parent = tracking.client.get_run(r["phase2_run"]).data.tags.get("mlflow.parentRunId", "")
+        if parent not in out:
+            try:
+                p = mlflow.artifacts.load_dict(f"runs:/{parent}/report/provenance.json")
+            except Exception:  # noqa: BLE001 - a job that built no report
+                p = {}
+            out[parent] = {"pipeline_run": parent, "rows": [],
+                           "command": re.sub(r"\S*dtl/__main__\.py", "dtl", p.get("command", "")),
+                           "git_commit": p.get("git_commit", ""), "wall_time_s": p.get("wall_time_s")}
+        out[parent]["rows"].append(_label(r))
+    return list(out.values())
 
 
 def last_provenance(tracking: Tracking) -> dict:

@@ -351,7 +351,7 @@ def _summarise(study, run: Run, name, phase, backbone, strategy, workroot: Path,
                      "n_failed": counts["fail"], "study_wall_s": wall})
     # TPE draws its first ``startup_trials`` at random: a best trial among them was never proposed
     # by the model of the objective, so its "best parameters" are one lucky draw, not a tuning result.
-    startup_best = best.number < startup_trials
+    startup_best = best.number < startup_trials and bool(best.params)  # nothing tuned: nothing to flag
     run.set_tags({"best_trial": best.number, "best_trial_run_id": best.user_attrs.get("mlflow_run_id", ""),
                   "dtl.best_is_startup_draw": str(startup_best).lower(),
                   **{f"best.{k}": v for k, v in best.params.items()}})
