@@ -335,6 +335,18 @@ def _registry_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", default="")
 
 
+def _fuzzy_parser(sub) -> None:
+    fz = sub.add_parser("fuzzy", help="fit, tune and compare a Mamdani fuzzy head on phase-2 models' features",
+                        description="For each phase-2 model (default: the latest double-transfer study per backbone "
+                                    "on this config's phase-2 data): Optuna study of the fuzzy system on val, nested "
+                                    "under the phase-2 study run; comparison with the softmax head on test, "
+                                    "Segmented and corrupted test images; registered as <registered_model>-fuzzy.")
+    _common(fz, ("phase2",))
+    fz.add_argument("--source", default="", help="a phase-2 study run id or models:/<name>@<alias> | /<version>")
+    fz.add_argument("--fuzzy-trials", type=_int, default=0, help="Optuna trials of the fuzzy study (0 = recipe value)")
+    fz.set_defaults(fn=cmd_fuzzy)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtl", description="Double transfer learning for ALL cell images, tracked in MLflow.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -378,15 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_args(r)
     r.add_argument("--out", default="", help="output folder (default: the config's report_dir, outputs/report)")
     r.set_defaults(fn=cmd_report)
-    fz = sub.add_parser("fuzzy", help="fit, tune and compare a Mamdani fuzzy head on phase-2 models' features",
-                        description="For each phase-2 model (default: the latest double-transfer study per backbone "
-                                    "on this config's phase-2 data): Optuna study of the fuzzy system on val, nested "
-                                    "under the phase-2 study run; comparison with the softmax head on test, "
-                                    "Segmented and corrupted test images; registered as <registered_model>-fuzzy.")
-    _common(fz, ("phase2",))
-    fz.add_argument("--source", default="", help="a phase-2 study run id or models:/<name>@<alias> | /<version>")
-    fz.add_argument("--fuzzy-trials", type=_int, default=0, help="Optuna trials of the fuzzy study (0 = recipe value)")
-    fz.set_defaults(fn=cmd_fuzzy)
+    _fuzzy_parser(sub)
     pd_ = sub.add_parser("predict", help="classify image files with a logged or registered model")
     pd_.add_argument("images", nargs="+")
     pd_.add_argument("--model", default="models:/all-dtl@champion")

@@ -203,6 +203,8 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
               init_label: str | None = None) -> PhaseResult:
     """Train one backbone for one phase; keep ``best.pt`` (by ``monitor``) and ``last.pt`` in
     ``workdir``. With ``resume`` and an existing ``last.pt``, continue where it stopped."""
+    # Long because resume, the DDP lock-step with the follower ranks and the loop interleave: moving
+    # the rank-0/follower protocol into dtl/distributed.py is the planned "one readable room" refactoring.
     from dtl import distributed as dd
 
     pc = cfg.phase(phase)
