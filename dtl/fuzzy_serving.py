@@ -91,4 +91,6 @@ def save_model(path, net, meta: dict, system: FuzzySystem, example_image: np.nda
         reqs = pip_requirements() + [f"scikit-fuzzy=={version('scikit-fuzzy')}"]
         mlflow.pyfunc.save_model(str(path), loader_module="dtl.fuzzy_serving", data_path=str(data),
                                  mlflow_model=mlflow_model, signature=signature, input_example=example,
-                                 code_paths=[str(Path(__file__).resolve().parent)], pip_requirements=reqs)
+                                 code_paths=[str(Path(__file__).resolve().parent)], pip_requirements=reqs,
+                                 # MLflow lets a caller override only keys the model was saved with
+                                 model_config=InputPolicy().model_config())
