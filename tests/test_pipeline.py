@@ -157,8 +157,9 @@ def test_promotion_never_downgrades_unless_forced_and_records_the_previous_champ
     t = connect(cfg.tracking_uri, cfg.experiment)
     champ = t.client.get_model_version_by_alias("all-dtl", "champion")
     champ_v = str(champ.version)
+    same_data = {k: champ.tags[k] for k in ("data_digest", "split_protocol", "annotation_mask")}
     worse = t.client.create_model_version("all-dtl", champ.source, run_id=champ.run_id, tags={
-        "metric.val_macro_f1": "0.0001", "data_digest": champ.tags["data_digest"], "pipeline_run": "other"})
+        "metric.val_macro_f1": "0.0001", **same_data, "pipeline_run": "other"})
     policy = load_policy("registry/policy.yaml" if Path("registry/policy.yaml").exists() else
                          str(Path(__file__).resolve().parent.parent / "registry" / "policy.yaml"))
     d = promote(t, policy, {"pipeline_run": "other"}, cards_dir=tmp / "cards")
