@@ -254,8 +254,9 @@ def write_card(tracking: Tracking, name: str, version: str, policy: Policy, card
         "intended_use": "Research on acute lymphoblastic leukemia image classification. NOT for diagnosis "
                         "or any clinical decision.",
         "backbone": t.get("backbone"), "classes": classes, "input": spec.get("input", {}),
-        "input_format": "column 'image': file path, base64 image bytes, raw bytes or an H×W×3 uint8 RGB array; "
-                        "any size (resized and centre-cropped inside the model)",
+        "input_format": "column 'image': base64 image bytes, raw bytes or an H×W×3 uint8 RGB array, any size "
+                        "(resized and centre-cropped inside the model); file paths only in local Python with "
+                        "model_config={'allow_paths': True}, never over REST",
         "data": {"phase2": {"kind": t.get("data_kind"), "digest": t.get("data_digest"),
                             "split_protocol": t.get("split_protocol"),
                             "duplicates_removed": mv.tags.get("duplicates_removed")},
@@ -280,6 +281,13 @@ def write_card(tracking: Tracking, name: str, version: str, policy: Policy, card
     client.update_model_version(name, version, description=md if len(md) <= 5000 else md[:4950] + "\n\n(truncated; "
                                 f"the full card is the run artifact model_card/{name}-v{version}.md)")
     return stem.with_suffix(".md")
+
+
+def _mask_text(mask: dict | None) -> str:
+    if not mask:
+        return "none"
+    return (f"bottom-right {mask['height']:.3f} × {mask['width']:.3f} of the image filled with RGB {mask['fill']} "
+            "(in training and in this model's preprocessing)")
 
 
 CI_UNITS = {"patient": "patients", "group": "near-duplicate groups (one smear field each)", "image": "test images"}
@@ -355,6 +363,7 @@ def _card_markdown(c: dict) -> str:
 | backbone | {c['backbone']} |
 | classes | {', '.join(c['classes'])} |
 | input | {c['input'].get('size')} px, mean {c['input'].get('mean')}, std {c['input'].get('std')} |
+| annotation mask | {_mask_text(c['input'].get('mask'))} |
 | input format | {c['input_format']} |
 | phase-2 data | {c['data']['phase2']['kind']}, digest `{str(c['data']['phase2']['digest'])[:16]}`, split {c['data']['phase2']['split_protocol']}, duplicates removed: {c['data']['phase2']['duplicates_removed']} |
 | phase-1 data | {c['data']['phase1']['kind']}, digest `{str(c['data']['phase1']['digest'])[:16]}`, split {c['data']['phase1']['split_protocol']} |

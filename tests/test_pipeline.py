@@ -65,7 +65,9 @@ def test_main_registers_promotes_and_reports(done):
     assert len(t.client.get_run(p2.info.run_id).inputs.dataset_inputs) == 3
     assert not [r for r in runs if r.info.status == "RUNNING"]
     # model card written for the champion
-    assert (tmp / "cards" / "all-dtl-v1.md").read_text().count("NOT for diagnosis") == 1
+    card_md = (tmp / "cards" / "all-dtl-v1.md").read_text()
+    assert card_md.count("NOT for diagnosis") == 1
+    assert "| annotation mask | bottom-right" in card_md and "never over REST" in card_md
     card = __import__("json").loads((tmp / "cards" / "all-dtl-v1.json").read_text())
     assert card["classes"] == ["Benign", "Early", "Pre", "Pro"] and card["input"]["size"] == 64
     assert card["data"]["phase2"]["split_protocol"] == "near-duplicate-groups" and card["lineage"]["phase1_run"]
