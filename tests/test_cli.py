@@ -172,7 +172,8 @@ def mlflow_run(entry: str, workspace: Path, cache_dir: Path, *params: str, exper
            "--experiment-name", experiment, "-P", "backbones=test_resnet", "-P", "n_trials=1", "-P", "epochs=1",
            "-P", f"storage=sqlite:///{workspace}/optuna.db", "-P", "overrides=" + " ".join(o), *params]
     env = {**os.environ, "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+           # a tiny study lasts about a second: sample often enough that each one logs at least once
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}
     if popen:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True)
