@@ -175,9 +175,8 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
               strategy: str = "double", init_from: Path | None = None, init_label: str | None = None,
               experiment: str = "") -> StudyResult:
     """Tune one (phase, backbone, strategy); returns the best trial and its checkpoint."""
-    # Long (storage, parent-run race, orphans, nested objective, budget): splitting it into a module-level
-    # objective class, open_study() and summarise() is the refactoring step of the "one readable room
-    # per concern" issue, deliberately not mixed with this round's behaviour changes.
+    # Still long (nested objective, budget, progress): a module-level objective class is the refactoring
+    # step of the "one readable room per concern" issue, not mixed with this round's behaviour changes.
     pc = cfg.phase(phase)
     ds = dataset(cfg, phase)
     start = init_digest(init_from if init_from else pc.init)
@@ -196,20 +195,7 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
             "data_digest": ds.digest, "data_kind": ds.kind, "split_protocol": ds.protocol,
             "annotation_mask": mask_state(pc.data.mask_annotation, ds.kind, pc.data.variant),
             "precision": cfg.precision, "optuna.storage": redact(storage_url)}
-    run = find_run(tracking, {"dtl.study": name})
-    if run is None:
-        run = start_run(tracking, f"{phase}-{strategy}-{backbone}" if phase == "phase2" else f"{phase}-{backbone}",
-                        tags, parent=parent_run)
-        winner = find_run(tracking, {"dtl.study": name})  # two workers may have raced: the oldest wins
-        if winner.id != run.id:
-            tracking.client.delete_run(run.id)
-            run = winner
-        else:
-            run.log_params({**flatten(cfg), "study": name})
-            log_data(run, ds, phase)
-    else:
-        run.reopen()
-        run.set_tags({"dtl.pid": os.getpid()})
+    run = _study_run(cfg, tracking, tags, ds, parent_run)
     alive = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     end_orphans(tracking, parent=run.id, alive=alive)
     space = load_search_space(cfg, phase)
@@ -308,6 +294,26 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
         bar.close()
     run.end("FINISHED")
     return result
+
+
+def _study_run(cfg: Config, tracking: Tracking, tags: dict, ds, parent_run: str | None) -> Run:
+    """The study's MLflow parent run: found again by its ``dtl.study`` tag and reopened, or created
+    (with the config params and the data) when two workers race, the oldest run wins."""
+    name, phase, strategy, backbone = tags["dtl.study"], tags["phase"], tags["strategy"], tags["backbone"]
+    run = find_run(tracking, {"dtl.study": name})
+    if run is not None:
+        run.reopen()
+        run.set_tags({"dtl.pid": os.getpid()})
+        return run
+    run = start_run(tracking, f"{phase}-{strategy}-{backbone}" if phase == "phase2" else f"{phase}-{backbone}",
+                    tags, parent=parent_run)
+    winner = find_run(tracking, {"dtl.study": name})  # two workers may have raced: the oldest wins
+    if winner.id != run.id:
+        tracking.client.delete_run(run.id)
+        return winner
+    run.log_params({**flatten(cfg), "study": name})
+    log_data(run, ds, phase)
+    return run
 
 
 def _fail_dead_trials(study: optuna.Study, tracking: Tracking) -> int:
