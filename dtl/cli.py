@@ -442,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     if dd.world_size() > 1 and args.command in ("main", "phase1", "phase2", "tune"):
         dd.init()
         if not dd.is_main():
-            return dd.follow()
+            from dtl.phases import run_phase
+
+            return dd.follow(run_phase)
     from dtl import progress
 
     progress.QUIET = bool(getattr(args, "quiet", False))

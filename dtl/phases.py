@@ -11,18 +11,19 @@ import functools
 import hashlib
 import os
 import random
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from dtl import DTLError
-from dtl.config import Config, to_dict
-from dtl.data.cache import BatchLoader, split_array
-from dtl.data.datasets import Dataset, load_dataset
+from dtl import DTLError, distributed, faults
+from dtl.config import Config, PhaseConfig, to_dict
+from dtl.data import store
+from dtl.data.cache import BatchLoader
+from dtl.data.datasets import Dataset
 from dtl.data.mask import annotation_mask
 from dtl.data.transforms import InputSpec
 from dtl.engine import cosine_lr, evaluate, predict, resolve_device, resolve_precision, train_one_epoch
@@ -40,46 +41,17 @@ from dtl.models import (
     save_checkpoint,
 )
 
-_DATASETS: dict = {}
-_LOADERS: dict = {}
-
-
-def test_hook(point: str) -> None:
-    """Kill this process with SIGKILL at ``point`` when DTL_KILL_AT names it (kill/resume tests)."""
-    if os.environ.get("DTL_KILL_AT") == point:
-        marker = os.environ.get("DTL_KILL_MARKER")
-        if not marker or not Path(marker).exists():
-            if marker:
-                Path(marker).write_text(point)
-            os.kill(os.getpid(), signal.SIGKILL)
-
 
 def dataset(cfg: Config, phase: str) -> Dataset:
-    """The phase's dataset, loaded once per process (trials share it)."""
-    key = (cfg.phase(phase).data, cfg.cache_dir)
-    if key not in _DATASETS:
-        _DATASETS[key] = load_dataset(cfg.phase(phase).data, cfg.cache_dir)
-    return _DATASETS[key]
+    """The phase's dataset from the job's data store (trials and repeats share it)."""
+    return store.current().dataset(cfg.phase(phase).data, cfg.cache_dir)
 
 
 def loader(cfg: Config, phase: str, split: str, spec: InputSpec, device: torch.device, batch_size: int,
            train: bool) -> BatchLoader:
-    ds = dataset(cfg, phase)
-    seg = cfg.phase(phase).data.hsv_segment
-    key = (ds.digest, split, spec, seg, str(device))
-    if key not in _LOADERS:
-        if not (ds.manifest["split"] == split).any():
-            raise DTLError(f"{phase} data ({ds.kind} at {ds.root}) has no {split!r} split")
-        arr = split_array(ds, split, spec, seg, cfg.cache_dir, progress=True)
-        from dtl import distributed as dd
-
-        shard = (dd.rank(), dd.world_size()) if train and dd.active() else (0, 1)
-        _LOADERS[key] = BatchLoader(arr, ds.label_ids(split), batch_size, device, shuffle=train, seed=cfg.seed,
-                                    shard=shard)
-    ld = _LOADERS[key]
-    # the cached loader is shared by trials and seed repeats: the batch order follows this run's seed
-    ld.batch_size, ld.shuffle, ld.drop_last, ld.seed = batch_size, train, train and len(ld.labels) > batch_size, cfg.seed
-    return ld
+    """Batches of one split of the phase's data, ordered by this run's seed (sharded under DDP)."""
+    return store.current().loader(dataset(cfg, phase), split, spec, cfg.phase(phase).data.hsv_segment,
+                                  cfg.cache_dir, device, batch_size, train, cfg.seed, distributed.shard(train))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -164,54 +136,114 @@ def _class_weights(ds: Dataset, device: torch.device) -> torch.Tensor:
     return torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
 
 
-def _restore(last_path: Path, net: DTLNet, optimizer, scheduler, scaler) -> tuple:
+def _restore(last_path: Path, t: _Setup) -> _Progress:
     """Load ``last.pt`` into the model and the training state; returns where to continue."""
     ck = load_checkpoint(last_path)
     try:
-        net.load_state_dict(ck["model"])
+        t.net.load_state_dict(ck["model"])
     except RuntimeError as e:
         raise DTLError(f"{last_path} is a checkpoint of another model ({ck.get('meta', {}).get('spec')}), "
-                       f"not {net.spec.backbone} with classes {list(net.spec.classes)}: {str(e)[:300]}. "
+                       f"not {t.net.spec.backbone} with classes {list(t.net.spec.classes)}: {str(e)[:300]}. "
                        "Remove it or use another work_dir.") from None
-    optimizer.load_state_dict(ck["optimizer"])
-    scheduler.load_state_dict(ck["scheduler"])
-    if scaler is not None and ck.get("scaler"):
-        scaler.load_state_dict(ck["scaler"])
+    t.optimizer.load_state_dict(ck["optimizer"])
+    t.scheduler.load_state_dict(ck["scheduler"])
+    if t.scaler is not None and ck.get("scaler"):
+        t.scaler.load_state_dict(ck["scaler"])
     if "rng" in ck:
         torch.set_rng_state(ck["rng"])  # dropout draws continue the interrupted stream
-    return (int(ck["epoch"]) + 1, list(ck["history"]), float(ck["best"]), int(ck["best_epoch"]),
-            int(ck["skipped"]))
+    start = int(ck["epoch"]) + 1
+    return _Progress(start, list(ck["history"]), float(ck["best"]), int(ck["best_epoch"]), int(ck["skipped"]),
+                     stale=start - 1 - int(ck["best_epoch"]))
 
 
 def training_module(net: DTLNet, compile_model: bool, device: torch.device) -> torch.nn.Module:
     """The module the training loop calls. ``compile`` compiles ``net`` in place *before* any
     DDP wrap, as PyTorch advises (Dynamo does not trace the DDP wrapper well); wrapping the
     uncompiled net instead would silently drop the compilation under torchrun."""
-    from dtl import distributed as dd
-
     if compile_model:
         net.compile()  # in place: state_dict keys and checkpoints stay those of the plain module
-    if not dd.active():
+    if not distributed.active():
         return net
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@dataclass
+class _Setup:
+    """What one ``run_phase`` call trains with."""
+
+    net: DTLNet
+    model: torch.nn.Module  # ``net``, compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    weights: torch.Tensor | None  # class weights of the loss
+    train_ld: BatchLoader
+    val_ld: BatchLoader
+    ispec: InputSpec
+    precision: object
+    device: torch.device
+    channels_last: bool
+    meta: dict  # written into every checkpoint
+
+
+@dataclass
+class _Progress:
+    """The loop's state, saved in ``last.pt``. ``best`` is kept as "higher is better"."""
+
+    start: int = 0
+    history: list = field(default_factory=list)
+    best: float = -float("inf")
+    best_epoch: int = -1
+    skipped: int = 0
+    stale: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record the epoch's monitored value (sign applied); True when it is the new best."""
+        if value > self.best:
+            self.best, self.best_epoch, self.stale = value, epoch, 0
+            return True
+        self.stale += 1
+        return False
 
 
 def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: str | Path | None = None,
               report: Callable[[int, dict], None] | None = None, resume: bool = True,
               init_label: str | None = None) -> PhaseResult:
     """Train one backbone for one phase; keep ``best.pt`` (by ``monitor``) and ``last.pt`` in
-    ``workdir``. With ``resume`` and an existing ``last.pt``, continue where it stopped."""
-    # Long because resume, the DDP lock-step with the follower ranks and the loop interleave: moving
-    # the rank-0/follower protocol into dtl/distributed.py is the planned "one readable room" refactoring.
-    from dtl import distributed as dd
-
+    ``workdir``. With ``resume`` and an existing ``last.pt``, continue where it stopped.
+    ``report(epoch, row)`` is called once per epoch (rank 0 only under DDP)."""
+    distributed.lead({"cfg": cfg, "phase": phase, "backbone": backbone, "workdir": workdir, "init_from": init_from,
+                      "resume": resume, "init_label": init_label})  # followers train their shards
     pc = cfg.phase(phase)
-    if dd.active() and dd.is_main():  # followers receive the same job and train their shards
-        dd.broadcast({"cfg": to_dict(cfg), "phase": phase, "backbone": backbone, "workdir": str(workdir),
-                      "init_from": str(init_from) if init_from else None, "resume": resume, "init_label": init_label})
     seed_everything(cfg.seed, cfg.deterministic)
+    t = _setup(cfg, phase, backbone, init_from, init_label)
+    workdir.mkdir(parents=True, exist_ok=True)
+    best_path, last_path = workdir / "best.pt", workdir / "last.pt"
+    sign = -1.0 if direction(pc.monitor) == "minimize" else 1.0
+    state = _Progress()
+    # Resume only a run of this very configuration and starting point: a last.pt left by another
+    # trial's settings or started from other weights (e.g. phase 1 retrained, or the Optuna storage
+    # deleted but work_dir kept) is overwritten, not loaded.
+    if resume and last_path.exists() and _same_run(load_checkpoint(last_path)["meta"], t.meta):
+        state = _restore(last_path, t)
+    for epoch in range(state.start, pc.epochs):
+        row = _epoch(t, cfg, pc, epoch, state)
+        if state.update(sign * row[pc.monitor], epoch) and distributed.is_main():
+            save_checkpoint(best_path, t.net, {**t.meta, "epoch": epoch, "metrics": row})
+        if distributed.is_main():
+            _save_last(last_path, t, state, epoch)
+        faults.kill_point(f"{phase}:epoch{epoch}")
+        stop = bool(pc.early_stop_patience and state.stale >= pc.early_stop_patience)
+        distributed.end_epoch(report, epoch, row, stop)
+        if stop:
+            break
+    return PhaseResult(phase, backbone, sign * state.best, state.best_epoch, best_path, state.history, state.skipped,
+                       t.precision.name, str(t.device), t.meta["init"])
+
+
+def _setup(cfg: Config, phase: str, backbone: str, init_from: str | Path | None, init_label: str | None) -> _Setup:
+    """Data, model, optimiser, schedule and loss weights of one phase run."""
+    pc = cfg.phase(phase)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     ds = dataset(cfg, phase)
@@ -220,82 +252,48 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
     train_ld = loader(cfg, phase, "train", ispec, device, pc.batch_size, train=True)
     val_ld = loader(cfg, phase, "val", ispec, device, cfg.eval_batch_size, train=False)
     net = _init_model(cfg, phase, backbone, ds.classes, init_from)
-    init = init_label or (f"file:{init_from}" if init_from else cfg.phase(phase).init)
     net.set_unfreeze(pc.unfreeze)
     channels_last = cfg.channels_last and device.type == "cuda"
     net.to(device)
     if channels_last:
         net.to(memory_format=torch.channels_last)
     optimizer, scheduler = _optimizer(net, pc, len(train_ld))
-    scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
-    weights = _class_weights(ds, device) if pc.class_weights else None
-    model = training_module(net, cfg.compile, device)
+    meta = {"phase": phase, "backbone": backbone,
+            "init": init_label or (f"file:{init_from}" if init_from else pc.init),
+            "init_digest": init_digest(Path(init_from) if init_from else pc.init), "input": ispec.to_dict(),
+            "data_digest": ds.digest, "data_kind": ds.kind, "protocol": ds.protocol, "config": to_dict(cfg)}
+    return _Setup(net, training_module(net, cfg.compile, device), optimizer, scheduler,
+                  torch.amp.GradScaler(device.type) if precision.name == "fp16" else None,
+                  _class_weights(ds, device) if pc.class_weights else None, train_ld, val_ld, ispec, precision,
+                  device, channels_last, meta)
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    best_path, last_path = workdir / "best.pt", workdir / "last.pt"
-    sign = -1.0 if direction(pc.monitor) == "minimize" else 1.0  # ``best`` is kept as "higher is better"
-    meta = {"phase": phase, "backbone": backbone, "init": init, "init_digest": init_digest(Path(init_from) if init_from else pc.init),
-            "input": ispec.to_dict(),
-            "data_digest": ds.digest, "data_kind": ds.kind, "protocol": ds.protocol,
-            "config": to_dict(cfg)}
-    history: list[dict] = []
-    start, best, best_epoch, skipped, stale = 0, -float("inf"), -1, 0, 0
-    # Resume only a run of this very configuration and starting point: a last.pt left by another
-    # trial's settings or started from other weights (e.g. phase 1 retrained, or the Optuna storage
-    # deleted but work_dir kept) is overwritten, not loaded.
-    if resume and last_path.exists() and _same_run(load_checkpoint(last_path)["meta"], meta):
-        start, history, best, best_epoch, skipped = _restore(last_path, net, optimizer, scheduler, scaler)
-        stale = start - 1 - best_epoch
 
-    main = dd.is_main()
-    for epoch in range(start, pc.epochs):
-        train_ld.set_epoch(epoch)
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-        tr = train_one_epoch(model, train_ld, optimizer, scheduler, scaler, precision, ispec, cfg.augment, gen,
-                             weights, pc.label_smoothing, pc.grad_clip, channels_last, pc.aux_weight)
-        # every rank: same weights, same result; with TTA the same views as the final evaluation, so
-        # the value Optuna maximises is the value promotion later reads
-        ev = evaluate(net, val_ld, precision, ispec, "val", channels_last, tta=pc.tta)
-        skipped += tr["skipped_steps"]
-        row = {"epoch": epoch, "train_loss": tr["train_loss"], "lr": tr["lr"],
-               "train_images_per_s": tr["train_images_per_s"], "skipped_steps": skipped,
-               **{k: v for k, v in ev.items() if k.startswith("val_")}}
-        if pc.monitor not in row:
-            raise DTLError(f"monitor={pc.monitor!r} is not a validation metric; valid: "
-                           f"{', '.join(k for k in row if k.startswith('val_'))}")
-        history.append(row)
-        value = sign * row[pc.monitor]
-        if value > best:
-            best, best_epoch, stale = value, epoch, 0
-            if main:
-                save_checkpoint(best_path, net, {**meta, "epoch": epoch, "metrics": row})
-        else:
-            stale += 1
-        if main:
-            save_checkpoint(last_path, net, {**meta, "epoch": epoch}, optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else {},
-                            epoch=epoch, history=history, best=best, best_epoch=best_epoch, skipped=skipped,
-                            rng=torch.get_rng_state())  # dropout draws: a resumed run continues the same stream
-        test_hook(f"{phase}:epoch{epoch}")
-        stop = bool(pc.early_stop_patience and stale >= pc.early_stop_patience)
-        if not dd.active():
-            if report is not None:
-                report(epoch, row)
-        elif main:
-            try:
-                if report is not None:
-                    report(epoch, row)
-            except BaseException:
-                dd.broadcast(True)  # pruned or failed: release the followers from this job
-                raise
-            dd.broadcast(stop)
-        elif dd.broadcast(None):
-            raise dd._Stop()
-        if stop:
-            break
-    best_value = sign * best
-    return PhaseResult(phase, backbone, best_value, best_epoch, best_path, history, skipped, precision.name,
-                       str(device), init)
+def _epoch(t: _Setup, cfg: Config, pc: PhaseConfig, epoch: int, state: _Progress) -> dict:
+    """Train one epoch and validate; the epoch's flat metrics row, appended to the history."""
+    t.train_ld.set_epoch(epoch)
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+    tr = train_one_epoch(t.model, t.train_ld, t.optimizer, t.scheduler, t.scaler, t.precision, t.ispec, cfg.augment,
+                         gen, t.weights, pc.label_smoothing, pc.grad_clip, t.channels_last, pc.aux_weight)
+    # every rank: same weights, same result; with TTA the same views as the final evaluation, so
+    # the value Optuna maximises is the value promotion later reads
+    ev = evaluate(t.net, t.val_ld, t.precision, t.ispec, "val", t.channels_last, tta=pc.tta)
+    state.skipped += tr["skipped_steps"]
+    row = {"epoch": epoch, "train_loss": tr["train_loss"], "lr": tr["lr"],
+           "train_images_per_s": tr["train_images_per_s"], "skipped_steps": state.skipped,
+           **{k: v for k, v in ev.items() if k.startswith("val_")}}
+    if pc.monitor not in row:
+        raise DTLError(f"monitor={pc.monitor!r} is not a validation metric; valid: "
+                       f"{', '.join(k for k in row if k.startswith('val_'))}")
+    state.history.append(row)
+    return row
+
+
+def _save_last(path: Path, t: _Setup, state: _Progress, epoch: int) -> None:
+    save_checkpoint(path, t.net, {**t.meta, "epoch": epoch}, optimizer=t.optimizer.state_dict(),
+                    scheduler=t.scheduler.state_dict(), scaler=t.scaler.state_dict() if t.scaler else {},
+                    epoch=epoch, history=state.history, best=state.best, best_epoch=state.best_epoch,
+                    skipped=state.skipped,
+                    rng=torch.get_rng_state())  # dropout draws: a resumed run continues the same stream
 
 
 def bootstrap_units(table) -> tuple[str, object]:

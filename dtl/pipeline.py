@@ -11,11 +11,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dtl import DTLError
+from dtl import DTLError, faults
 from dtl.config import Config, flatten, with_phase
+from dtl.data import store
 from dtl.data.mask import mask_state as masked
 from dtl.models import check_backbone
-from dtl.phases import dataset, evaluate_checkpoint, run_phase, test_hook
+from dtl.phases import dataset, evaluate_checkpoint, run_phase
 from dtl.stats import mean_spread
 from dtl.tracking import (
     Run,
@@ -201,7 +202,7 @@ def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, register_
     model_id = run.client.get_run(run.id).data.tags.get("dtl.model_id")
     metrics = evaluate_study(cfg, study, tracking, model_id)
     repeat_best(cfg, study, tracking)
-    test_hook("registration")
+    faults.kill_point("registration")
     if not register_it:
         return None
     ds2 = dataset(cfg, "phase2")
@@ -239,6 +240,11 @@ def phase1_lineage(study_run: Run) -> dict:
 def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResult:
     """For each backbone: tune phase 1, tune phase 2 from it (and the other strategies asked
     for), evaluate on test once, log and register the model; then promote and report."""
+    with store.scope() as data:  # the job's data, its split tensors released per backbone
+        return _main(cfg, data, report, promote)
+
+
+def _main(cfg: Config, data: store.DataStore, report: bool, promote: bool) -> PipelineResult:
     from dtl import registry
     from dtl import report as report_mod
 
@@ -249,12 +255,13 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
     with root_run(tracking, cfg, "main") as root:
         result = PipelineResult(root.id)
         for backbone in cfg.backbones:
+            data.release()  # the previous backbone's split tensors (its input size, on its device)
             p1 = None
             if "double" in cfg.strategies:
                 p1 = run_study(cfg, "phase1", backbone, tracking, root.id)
                 result.studies[("phase1", "", backbone)] = p1
                 evaluate_study(cfg, p1, tracking)
-                test_hook("between_phases")
+                faults.kill_point("between_phases")
             for i, strategy in enumerate(cfg.strategies):
                 s = run_phase2_strategy(cfg, tracking, root, backbone, strategy, p1)
                 result.studies[("phase2", strategy, backbone)] = s
@@ -275,7 +282,7 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
             result.champion = d.champion
             root.set_tags({"dtl.champion": d.champion, "dtl.promotion": d.reason})
         if report:
-            test_hook("report")
+            faults.kill_point("report")
             out = report_mod.build(tracking, cfg.report_dir, cfg.registered_model,
                                    data_digest=dataset(cfg, "phase2").digest,
                                    provenance=_provenance(cfg, tracking, time.time() - t_start, root.id),
@@ -335,10 +342,17 @@ def root_run(tracking: Tracking, cfg: Config, job: str):
 def single_phase(cfg: Config, phase: str, source: str = "", strategy: str = "double") -> dict:
     """``phase1`` or ``phase2`` alone (phase 2 from ``source`` when double transfer)."""
     tracking = connect(cfg.tracking_uri, cfg.experiment)
-    _check_inputs(cfg, (phase,))
+    with store.scope() as data:
+        _check_inputs(cfg, (phase,))
+        return _single_phase(cfg, tracking, data, phase, source, strategy)
+
+
+def _single_phase(cfg: Config, tracking: Tracking, data: store.DataStore, phase: str, source: str,
+                  strategy: str) -> dict:
     out = {}
     with root_run(tracking, cfg, phase) as root:
         for backbone in cfg.backbones:
+            data.release()  # the previous backbone's split tensors
             if phase == "phase1":
                 s = run_study(cfg, "phase1", backbone, tracking, root.id)
                 evaluate_study(cfg, s, tracking)

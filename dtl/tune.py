@@ -26,12 +26,12 @@ import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryCallback
 from optuna.trial import TrialState
 
-from dtl import DTLError, distributed
+from dtl import DTLError, distributed, faults
 from dtl.config import EXPERIMENTS_DIR, Config, flatten, with_phase
 from dtl.data.mask import mask_state
 from dtl.engine import NonFiniteLoss
 from dtl.metrics import direction
-from dtl.phases import dataset, init_digest, run_phase, test_hook
+from dtl.phases import dataset, init_digest, run_phase
 from dtl.progress import StudyProgress
 from dtl.tracking import Run, Tracking, end_orphans, find_run, log_data, redact, start_run, system_metrics
 
@@ -171,17 +171,36 @@ def open_optuna_study(cfg: Config, name: str, phase: str, storage) -> optuna.Stu
                        f"({cfg.phase(phase).monitor}): {e}") from None
 
 
-def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent_run: str | None = None,
-              strategy: str = "double", init_from: Path | None = None, init_label: str | None = None,
-              experiment: str = "") -> StudyResult:
-    """Tune one (phase, backbone, strategy); returns the best trial and its checkpoint."""
-    # Still long (nested objective, budget, progress): a module-level objective class is the refactoring
-    # step of the "one readable room per concern" issue, not mixed with this round's behaviour changes.
+# A trial that fails with one of these is recorded FAIL and the study goes on with the next.
+TRIAL_ERRORS = (NonFiniteLoss, torch.cuda.OutOfMemoryError, DTLError)
+
+
+@dataclass
+class Study:
+    """An opened study: the Optuna study, its MLflow parent run and what its trials share."""
+
+    name: str
+    optuna: optuna.Study
+    run: Run
+    tags: dict  # the study run's tags; trial runs start from them
+    cfg: Config
+    phase: str
+    backbone: str
+    strategy: str
+    init_from: Path | None
+    init_label: str
+    workroot: Path  # trial-<n>/ folders with their checkpoints
+
+
+def open_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent_run: str | None = None,
+               strategy: str = "double", init_from: Path | None = None, init_label: str | None = None) -> Study:
+    """Create or reopen the study of (phase, backbone, strategy, identity) and its MLflow run;
+    trials of a previous process that died are failed (and retried), their runs ended."""
     pc = cfg.phase(phase)
     ds = dataset(cfg, phase)
     start = init_digest(init_from if init_from else pc.init)
     identity = study_identity(cfg, phase, ds.digest, start)
-    name = study_name(phase, backbone, strategy, identity, experiment or cfg.experiment)
+    name = study_name(phase, backbone, strategy, identity, cfg.experiment)
     storage_url = cfg.tune.storage or DEFAULT_STORAGE
     storage = make_storage(storage_url, cfg.tune.heartbeat_s)
     study = open_optuna_study(cfg, name, phase, storage)
@@ -191,109 +210,125 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
     init = init_label or pc.init
     tags = {"dtl.role": "study", "dtl.study": name, "phase": phase, "backbone": backbone, "strategy": strategy,
             "init": init, "init_digest": start, "dtl.study_identity": identity, "monitor": pc.monitor,
-            "direction": direction(pc.monitor),
-            "data_digest": ds.digest, "data_kind": ds.kind, "split_protocol": ds.protocol,
-            "annotation_mask": mask_state(pc.data.mask_annotation, ds.kind, pc.data.variant),
+            "direction": direction(pc.monitor), "data_digest": ds.digest, "data_kind": ds.kind,
+            "split_protocol": ds.protocol, "annotation_mask": mask_state(pc.data.mask_annotation, ds.kind, pc.data.variant),
             "precision": cfg.precision, "optuna.storage": redact(storage_url)}
     run = _study_run(cfg, tracking, tags, ds, parent_run)
     alive = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     end_orphans(tracking, parent=run.id, alive=alive)
-    space = load_search_space(cfg, phase)
-    workroot = Path(cfg.work_dir) / name
-    n_stages = _n_stages(backbone)
-    t0 = time.time()
+    return Study(name, study, run, tags, cfg, phase, backbone, strategy, init_from, init,
+                 Path(cfg.work_dir) / name)
 
-    def objective(trial: optuna.Trial) -> float:
-        overrides = suggest(trial, space, n_stages)
-        tcfg = with_phase(cfg, phase, **overrides)
-        # A retry of a killed trial continues in the killed trial's folder, from its last.pt.
-        origin = RetryCallback.retried_trial_number(_frozen(trial.study, trial.number))
-        workdir = workroot / f"trial-{origin if origin is not None else trial.number}"
-        trun = start_run(tracking, f"trial-{trial.number}", {**tags, "dtl.role": "trial", "optuna.trial": trial.number,
-                                                             "optuna.state": "RUNNING",
-                                                             "optuna.retry_of": origin,
-                                                             "world_size": distributed.world_size()}, parent=run.id)
+
+def trial_dir(workroot: Path, trial: optuna.trial.FrozenTrial) -> Path:
+    """A trial's folder. A retry of a killed trial continues in the killed trial's folder, from its last.pt."""
+    origin = RetryCallback.retried_trial_number(trial)
+    return workroot / f"trial-{origin if origin is not None else trial.number}"
+
+
+class Objective:
+    """One trial, as in Optuna's examples: suggest, train (``run_phase``), report each epoch, prune.
+    Each trial is a nested MLflow run under the study's run, tagged with its Optuna state."""
+
+    def __init__(self, study: Study, tracking: Tracking, bar: StudyProgress):
+        self.s, self.tracking, self.bar = study, tracking, bar
+        self.space = load_search_space(study.cfg, study.phase)
+        self.n_stages = _n_stages(study.backbone)
+        self.monitor = study.cfg.phase(study.phase).monitor
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        s = self.s
+        overrides = suggest(trial, self.space, self.n_stages)
+        tcfg = with_phase(s.cfg, s.phase, **overrides)
+        frozen = _frozen(trial.study, trial.number)
+        trun = start_run(self.tracking, f"trial-{trial.number}",
+                         {**s.tags, "dtl.role": "trial", "optuna.trial": trial.number, "optuna.state": "RUNNING",
+                          "optuna.retry_of": RetryCallback.retried_trial_number(frozen),
+                          "world_size": distributed.world_size()}, parent=s.run.id)
         trial.set_user_attr("mlflow_run_id", trun.id)
         trun.log_params({**flatten(tcfg), **{f"trial.{k}": v for k, v in overrides.items()}})
-
-        def report(epoch: int, row: dict) -> None:
-            trun.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            bar.epoch(trial.number, epoch)
-            test_hook(f"{phase}:trial{trial.number}:epoch{epoch}")
-            trial.report(row[pc.monitor], epoch)
-            if trial.should_prune():
-                trun.set_tags({"optuna.state": "PRUNED", "optuna.pruned_epoch": epoch})
-                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
-
         try:
-            test_hook(f"{phase}:trial{trial.number}:start")
-            if os.environ.get("DTL_OOM_AT") == f"{phase}:trial{trial.number}":  # fault injection for tests
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by DTL_OOM_AT)")
-            res = run_phase(tcfg, phase, backbone, workdir, init_from=init_from, report=report, init_label=init)
+            faults.kill_point(f"{s.phase}:trial{trial.number}:start")
+            faults.oom_point(f"{s.phase}:trial{trial.number}")
+            res = run_phase(tcfg, s.phase, s.backbone, trial_dir(s.workroot, frozen), init_from=s.init_from,
+                            report=lambda epoch, row: self._report(trial, trun, epoch, row), init_label=s.init_label)
         except optuna.TrialPruned:
             _quietly(trun.end, "FINISHED")
             raise
-        except (NonFiniteLoss, torch.cuda.OutOfMemoryError, DTLError) as e:
-            _free_memory()
-            _quietly(trun.set_tags, {"optuna.state": "FAIL", "dtl.fail_reason": f"{type(e).__name__}: {str(e)[:500]}"})
-            _quietly(trun.end, "FAILED")
-            raise
         except BaseException as e:
             # the tracking server may be what failed: record what we can, never mask the cause
-            _quietly(trun.set_tags, {"optuna.state": "FAIL", "dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+            if isinstance(e, TRIAL_ERRORS):
+                _free_memory()
+            _quietly(trun.set_tags, {"optuna.state": "FAIL", "dtl.fail_reason": f"{type(e).__name__}: {str(e)[:500]}"})
             _quietly(trun.end, "FAILED" if isinstance(e, Exception) else "KILLED")
             raise
         trial.set_user_attr("checkpoint", str(res.checkpoint))
         trial.set_user_attr("best_epoch", res.best_epoch)
         trun.set_tags({"optuna.state": "COMPLETE", "precision": res.precision, "device": res.device,
                        "skipped_steps": res.skipped_steps})
-        trun.log_metrics({f"best_{pc.monitor}": res.best_value, "best_epoch": res.best_epoch})
+        trun.log_metrics({f"best_{self.monitor}": res.best_value, "best_epoch": res.best_epoch})
         trun.end("FINISHED")
         return res.best_value
 
-    def keep_best_only(study_: optuna.Study, _trial) -> None:
-        """Delete the checkpoints of finished trials that are not the best (running ones stay)."""
-        try:
-            best = study_.best_trial.number
-        except ValueError:
-            best = None
-        for t in study_.get_trials(deepcopy=False):
-            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.number != best:
-                origin = RetryCallback.retried_trial_number(t)
-                shutil.rmtree(workroot / f"trial-{origin if origin is not None else t.number}", ignore_errors=True)
+    def _report(self, trial: optuna.Trial, trun: Run, epoch: int, row: dict) -> None:
+        trun.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        self.bar.epoch(trial.number, epoch)
+        faults.kill_point(f"{self.s.phase}:trial{trial.number}:epoch{epoch}")
+        trial.report(row[self.monitor], epoch)
+        if trial.should_prune():
+            trun.set_tags({"optuna.state": "PRUNED", "optuna.pruned_epoch": epoch})
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
+
+def keep_best_only(study: optuna.Study, workroot: Path) -> None:
+    """Delete the checkpoints of finished trials that are not the best (running ones stay)."""
+    try:
+        best = study.best_trial.number
+    except ValueError:
+        best = None
+    for t in study.get_trials(deepcopy=False):
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.number != best:
+            shutil.rmtree(trial_dir(workroot, t), ignore_errors=True)
+
+
+def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent_run: str | None = None,
+              strategy: str = "double", init_from: Path | None = None, init_label: str | None = None) -> StudyResult:
+    """Tune one (phase, backbone, strategy) to ``n_trials`` completed trials; returns the best
+    trial and its checkpoint. A rerun reopens the study and continues it."""
+    s = open_study(cfg, phase, backbone, tracking, parent_run, strategy, init_from, init_label)
+    pc = cfg.phase(phase)
     # n_trials counts COMPLETED trials (a pruned trial is no sample of the objective at full length);
     # the cap on trials of any state makes a study whose trials all prune or fail end anyway.
     cap = cfg.tune.max_trials or 3 * pc.n_trials
-    n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    remaining = min(pc.n_trials - n_complete, cap - len(study.get_trials(deepcopy=False)))
-    monitor = system_metrics(run.id)
+    n_complete = len(s.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    remaining = min(pc.n_trials - n_complete, cap - len(s.optuna.get_trials(deepcopy=False)))
     bar = StudyProgress(f"{phase} {strategy} {backbone}" if phase == "phase2" else f"{phase} {backbone}",
                         pc.n_trials, n_complete, pc.epochs)
-
-    def show(study_: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
-        best = study_.best_value if any(x.state == TrialState.COMPLETE for x in study_.get_trials(deepcopy=False)) else None
-        bar.trial_done(t.number, t.state.name, t.value, best)
-
+    monitor, t0 = system_metrics(s.run.id), time.time()
     try:
         if remaining > 0:
-            study.optimize(objective, n_trials=cap,  # bounded by the two callbacks below
-                           callbacks=[optuna.study.MaxTrialsCallback(pc.n_trials, states=(TrialState.COMPLETE,)),
-                                      optuna.study.MaxTrialsCallback(cap, states=None), keep_best_only, show],
-                           catch=(NonFiniteLoss, torch.cuda.OutOfMemoryError, DTLError), gc_after_trial=True)
-        keep_best_only(study, None)
-        result = _summarise(study, run, name, phase, backbone, strategy, workroot, time.time() - t0,
-                            cfg.tune.startup_trials)
-        result.init_from, result.init_label = init_from, init
+            s.optuna.optimize(Objective(s, tracking, bar), n_trials=cap,  # bounded by the two callbacks below
+                              callbacks=[optuna.study.MaxTrialsCallback(pc.n_trials, states=(TrialState.COMPLETE,)),
+                                         optuna.study.MaxTrialsCallback(cap, states=None),
+                                         lambda st, _t: keep_best_only(st, s.workroot),
+                                         lambda st, t: _show(bar, st, t)],
+                              catch=TRIAL_ERRORS, gc_after_trial=True)
+        keep_best_only(s.optuna, s.workroot)
+        result = summarise(s, time.time() - t0)
     except BaseException as e:
-        _quietly(run.set_tags, {"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
-        _quietly(run.end, "FAILED" if isinstance(e, Exception) else "KILLED")
+        _quietly(s.run.set_tags, {"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+        _quietly(s.run.end, "FAILED" if isinstance(e, Exception) else "KILLED")
         raise
     finally:
         monitor.finish()
         bar.close()
-    run.end("FINISHED")
+    s.run.end("FINISHED")
     return result
+
+
+def _show(bar: StudyProgress, study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+    done = any(x.state == TrialState.COMPLETE for x in study.get_trials(deepcopy=False))
+    bar.trial_done(t.number, t.state.name, t.value, study.best_value if done else None)
 
 
 def _study_run(cfg: Config, tracking: Tracking, tags: dict, ds, parent_run: str | None) -> Run:
@@ -343,36 +378,39 @@ def _frozen(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
     return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
-def _summarise(study, run: Run, name, phase, backbone, strategy, workroot: Path, wall: float,
-               startup_trials: int) -> StudyResult:
-    trials = study.get_trials(deepcopy=False)
-    counts = {s.name.lower(): sum(t.state == s for t in trials)
-              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+def summarise(s: Study, wall: float) -> StudyResult:
+    """The study's outcome on its MLflow run (best trial, counts, plots, the best checkpoint) and
+    as a :class:`StudyResult`; a study without a completed trial is an error naming why."""
+    trials = s.optuna.get_trials(deepcopy=False)
+    counts = {st.name.lower(): sum(t.state == st for t in trials)
+              for st in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     try:
-        best = study.best_trial
+        best = s.optuna.best_trial
     except ValueError:
-        raise DTLError(f"study {name}: no trial completed ({counts}); see the trial runs' dtl.fail_reason tags")
+        raise DTLError(f"study {s.name}: no trial completed ({counts}); see the trial runs' dtl.fail_reason tags")
     ckpt = Path(best.user_attrs["checkpoint"])
     if not ckpt.exists():
-        raise DTLError(f"study {name}: the best trial's checkpoint {ckpt} is gone (work_dir cleaned?). "
+        raise DTLError(f"study {s.name}: the best trial's checkpoint {ckpt} is gone (work_dir cleaned?). "
                        "Rerun with a new work_dir or delete the study to retrain.")
+    run = s.run
     run.log_metrics({"best_value": best.value, "n_complete": counts["complete"], "n_pruned": counts["pruned"],
                      "n_failed": counts["fail"], "study_wall_s": wall})
     # TPE draws its first ``startup_trials`` at random: a best trial among them was never proposed
     # by the model of the objective, so its "best parameters" are one lucky draw, not a tuning result.
-    startup_best = best.number < startup_trials and bool(best.params)  # nothing tuned: nothing to flag
+    startup_best = best.number < s.cfg.tune.startup_trials and bool(best.params)  # nothing tuned: nothing to flag
     run.set_tags({"best_trial": best.number, "best_trial_run_id": best.user_attrs.get("mlflow_run_id", ""),
                   "dtl.best_is_startup_draw": str(startup_best).lower(),
                   **{f"best.{k}": v for k, v in best.params.items()}})
     run.log_dict({"best_trial": best.number, "best_value": best.value, "params": best.params, "counts": counts,
-                  "best_is_startup_draw": startup_best, "direction": study.direction.name.lower()},
+                  "best_is_startup_draw": startup_best, "direction": s.optuna.direction.name.lower()},
                  "study/best.json")
-    _log_plots(study, run)
+    _log_plots(s.optuna, run)
     if run.client.get_run(run.id).data.tags.get("dtl.checkpoint_trial") != str(best.number):
         run.log_artifact(ckpt, "checkpoint")
         run.set_tags({"dtl.checkpoint_trial": best.number})
-    return StudyResult(name, run.id, phase, backbone, strategy, best.number, float(best.value), dict(best.params),
-                       ckpt, best.user_attrs.get("mlflow_run_id", ""), counts)
+    return StudyResult(s.name, run.id, s.phase, s.backbone, s.strategy, best.number, float(best.value),
+                       dict(best.params), ckpt, best.user_attrs.get("mlflow_run_id", ""), counts,
+                       s.init_from, s.init_label)
 
 
 def _log_plots(study, run: Run) -> None:

@@ -124,8 +124,10 @@ class BatchLoader:
                  shuffle: bool, seed: int = 0, drop_last: bool = False, shard: tuple[int, int] = (0, 1)):
         # One copy out of the memory map (a few hundred MB at most for these datasets); on CUDA
         # the split then lives on the GPU and batches never cross the PCIe bus again.
-        self.images = torch.from_numpy(np.array(images)).to(device)
-        self.labels = torch.as_tensor(np.array(labels), dtype=torch.long, device=device)
+        # (tensors already on ``device``, as :class:`dtl.data.store.DataStore` keeps them, are used as they are)
+        self.images = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images)).to(device)
+        self.labels = torch.as_tensor(labels if isinstance(labels, torch.Tensor) else np.array(labels),
+                                      dtype=torch.long, device=device)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.device = device
         self.epoch = 0
