@@ -1,4 +1,11 @@
-"""Command line: ``dtl <command>`` (also ``python -m dtl``). The only reader of ``sys.argv``."""
+"""Command line: ``dtl <command>`` (also ``python -m dtl``). The only reader of ``sys.argv``.
+
+Every subcommand loads its configuration the same way (:func:`load_config`): the recipe
+(``--config``), the flags turned into overrides, then ``-o`` overrides, validated before
+anything runs. The training, tracking and plotting modules are imported inside the command
+that needs them, deliberately: they pull in torch, timm, MLflow and matplotlib (about 6 s),
+which ``dtl --help`` and a mistyped flag should not wait for.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +13,48 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from dtl import DTLError
+from dtl import DTLError, config, distributed, progress
+from dtl.data import kinds
+from dtl.strategies import STRATEGIES
 
 EPILOG = """Config: a recipe from experiments/ (demo, real, resnet50, ...) or a YAML file; any key can be
 overridden with -o key.sub=value (e.g. -o phase2.epochs=20 -o tune.pruner=hyperband).
 Tracking: MLFLOW_TRACKING_URI or --tracking-uri (default: sqlite:///mlflow.db here)."""
+TRAINING_COMMANDS = ("main", "phase1", "phase2", "tune")
+
+# flag attribute -> config key, for flags that set one key when given (empty = the recipe's value)
+FLAG_KEYS = {"device": "device", "precision": "precision", "storage": "tune.storage", "tracking_uri": "tracking_uri",
+             "experiment": "experiment", "phase1_init": "phase1.init", "phase2_variant": "phase2.data.variant"}
+# `dtl data` flags -> keys of the data block (phase1.data or phase2.data, by the kind)
+DATA_FLAG_KEYS = {"variant": "variant", "val_fraction": "val_fraction", "test_fraction": "test_fraction",
+                  "val_fold": "val_fold", "seed": "split_seed", "protocol": "protocol", "block_size": "block_size",
+                  "mask_annotation": "mask_annotation"}
 
 
 def _int(v: str) -> int:
     return int(float(v))
 
 
-def _common(p: argparse.ArgumentParser, phases: tuple[str, ...] = ("phase1", "phase2")) -> None:
+def _config_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The configuration options every subcommand takes."""
     g = p.add_argument_group("configuration")
     g.add_argument("--config", default="demo", help="recipe name in experiments/ or a YAML path (default: demo)")
     g.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, repeatable (e.g. phase2.lr_head=3e-4)")
     g.add_argument("--overrides", default="", metavar="'K=V K=V'",
                    help="several overrides in one whitespace-separated string (MLproject's -P overrides=...)")
+    g.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    g.add_argument("--experiment", default="", help="MLflow experiment name (ignored under `mlflow run`)")
+    g.add_argument("--quiet", action="store_true", help="no live progress lines (errors and the final summary only)")
+    return g
+
+
+def _training_args(p: argparse.ArgumentParser, phases: tuple[str, ...] = ("phase1", "phase2")) -> None:
+    """The options of the commands that train (main, phase1, phase2, tune, evaluate, fuzzy)."""
+    g = _config_args(p)
     g.add_argument("--backbones", default="", help="comma-separated timm names (resnet50,efficientnet_b3,inception_v3)")
     g.add_argument("--n-trials", type=_int, default=0, help="Optuna trials per study (0 = recipe value)")
     g.add_argument("--epochs", type=_int, default=0, help="epochs per trial (0 = recipe value)")
@@ -33,58 +62,52 @@ def _common(p: argparse.ArgumentParser, phases: tuple[str, ...] = ("phase1", "ph
     g.add_argument("--precision", default="", help="auto | fp32 | fp16 | bf16")
     g.add_argument("--storage", default="", help="Optuna storage URL: sqlite:///optuna.db (default), "
                                                  "postgresql://..., journal:PATH")
-    g.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    g.add_argument("--experiment", default="", help="MLflow experiment name (ignored under `mlflow run`)")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in the run) instead of stopping")
-    g.add_argument("--quiet", action="store_true", help="no live progress lines (errors and the final summary only)")
+    for ph in phases:
+        g.add_argument(f"--{ph}-root", default="", help=f"{ph} data root (default kind: {kinds.default_kind(ph)})")
+        g.add_argument(f"--{ph}-kind", default="", choices=["", *kinds.names()], metavar="KIND",
+                       help=f"{ph} data kind: " + ", ".join(kinds.names()))
     if "phase1" in phases:
-        g.add_argument("--phase1-root", default="", help="C-NMC root (folder holding training_data/)")
-        g.add_argument("--phase1-kind", default="", help="cnmc | imagefolder | presplit | demo-cnmc")
-        g.add_argument("--phase1-init", default="", help="imagenet | scratch | file:PATH")
+        g.add_argument("--phase1-init", default="", help=config.INITS)
     if "phase2" in phases:
-        g.add_argument("--phase2-root", default="", help="Aria ALL root (holding Original/ and Segmented/)")
-        g.add_argument("--phase2-kind", default="", help="aria | imagefolder | presplit | demo-aria")
         g.add_argument("--phase2-variant", default="", help="original | segmented")
-        g.add_argument("--strategies", default="", help="phase-2 starts to compare: double,single,scratch")
+        g.add_argument("--strategies", default="", help="phase-2 starts to compare: " + ", ".join(STRATEGIES))
 
 
-def _config(args):
-    from dtl import config
-
-    o = list(args.override) + getattr(args, "overrides", "").split()
-    if args.backbones:
+def _flag_overrides(args) -> list[str]:
+    """The training flags as config overrides."""
+    o = []
+    if getattr(args, "backbones", ""):
         o.append(f"backbones=[{args.backbones}]")
+    if getattr(args, "strategies", ""):
+        o.append(f"strategies=[{args.strategies}]")
     for ph in ("phase1", "phase2"):
-        if args.n_trials:
+        if getattr(args, "n_trials", 0):
             o.append(f"{ph}.n_trials={args.n_trials}")
-        if args.epochs:
+        if getattr(args, "epochs", 0):
             o.append(f"{ph}.epochs={args.epochs}")
         if getattr(args, "skip_bad", False):
             o.append(f"{ph}.data.skip_bad=true")
         root, kind = getattr(args, f"{ph}_root", ""), getattr(args, f"{ph}_kind", "")
         if root:
             o.append(f"{ph}.data.root={root}")
-            if not kind:
-                kind = {"phase1": "cnmc", "phase2": "aria"}[ph]
-        if kind:
-            o.append(f"{ph}.data.kind={kind}")
-    if getattr(args, "phase1_init", ""):
-        o.append(f"phase1.init={args.phase1_init}")
-    if getattr(args, "phase2_variant", ""):
-        o.append(f"phase2.data.variant={args.phase2_variant}")
-    if getattr(args, "strategies", ""):
-        o.append(f"strategies=[{args.strategies}]")
-    for key, attr in (("device", "device"), ("precision", "precision"), ("tune.storage", "storage"),
-                      ("tracking_uri", "tracking_uri"), ("experiment", "experiment")):
-        if getattr(args, attr, ""):
-            o.append(f"{key}={getattr(args, attr)}")
-    return config.load([args.config], o)
+        if kind or root:
+            o.append(f"{ph}.data.kind={kind or kinds.default_kind(ph)}")
+    o += [f"{key}={getattr(args, attr)}" for attr, key in FLAG_KEYS.items() if getattr(args, attr, "")]
+    return o
+
+
+def load_config(args, extra: list[str] | tuple[str, ...] = ()) -> config.Config:
+    """The one way every subcommand gets its config: the recipe, then ``-o``/``--overrides``, then the
+    flags and ``extra`` (a flag given explicitly wins over an override string of the same key)."""
+    return config.load([args.config], list(args.override) + args.overrides.split() + _flag_overrides(args)
+                       + list(extra))
 
 
 def cmd_main(args) -> int:
     from dtl import pipeline
 
-    cfg = _config(args)
+    cfg = load_config(args)
     res = pipeline.main(cfg)
     if res.report_dir:
         import pandas as pd
@@ -101,7 +124,7 @@ def cmd_main(args) -> int:
 def cmd_phase(args) -> int:
     from dtl import pipeline
 
-    cfg = _config(args)
+    cfg = load_config(args)
     phase = args.phase if args.command == "tune" else args.command
     out = pipeline.single_phase(cfg, phase, getattr(args, "phase1", ""), getattr(args, "strategy", "double"))
     for b, s in out.items():
@@ -114,7 +137,7 @@ def cmd_evaluate(args) -> int:
     from dtl import pipeline, tracking
     from dtl.phases import evaluate_checkpoint
 
-    cfg = _config(args)
+    cfg = load_config(args)
     if not args.checkpoint and not args.run:
         raise DTLError("evaluate needs --checkpoint FILE or --run <study run id>")
     ckpt = Path(args.checkpoint) if args.checkpoint else pipeline.phase1_source(args.run, cfg)
@@ -135,24 +158,20 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from dtl import config, registry, tracking
+    from dtl import pipeline, registry, tracking
 
-    cfg = config.load([args.config], args.override)
+    cfg = load_config(args)
     pol = registry.load_policy(args.policy or cfg.policy, args.model or cfg.registered_model)
-    t = tracking.connect(args.tracking_uri or cfg.tracking_uri, cfg.experiment)
+    t = tracking.connect(cfg.tracking_uri, cfg.experiment)
     if args.any_data:
         flt = None
     elif args.data_digest:
         flt = {"data_digest": args.data_digest}
-    else:  # only versions trained on the recipe's phase-2 data and split protocol compete
-        from dtl.data.datasets import load_dataset
-        from dtl.data.mask import mask_state
-
-        ds = load_dataset(cfg.phase2.data, cfg.cache_dir)
-        mask = mask_state(cfg.phase2.data.mask_annotation, ds.kind, cfg.phase2.data.variant)
-        flt = {"data_digest": ds.digest, "split_protocol": ds.protocol, "annotation_mask": mask}
-        print(f"candidates: versions trained on {ds.kind} data digest {ds.digest[:12]} ({ds.protocol} split, "
-              f"annotation mask {mask}); --data-digest D or --any-data to choose otherwise")
+    else:  # only versions trained on the recipe's phase-2 data, split protocol and masking compete
+        flt = pipeline.promotion_filter(cfg)
+        print(f"candidates: versions trained on {cfg.phase2.data.kind} data digest {flt['data_digest'][:12]} "
+              f"({flt['split_protocol']} split, annotation mask {flt['annotation_mask']}); "
+              "--data-digest D or --any-data to choose otherwise")
     d = registry.promote(t, pol, flt, force=args.force, cards_dir=Path(cfg.cards_dir))
     print(json.dumps({"champion": d.champion, "challenger": d.challenger, "moved": d.moved, "reason": d.reason,
                       "ranked": d.ranked}, indent=2))
@@ -160,10 +179,10 @@ def cmd_promote(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from dtl import config, report, tracking
+    from dtl import report, tracking
 
-    cfg = config.load([args.config], args.override)
-    t = tracking.connect(args.tracking_uri or cfg.tracking_uri, cfg.experiment)
+    cfg = load_config(args)
+    t = tracking.connect(cfg.tracking_uri, cfg.experiment)
     prov = {**report.last_provenance(t), "report_command": "dtl " + " ".join(sys.argv[1:])}
     out = report.build(t, args.out or cfg.report_dir, cfg.registered_model, args.data_digest or None,
                        provenance=prov, description=cfg.description)
@@ -178,21 +197,21 @@ def cmd_report(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import os
-
     import mlflow.pyfunc
 
     from dtl.serving import InputPolicy, image_from_value
     from dtl.tracking import DEFAULT_TRACKING_URI
 
-    mlflow.set_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    cfg = load_config(args)
+    mlflow.set_tracking_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    uri = args.model or f"models:/{cfg.registered_model}@champion"
     files = [f for spec in args.images for f in spec.split()]
     if not files:
         raise DTLError("predict needs at least one image file")
     try:
-        model = mlflow.pyfunc.load_model(args.model)
+        model = mlflow.pyfunc.load_model(uri)
     except Exception as e:
-        raise DTLError(f"cannot load model {args.model}: {str(e)[:300]}") from None
+        raise DTLError(f"cannot load model {uri}: {str(e)[:300]}") from None
     failed = 0
     for f in files:
         try:
@@ -209,25 +228,42 @@ def cmd_predict(args) -> int:
     return 1 if failed else 0
 
 
+def data_config(args) -> tuple[config.DataConfig, str]:
+    """``dtl data``'s data block: the recipe's block of the phase the kind belongs to (phase1 for
+    C-NMC kinds, else phase2), with the root, kind and the flags given applied; and the cache dir."""
+    ph = kinds.phase_of(args.kind)
+    extra = [f"{ph}.data.kind={args.kind}"] + ([f"{ph}.data.root={args.root}"] if args.root else [])
+    extra += [f"{ph}.data.{key}={getattr(args, attr)}" for attr, key in DATA_FLAG_KEYS.items()
+              if getattr(args, attr) is not None]
+    if args.skip_bad:
+        extra.append(f"{ph}.data.skip_bad=true")
+    if args.cache_dir:
+        extra.append(f"cache_dir={args.cache_dir}")
+    cfg = load_config(args, extra)
+    return cfg.phase(ph).data, cfg.cache_dir
+
+
 def cmd_data(args) -> int:
-    from dtl.config import DataConfig, validate_data
     from dtl.data.datasets import load_dataset
 
-    dc = DataConfig(kind=args.kind, root=args.root, variant=args.variant, skip_bad=args.skip_bad,
-                    val_fraction=args.val_fraction, test_fraction=args.test_fraction, split_seed=args.seed,
-                    val_fold=args.val_fold, protocol=args.protocol, block_size=args.block_size,
-                    mask_annotation=args.mask_annotation)
-    validate_data(dc, "data")
-    ds = load_dataset(dc, args.cache_dir)
+    dc, cache_dir = data_config(args)
+    ds = load_dataset(dc, cache_dir)
     if args.action == "preview":
         return _preview(ds, args)
     a = ds.audit()
-    a["shortcut_probe"] = _probe(ds, dc, args)
+    a["shortcut_probe"] = _probe(ds, dc, args, cache_dir)
     if args.manifest_out:
         ds.manifest[["path", "label", "group", "split", "sha256"]].to_csv(args.manifest_out, index=False)
     if args.json:
         print(json.dumps(a, indent=2))
         return 0
+    _print_audit(ds, a)
+    if args.manifest_out:
+        print(f"manifest written to {args.manifest_out}")
+    return 0
+
+
+def _print_audit(ds, a: dict) -> None:
     print(f"{ds.kind} at {ds.root}  ({ds.protocol} split, digest {ds.digest[:12]})")
     print(f"{'split':8s}" + "".join(f"{c:>10s}" for c in ds.classes) + f"{'total':>8s}{'patients':>10s}")
     for s in sorted(a["splits"]):
@@ -246,12 +282,9 @@ def cmd_data(args) -> int:
               f"rows {p['region']['rows']} cols {p['region']['cols']}: {p['annotation']:.3f} unmasked, "
               f"{p['annotation_masked']:.3f} masked; central box {p['centre']:.3f}; field colour "
               f"{p['field_colour']:.3f}; majority class {p['majority']:.3f}")
-    if args.manifest_out:
-        print(f"manifest written to {args.manifest_out}")
-    return 0
 
 
-def _probe(ds, dc, args) -> dict | None:
+def _probe(ds, dc, args, cache_dir: str) -> dict | None:
     """The shortcut probe when asked (--probe), or by default where the annotation mask is on."""
     from dtl.data.mask import annotation_mask
     from dtl.data.probe import shortcut_probe
@@ -259,7 +292,7 @@ def _probe(ds, dc, args) -> dict | None:
     mask = annotation_mask(dc.mask_annotation, ds.kind, dc.variant)
     if not (args.probe or (args.probe is None and mask is not None)):
         return None
-    return shortcut_probe(ds, mask, args.cache_dir, seed=args.seed)
+    return shortcut_probe(ds, mask, cache_dir, seed=dc.split_seed)
 
 
 def _preview(ds, args) -> int:
@@ -304,7 +337,7 @@ def cmd_fuzzy(args) -> int:
 
     if args.fuzzy_trials:
         args.override.append(f"fuzzy.n_trials={args.fuzzy_trials}")
-    cfg = _config(args)
+    cfg = load_config(args)
     t = tracking.connect(cfg.tracking_uri, cfg.experiment)
     d2 = dataset(cfg, "phase2")
     mask = mask_state(cfg.phase2.data.mask_annotation, d2.kind, cfg.phase2.data.variant)
@@ -328,11 +361,87 @@ def cmd_fuzzy(args) -> int:
     return 0
 
 
-def _registry_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="demo")
-    p.add_argument("-o", "--override", action="append", default=[])
-    p.add_argument("--data-digest", default="", help="only models/runs trained on this data digest")
-    p.add_argument("--tracking-uri", default="")
+def _phase_parsers(sub) -> None:
+    m = sub.add_parser("main", help="tune both phases per backbone, evaluate, register, promote, report")
+    _training_args(m)
+    m.set_defaults(fn=cmd_main)
+    strategy_help = "; ".join(f"{k}: {v.help}" for k, v in STRATEGIES.items())
+    for ph in ("phase1", "phase2"):
+        s = sub.add_parser(ph, help=f"tune and train {ph} alone")
+        _training_args(s, (ph,))
+        if ph == "phase2":
+            s.add_argument("--phase1", default="", help="phase-1 result: study run id, models:/ or runs:/ URI, or checkpoint file")
+            s.add_argument("--strategy", default="double", choices=list(STRATEGIES), help=strategy_help)
+        s.set_defaults(fn=cmd_phase)
+    t = sub.add_parser("tune", help="one Optuna study per backbone for one phase (same as phase1/phase2)",
+                       description="Tune one phase. Knobs: --n-trials, --storage (sqlite/postgresql/journal), "
+                                   "-o tune.pruner=median|hyperband|threshold|none, -o tune.search_space=FILE, "
+                                   "-o phaseN.search=[lr_head,unfreeze] (tune only these; the rest keeps the config value).")
+    _training_args(t)
+    t.add_argument("--phase", choices=["phase1", "phase2"], required=True)
+    t.add_argument("--phase1", default="", help="phase-2 double transfer: the phase-1 source")
+    t.add_argument("--strategy", default="double", choices=list(STRATEGIES), help=strategy_help)
+    t.set_defaults(fn=cmd_phase)
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint (or a study run's best) with bootstrap CIs")
+    _training_args(e)
+    e.add_argument("--phase", default="phase2", choices=["phase1", "phase2"])
+    e.add_argument("--checkpoint", default="")
+    e.add_argument("--run", default="", help="study run id whose best checkpoint to evaluate")
+    e.add_argument("--splits", default="val,test")
+    e.set_defaults(fn=cmd_evaluate)
+
+
+def _registry_parsers(sub) -> None:
+    pr = sub.add_parser("promote", help="move the champion/challenger aliases by the policy")
+    _config_args(pr)
+    pr.add_argument("--data-digest", default="", help="only versions trained on this data digest")
+    pr.add_argument("--policy", default="", help="policy YAML (default: the config's policy)")
+    pr.add_argument("--model", default="", help="registered model name (default: the policy's)")
+    pr.add_argument("--force", action="store_true", help="move even to a worse candidate")
+    pr.add_argument("--any-data", action="store_true",
+                    help="let versions trained on any data compete (default: the recipe's phase-2 data digest, "
+                         "split protocol and annotation masking only)")
+    pr.set_defaults(fn=cmd_promote)
+    r = sub.add_parser("report", help="results table and figures from an MLflow search")
+    _config_args(r)
+    r.add_argument("--data-digest", default="", help="only runs trained on this data digest")
+    r.add_argument("--out", default="", help="output folder (default: the config's report_dir, outputs/report)")
+    r.set_defaults(fn=cmd_report)
+    pd_ = sub.add_parser("predict", help="classify image files with a logged or registered model")
+    _config_args(pd_)
+    pd_.add_argument("images", nargs="+")
+    pd_.add_argument("--model", default="", help="model URI (default: models:/<registered_model>@champion)")
+    pd_.set_defaults(fn=cmd_predict)
+
+
+def _data_parser(sub) -> None:
+    d = sub.add_parser("data", help="audit a dataset or preview its augmentations",
+                       description="The dataset as the recipe (--config) would read and split it, with the "
+                                   "flags below applied. Kinds: " + kinds.help_text())
+    _config_args(d)
+    d.add_argument("action", choices=["audit", "preview"])
+    d.add_argument("root", nargs="?", default="")
+    d.add_argument("--kind", required=True, choices=list(kinds.names()))
+    d.add_argument("--variant", default=None, choices=["original", "segmented"])
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--skip-bad", action="store_true")
+    d.add_argument("--val-fraction", type=float, default=None)
+    d.add_argument("--test-fraction", type=float, default=None)
+    d.add_argument("--val-fold", type=int, default=None)
+    d.add_argument("--seed", type=int, default=None, help="split seed (data.split_seed)")
+    d.add_argument("--cache-dir", default="", help="decoded-image cache (default: the config's cache_dir)")
+    d.add_argument("--protocol", default=None, help="split protocol: auto, near-duplicate-groups, "
+                   "acquisition-blocks, image-level (folder sets); patient-level (C-NMC)")
+    d.add_argument("--block-size", type=int, default=None, help="acquisition-blocks: file numbers per block")
+    d.add_argument("--mask-annotation", default=None, choices=["auto", "on", "off"])
+    d.add_argument("--manifest-out", default="", help="write the per-image split manifest (CSV: path, label, "
+                   "group, split, sha256) here")
+    d.add_argument("--probe", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the annotation shortcut probe (default: where the annotation mask is on)")
+    d.add_argument("--out", default="preview.png")
+    d.add_argument("--size", type=int, default=160)
+    d.add_argument("--per-class", type=int, default=8)
+    d.set_defaults(fn=cmd_data)
 
 
 def _fuzzy_parser(sub) -> None:
@@ -341,7 +450,7 @@ def _fuzzy_parser(sub) -> None:
                                     "on this config's phase-2 data): Optuna study of the fuzzy system on val, nested "
                                     "under the phase-2 study run; comparison with the softmax head on test, "
                                     "Segmented and corrupted test images; registered as <registered_model>-fuzzy.")
-    _common(fz, ("phase2",))
+    _training_args(fz, ("phase2",))
     fz.add_argument("--source", default="", help="a phase-2 study run id or models:/<name>@<alias> | /<version>")
     fz.add_argument("--fuzzy-trials", type=_int, default=0, help="Optuna trials of the fuzzy study (0 = recipe value)")
     fz.set_defaults(fn=cmd_fuzzy)
@@ -351,102 +460,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtl", description="Double transfer learning for ALL cell images, tracked in MLflow.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("main", help="tune both phases per backbone, evaluate, register, promote, report")
-    _common(m)
-    m.set_defaults(fn=cmd_main)
-    for ph in ("phase1", "phase2"):
-        s = sub.add_parser(ph, help=f"tune and train {ph} alone")
-        _common(s, (ph,))
-        if ph == "phase2":
-            s.add_argument("--phase1", default="", help="phase-1 result: study run id, models:/ or runs:/ URI, or checkpoint file")
-            s.add_argument("--strategy", default="double", choices=["double", "single", "scratch"])
-        s.set_defaults(fn=cmd_phase)
-    t = sub.add_parser("tune", help="one Optuna study per backbone for one phase (same as phase1/phase2)",
-                       description="Tune one phase. Knobs: --n-trials, --storage (sqlite/postgresql/journal), "
-                                   "-o tune.pruner=median|hyperband|threshold|none, -o tune.search_space=FILE, "
-                                   "-o phaseN.search=[lr_head,unfreeze] (tune only these; the rest keeps the config value).")
-    _common(t)
-    t.add_argument("--phase", choices=["phase1", "phase2"], required=True)
-    t.add_argument("--phase1", default="", help="phase-2 double transfer: the phase-1 source")
-    t.add_argument("--strategy", default="double", choices=["double", "single", "scratch"])
-    t.set_defaults(fn=cmd_phase)
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint (or a study run's best) with bootstrap CIs")
-    _common(e)
-    e.add_argument("--phase", default="phase2", choices=["phase1", "phase2"])
-    e.add_argument("--checkpoint", default="")
-    e.add_argument("--run", default="", help="study run id whose best checkpoint to evaluate")
-    e.add_argument("--splits", default="val,test")
-    e.set_defaults(fn=cmd_evaluate)
-    pr = sub.add_parser("promote", help="move the champion/challenger aliases by the policy")
-    _registry_args(pr)
-    pr.add_argument("--policy", default="")
-    pr.add_argument("--model", default="", help="registered model name (default: the policy's)")
-    pr.add_argument("--force", action="store_true", help="move even to a worse candidate")
-    pr.add_argument("--any-data", action="store_true",
-                    help="let versions trained on any data compete (default: the recipe's phase-2 data digest "
-                         "and split protocol only)")
-    pr.set_defaults(fn=cmd_promote)
-    r = sub.add_parser("report", help="results table and figures from an MLflow search")
-    _registry_args(r)
-    r.add_argument("--out", default="", help="output folder (default: the config's report_dir, outputs/report)")
-    r.set_defaults(fn=cmd_report)
+    _phase_parsers(sub)
+    _registry_parsers(sub)
     _fuzzy_parser(sub)
-    pd_ = sub.add_parser("predict", help="classify image files with a logged or registered model")
-    pd_.add_argument("images", nargs="+")
-    pd_.add_argument("--model", default="models:/all-dtl@champion")
-    pd_.add_argument("--tracking-uri", default="")
-    pd_.set_defaults(fn=cmd_predict)
-    d = sub.add_parser("data", help="audit a dataset or preview its augmentations")
-    d.add_argument("action", choices=["audit", "preview"])
-    d.add_argument("root", nargs="?", default="")
-    d.add_argument("--kind", required=True, choices=["cnmc", "aria", "imagefolder", "demo-cnmc", "demo-aria"])
-    d.add_argument("--variant", default="original", choices=["original", "segmented"])
-    d.add_argument("--json", action="store_true")
-    d.add_argument("--skip-bad", action="store_true")
-    d.add_argument("--val-fraction", type=float, default=0.15)
-    d.add_argument("--test-fraction", type=float, default=0.15)
-    d.add_argument("--val-fold", type=int, default=None)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--cache-dir", default=".dtl/cache")
-    d.add_argument("--protocol", default="auto", help="split protocol: auto, near-duplicate-groups, "
-                   "acquisition-blocks, image-level (folder sets); patient-level (C-NMC)")
-    d.add_argument("--block-size", type=int, default=20, help="acquisition-blocks: file numbers per block")
-    d.add_argument("--mask-annotation", default="auto", choices=["auto", "on", "off"])
-    d.add_argument("--manifest-out", default="", help="write the per-image split manifest (CSV: path, label, "
-                   "group, split, sha256) here")
-    d.add_argument("--probe", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the annotation shortcut probe (default: where the annotation mask is on)")
-    d.add_argument("--out", default="preview.png")
-    d.add_argument("--size", type=int, default=160)
-    d.add_argument("--per-class", type=int, default=8)
-    d.set_defaults(fn=cmd_data)
+    _data_parser(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    import warnings
-
-    args = build_parser().parse_args(argv)
+def _quiet_warnings() -> None:
     # Optuna marks heartbeat/retry helpers experimental; MLflow warns on every dataset source.
     warnings.filterwarnings("ignore", message=".*(experimental|ExperimentalWarning).*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(mlflow|optuna)\..*")
-    try:
-        from optuna.exceptions import ExperimentalWarning
 
-        warnings.filterwarnings("ignore", category=ExperimentalWarning)
-    except ImportError:
-        pass
-    from dtl import distributed as dd
 
-    if dd.world_size() > 1 and args.command in ("main", "phase1", "phase2", "tune"):
-        dd.init()
-        if not dd.is_main():
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_warnings()
+    if distributed.world_size() > 1 and args.command in TRAINING_COMMANDS:
+        distributed.init()
+        if not distributed.is_main():
             from dtl.phases import run_phase
 
-            return dd.follow(run_phase)
-    from dtl import progress
-
+            return distributed.follow(run_phase)
     progress.QUIET = bool(getattr(args, "quiet", False))
     if not progress.live():  # MLflow's own download bars: carriage-return noise in a log
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -459,17 +495,17 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if _is_tracking_failure(e):
-            from dtl.tracking import redact
+        if not _is_tracking_failure(e):
+            raise
+        from dtl.tracking import redact
 
-            uri = redact(os.environ.get("MLFLOW_TRACKING_URI", ""))
-            print(f"error: lost the MLflow tracking server {uri} during the run ({type(e).__name__}: "
-                  f"{redact(str(e))[:300]}). Checkpoints are kept under the work_dir and finished trials in "
-                  "the Optuna storage: restart the server and rerun the same command to resume.", file=sys.stderr)
-            return 3
-        raise
+        uri = redact(os.environ.get("MLFLOW_TRACKING_URI", ""))
+        print(f"error: lost the MLflow tracking server {uri} during the run ({type(e).__name__}: "
+              f"{redact(str(e))[:300]}). Checkpoints are kept under the work_dir and finished trials in "
+              "the Optuna storage: restart the server and rerun the same command to resume.", file=sys.stderr)
+        return 3
     finally:
-        dd.release()
+        distributed.release()
 
 
 def _is_tracking_failure(e: BaseException) -> bool:

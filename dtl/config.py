@@ -1,7 +1,10 @@
 """One frozen configuration object, loaded from YAML recipes plus command-line overrides.
 
-``load(["experiments/base.yaml", "experiments/demo.yaml"], ["phase2.epochs=3"])`` merges the
-files left to right, applies dotted overrides, validates and returns a :class:`Config`.
+The defaults live in one place: the dataclasses below (one comment per field). A recipe
+(``experiments/<name>.yaml``) states only what differs from them; ``load(["demo"],
+["phase2.epochs=3"])`` applies the recipe (and its ``include:`` list), then the dotted
+overrides, validates every key and value, and returns a :class:`Config`; nothing runs before
+that. The CLI's flags and MLproject's parameters are turned into such overrides (``dtl.cli``).
 Trials derive variants with :func:`dataclasses.replace`; :func:`flatten` gives the flat dict
 that is logged once per run as MLflow params.
 """
@@ -16,27 +19,23 @@ from typing import Any
 
 import yaml
 
-from dtl import DTLError
+from dtl import DTLError, strategies
+from dtl.data import kinds
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
-DATA_KINDS = ("demo-cnmc", "demo-aria", "cnmc", "aria", "imagefolder", "presplit")
+DATA_KINDS = kinds.names()
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamax")
 HEADS = ("linear", "pbs")
-STRATEGIES = ("double", "single", "scratch")
+STRATEGIES = tuple(strategies.STRATEGIES)
 PRUNERS = ("median", "hyperband", "threshold", "none")
-# Split protocols each data kind accepts ("auto" picks the first).
-SPLIT_PROTOCOLS = {
-    "cnmc": ("patient-level",), "demo-cnmc": ("patient-level",), "presplit": ("given",),
-    **{k: ("near-duplicate-groups", "acquisition-blocks", "image-level") for k in ("aria", "demo-aria", "imagefolder")},
-}
 MASK_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = "demo-cnmc"  # one of DATA_KINDS
+    kind: str = "cnmc"  # one of DATA_KINDS (dtl.data.kinds)
     root: str = ""  # dataset root; empty for the demo sets (generated into cache_dir)
     variant: str = "original"  # Aria: original | segmented
     val_fraction: float = 0.15  # share of training patients (C-NMC) or images (others) for validation
@@ -57,13 +56,13 @@ class DataConfig:
 @dataclass(frozen=True)
 class PhaseConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    init: str = "imagenet"  # imagenet | scratch | file:PATH | run:<id> | models:/... (phase 2: "phase1")
+    init: str = "imagenet"  # imagenet | scratch | file:PATH; phase 2: the single-transfer start (double starts from phase 1)
     head: str = "linear"  # linear | pbs (conv-BN-act block for PBS features)
     head_channels: int = 256  # width of the PBS conv block
     head_dropout: float = 0.2
     unfreeze: int = -1  # number of top backbone stages trained: 0 = head only, -1 = all
     epochs: int = 10
-    batch_size: int = 32
+    batch_size: int = 64
     optimizer: str = "adamw"
     lr_head: float = 1e-3
     lr_backbone: float = 1e-4
@@ -74,10 +73,20 @@ class PhaseConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     early_stop_patience: int = 0  # epochs without improvement of the monitored metric; 0 = off
     monitor: str = "val_macro_f1"  # validation metric for early stopping, checkpoints and tuning
-    aux_weight: float = 0.0  # InceptionV3 auxiliary-logit loss weight (training only; other backbones ignore it)
+    aux_weight: float = 0.3  # InceptionV3 auxiliary-logit loss weight (training only; other backbones ignore it)
     tta: bool = False  # test-time augmentation (horizontal/vertical flips) in the final evaluation
     n_trials: int = 10
     search: tuple[str, ...] = ()  # parameters Optuna tunes; empty = every key of the search space
+
+
+def _phase1() -> PhaseConfig:
+    """Phase 1, ImageNet -> single cells, normal vs blast (C-NMC 2019): the class defaults."""
+    return PhaseConfig(data=DataConfig(kind="cnmc", val_fraction=0.2))
+
+
+def _phase2() -> PhaseConfig:
+    """Phase 2, phase 1 -> peripheral blood smears, 4 classes (Aria ALL): where it differs from phase 1."""
+    return PhaseConfig(data=DataConfig(kind="aria"), head="pbs", epochs=15, lr_backbone=3e-4, class_weights=False)
 
 
 @dataclass(frozen=True)
@@ -125,8 +134,9 @@ class FuzzyConfig:
 class Config:
     name: str = "demo"  # recipe name, logged
     description: str = ""  # what the recipe's results are (and are not); printed atop the report
-    backbones: tuple[str, ...] = ("test_resnet.r160_in1k",)
-    strategies: tuple[str, ...] = ("double",)  # phase-2 starts: double | single | scratch
+    backbones: tuple[str, ...] = ("resnet50", "efficientnet_b3", "inception_v3")  # timm names
+    strategies: tuple[str, ...] = ("double",)  # phase-2 starts to compare: double | single | scratch (dtl.strategies)
+    register_strategy: str = "double"  # whose models are registered and compete for promotion (none: no model)
     image_size: int = 0  # 0 = the backbone's own timm input size
     precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -147,8 +157,8 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
-    phase1: PhaseConfig = field(default_factory=PhaseConfig)
-    phase2: PhaseConfig = field(default_factory=PhaseConfig)
+    phase1: PhaseConfig = field(default_factory=_phase1)
+    phase2: PhaseConfig = field(default_factory=_phase2)
     fuzzy: FuzzyConfig = field(default_factory=FuzzyConfig)
 
     def phase(self, name: str) -> PhaseConfig:
@@ -167,23 +177,24 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _build(cls, raw: dict, where: str):
-    known = {f.name: f for f in fields(cls)}
+def _build(default, raw: dict, where: str):
+    """``default`` (a config dataclass instance) with the keys of ``raw`` applied, each checked
+    and coerced to the field's type."""
+    known = {f.name: f for f in fields(default)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise DTLError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
                        f"valid keys under {where or 'top level'}: {', '.join(sorted(known))}")
-    kwargs = {}
+    changes = {}
     for name, value in raw.items():
-        f = known[name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if dataclasses.is_dataclass(default):
+        current = getattr(default, name)
+        if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise DTLError(f"config key {where}{name} must be a mapping")
-            kwargs[name] = _build(type(default), value, f"{where}{name}.")
+            changes[name] = _build(current, value, f"{where}{name}.")
         else:
-            kwargs[name] = _coerce(value, default, where + name)
-    return cls(**kwargs)
+            changes[name] = _coerce(value, current, where + name)
+    return dataclasses.replace(default, **changes)
 
 
 def _coerce(value: Any, default: Any, key: str) -> Any:
@@ -202,7 +213,7 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
             raise DTLError(f"config key {key} must be true/false, got {value!r}")
         return bool(value)
     try:
-        if isinstance(default, int) or (default is None and key.endswith("val_fold")):
+        if isinstance(default, int) or (default is None and key.endswith("val_fold")):  # val_fold: int or None
             if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
                 return None if default is None else default
             return int(value)
@@ -238,19 +249,20 @@ def resolve_recipe(name: str) -> Path:
     cand = EXPERIMENTS_DIR / f"{name}.yaml"
     if cand.exists():
         return cand
-    valid = sorted(q.stem for q in EXPERIMENTS_DIR.glob("*.yaml") if q.stem not in ("base", "search_space"))
+    valid = sorted(q.stem for q in EXPERIMENTS_DIR.glob("*.yaml") if not q.stem.startswith("search_space"))
     raise DTLError(f"config {name!r} not found (neither a YAML file nor experiments/{name}.yaml); "
                    f"valid recipes: {', '.join(valid)}")
 
 
 def load(recipes: list[str] | tuple[str, ...] = ("demo",), overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Merge base.yaml, each recipe (following its ``include:`` list) and the overrides."""
+    """The dataclass defaults, each recipe (following its ``include:`` list) and the overrides,
+    validated (:func:`validate`)."""
     raw: dict = {}
-    for path in [EXPERIMENTS_DIR / "base.yaml"] + [resolve_recipe(r) for r in recipes]:
+    for path in [resolve_recipe(r) for r in recipes]:
         raw = _merge(raw, _read_recipe(path))
     for o in overrides:
         raw = _merge(raw, parse_override(o))
-    cfg = _build(Config, raw, "")
+    cfg = _build(Config(), raw, "")
     validate(cfg)
     return cfg
 
@@ -275,40 +287,80 @@ def _choice(value: str, valid: tuple, key: str) -> None:
         raise DTLError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
 
 
+# Allowed ranges of the numeric keys, in interval notation ("phaseN" = both phases). Checked at
+# load time, so a typo'd learning rate fails before any data is read, not in trial 7.
+RANGES = {
+    "image_size": "[0, inf)", "eval_batch_size": "[1, inf)", "bootstrap": "[0, inf)",
+    "augment.rotation": "[0, 180]", "augment.hflip": "[0, 1]", "augment.vflip": "[0, 1]",
+    "augment.scale_min": "(0, 1]", "augment.ratio": "[0, inf)", "augment.brightness": "[0, inf)",
+    "augment.contrast": "[0, inf)", "augment.saturation": "[0, inf)", "augment.hue": "[0, 0.5]",
+    "tune.pruner_startup_trials": "[0, inf)", "tune.pruner_warmup_epochs": "[0, inf)",
+    "tune.startup_trials": "[0, inf)", "tune.max_trials": "[0, inf)", "tune.heartbeat_s": "[1, inf)",
+    "final.repeats": "[1, inf)", "fuzzy.n_trials": "[1, inf)",
+    "phaseN.head_channels": "[1, inf)", "phaseN.head_dropout": "[0, 1)", "phaseN.unfreeze": "[-1, inf)",
+    "phaseN.epochs": "[1, inf)", "phaseN.batch_size": "[1, inf)", "phaseN.lr_head": "(0, inf)",
+    "phaseN.lr_backbone": "[0, inf)", "phaseN.weight_decay": "[0, inf)", "phaseN.label_smoothing": "[0, 1)",
+    "phaseN.warmup_epochs": "[0, inf)", "phaseN.grad_clip": "[0, inf)", "phaseN.early_stop_patience": "[0, inf)",
+    "phaseN.aux_weight": "[0, inf)", "phaseN.n_trials": "[1, inf)",
+    "phaseN.data.val_fraction": "[0, 1)", "phaseN.data.test_fraction": "[0, 1)",
+}
+INITS = "imagenet, scratch or file:PATH"
+
+
+def _in_range(value: float, interval: str) -> bool:
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    above = value > lo if interval[0] == "(" else value >= lo
+    below = value < hi if interval[-1] == ")" else value <= hi
+    return above and below
+
+
+def _check_ranges(cfg: Config) -> None:
+    flat = flatten(cfg)
+    for pattern, interval in RANGES.items():
+        for key in [pattern.replace("phaseN", p) for p in ("phase1", "phase2")] if "phaseN" in pattern else [pattern]:
+            if not _in_range(flat[key], interval):
+                raise DTLError(f"{key}={flat[key]!r} is out of range; valid: {interval}")
+
+
+def _check_init(value: str, key: str) -> None:
+    """``imagenet``, ``scratch`` or ``file:PATH`` with an existing file (checked before anything runs)."""
+    if value in ("imagenet", "scratch"):
+        return
+    if not value.startswith("file:"):
+        raise DTLError(f"{key}={value!r} is not valid; choose {INITS}")
+    if not Path(value[5:]).is_file():
+        raise DTLError(f"{key}={value!r}: no such weights file {value[5:]!r}")
+
+
 def validate(cfg: Config) -> None:
+    """Every choice, range and cross-key rule of a loaded config; the first violation is a
+    DTLError naming the key and what is valid."""
     _choice(cfg.precision, PRECISIONS, "precision")
     _choice(cfg.tune.pruner, PRUNERS, "tune.pruner")
     for s in cfg.strategies:
         _choice(s, STRATEGIES, "strategies")
-    if cfg.final.repeats < 1:
-        raise DTLError("final.repeats must be >= 1 (1 = the tuned run only)")
-    if cfg.tune.pruner_startup_trials < 0 or cfg.tune.startup_trials < 0 or cfg.tune.max_trials < 0:
-        raise DTLError("tune.pruner_startup_trials, tune.startup_trials and tune.max_trials must be >= 0")
+    _choice(cfg.register_strategy, STRATEGIES + ("none",), "register_strategy")
     if not cfg.backbones:
         raise DTLError("backbones is empty; name at least one timm model")
+    _check_ranges(cfg)
     for ph in ("phase1", "phase2"):
         p = cfg.phase(ph)
         _choice(p.optimizer, OPTIMIZERS, f"{ph}.optimizer")
         _choice(p.head, HEADS, f"{ph}.head")
-        _choice(p.data.kind, DATA_KINDS, f"{ph}.data.kind")
-        _choice(p.data.variant, ("original", "segmented"), f"{ph}.data.variant")
-        if p.epochs < 1:
-            raise DTLError(f"{ph}.epochs must be >= 1")
-        if p.n_trials < 1:
-            raise DTLError(f"{ph}.n_trials must be >= 1")
+        _check_init(p.init, f"{ph}.init")
         if not p.monitor.startswith("val_"):
             raise DTLError(f"{ph}.monitor={p.monitor!r} must be a validation metric (val_macro_f1, val_loss, ...)")
-        if not 0 <= p.data.val_fraction < 1 or not 0 <= p.data.test_fraction < 1:
-            raise DTLError(f"{ph}.data fractions must be in [0, 1)")
+        if p.data.val_fraction + p.data.test_fraction >= 1:
+            raise DTLError(f"{ph}.data.val_fraction + test_fraction must be < 1 (training needs images)")
         validate_data(p.data, f"{ph}.data")
-    if cfg.fuzzy.n_trials < 1:
-        raise DTLError("fuzzy.n_trials must be >= 1")
 
 
 def validate_data(d: DataConfig, where: str) -> None:
     """Split protocol, annotation-mask mode and block size of one phase's data block."""
-    _choice(d.protocol, ("auto",) + SPLIT_PROTOCOLS[d.kind], f"{where}.protocol (for kind {d.kind})")
+    _choice(d.kind, DATA_KINDS, f"{where}.kind")
+    _choice(d.protocol, ("auto",) + kinds.get(d.kind).protocols, f"{where}.protocol (for kind {d.kind})")
     _choice(d.mask_annotation, MASK_MODES, f"{where}.mask_annotation")
+    _choice(d.variant, ("original", "segmented"), f"{where}.variant")
     if d.block_size < 1:
         raise DTLError(f"{where}.block_size must be >= 1 (file numbers per acquisition block), "
                        f"got {d.block_size}")
@@ -316,7 +368,7 @@ def validate_data(d: DataConfig, where: str) -> None:
 
 def split_protocol(d: DataConfig) -> str:
     """The split protocol ``d`` asks for, with ``auto`` resolved for its kind."""
-    return SPLIT_PROTOCOLS[d.kind][0] if d.protocol == "auto" else d.protocol
+    return kinds.get(d.kind).protocols[0] if d.protocol == "auto" else d.protocol
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -339,7 +391,8 @@ def to_dict(cfg: Config) -> dict:
 
 
 def from_dict(d: dict) -> Config:
-    return _build(Config, json.loads(json.dumps(d)), "")
+    """The inverse of :func:`to_dict` (e.g. the config a checkpoint's meta holds)."""
+    return _build(Config(), json.loads(json.dumps(d)), "")
 
 
 def with_phase(cfg: Config, phase: str, **changes) -> Config:

@@ -93,7 +93,8 @@ class LinearHead(nn.Module):
 
 
 class DTLNet(nn.Module):
-    """Backbone + head. ``forward`` returns one logits tensor in every mode."""
+    """Backbone + head. ``forward`` returns the logits (with an auxiliary head in training mode,
+    ``(logits, aux_logits)``: see :meth:`forward`)."""
 
     def __init__(self, spec: ModelSpec, pretrained: bool = False):
         super().__init__()

@@ -18,6 +18,7 @@ from dtl.data.mask import mask_state as masked
 from dtl.models import check_backbone
 from dtl.phases import dataset, evaluate_checkpoint, run_phase
 from dtl.stats import mean_spread
+from dtl.strategies import STRATEGIES, needs_phase1
 from dtl.tracking import (
     Run,
     Tracking,
@@ -39,6 +40,11 @@ class PipelineResult:
     versions: dict = field(default_factory=dict)  # backbone -> registered version
     champion: str | None = None
     report_dir: str = ""
+
+
+def _phases(cfg: Config) -> tuple[str, ...]:
+    """The phases a ``main`` job of this recipe trains."""
+    return ("phase1", "phase2") if needs_phase1(cfg.strategies) else ("phase2",)
 
 
 def _check_inputs(cfg: Config, phases: tuple[str, ...]) -> None:
@@ -124,13 +130,15 @@ def latest_phase1_study(cfg: Config, tracking: Tracking, backbone: str) -> Study
 
 def run_phase2_strategy(cfg: Config, tracking: Tracking, root: Run, backbone: str, strategy: str,
                         p1: StudyResult | None, p1_source: Path | None = None, p1_label: str = "") -> StudyResult:
-    if strategy == "double":
+    """The phase-2 study of one strategy (:mod:`dtl.strategies`): from the phase-1 result, or from
+    the strategy's own init."""
+    if STRATEGIES[strategy].from_phase1:
         src = p1.checkpoint if p1 else p1_source
         if src is None:
-            raise DTLError("double transfer needs a phase-1 result: run phase 1 first or pass --phase1")
+            raise DTLError(f"{strategy} transfer needs a phase-1 result: run phase 1 first or pass --phase1")
         label = p1_label or f"phase1:{p1.run_id}"
-        return run_study(cfg, "phase2", backbone, tracking, root.id, "double", init_from=src, init_label=label)
-    init = cfg.phase1.init if strategy == "single" else "scratch"
+        return run_study(cfg, "phase2", backbone, tracking, root.id, strategy, init_from=src, init_label=label)
+    init = STRATEGIES[strategy].init(cfg.phase2.init)
     cfg2 = with_phase(cfg, "phase2", init=init)
     return run_study(cfg2, "phase2", backbone, tracking, root.id, strategy, init_label=init)
 
@@ -249,23 +257,25 @@ def _main(cfg: Config, data: store.DataStore, report: bool, promote: bool) -> Pi
     from dtl import report as report_mod
 
     tracking = connect(cfg.tracking_uri, cfg.experiment)
-    _check_inputs(cfg, ("phase1", "phase2") if "double" in cfg.strategies or "single" in cfg.strategies
-                  else ("phase2",))
+    _check_inputs(cfg, _phases(cfg))
+    if cfg.register_strategy not in cfg.strategies:
+        print(f"note: no model is registered: register_strategy={cfg.register_strategy} is not among the "
+              f"strategies {list(cfg.strategies)} (set -o register_strategy=...)", flush=True)
     t_start = time.time()
     with root_run(tracking, cfg, "main") as root:
         result = PipelineResult(root.id)
         for backbone in cfg.backbones:
             data.release()  # the previous backbone's split tensors (its input size, on its device)
             p1 = None
-            if "double" in cfg.strategies:
+            if needs_phase1(cfg.strategies):
                 p1 = run_study(cfg, "phase1", backbone, tracking, root.id)
                 result.studies[("phase1", "", backbone)] = p1
                 evaluate_study(cfg, p1, tracking)
                 faults.kill_point("between_phases")
-            for i, strategy in enumerate(cfg.strategies):
+            for strategy in cfg.strategies:
                 s = run_phase2_strategy(cfg, tracking, root, backbone, strategy, p1)
                 result.studies[("phase2", strategy, backbone)] = s
-                v = finish_phase2(cfg, tracking, s, register_it=i == 0,
+                v = finish_phase2(cfg, tracking, s, register_it=strategy == cfg.register_strategy,
                                   pipeline_run=root.id)
                 if v:
                     result.versions[backbone] = v
@@ -275,10 +285,7 @@ def _main(cfg: Config, data: store.DataStore, report: bool, promote: bool) -> Pi
                     run_fuzzy(cfg, tracking, s.run_id)
         if promote and result.versions:
             policy = registry.load_policy(cfg.policy, cfg.registered_model)
-            ds2 = dataset(cfg, "phase2")
-            d = registry.promote(tracking, policy, {"data_digest": ds2.digest, "split_protocol": ds2.protocol,
-                                                    "annotation_mask": mask_state(cfg, "phase2")},
-                                 cards_dir=Path(cfg.cards_dir))
+            d = registry.promote(tracking, policy, promotion_filter(cfg), cards_dir=Path(cfg.cards_dir))
             result.champion = d.champion
             root.set_tags({"dtl.champion": d.champion, "dtl.promotion": d.reason})
         if report:
@@ -303,11 +310,11 @@ def _provenance(cfg: Config, tracking: Tracking, wall: float, run_id: str) -> di
     from dtl.tracking import git_commit
 
     dev = resolve_device(cfg.device)
-    phases = ("phase1", "phase2") if ("double" in cfg.strategies or "single" in cfg.strategies) else ("phase2",)
+    phases = _phases(cfg)
     return {
         "command": "dtl " + " ".join(sys.argv[1:]), "git_commit": git_commit(), "pipeline_run": run_id,
         "recipe": cfg.name, "backbones": list(cfg.backbones), "strategies": list(cfg.strategies),
-        "init": {"phase1": cfg.phase1.init, "phase2_single": cfg.phase1.init},
+        "init": {"phase1": cfg.phase1.init, "phase2_single": cfg.phase2.init},
         "data": {ph: {"kind": dataset(cfg, ph).kind, "root": cfg.phase(ph).data.root or "(demo, generated)",
                       "digest": dataset(cfg, ph).digest, "split_protocol": dataset(cfg, ph).protocol,
                       "duplicates_removed": dataset(cfg, ph).duplicates_removed,
@@ -358,17 +365,24 @@ def _single_phase(cfg: Config, tracking: Tracking, data: store.DataStore, phase:
                 evaluate_study(cfg, s, tracking)
             else:
                 p1, src_id = None, source
-                if strategy == "double" and not source:  # the defaults: this experiment's latest phase 1
+                if STRATEGIES[strategy].from_phase1 and not source:  # the defaults: this experiment's latest phase 1
                     p1 = latest_phase1_study(cfg, tracking, backbone)
                     src_id = p1.run_id
                     root.set_tags({f"dtl.phase1_source.{backbone}": p1.run_id})
                     print(f"phase 2 {backbone}: double transfer from phase-1 study run {p1.run_id} "
                           f"({p1.study_name}, best trial {p1.best_trial}, {p1.best_value:.4f})", flush=True)
-                src = phase1_source(src_id, cfg) if strategy == "double" else None
+                src = phase1_source(src_id, cfg) if STRATEGIES[strategy].from_phase1 else None
                 s = run_phase2_strategy(cfg, tracking, root, backbone, strategy, None, src, f"phase1:{src_id}")
-                finish_phase2(cfg, tracking, s, register_it=True, pipeline_run=root.id)
+                finish_phase2(cfg, tracking, s, register_it=strategy == cfg.register_strategy, pipeline_run=root.id)
             out[backbone] = s
     return out
+
+
+def promotion_filter(cfg: Config) -> dict:
+    """The registered versions that compete by default: trained on the recipe's phase-2 data (digest),
+    split the same way and with the same annotation masking."""
+    ds2 = dataset(cfg, "phase2")
+    return {"data_digest": ds2.digest, "split_protocol": ds2.protocol, "annotation_mask": mask_state(cfg, "phase2")}
 
 
 def mask_state(cfg: Config, phase: str) -> str:

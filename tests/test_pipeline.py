@@ -236,7 +236,7 @@ def test_phase1_retrained_on_other_data_starts_a_new_phase2_study(workspace, cac
 
 def test_final_repeats_retrain_the_best_parameters_with_other_seeds(workspace, cache_dir):
     cfg = config.load(["demo"], demo_overrides(cache_dir, workspace, **{
-        "phase1.n_trials": 1, "phase2.n_trials": 1, "final.repeats": 3, "strategies": "[scratch]",
+        "phase1.n_trials": 1, "phase2.n_trials": 1, "final.repeats": 3, "strategies": "[scratch]", "register_strategy": "scratch",
         "cards_dir": str(workspace / "cards")}))
     res = pipeline.main(cfg)
     s = res.studies[("phase2", "scratch", "test_resnet")]

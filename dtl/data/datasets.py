@@ -13,7 +13,7 @@ import io
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import imagehash
@@ -23,7 +23,7 @@ from PIL import Image
 
 from dtl import DTLError
 from dtl.config import DataConfig, split_protocol
-from dtl.data import demo
+from dtl.data import demo, kinds
 from dtl.data.groups import PARAMS as GROUP_PARAMS
 from dtl.data.groups import assign_groups, cluster_sizes, cross_split_pairs, similar_pairs, thumbnail
 from dtl.data.splits import group_split, patient_overlap, patient_split
@@ -292,17 +292,26 @@ def _folder_table(root: Path, layout: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def load_folder(cfg: DataConfig, cache_dir: str | Path, kind: str) -> Dataset:
-    """Aria (a variant folder) or any class-per-folder set: de-duplicate, group (near-duplicate
-    clusters, optionally acquisition blocks), then a class-stratified group split."""
-    if kind in ("aria", "demo-aria"):
-        root, layout = aria_root(Path(cfg.root), cfg.variant), ARIA_LAYOUT
-    else:
-        root, layout = Path(cfg.root), FOLDER_LAYOUT
+def load_aria(cfg: DataConfig, cache_dir: str | Path, kind: str = "aria") -> Dataset:
+    """Aria ALL (one variant folder): the folder-set path, with the Segmented images linked to their
+    Original twins so both variants share one grouping and split."""
+    root = aria_root(Path(cfg.root), cfg.variant)
+    twin = root.parent / "Original" if root.name == "Segmented" else None
+    return _load_folder(cfg, cache_dir, kind, root, ARIA_LAYOUT, twin)
+
+
+def load_imagefolder(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
+    """Any class-per-folder set."""
+    return _load_folder(cfg, cache_dir, "imagefolder", Path(cfg.root), FOLDER_LAYOUT, None)
+
+
+def _load_folder(cfg: DataConfig, cache_dir: str | Path, kind: str, root: Path, layout: str,
+                 twin: Path | None) -> Dataset:
+    """De-duplicate, group (near-duplicate clusters, optionally acquisition blocks), then a
+    class-stratified group split."""
     df = _folder_table(root, layout)
     protocol = split_protocol(cfg)
     name = f"{protocol}:{cfg.block_size}" if protocol == "acquisition-blocks" else protocol
-    twin = root.parent / "Original" if kind in ("aria", "demo-aria") and root.name == "Segmented" else None
     return _finish(kind, root, df, sorted(df["label"].unique()), name, cfg, cache_dir, dedupe=True,
                    grouping=protocol, link_root=twin)
 
@@ -405,18 +414,19 @@ def _check_classes(cfg: DataConfig, found: list[str], root: Path) -> None:
                        f"(data.classes={list(cfg.classes)}); add them or remove those folders")
 
 
-def load_dataset(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
-    """Dispatch on ``cfg.kind``; the demo kinds generate their data first, then take the real path."""
-    from dataclasses import replace
+def load_demo_cnmc(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
+    """The built-in synthetic C-NMC-layout set, generated into ``cache_dir`` first."""
+    return load_cnmc(replace(cfg, root=str(demo.make_cnmc(cache_dir))), cache_dir, kind="demo-cnmc")
 
-    if cfg.kind == "demo-cnmc":
-        return load_cnmc(replace(cfg, root=str(demo.make_cnmc(cache_dir))), cache_dir, kind="demo-cnmc")
-    if cfg.kind == "demo-aria":
-        return load_folder(replace(cfg, root=str(demo.make_aria(cache_dir))), cache_dir, kind="demo-aria")
-    if cfg.kind == "presplit":
-        return load_presplit(cfg, cache_dir)
-    if not cfg.root:
+
+def load_demo_aria(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
+    """The built-in synthetic Aria-layout set, generated into ``cache_dir`` first."""
+    return load_aria(replace(cfg, root=str(demo.make_aria(cache_dir))), cache_dir, kind="demo-aria")
+
+
+def load_dataset(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
+    """The dataset of ``cfg.kind``, read by the loader the registry (:mod:`dtl.data.kinds`) names."""
+    kind = kinds.get(cfg.kind)
+    if kind.needs_root and not cfg.root:
         raise DTLError(f"data.kind={cfg.kind!r} needs data.root (e.g. --phase1-root / -P phase2_root=...)")
-    if cfg.kind == "cnmc":
-        return load_cnmc(cfg, cache_dir)
-    return load_folder(cfg, cache_dir, cfg.kind)
+    return globals()[kind.loader](cfg, cache_dir)
