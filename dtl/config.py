@@ -122,6 +122,15 @@ class FuzzyConfig:
 
 
 @dataclass(frozen=True)
+class ExplainConfig:
+    n_per_class: int = 4  # Grad-CAM grid: this many correctly and wrongly classified test images per class
+    cam_images: int = 0  # shortcut score over this many split images (0 = all), seeded subsample
+    corruption_images: int = 0  # corruptions scored on this many split images (0 = all), seeded subsample
+    annotation_threshold: float = 0.10  # flag a model whose CAM mass share on the annotation box exceeds this
+    store_temperature: str = "auto"  # on | off | auto (= on for a registered version holding the champion alias)
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "demo"  # recipe name, logged
     description: str = ""  # what the recipe's results are (and are not); printed atop the report
@@ -150,6 +159,7 @@ class Config:
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     phase2: PhaseConfig = field(default_factory=PhaseConfig)
     fuzzy: FuzzyConfig = field(default_factory=FuzzyConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
 
     def phase(self, name: str) -> PhaseConfig:
         if name not in ("phase1", "phase2"):
@@ -303,6 +313,9 @@ def validate(cfg: Config) -> None:
         validate_data(p.data, f"{ph}.data")
     if cfg.fuzzy.n_trials < 1:
         raise DTLError("fuzzy.n_trials must be >= 1")
+    _choice(cfg.explain.store_temperature, ("auto", "on", "off"), "explain.store_temperature")
+    if cfg.explain.n_per_class < 1 or cfg.explain.cam_images < 0 or cfg.explain.corruption_images < 0:
+        raise DTLError("explain.n_per_class must be >= 1; explain.cam_images and explain.corruption_images >= 0")
 
 
 def validate_data(d: DataConfig, where: str) -> None:
