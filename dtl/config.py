@@ -126,7 +126,7 @@ class ExplainConfig:
     n_per_class: int = 4  # Grad-CAM grid: this many correctly and wrongly classified test images per class
     cam_images: int = 0  # shortcut score over this many split images (0 = all), seeded subsample
     corruption_images: int = 0  # corruptions scored on this many split images (0 = all), seeded subsample
-    annotation_threshold: float = 0.10  # flag a model whose CAM mass share on the annotation box exceeds this
+    annotation_threshold: float = 3.0  # flag a model whose CAM mass on the annotation box exceeds this multiple of its area share
     store_temperature: str = "auto"  # on | off | auto (= on for a registered version holding the champion alias)
 
 

@@ -249,7 +249,7 @@ def summary_text(s: dict) -> list[str]:
     lines = []
     cv, occ = rows.get("cross-variant", {}), rows.get("occlusion", {})
     lines.append(f"- Cross-variant: {cv['note']}" if cv.get("note") else
-                 f"- Cross-variant ({cv['set']}): accuracy {cv['accuracy']:.4f}, change vs clean "
+                 f"- {cv['set'].capitalize()}: accuracy {cv['accuracy']:.4f}, change vs clean "
                  f"{_ci(cv, 'd_accuracy', True)} on n={cv['n']} (paired bootstrap over {s['ci_unit']}s).")
     mr = s["mean_relative"]
     if mr:
@@ -264,8 +264,9 @@ def summary_text(s: dict) -> list[str]:
     lines.append(f"- Grad-CAM mass ({s['cam_layer']}, {sc['n']} images): {sc['foreground']:.1%} on the cells "
                  f"(area {sc['foreground_area']:.1%}), {sc['annotation']:.1%} on the annotation box (area "
                  f"{sc['annotation_area']:.1%}), {sc['corners']:.1%} on the four corners (area {sc['corners_area']:.1%}). "
-                 + (f"FLAGGED: annotation share above {s['threshold']:.0%} for {', '.join(flagged)}."
-                    if flagged else f"Not flagged (threshold {s['threshold']:.0%} of the CAM mass on the annotation box)."))
+                 + (f"FLAGGED: annotation mass above {s['threshold']:g}x its area share for {', '.join(flagged)}."
+                    if flagged else f"Not flagged (ratio {sc['annotation_ratio']:.2f}; threshold: mass share above "
+                                    f"{s['threshold']:g}x the box's area share)."))
     c, sp = s["calibration"], s["split"]
     lines.append(f"- Calibration: temperature T={c['temperature']:.3f} fitted on val; ECE val {c['val_ece_before']:.4f} → "
                  f"{c['val_ece_after']:.4f}, {sp} {c[f'{sp}_ece_before']:.4f} → {c[f'{sp}_ece_after']:.4f} "
@@ -283,7 +284,7 @@ def write_pages(out: Path, s: dict, frame: pd.DataFrame, shortcut: pd.DataFrame)
             f"resampling {s['ci_unit']}s ({s['bootstrap']} resamples), Δ = set − reference on the same items.\n")
     body = ["", *summary_text(s), "", "## Robustness", "", _md(frame), "## Grad-CAM shortcut score", "",
             f"Share of Grad-CAM mass per true class (the `_area` columns: share of the pixels); flagged when the "
-            f"annotation share exceeds {s['threshold']:.0%}.", "", _md(shortcut), "## Figures", "",
+            f"annotation mass share exceeds {s['threshold']:g}× its area share (`annotation_ratio`).", "", _md(shortcut), "## Figures", "",
             "![CAM grid](cam_grid.png)", "", "![reliability](reliability.png)", "", "## Command", "", "```",
             s["command"], "```", ""]
     (out / "robustness.md").write_text(head + "\n".join(body))
