@@ -443,6 +443,40 @@ def _data_parser(sub) -> None:
     d.add_argument("--per-class", type=int, default=8)
     d.set_defaults(fn=cmd_data)
 
+def cmd_explain(args) -> int:
+    from dtl import tracking
+    from dtl.explain_job import run_explain, summary_text
+
+    cfg = load_config(args)
+    t = tracking.connect(cfg.tracking_uri, cfg.experiment)
+    model = args.model or f"models:/{cfg.registered_model}@champion"
+    out = Path(args.out or Path(cfg.report_dir) / "explain")
+    r = run_explain(cfg, t, model, args.split, out, command="dtl " + " ".join(sys.argv[1:]))
+    print(f"explain {r['label']} ({r['backbone']}, {r['strategy']}) on {r['split']} (n={r['n']}):")
+    print("\n".join(summary_text(r)))
+    print(f"logged to run {r['run_id']} (under study run {r['model_run']}); written to {r['out']}/")
+    if t.outer_run_id:
+        tracking.Run(t, t.outer_run_id).set_tags({"dtl.role": "explain-job"})
+    return 0
+
+
+def _explain_parser(sub) -> None:
+    ex = sub.add_parser("explain", help="Grad-CAM, shortcut check, cross-variant and corruption robustness, "
+                                        "calibration of a registered model",
+                        description="Explain and stress one model: Grad-CAM maps and a shortcut score (CAM mass on "
+                                    "the cells, the annotation box, the corners), predictions with the annotation "
+                                    "masked vs unmasked, the other Aria variant of the same test items, 5 "
+                                    "corruptions x 3 severities, reliability and ECE before/after temperature "
+                                    "scaling (fitted on val). Logged under the model's study run and written to "
+                                    "<report_dir>/explain/<model>/.")
+    _training_args(ex)
+    ex.add_argument("--model", default="", help="models:/<name>@<alias> | models:/<name>/<version> | a phase-1 or "
+                                                "phase-2 study run id (default: models:/<registered_model>@champion)")
+    ex.add_argument("--split", default="test", help="split to explain and stress (default: test); val fits the "
+                                                    "temperature")
+    ex.add_argument("--out", default="", help="output folder (default: <report_dir>/explain)")
+    ex.set_defaults(fn=cmd_explain)
+
 
 def _fuzzy_parser(sub) -> None:
     fz = sub.add_parser("fuzzy", help="fit, tune and compare a Mamdani fuzzy head on phase-2 models' features",
@@ -463,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     _phase_parsers(sub)
     _registry_parsers(sub)
     _fuzzy_parser(sub)
+    _explain_parser(sub)
     _data_parser(sub)
     return p
 

@@ -131,6 +131,15 @@ class FuzzyConfig:
 
 
 @dataclass(frozen=True)
+class ExplainConfig:
+    n_per_class: int = 4  # Grad-CAM grid: this many correctly and wrongly classified test images per class
+    cam_images: int = 0  # shortcut score over this many split images (0 = all), seeded subsample
+    corruption_images: int = 0  # corruptions scored on this many split images (0 = all), seeded subsample
+    annotation_threshold: float = 3.0  # flag a model whose CAM mass on the annotation box exceeds this multiple of its area share
+    store_temperature: str = "auto"  # on | off | auto (= on for a registered version holding the champion alias)
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "demo"  # recipe name, logged
     description: str = ""  # what the recipe's results are (and are not); printed atop the report
@@ -160,6 +169,7 @@ class Config:
     phase1: PhaseConfig = field(default_factory=_phase1)
     phase2: PhaseConfig = field(default_factory=_phase2)
     fuzzy: FuzzyConfig = field(default_factory=FuzzyConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
 
     def phase(self, name: str) -> PhaseConfig:
         if name not in ("phase1", "phase2"):
@@ -296,7 +306,8 @@ RANGES = {
     "augment.contrast": "[0, inf)", "augment.saturation": "[0, inf)", "augment.hue": "[0, 0.5]",
     "tune.pruner_startup_trials": "[0, inf)", "tune.pruner_warmup_epochs": "[0, inf)",
     "tune.startup_trials": "[0, inf)", "tune.max_trials": "[0, inf)", "tune.heartbeat_s": "[1, inf)",
-    "final.repeats": "[1, inf)", "fuzzy.n_trials": "[1, inf)",
+    "final.repeats": "[1, inf)", "fuzzy.n_trials": "[1, inf)", "explain.n_per_class": "[1, inf)",
+    "explain.cam_images": "[0, inf)", "explain.corruption_images": "[0, inf)", "explain.annotation_threshold": "(0, inf)",
     "phaseN.head_channels": "[1, inf)", "phaseN.head_dropout": "[0, 1)", "phaseN.unfreeze": "[-1, inf)",
     "phaseN.epochs": "[1, inf)", "phaseN.batch_size": "[1, inf)", "phaseN.lr_head": "(0, inf)",
     "phaseN.lr_backbone": "[0, inf)", "phaseN.weight_decay": "[0, inf)", "phaseN.label_smoothing": "[0, 1)",
@@ -353,6 +364,7 @@ def validate(cfg: Config) -> None:
         if p.data.val_fraction + p.data.test_fraction >= 1:
             raise DTLError(f"{ph}.data.val_fraction + test_fraction must be < 1 (training needs images)")
         validate_data(p.data, f"{ph}.data")
+    _choice(cfg.explain.store_temperature, ("auto", "on", "off"), "explain.store_temperature")
 
 
 def validate_data(d: DataConfig, where: str) -> None:

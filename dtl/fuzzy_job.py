@@ -9,7 +9,6 @@ others (``load_if_exists``), so a rerun resumes and adds no trials once ``n_tria
 
 from __future__ import annotations
 
-import io
 import time
 import zlib
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-from PIL import Image, ImageFilter
 
 from dtl import DTLError, fuzzy
 from dtl.config import Config, flatten
@@ -25,8 +23,9 @@ from dtl.data.cache import BatchLoader, decode, split_array
 from dtl.data.transforms import InputSpec, eval_transform
 from dtl.engine import resolve_device
 from dtl.fuzzy_serving import features_and_probs
-from dtl.metrics import _confusion_counts, point_metrics
+from dtl.metrics import accuracy_macro_f1, point_metrics
 from dtl.phases import dataset, loader
+from dtl.robustness import gaussian_blur, jpeg, other_variant
 from dtl.serving import ImageClassifier, load_classifier
 from dtl.stats import paired_difference
 from dtl.tracking import Run, Tracking, end_orphans, find_run, find_runs, redact, start_run
@@ -105,37 +104,23 @@ def embed(net, images: np.ndarray | BatchLoader, spec: InputSpec, device, batch_
 
 def corrupt(images: np.ndarray, kind: str, severity: float) -> np.ndarray:
     """Gaussian blur (radius in px) or JPEG re-encoding (quality) of uint8 RGB images."""
-    out = np.empty_like(images)
-    for i, im in enumerate(images):
-        pil = Image.fromarray(np.asarray(im))
-        if kind == "blur":
-            out[i] = np.asarray(pil.filter(ImageFilter.GaussianBlur(severity)))
-        else:
-            buf = io.BytesIO()
-            pil.save(buf, format="JPEG", quality=int(severity))
-            out[i] = np.asarray(Image.open(buf).convert("RGB"))
-    return out
+    fn = gaussian_blur if kind == "blur" else jpeg
+    return np.stack([fn(im, severity) for im in images]) if len(images) else np.empty_like(images)
 
 
 def cross_variant(ds, spec: InputSpec, segment: bool) -> tuple[np.ndarray, np.ndarray] | None:
     """Aria's ``Segmented`` images of the test items (same relative paths), or None when the
     data has no Segmented folder beside Original. Returns (images, index into the test split)."""
-    if ds.root.name != "Original" or not (ds.root.parent / "Segmented").is_dir():
+    ov = other_variant(ds, "test")
+    if ov.variant != "segmented" or ov.reason:
         return None
-    other = ds.root.parent / "Segmented"
     paths = list(ds.split("test")["path"])
-    keep = [i for i, p in enumerate(paths) if (other / p).is_file()]
-    if not keep:
-        return None
-    arr = np.stack([decode(other / paths[i], spec.cache_size, spec.interpolation, segment) for i in keep])
-    return arr, np.asarray(keep)
+    arr = np.stack([decode(ov.root / paths[i], spec.cache_size, spec.interpolation, segment) for i in ov.index])
+    return arr, ov.index
 
 
 def macro_f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
-    cm = _confusion_counts(y, pred, k).astype(float)
-    tp = np.diag(cm)
-    denom = cm.sum(0) + cm.sum(1)
-    return float(np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-12), 0.0).mean())
+    return accuracy_macro_f1(y, np.eye(k)[pred])["macro_f1"]
 
 
 def compare(y: np.ndarray, fz: tuple[np.ndarray, np.ndarray], sm: np.ndarray, n_boot: int, seed: int) -> dict:

@@ -263,6 +263,7 @@ def write_card(tracking: Tracking, name: str, version: str, policy: Policy, card
                  "phase1": {"digest": mv.tags.get("phase1_data_digest"), "kind": mv.tags.get("phase1_data_kind"),
                             "split_protocol": mv.tags.get("phase1_split_protocol")}},
         "metrics": metrics,
+        "probabilities": _calibration(client, mv),
         "policy": {"metric": policy.metric, "direction": policy.direction, "min_value": policy.min_value},
         "lineage": {"phase1_run": mv.tags.get("phase1_run"), "phase2_run": mv.run_id, "study": t.get("dtl.study"),
                     "git_commit": t.get("mlflow.source.git.commit"), "init": t.get("init"),
@@ -331,6 +332,27 @@ def model_artifacts(client, uri: str) -> str:
     return client.get_logged_model(model_id).artifact_location.rstrip("/")
 
 
+def _calibration(client, mv) -> dict | None:
+    """``dtl/calibration.json`` of a version's logged model (the temperature `dtl explain` stored), or None."""
+    import mlflow
+
+    try:
+        base = model_artifacts(client, f"models:/{mv.name}/{mv.version}")
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/dtl/calibration.json")
+    except Exception:  # noqa: BLE001 - no temperature stored: raw softmax probabilities
+        return None
+    return json.loads(Path(path).read_text())
+
+
+def _probabilities_text(cal: dict | None) -> str:
+    if not cal:
+        return "softmax of the logits (no temperature stored)"
+    eces = ", ".join(f"{k.replace('_ece_', ' ECE ')} {v:.4f}" for k, v in cal.items() if "_ece_" in k)
+    return (f"temperature-scaled: softmax(logits / {cal['temperature']:.3f}), T fitted on the validation split by "
+            f"`dtl explain` ({eces}); load with model_config={{'apply_temperature': False}} for raw softmax "
+            "(models logged before this option: mlflow.pytorch.load_model gives the raw logits)")
+
+
 def _model_spec(client, mv) -> dict:
     """``dtl/spec.json`` of a version's logged model (classes, input spec, lineage)."""
     import mlflow
@@ -364,6 +386,7 @@ def _card_markdown(c: dict) -> str:
 | classes | {', '.join(c['classes'])} |
 | input | {c['input'].get('size')} px, mean {c['input'].get('mean')}, std {c['input'].get('std')} |
 | annotation mask | {_mask_text(c['input'].get('mask'))} |
+| probabilities | {_probabilities_text(c.get('probabilities'))} |
 | input format | {c['input_format']} |
 | phase-2 data | {c['data']['phase2']['kind']}, digest `{str(c['data']['phase2']['digest'])[:16]}`, split {c['data']['phase2']['split_protocol']}, duplicates removed: {c['data']['phase2']['duplicates_removed']} |
 | phase-1 data | {c['data']['phase1']['kind']}, digest `{str(c['data']['phase1']['digest'])[:16]}`, split {c['data']['phase1']['split_protocol']} |

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dtl.explain_report import section as explain_section
 from dtl.fuzzy_report import section as fuzzy_section
 from dtl.tracking import Tracking, find_runs, redact
 
@@ -329,7 +330,8 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
     df.to_csv(out / "results.csv", index=False)
     seed.to_csv(out / "seed_table.csv", index=False)
     fuzzy_md, fuzzy_figs = fuzzy_section(tracking, data_digest)  # empty without fuzzy-head runs
-    for name, data in {**figs, **fuzzy_figs}.items():
+    explain_md, explain_figs = explain_section(tracking, data_digest)  # empty without explain runs
+    for name, data in {**figs, **fuzzy_figs, **explain_figs}.items():
         (out / name).write_bytes(data)
     prov = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "tracking_uri": redact(tracking.uri),
             "experiment_id": tracking.experiment_id, **(provenance or {})}
@@ -348,7 +350,7 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
           "across splits: optimistic). `masked` = the Aria corner annotation (its colour differs by class) "
           "blanked before training and in the served model.", "",
           _md(shown), "## Paired gains", "", GAINS_TEXT, "", _gain_summary(gain), "", _md(gain),
-          "## Seed format", "", _md(seed), *fuzzy_md, "## Figures", ""]
+          "## Seed format", "", _md(seed), *fuzzy_md, *explain_md, "## Figures", ""]
     md += [f"![{n}]({n})" for n in figs]
     md += ["", "## Provenance", "", "```json", json.dumps(prov, indent=2, default=str), "```", ""]
     (out / "results.md").write_text("\n".join(md))
@@ -360,19 +362,20 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
 td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}</style></head><body>
 <h1>Results</h1><p>{html.escape(description)}</p>{shown.to_html(index=False, na_rep="")}
 <h2>Paired gains</h2><p>{html.escape(GAINS_TEXT)}</p><p>{html.escape(_gain_summary(gain))}</p>{gain.to_html(index=False)}
-<h2>Seed format</h2>{seed.to_html(index=False)}{_fuzzy_html(fuzzy_md, fuzzy_figs)}<h2>Figures</h2>{imgs}
+<h2>Seed format</h2>{seed.to_html(index=False)}{_section_html("Fuzzy vs softmax", fuzzy_md, fuzzy_figs)}
+{_section_html("Explain and stress", explain_md, explain_figs)}<h2>Figures</h2>{imgs}
 <h2>Provenance</h2><pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre></body></html>"""
     (out / "report.html").write_text(page)
     return out
 
 
-def _fuzzy_html(lines: list[str], figs: dict) -> str:
-    """The fuzzy-vs-softmax section for the HTML page (its Markdown table kept as preformatted text)."""
+def _section_html(title: str, lines: list[str], figs: dict) -> str:
+    """An optional section (fuzzy vs softmax, explain) for the HTML page (its Markdown kept as preformatted text)."""
     if not lines:
         return ""
     text = html.escape("\n".join(x for x in lines[2:] if not x.startswith("![")))
     imgs = "".join(f'<img src="data:image/png;base64,{base64.b64encode(d).decode()}"/>' for d in figs.values())
-    return f"<h2>Fuzzy vs softmax</h2><pre>{text}</pre>{imgs}"
+    return f"<h2>{html.escape(title)}</h2><pre>{text}</pre>{imgs}"
 
 
 def row_commands(tracking: Tracking, df: pd.DataFrame) -> list[dict]:

@@ -178,14 +178,19 @@ def read_images(data, policy: InputPolicy = InputPolicy()) -> list[np.ndarray]:
     return images
 
 
+CALIBRATION_FILE = "calibration.json"  # beside spec.json: {"temperature": T, ...}, written by `dtl explain`
+
+
 class ImageClassifier:
-    """What ``mlflow.pyfunc.load_model`` returns under the hood (see module docstring)."""
+    """What ``mlflow.pyfunc.load_model`` returns under the hood (see module docstring). With a
+    ``temperature`` other than 1 the probabilities are ``softmax(logits / temperature)``."""
 
     def __init__(self, net: torch.nn.Module, classes: list[str], spec: InputSpec, segment: bool = False,
-                 batch_size: int = 32, policy: InputPolicy = InputPolicy()):
+                 batch_size: int = 32, policy: InputPolicy = InputPolicy(), temperature: float = 1.0):
         self.net = net.eval()
         self.policy = policy
         self.classes, self.spec, self.segment, self.batch_size = classes, spec, segment, batch_size
+        self.temperature = float(temperature)
         self.device = next(net.parameters()).device
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -194,12 +199,16 @@ class ImageClassifier:
         return eval_transform(torch.from_numpy(arr).to(self.device), self.spec)
 
     @torch.no_grad()
-    def predict_proba(self, images: list[np.ndarray]) -> np.ndarray:
+    def logits(self, images: list[np.ndarray]) -> np.ndarray:
+        """Raw logits (no temperature) of RGB uint8 images of any size."""
         out = []
         for i in range(0, len(images), self.batch_size):
-            x = self.preprocess(images[i:i + self.batch_size])
-            out.append(torch.softmax(self.net(x).float(), 1).cpu().numpy())
+            out.append(self.net(self.preprocess(images[i:i + self.batch_size])).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict_proba(self, images: list[np.ndarray]) -> np.ndarray:
+        z = torch.from_numpy(self.logits(images)) / self.temperature
+        return torch.softmax(z, 1).numpy()
 
     def predict(self, data, params=None) -> pd.DataFrame:
         probs = self.predict_proba(read_images(data, self.policy)).astype(np.float32)
@@ -208,7 +217,22 @@ class ImageClassifier:
         return df
 
 
-def load_classifier(model_dir: str | Path, device: str = "cpu", policy: InputPolicy = InputPolicy()) -> ImageClassifier:
+def stored_temperature(model_dir: str | Path) -> float | None:
+    """The temperature stored with a logged model (``dtl/calibration.json``), or None (models
+    logged or kept without one serve raw softmax probabilities, as before)."""
+    f = Path(model_dir) / CALIBRATION_FILE
+    if not f.is_file():
+        return None
+    t = float(json.loads(f.read_text())["temperature"])
+    if not t > 0:
+        raise DTLError(f"{f}: temperature must be > 0, got {t}")
+    return t
+
+
+def load_classifier(model_dir: str | Path, device: str = "cpu", policy: InputPolicy = InputPolicy(),
+                    apply_temperature: bool = True) -> ImageClassifier:
+    """The classifier of a logged model's ``dtl/`` folder; its stored temperature applied unless
+    ``apply_temperature`` is False."""
     from safetensors.torch import load_file
 
     from dtl.models import DTLNet, ModelSpec
@@ -218,15 +242,18 @@ def load_classifier(model_dir: str | Path, device: str = "cpu", policy: InputPol
     net = DTLNet(ModelSpec.from_dict(meta["spec"]))
     net.load_state_dict(load_file(str(d / "weights.safetensors")))
     net.to(device)
+    temperature = (stored_temperature(d) or 1.0) if apply_temperature else 1.0
     return ImageClassifier(net, list(meta["spec"]["classes"]), InputSpec.from_dict(meta["input"]),
-                           bool(meta.get("hsv_segment", False)), policy=policy)
+                           bool(meta.get("hsv_segment", False)), policy=policy, temperature=temperature)
 
 
 def _load_pyfunc(path: str, model_config: dict | None = None) -> ImageClassifier:
     """MLflow's pyfunc entry point for this flavor (``loader_module: dtl.serving``);
-    ``model_config`` (keys of :meth:`InputPolicy.model_config`) is the caller's, at load time."""
+    ``model_config`` (keys of :meth:`InputPolicy.model_config` and ``apply_temperature``) is the
+    caller's, at load time."""
     dev = os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_classifier(path, dev, InputPolicy.from_config(model_config))
+    apply_t = bool((model_config or {}).get("apply_temperature", True))
+    return load_classifier(path, dev, InputPolicy.from_config(model_config), apply_temperature=apply_t)
 
 
 def signature_and_example(example_image: np.ndarray, classes: list[str]):
@@ -287,7 +314,9 @@ def save_model(path, net, meta: dict, example_image: np.ndarray, mlflow_model=No
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(data / "weights.safetensors"))
     (data / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
     add_to_model(mlflow_model, loader_module="dtl.serving", data=DATA_DIR, code="code", conda_env="conda.yaml",
-                 python_env="python_env.yaml", model_config=InputPolicy().model_config())
+                 python_env="python_env.yaml",
+                 # apply_temperature: a temperature that `dtl explain` stores later is used unless a caller says False
+                 model_config={**InputPolicy().model_config(), "apply_temperature": True})
     signature, example = signature_and_example(example_image, list(meta["spec"]["classes"]))
     mlflow_model.signature = signature
     _save_example(mlflow_model, example, str(path))

@@ -20,15 +20,19 @@ from dtl.config import AugmentConfig
 from dtl.data.mask import AnnotationMask
 
 
-def hsv_segment(rgb: np.ndarray, sat_min: float = 0.18, val_max: float = 0.97) -> np.ndarray:
-    """Keep stained cells, blank the background: a pixel stays when its HSV saturation is high
-    enough (stain) and it is not near-white. Mirrors how Aria's ``Segmented`` set was made."""
+def hsv_foreground(rgb: np.ndarray, sat_min: float = 0.18, val_max: float = 0.97) -> np.ndarray:
+    """Boolean H×W map of the stained cells: HSV saturation high enough (stain) and not near-white."""
     x = rgb.astype(np.float32) / 255.0
     mx, mn = x.max(axis=2), x.min(axis=2)
     sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
-    keep = (sat >= sat_min) & (mx <= val_max)
+    return (sat >= sat_min) & (mx <= val_max)
+
+
+def hsv_segment(rgb: np.ndarray, sat_min: float = 0.18, val_max: float = 0.97) -> np.ndarray:
+    """Keep stained cells, blank the background (:func:`hsv_foreground`). Mirrors how Aria's
+    ``Segmented`` set was made."""
     out = rgb.copy()
-    out[~keep] = 0
+    out[~hsv_foreground(rgb, sat_min, val_max)] = 0
     return out
 
 

@@ -30,3 +30,10 @@ PY
 dtl fuzzy --config real-cpu-tiny
 dtl promote --config real-cpu-tiny
 dtl report --config real-cpu-tiny
+# Explain and stress the champion (Grad-CAM + shortcut score, occlusion, cross-variant, corruptions,
+# calibration; stores the fitted temperature with the champion and rewrites its card), then the
+# double-transfer test_efficientnet trained WITHOUT the annotation mask (v20) for the shortcut
+# comparison; writes reports/aria-cpu-tiny/explain/<model>/ and logs under each study run.
+dtl explain --config real-cpu-tiny
+dtl explain --config real-cpu-tiny --model models:/all-dtl-real-cpu-tiny/20
+dtl report --config real-cpu-tiny

@@ -1,0 +1,396 @@
+"""The explain job (``dtl explain``): what a model looks at, whether it survives other images,
+and whether its probabilities are honest, for any registered model or study run.
+
+One MLflow run nested under the model's study run (``dtl.role = explain``) holds the metrics,
+the robustness table, the CAM grid, the shortcut table, the reliability diagram and the
+per-item predictions of every evaluated set; the same files go to the report folder. The
+temperature fitted on the validation split is stored with the logged model (``dtl/calibration.json``)
+when asked, or by default when the version holds the ``champion`` alias, and its model card says so.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dtl import DTLError, calibration, explain, robustness
+from dtl.config import Config
+from dtl.data.cache import resize_rgb
+from dtl.data.mask import annotation_mask, apply_mask
+from dtl.engine import resolve_device
+from dtl.metrics import expected_calibration_error
+from dtl.phases import bootstrap_units, dataset
+from dtl.serving import CALIBRATION_FILE, ImageClassifier, load_classifier
+from dtl.stats import bootstrap_ci
+from dtl.tracking import Run, Tracking, redact, start_run
+
+
+@dataclass
+class Target:
+    """The model under examination: where it came from and its classifier (raw logits, T = 1)."""
+
+    label: str
+    run_id: str  # its study run
+    phase: str
+    classifier: ImageClassifier
+    tags: dict  # the study run's tags
+    version: object | None = None  # the registered ModelVersion, when given as models:/<name>@|/...
+    model_id: str | None = None  # the logged model (where a temperature is stored)
+
+
+def resolve_target(tracking: Tracking, cfg: Config, source: str) -> Target:
+    """A ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` URI or a study run id."""
+    import mlflow
+
+    from dtl.registry import model_artifacts
+
+    client, device = tracking.client, str(resolve_device(cfg.device))
+    if not source.startswith("models:/"):
+        return _study_target(tracking, cfg, source)
+    mv = _model_version(client, source)
+    dst = Path(tempfile.mkdtemp(prefix="dtl-explain-"))
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_artifacts(client, source)}/dtl",
+                                                 dst_path=str(dst))
+    clf = load_classifier(folder, device, apply_temperature=False)  # explain fits its own T on raw logits
+    tags = client.get_run(mv.run_id).data.tags
+    model_id = getattr(mv, "model_id", None) or (mv.source[len("models:/"):] if mv.source.startswith("models:/m-")
+                                                 else None)
+    return Target(source, mv.run_id, tags.get("phase", "phase2"), clf, tags, mv, model_id)
+
+
+def _model_version(client, source: str):
+    rest = source[len("models:/"):]
+    name, sep, ref = rest.partition("@") if "@" in rest else rest.rpartition("/")
+    if not name or not ref:
+        raise DTLError(f"--model {source!r}: give models:/<name>@<alias>, models:/<name>/<version> or a study run id")
+    try:
+        mv = client.get_model_version_by_alias(name, ref) if sep == "@" else client.get_model_version(name, ref)
+        return client.get_model_version(mv.name, mv.version)  # aliases are filled in on a direct read
+    except Exception:  # noqa: BLE001 - unknown name, alias or version: say what exists
+        known = []
+        for m in client.search_registered_models():
+            known.append(f"{m.name} (aliases: {', '.join(sorted(m.aliases)) or 'none'})")
+        raise DTLError(f"--model {source!r} does not resolve in {redact(client.tracking_uri)}. Registered models: "
+                       f"{'; '.join(known) or 'none'}") from None
+
+
+def _study_target(tracking: Tracking, cfg: Config, run_id: str) -> Target:
+    from dtl.data.transforms import InputSpec
+    from dtl.models import model_from_checkpoint
+    from dtl.pipeline import phase1_source
+
+    try:
+        tags = tracking.client.get_run(run_id).data.tags
+    except Exception:  # noqa: BLE001 - not a run id of this store
+        raise DTLError(f"--model {run_id!r} is neither models:/<name>@<alias> | models:/<name>/<version> nor a run "
+                       f"of {redact(tracking.uri)}") from None
+    if tags.get("dtl.role") != "study" or tags.get("phase") not in ("phase1", "phase2"):
+        raise DTLError(f"run {run_id} is not a phase-1 or phase-2 study run (dtl.role={tags.get('dtl.role')!r}); "
+                       "give a study run id or a registered model")
+    phase = tags["phase"]
+    net, meta = model_from_checkpoint(phase1_source(run_id, cfg))  # the study's checkpoint/best.pt
+    net.to(resolve_device(cfg.device))
+    clf = ImageClassifier(net, list(net.spec.classes), InputSpec.from_dict(meta["input"]),
+                          cfg.phase(phase).data.hsv_segment)
+    return Target(f"run:{run_id}", run_id, phase, clf, tags)
+
+
+def check_data(target: Target, ds, split: str) -> None:
+    """The config's data must be the model's (same manifest digest) and hold ``split``."""
+    digest = target.tags.get("data_digest", "")
+    if digest and digest != ds.digest:
+        raise DTLError(f"{target.label} was trained on {target.phase} data {digest[:12]}; the config's {target.phase} "
+                       f"data is {ds.digest[:12]} ({ds.kind} at {ds.root}): use the same --config / data root as "
+                       "its training run")
+    if list(target.classifier.classes) != ds.classes:
+        raise DTLError(f"{target.label} predicts {target.classifier.classes}, the data has {ds.classes}")
+    splits = sorted(ds.manifest["split"].unique())
+    if split not in splits:
+        raise DTLError(f"--split {split!r} does not exist in {ds.kind} at {ds.root}; valid: {', '.join(splits)}")
+
+
+def probs_of(clf: ImageClassifier, images: list[np.ndarray]) -> np.ndarray:
+    """Untempered softmax probabilities through the model's own preprocessing."""
+    return calibration.softmax(clf.logits(images))
+
+
+def stress(cfg: Config, clf: ImageClassifier, ds, split: str, raw: list[np.ndarray], clean: np.ndarray) -> tuple:
+    """The robustness rows (clean, cross-variant, each corruption × severity, masked annotation)
+    and per-item predicted classes of each evaluated set (for paired comparisons across models)."""
+    y, (_, groups) = ds.label_ids(split), bootstrap_units(ds.split(split))
+    nb, seed = cfg.bootstrap, cfg.seed
+
+    def g(idx):
+        return None if groups is None else groups[idx]
+
+    rows = [robustness.score_row("clean", y, clean, clean, groups, nb, seed, kind="clean", severity=0,
+                                 reference="clean")]
+    preds = {"clean": clean.argmax(1)}
+    ov = robustness.other_variant(ds, split)
+    if ov.reason:
+        rows.append({"set": "cross-variant", "kind": "cross-variant", "note": f"skipped: {ov.reason}"})
+    else:
+        other = probs_of(clf, robustness.read_images(ov.root, ds.split(split)["path"].iloc[ov.index]))
+        rows.append(robustness.score_row(f"cross-variant ({ov.variant})", y[ov.index], other, clean[ov.index],
+                                         g(ov.index), nb, seed, kind="cross-variant", severity=0, reference="clean"))
+        preds["cross_variant"] = _scatter(len(y), ov.index, other.argmax(1))
+    idx = robustness.subsample(len(y), cfg.explain.corruption_images, seed)
+    sub = [raw[i] for i in idx]
+    for kind in robustness.KINDS:
+        for sev in robustness.SEVERITIES:
+            p = probs_of(clf, robustness.corrupt_all(sub, kind, sev, seed))
+            rows.append(robustness.score_row(f"{kind} {sev}", y[idx], p, clean[idx], g(idx), nb, seed, kind=kind,
+                                             severity=sev, reference="clean"))
+            preds[f"{kind}{sev}"] = _scatter(len(y), idx, p.argmax(1))
+    rows.append(occlusion(cfg, clf, ds, y, raw, groups))
+    return rows, preds
+
+
+def _scatter(n: int, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
+    out = np.full(n, -1)
+    out[idx] = values
+    return out
+
+
+def occlusion(cfg: Config, clf: ImageClassifier, ds, y: np.ndarray, raw: list[np.ndarray], groups) -> dict:
+    """Predictions with the annotation box filled against the raw image, both through the model's
+    preprocessing WITHOUT its own mask (a masked model then sees the stamp it never saw in
+    training; an unmasked model shows whether it relies on it)."""
+    if ds.kind not in ("aria", "demo-aria"):
+        return {"set": "annotation masked vs unmasked", "kind": "occlusion",
+                "note": f"skipped: {ds.kind} images carry no annotation stamp"}
+    variant = "segmented" if Path(ds.root).name == "Segmented" else "original"
+    mask = clf.spec.mask or annotation_mask("on", ds.kind, variant)
+    bare = ImageClassifier(clf.net, clf.classes, replace(clf.spec, mask=None), clf.segment, clf.batch_size)
+    unmasked = probs_of(bare, raw)
+    masked = probs_of(bare, [apply_mask(im, mask) for im in raw])
+    return robustness.score_row("annotation masked vs unmasked", y, masked, unmasked, groups, cfg.bootstrap,
+                                cfg.seed, kind="occlusion", severity=0, reference="unmasked input")
+
+
+def calibrate(cfg: Config, y_val: np.ndarray, z_val: np.ndarray, y: np.ndarray, z: np.ndarray, split: str,
+              groups) -> dict:
+    """Temperature fitted on the validation logits only; ECE (with a bootstrap CI on ``split``)
+    and reliability curves before and after, on val and on ``split``."""
+    t = calibration.fit_temperature(z_val, y_val)
+    out = {"temperature": t, "curves": {}}
+    for name, yy, zz in (("val", y_val, z_val), (split, y, z)):
+        before, after = calibration.softmax(zz), calibration.softmax(zz, t)
+        out["curves"][name] = {"before": calibration.reliability(yy, before),
+                               "after": calibration.reliability(yy, after)}
+        out[f"{name}_ece_before"] = out["curves"][name]["before"]["ece"]
+        out[f"{name}_ece_after"] = out["curves"][name]["after"]["ece"]
+        out[f"{name}_argmax_unchanged"] = bool((before.argmax(1) == after.argmax(1)).all())
+    for key, probs in (("before", calibration.softmax(z)), ("after", calibration.softmax(z, t))):
+        ci = bootstrap_ci(y, probs, lambda a, b: {"ece": expected_calibration_error(a, b)},
+                          cfg.bootstrap, cfg.seed, groups)["ece"]
+        out[f"{split}_ece_{key}_ci_low"], out[f"{split}_ece_{key}_ci_high"] = ci
+    return out
+
+
+def cams(cfg: Config, clf: ImageClassifier, ds, split: str, raw: list[np.ndarray], probs: np.ndarray,
+         title: str) -> tuple[list[dict], pd.DataFrame, object]:
+    """Grad-CAM of the predicted class on the split's images as the model sees them: the
+    shortcut table, per-image mass shares, and the grid of correct/wrong examples per class."""
+    y, pred = ds.label_ids(split), probs.argmax(1)
+    ex = explain.pick_examples(y, pred, len(clf.classes), cfg.explain.n_per_class)
+    idx = robustness.subsample(len(y), cfg.explain.cam_images, cfg.seed)
+    idx = np.union1d(idx, [i for e in ex.values() for v in e.values() for i in v]).astype(int)  # the grid's too
+    s, off = clf.spec.size, (clf.spec.cache_size - clf.spec.size) // 2
+    inputs = np.stack([_model_input(clf, raw[i])[off:off + s, off:off + s] for i in idx])
+    x = clf.preprocess([raw[i] for i in idx])
+    maps = explain.grad_cams(clf.net, x, pred[idx])
+    regions = explain.region_maps(clf.spec)
+    shares = explain.mass_shares(maps, explain.foreground_maps(inputs), regions)
+    table = explain.shortcut_table(shares, y[idx], clf.classes, cfg.explain.annotation_threshold)
+    per_image = pd.DataFrame({"path": ds.split(split)["path"].to_numpy()[idx], "label": np.asarray(clf.classes)[y[idx]],
+                              "predicted": np.asarray(clf.classes)[pred[idx]], **{k: v for k, v in shares.items()}})
+    pos = {int(i): j for j, i in enumerate(idx)}
+    ex_local = {c: {k: [pos[i] for i in v] for k, v in e.items()} for c, e in ex.items()}
+    fig = explain.cam_grid_figure(inputs, maps, y[idx], probs[idx], clf.classes, ex_local, cfg.explain.n_per_class,
+                                  title, regions["annotation"])
+    return table, per_image, fig
+
+
+def _model_input(clf: ImageClassifier, im: np.ndarray) -> np.ndarray:
+    return resize_rgb(im, clf.spec.cache_size, clf.spec.interpolation, clf.segment, clf.spec.mask)
+
+
+def _ci(r: dict, m: str, signed: bool = False) -> str:
+    f = "{:+.4f}" if signed else "{:.4f}"
+    v, lo, hi = r.get(m), r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")
+    if v is None or v != v:
+        return ""
+    return f.format(v) + (f" [{f.format(lo)}, {f.format(hi)}]" if lo is not None and lo == lo else "")
+
+
+def robustness_frame(rows: list[dict]) -> pd.DataFrame:
+    """The robustness table as shown (Markdown / HTML): one row per evaluated set."""
+    out = []
+    for r in rows:
+        out.append({"set": r["set"], "n": r.get("n", ""), "accuracy [95% CI]": _ci(r, "accuracy"),
+                    "macro-F1 [95% CI]": _ci(r, "macro_f1"), "vs": r.get("reference", ""),
+                    "Δaccuracy [95% paired CI]": _ci(r, "d_accuracy", True),
+                    "ΔF1 [95% paired CI]": _ci(r, "d_macro_f1", True),
+                    "relative accuracy": f"{r['relative_accuracy']:.3f}" if "relative_accuracy" in r else "",
+                    "agreement": f"{r['agreement']:.3f}" if "agreement" in r else "", "note": r.get("note", "")})
+    return pd.DataFrame(out)
+
+
+def summary_text(s: dict) -> list[str]:
+    """Plain-words lines of one model's explain results (the Markdown page and the CLI)."""
+    rows = {r["kind"]: r for r in s["rows"] if r.get("severity", 0) == 0}
+    lines = []
+    cv, occ = rows.get("cross-variant", {}), rows.get("occlusion", {})
+    lines.append(f"- Cross-variant: {cv['note']}" if cv.get("note") else
+                 f"- {cv['set'].capitalize()}: accuracy {cv['accuracy']:.4f}, change vs clean "
+                 f"{_ci(cv, 'd_accuracy', True)} on n={cv['n']} (paired bootstrap over {s['ci_unit']}s).")
+    mr = s["mean_relative"]
+    if mr:
+        worst = min((k for k in mr if k != "mean"), key=mr.get)
+        lines.append(f"- Corruptions (3 severities each{s['corruption_note']}): mean relative accuracy "
+                     f"{mr['mean']:.3f} (1 = as clean); worst: {robustness.LABELS[worst]} ({mr[worst]:.3f}).")
+    lines.append(f"- Occlusion: {occ['note']}" if occ.get("note") else
+                 f"- Occlusion (annotation box filled vs raw image, model's own mask off): agreement "
+                 f"{occ['agreement']:.3f}, accuracy change {_ci(occ, 'd_accuracy', True)}.")
+    sc = next(r for r in s["shortcut"] if r["class"] == "all")
+    flagged = [r["class"] for r in s["shortcut"] if r["flagged"]]
+    lines.append(f"- Grad-CAM mass ({s['cam_layer']}, {sc['n']} images): {sc['foreground']:.1%} on the cells "
+                 f"(area {sc['foreground_area']:.1%}), {sc['annotation']:.1%} on the annotation box (area "
+                 f"{sc['annotation_area']:.1%}), {sc['corners']:.1%} on the four corners (area {sc['corners_area']:.1%}). "
+                 + (f"FLAGGED: annotation mass above {s['threshold']:g}x its area share for {', '.join(flagged)}."
+                    if flagged else f"Not flagged (ratio {sc['annotation_ratio']:.2f}; threshold: mass share above "
+                                    f"{s['threshold']:g}x the box's area share)."))
+    c, sp = s["calibration"], s["split"]
+    lines.append(f"- Calibration: temperature T={c['temperature']:.3f} fitted on val; ECE val {c['val_ece_before']:.4f} → "
+                 f"{c['val_ece_after']:.4f}, {sp} {c[f'{sp}_ece_before']:.4f} → {c[f'{sp}_ece_after']:.4f} "
+                 f"(95% CI after {c[f'{sp}_ece_after_ci_low']:.4f}–{c[f'{sp}_ece_after_ci_high']:.4f}); predicted "
+                 f"classes unchanged: {c[f'{sp}_argmax_unchanged']}. Stored with the model: {s['temperature_stored']}.")
+    return lines
+
+
+def write_pages(out: Path, s: dict, frame: pd.DataFrame, shortcut: pd.DataFrame) -> None:
+    """robustness.md / robustness.html / robustness.csv and shortcut.csv in ``out``."""
+    from dtl.report import _md
+
+    head = (f"# Explain and stress: {s['label']} ({s['backbone']}, {s['strategy']}, {s['phase']}, annotation mask "
+            f"{s['masked']})\n\n{s['data']}; split `{s['split']}` (n={s['n']}); 95% CIs are bootstrap intervals "
+            f"resampling {s['ci_unit']}s ({s['bootstrap']} resamples), Δ = set − reference on the same items.\n")
+    body = ["", *summary_text(s), "", "## Robustness", "", _md(frame), "## Grad-CAM shortcut score", "",
+            f"Share of Grad-CAM mass per true class (the `_area` columns: share of the pixels); flagged when the "
+            f"annotation mass share exceeds {s['threshold']:g}× its area share (`annotation_ratio`).", "", _md(shortcut), "## Figures", "",
+            "![CAM grid](cam_grid.png)", "", "![reliability](reliability.png)", "", "## Command", "", "```",
+            s["command"], "```", ""]
+    (out / "robustness.md").write_text(head + "\n".join(body))
+    frame.to_csv(out / "robustness.csv", index=False)
+    shortcut.to_csv(out / "shortcut.csv", index=False)
+    (out / "robustness.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>explain {html.escape(s['label'])}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style></head><body>"
+        f"<h1>Explain and stress: {html.escape(s['label'])}</h1><p>{html.escape(head.split(chr(10), 2)[2])}</p><ul>"
+        + "".join(f"<li>{html.escape(x[2:])}</li>" for x in summary_text(s)) + "</ul><h2>Robustness</h2>"
+        + frame.to_html(index=False) + "<h2>Grad-CAM shortcut score</h2>" + shortcut.to_html(index=False)
+        + "<img src='cam_grid.png'/><img src='reliability.png'/></body></html>")
+
+
+def store_temperature(tracking: Tracking, cfg: Config, target: Target, calib: dict, split: str) -> bool:
+    """Write ``dtl/calibration.json`` into the logged model (served probabilities then use T),
+    tag the version, and rewrite its model card when it has one. Only for registered versions:
+    ``explain.store_temperature`` on, or auto and the version is the champion."""
+    mode, mv = cfg.explain.store_temperature, target.version
+    if mv is None or target.model_id is None or mode == "off" or (mode == "auto" and "champion" not in mv.aliases):
+        return False
+    from dtl.registry import load_policy, write_card
+
+    doc = {"temperature": calib["temperature"], "fitted_on": "val", "val_ece_before": calib["val_ece_before"],
+           "val_ece_after": calib["val_ece_after"], f"{split}_ece_before": calib[f"{split}_ece_before"],
+           f"{split}_ece_after": calib[f"{split}_ece_after"]}
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / CALIBRATION_FILE
+        f.write_text(json.dumps(doc, indent=2))
+        tracking.client.log_model_artifact(target.model_id, str(f), "dtl")
+    tracking.client.set_model_version_tag(mv.name, mv.version, "calibration.temperature", f"{calib['temperature']:.6g}")
+    if mv.aliases:  # promoted versions have a card: it must say that the served probabilities are scaled
+        write_card(tracking, mv.name, mv.version, load_policy(cfg.policy, mv.name), Path(cfg.cards_dir))
+    return True
+
+
+def log_results(run: Run, s: dict, out: Path) -> None:
+    """Metrics (``explain_*``, per set) and every file of ``out`` under ``explain/`` of the run."""
+    m = {"temperature": s["calibration"]["temperature"], "cam_annotation_share": s["shortcut_all"]["annotation"],
+         "cam_foreground_share": s["shortcut_all"]["foreground"], "cam_corners_share": s["shortcut_all"]["corners"],
+         "shortcut_flagged": float(s["flagged"]), **{f"mean_relative_accuracy_{k}": v
+                                                      for k, v in s["mean_relative"].items()}}
+    m.update({k: v for k, v in s["calibration"].items() if "_ece_" in k})
+    for r in s["rows"]:
+        if "accuracy" in r:
+            key = r["set"].split(" (")[0].replace(" ", "_").replace("-", "_")
+            m.update({f"{key}_{k}": r[k] for k in ("accuracy", "macro_f1", "d_accuracy", "d_accuracy_ci_low",
+                                                   "d_accuracy_ci_high", "relative_accuracy", "agreement")})
+    run.log_metrics(m)
+    for f in sorted(out.iterdir()):
+        run.log_artifact(f, "explain")
+
+
+def run_explain(cfg: Config, tracking: Tracking, source: str, split: str, out_root: Path, command: str = "") -> dict:
+    """Explain and stress one model (see module docstring); returns the summary dict."""
+    target = resolve_target(tracking, cfg, source)
+    ds = dataset(cfg, target.phase)
+    check_data(target, ds, split)
+    clf, t = target.classifier, target.tags
+    raw = robustness.read_images(ds.root, ds.split(split)["path"])
+    z = clf.logits(raw)
+    z_val = clf.logits(robustness.read_images(ds.root, ds.split("val")["path"]))
+    unit, groups = bootstrap_units(ds.split(split))
+    rows, preds = stress(cfg, clf, ds, split, raw, calibration.softmax(z))
+    calib = calibrate(cfg, ds.label_ids("val"), z_val, ds.label_ids(split), z, split, groups)
+    name = target.label.replace("models:/", "").replace("/", "-v").replace("@", "-").replace(":", "-")
+    out = Path(out_root) / name
+    out.mkdir(parents=True, exist_ok=True)
+    layer = explain.target_layer(clf.net)[0]
+    title = f"{target.label}: {clf.net.spec.backbone} ({t.get('strategy', '?')}), Grad-CAM at {layer}, {split} split"
+    shortcut, per_image, fig = cams(cfg, clf, ds, split, raw, calibration.softmax(z), title)
+    _save(fig, out / "cam_grid.png")
+    _save(calibration.reliability_figure({k: {"before scaling": v["before"], f"T={calib['temperature']:.2f}": v["after"]}
+                                          for k, v in calib["curves"].items()},
+                                         f"{target.label}: reliability ({clf.net.spec.backbone})"), out / "reliability.png")
+    items = ds.split(split)[["path", "label"]].assign(bootstrap_unit=groups if groups is not None else
+                                                      ds.split(split)["path"], **preds)
+    items.to_csv(out / "predictions.csv", index=False)
+    per_image.to_csv(out / "cam_shares.csv", index=False)
+    stored = store_temperature(tracking, cfg, target, calib, split)
+    s = {"label": target.label, "backbone": clf.net.spec.backbone, "strategy": t.get("strategy", ""),
+         "phase": target.phase, "masked": t.get("annotation_mask", "off"), "split_protocol": t.get("split_protocol"),
+         "split": split, "n": len(raw), "ci_unit": unit, "bootstrap": cfg.bootstrap, "rows": rows,
+         "data": f"{ds.kind} data at {ds.root} ({ds.protocol} split, digest {ds.digest[:12]})",
+         "mean_relative": robustness.mean_relative(rows), "shortcut": shortcut, "shortcut_all": shortcut[-1],
+         "flagged": any(r["flagged"] for r in shortcut), "threshold": cfg.explain.annotation_threshold,
+         "cam_layer": layer, "calibration": {k: v for k, v in calib.items() if k != "curves"},
+         "temperature_stored": stored, "command": command, "model_run": target.run_id,
+         "version": f"{target.version.name}/{target.version.version}" if target.version else "",
+         "corruption_note": (f"; on a seeded subsample of {cfg.explain.corruption_images} images"
+                             if 0 < cfg.explain.corruption_images < len(raw) else "")}
+    write_pages(out, s, robustness_frame(rows), pd.DataFrame(shortcut))
+    (out / "summary.json").write_text(json.dumps(s, indent=2, default=str))
+    run = start_run(tracking, f"explain-{split}", {"dtl.role": "explain", "phase": target.phase,
+                                                   "backbone": s["backbone"], "strategy": s["strategy"],
+                                                   "annotation_mask": s["masked"], "data_digest": ds.digest,
+                                                   "split": split, "model": target.label, "model_version": s["version"],
+                                                   "shortcut_flagged": str(s["flagged"]).lower()}, parent=target.run_id)
+    log_results(run, s, out)
+    run.end()
+    return {**s, "run_id": run.id, "out": str(out)}
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,156 @@
+"""The "Explain and stress" section of the report, built from the explain runs in MLflow:
+one row per explained model, paired strategy comparisons on the same test items, one figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from dtl.robustness import KINDS, LABELS
+from dtl.stats import paired_difference
+from dtl.tracking import Tracking, find_runs
+
+CORRUPTED = tuple(f"{k}{s}" for k in KINDS for s in (1, 2, 3))
+
+
+def collect(tracking: Tracking, data_digest: str | None = None) -> list[dict]:
+    """The latest finished explain run per (model, split): its summary and per-item predictions."""
+    import mlflow
+
+    flt = "tags.`dtl.role` = 'explain' and attributes.status = 'FINISHED'"
+    if data_digest:
+        flt += f" and tags.data_digest = '{data_digest}'"
+    latest = {}
+    for r in find_runs(tracking, flt):  # oldest first: the last one wins
+        latest[(r.data.tags.get("model"), r.data.tags.get("split"))] = r
+    out = []
+    for key in sorted(latest, key=str):
+        rid = latest[key].info.run_id
+        try:
+            s = mlflow.artifacts.load_dict(f"runs:/{rid}/explain/summary.json")
+            items = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{rid}/explain/predictions.csv"))
+        except Exception:  # noqa: BLE001 - an explain run without its files (killed mid-way)
+            continue
+        out.append({**s, "run_id": rid, "items": items})
+    return out
+
+
+def _cell(r: dict | None, m: str) -> str:
+    if not r or m not in r:
+        return "n/a"
+    return f"{r[m]:+.4f} [{r[f'{m}_ci_low']:+.4f}, {r[f'{m}_ci_high']:+.4f}]"
+
+
+def table(rows: list[dict]) -> pd.DataFrame:
+    """One row per explained model: clean accuracy, cross-variant and occlusion changes with CIs,
+    mean relative accuracy under corruption, CAM annotation share, ECE before/after, T."""
+    out = []
+    for s in rows:
+        by = {r["kind"]: r for r in s["rows"] if r.get("severity", 0) == 0 and "accuracy" in r}
+        mr, c, sp = s["mean_relative"], s["calibration"], s["split"]
+        worst = min((k for k in mr if k != "mean"), key=mr.get) if mr else ""
+        out.append({"model": s["label"], "backbone": s["backbone"], "strategy": s["strategy"], "masked": s["masked"],
+                    "split": sp, "n": s["n"], "clean accuracy": f"{by['clean']['accuracy']:.4f}",
+                    "cross-variant Δacc [95% CI]": _cell(by.get("cross-variant"), "d_accuracy"),
+                    "corruptions: mean relative acc": f"{mr.get('mean', float('nan')):.3f}",
+                    "worst corruption": f"{LABELS.get(worst, worst)} ({mr[worst]:.3f})" if worst else "",
+                    "masked − unmasked annotation Δacc [95% CI]": _cell(by.get("occlusion"), "d_accuracy"),
+                    "CAM on annotation (share, × area)": f"{s['shortcut_all']['annotation']:.1%}, "
+                                                         f"{s['shortcut_all']['annotation_ratio']:.2f}×"
+                                                         + (" FLAGGED" if s["flagged"] else ""),
+                    "CAM share on cells": f"{s['shortcut_all']['foreground']:.1%}",
+                    f"ECE {sp} before → after": f"{c[f'{sp}_ece_before']:.4f} → {c[f'{sp}_ece_after']:.4f}",
+                    "T": f"{c['temperature']:.3f}", "T stored": s["temperature_stored"]})
+    return pd.DataFrame(out)
+
+
+def _item_scores(items: pd.DataFrame, classes_index: dict) -> pd.DataFrame:
+    """Per test item: correctness averaged over the corrupted sets it was scored on, and cross-variant correctness."""
+    y = items["label"].map(classes_index).to_numpy()
+    cols = [c for c in CORRUPTED if c in items]
+    pred = items[cols].to_numpy()
+    scored = pred >= 0
+    corr = np.where(scored, pred == y[:, None], np.nan)
+    out = pd.DataFrame({"path": items["path"], "unit": items["bootstrap_unit"].astype(str),
+                        "corrupted": np.nanmean(corr, 1) if cols else np.nan})
+    if "cross_variant" in items:
+        out["cross_variant"] = np.where(items["cross_variant"] >= 0, items["cross_variant"] == y, np.nan)
+    return out
+
+
+def strategy_gains(rows: list[dict], classes: list[str], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Double transfer − each other strategy of the same backbone (same masking and split), on the
+    same items: mean accuracy over all corrupted sets, and cross-variant accuracy, with paired
+    bootstrap CIs over the items' bootstrap units."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for a in rows:
+        for b in rows:
+            same = all(a[k] == b[k] for k in ("backbone", "masked", "split"))
+            if not (same and a["strategy"] == "double" and b["strategy"] != "double"):
+                continue
+            m = _item_scores(a["items"], index).merge(_item_scores(b["items"], index), on="path", suffixes=("_a", "_b"))
+            for metric in ("corrupted", "cross_variant"):
+                if f"{metric}_a" not in m:
+                    continue
+                ok = m[f"{metric}_a"].notna() & m[f"{metric}_b"].notna()
+                if not ok.any():
+                    continue
+                d = paired_difference(np.zeros(int(ok.sum())), m.loc[ok, f"{metric}_a"].to_numpy(float),
+                                      m.loc[ok, f"{metric}_b"].to_numpy(float), lambda t, q: float(q.mean()), n_boot,
+                                      seed, m.loc[ok, "unit_a"].to_numpy())
+                out.append({"backbone": a["backbone"], "comparison": f"double − {b['strategy']}",
+                            "metric": {"corrupted": "accuracy over all 15 corrupted sets",
+                                       "cross_variant": "cross-variant accuracy"}[metric],
+                            "gain": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
+                            "ci_excludes_0": "yes" if d["ci_low"] > 0 or d["ci_high"] < 0 else "no",
+                            "items": int(ok.sum())})
+    return pd.DataFrame(out, columns=["backbone", "comparison", "metric", "gain", "ci_low", "ci_high",
+                                      "ci_excludes_0", "items"])
+
+
+def figure(rows: list[dict]):
+    """Accuracy per corruption (mean over its 3 severities) and clean, one group of bars per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = ["clean", *KINDS]
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(sets) * max(1, len(rows)) / 2.5), 4.2))
+    width = 0.8 / max(len(rows), 1)
+    for j, s in enumerate(rows):
+        acc = {k: np.mean([r["accuracy"] for r in s["rows"] if r.get("kind") == k and "accuracy" in r] or [np.nan])
+               for k in sets}
+        ax.bar(np.arange(len(sets)) + (j - (len(rows) - 1) / 2) * width, [acc[k] for k in sets], width,
+               label=f"{s['backbone']} ({s['strategy']}, mask {s['masked']})")
+    ax.set_xticks(range(len(sets)), ["clean", *(LABELS[k] for k in KINDS)], rotation=15, ha="right", fontsize=8)
+    ax.set(ylim=(0, 1), ylabel="test accuracy (mean over 3 severities)", title="Accuracy under corruption per model")
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def section(tracking: Tracking, data_digest: str | None = None, n_boot: int = 1000) -> tuple[list[str], dict]:
+    """Markdown lines and PNG figures of the explain section; empty without explain runs."""
+    from dtl.report import _md, _png
+
+    rows = collect(tracking, data_digest)
+    if not rows:
+        return [], {}
+    classes = sorted({c for s in rows for c in s["items"]["label"].unique()})
+    gains = strategy_gains(rows, classes, n_boot)
+    best = max(rows, key=lambda s: s["mean_relative"].get("mean", -1))
+    flagged = [s["label"] for s in rows if s["flagged"]]
+    lines = ["## Explain and stress", "",
+             "From `dtl explain` runs (per model: `explain/<model>/robustness.md` beside this report). Δ = set − "
+             "reference on the same items with 95% paired bootstrap CIs; relative accuracy = corrupted / clean on the "
+             "same items (ImageNet-C style); ECE with 15 bins, T fitted on val only.", "",
+             f"Most robust to corruption by mean relative accuracy: {best['label']} ({best['backbone']}, "
+             f"{best['strategy']}: {best['mean_relative'].get('mean', float('nan')):.3f}). "
+             + (f"Flagged for CAM mass on the annotation box: {', '.join(flagged)}." if flagged else
+                "No model puts more CAM mass on the annotation box than the threshold."), "",
+             _md(table(rows)), "Double transfer against the other strategies on the same items:", "",
+             _md(gains) if not gains.empty else "_(no backbone has both strategies explained)_\n",
+             "![explain_robustness.png](explain_robustness.png)", ""]
+    return lines, {"explain_robustness.png": _png(figure(rows))}

@@ -1,0 +1,273 @@
+"""dtl explain: Grad-CAM target layers and maps, the shortcut score on a painted-corner shortcut,
+deterministic severity-monotone corruptions, temperature scaling, the stored temperature in the
+served model, and (slow) the job end to end on the demo with the report section."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dtl import calibration, explain, robustness
+from dtl.data.mask import ARIA_BOX
+from dtl.data.transforms import InputSpec, eval_transform
+from dtl.metrics import expected_calibration_error
+from dtl.models import DTLNet, ModelSpec
+
+LAYERS = [("resnet50", "backbone.layer4"), ("efficientnet_b3", "backbone.bn2"), ("inception_v3", "backbone.Mixed_7c"),
+          ("test_resnet", "backbone.layer4"), ("test_efficientnet", "backbone.bn2"),
+          ("test_convnext", "backbone.stages.3")]
+
+
+@pytest.mark.parametrize("backbone, layer", LAYERS)
+def test_target_layer_resolution_per_backbone_built_without_weights(backbone, layer):
+    net = DTLNet(ModelSpec(backbone, ("a", "b", "c")), pretrained=False)
+    name, module = explain.target_layer(net)
+    assert name == layer and module is net.get_submodule(layer)
+
+
+def _check_cams(backbone):
+    torch.manual_seed(0)
+    net = DTLNet(ModelSpec(backbone, ("a", "b", "c")), pretrained=False).eval()
+    cams = explain.grad_cams(net, torch.randn(2, 3, 96, 96), [0, 2])
+    assert cams.shape == (2, 96, 96) and cams.dtype == np.float32
+    assert cams.min() >= 0 and cams.max() <= 1 + 1e-6
+    for m in cams:  # scaled to [0, 1] per image (or all zero when ReLU leaves nothing)
+        assert m.max() == pytest.approx(1.0, abs=1e-5) or m.max() == 0
+    assert all(p.grad is None for p in net.parameters())  # no gradients left behind
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet", "test_convnext"])
+def test_cam_shape_and_normalisation_tiny_backbones(backbone):
+    _check_cams(backbone)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["resnet50", "efficientnet_b3", "inception_v3"])
+def test_cam_shape_and_normalisation_real_backbones(backbone):
+    _check_cams(backbone)
+
+
+def test_region_maps_and_mass_shares_against_uniform_and_concentrated_maps():
+    spec = InputSpec(96, 110, (0.5,) * 3, (0.5,) * 3)
+    regions = explain.region_maps(spec)
+    ann, corners = regions["annotation"], regions["corners"]
+    # the box of a 110-px cache image (16 x 22 px) minus the 7-px crop at the bottom and right
+    assert ann.shape == (96, 96) and ann.sum() == (16 - 7) * (22 - 7) and ann[-1, -1] and not ann[0, -1]
+    assert corners.sum() == 4 * ann.sum() and corners[0, 0] and corners[-1, 0] and corners[0, -1]
+    fg = np.zeros((2, 96, 96), bool)
+    fg[:, 30:60, 30:60] = True
+    cams = np.stack([np.ones((96, 96)), ann.astype(float)])
+    s = explain.mass_shares(cams, fg, regions)
+    assert s["annotation"][0] == pytest.approx(s["annotation_area"][0])  # uniform: mass share = area share
+    assert s["foreground"][0] == pytest.approx(900 / 96 ** 2) and s["annotation"][1] == pytest.approx(1.0)
+    rows = explain.shortcut_table(s, np.array([0, 1]), ["x", "y"])
+    assert [r["flagged"] for r in rows] == [False, True, True]
+    assert rows[0]["annotation_ratio"] == pytest.approx(1.0)
+
+
+def painted(label_at: str, n: int = 96, size: int = 96, seed: int = 0):
+    """Two classes of noise images that differ ONLY in a painted square: red or blue, in the
+    annotation corner (bottom-right) or in the centre."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(60, 200, (n, size, size, 3)).astype(np.uint8)
+    y = np.arange(n) % 2
+    h, w = int(ARIA_BOX[0] * size * 1.5), int(ARIA_BOX[1] * size * 1.5)
+    rows = slice(size - h, size) if label_at == "corner" else slice((size - h) // 2, (size + h) // 2)
+    cols = slice(size - w, size) if label_at == "corner" else slice((size - w) // 2, (size + w) // 2)
+    x[y == 0, rows, cols] = (220, 30, 30)
+    x[y == 1, rows, cols] = (30, 30, 220)
+    return x, y
+
+
+def train_tiny(x: np.ndarray, y: np.ndarray, spec: InputSpec) -> DTLNet:
+    torch.manual_seed(0)
+    net = DTLNet(ModelSpec("test_resnet", ("red", "blue"))).train()
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    xt = eval_transform(torch.from_numpy(x), spec)
+    for step in range(40):
+        idx = torch.arange(step * 16, step * 16 + 16) % len(y)
+        loss = torch.nn.functional.cross_entropy(net(xt[idx]), torch.as_tensor(y)[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        assert (net(xt).argmax(1).numpy() == y).mean() == 1.0  # it learnt the painted label
+    return net
+
+
+@pytest.mark.slow  # trains two small networks (10-40 s on 2 CPU cores)
+@pytest.mark.parametrize("label_at, flagged", [("corner", True), ("centre", False)])
+def test_shortcut_score_flags_a_model_trained_on_a_label_painted_in_the_corner(label_at, flagged):
+    spec = InputSpec(96, 96, (0.5,) * 3, (0.5,) * 3)  # no crop: the painted box stays whole
+    x, y = painted(label_at)
+    net = train_tiny(x, y, spec)
+    cams = explain.grad_cams(net, eval_transform(torch.from_numpy(x), spec), y)
+    s = explain.mass_shares(cams, explain.foreground_maps(x), explain.region_maps(spec))
+    rows = explain.shortcut_table(s, y, ["red", "blue"])
+    assert rows[-1]["flagged"] is flagged, rows[-1]
+    assert any(r["flagged"] for r in rows) is flagged
+
+
+def test_corruptions_are_deterministic_and_severity_monotone():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (224, 224, 3)).astype(np.uint8)
+    img[60:160, 60:160] = (150, 60, 170)  # a stained "cell" on the noise
+    for kind in robustness.KINDS:
+        dist = []
+        for sev in robustness.SEVERITIES:
+            a = robustness.corrupt_one(img, kind, sev, seed=3, index=5)
+            assert a.shape == img.shape and a.dtype == np.uint8
+            assert np.array_equal(a, robustness.corrupt_one(img, kind, sev, seed=3, index=5)), kind
+            dist.append(np.abs(a.astype(float) - img).mean())
+        assert 0 < dist[0] < dist[1] < dist[2], (kind, dist)
+    noisy = robustness.corrupt_all([img, img], "noise", 2, seed=3)
+    assert not np.array_equal(noisy[0], noisy[1])  # each image its own seeded draw
+    with pytest.raises(ValueError, match="valid: blur"):
+        robustness.corrupt_one(img, "fog", 1)
+
+
+def test_temperature_scaling_lowers_ece_of_an_overconfident_model_and_keeps_argmax():
+    rng = np.random.default_rng(0)
+    n, k = 4000, 4
+    true_logits = rng.normal(0, 1.5, (n, k))
+    p = calibration.softmax(true_logits)  # labels drawn from these probabilities: calibrated by construction
+    y = (rng.random(n)[:, None] > p.cumsum(1)).sum(1)
+    z = 4.0 * true_logits  # the same ranking, four times too confident
+    val, test = slice(0, 2000), slice(2000, None)
+    t = calibration.fit_temperature(z[val], y[val])
+    assert 3.0 < t < 5.0  # recovers the inflation
+    before = expected_calibration_error(y[test], calibration.softmax(z[test]))
+    after = expected_calibration_error(y[test], calibration.softmax(z[test], t))
+    assert before > 0.1 and after < before / 3
+    assert (calibration.softmax(z, t).argmax(1) == z.argmax(1)).all()
+    assert calibration.nll(z[val], y[val], t) < calibration.nll(z[val], y[val])
+
+
+def test_served_probabilities_use_a_stored_temperature_and_models_without_one_serve_as_before(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from dtl.models import resolve_input_spec
+    from dtl.serving import _load_pyfunc, load_classifier
+
+    torch.manual_seed(0)
+    net = DTLNet(ModelSpec("test_resnet", ("a", "b", "c"))).eval()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "weights.safetensors"))
+    spec = resolve_input_spec("test_resnet", 64)
+    (tmp_path / "spec.json").write_text(json.dumps({"spec": net.spec.to_dict(), "input": spec.to_dict()}))
+    imgs = list(np.random.default_rng(0).integers(0, 255, (5, 80, 80, 3)).astype(np.uint8))
+    plain = load_classifier(tmp_path)
+    assert plain.temperature == 1.0
+    p1, z = plain.predict_proba(imgs), plain.logits(imgs)
+    assert np.allclose(p1, calibration.softmax(z), atol=1e-6)
+    (tmp_path / "calibration.json").write_text(json.dumps({"temperature": 2.5}))
+    scaled = _load_pyfunc(str(tmp_path))
+    p2 = scaled.predict_proba(imgs)
+    assert scaled.temperature == 2.5 and np.allclose(p2, calibration.softmax(z, 2.5), atol=1e-6)
+    assert (p2.argmax(1) == p1.argmax(1)).all() and (p2.max(1) < p1.max(1)).all()
+    raw = _load_pyfunc(str(tmp_path), {"apply_temperature": False})
+    assert np.allclose(raw.predict_proba(imgs), p1, atol=1e-6)
+    (tmp_path / "calibration.json").write_text(json.dumps({"temperature": 0}))
+    with pytest.raises(Exception, match="temperature must be > 0"):
+        load_classifier(tmp_path)
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory, cache_dir):
+    """A tiny demo `main` (test_resnet, 1 trial per phase), then `dtl explain` on its champion, as a user runs it."""
+    import os
+    import subprocess
+
+    from dtl import config, pipeline
+    from dtl.tracking import connect
+    from tests.conftest import PYTHON, demo_overrides, module_workspace
+
+    with module_workspace(tmp_path_factory.mktemp("explain")) as tmp:
+        o = demo_overrides(cache_dir, tmp, cards_dir=str(tmp / "cards"), **{"phase1.n_trials": 1, "phase2.n_trials": 1})
+        cfg = config.load(["demo"], o)
+        res = pipeline.main(cfg, report=False)
+        t = connect(cfg.tracking_uri, cfg.experiment)
+
+        def cli(*args):
+            return subprocess.run([PYTHON, "-m", "dtl", "explain", "--config", "demo", "--quiet",
+                                   *[a for x in o for a in ("-o", x)], *args], capture_output=True, text=True,
+                                  timeout=600, env={**os.environ, "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]})
+
+        p = cli()
+        assert p.returncode == 0, p.stderr[-3000:]
+        yield tmp, cfg, t, res, p.stdout, cli
+
+
+@pytest.mark.slow
+def test_explain_logs_under_the_champion_study_run_and_writes_the_report_folder(explained):
+    from dtl.tracking import find_runs
+
+    tmp, cfg, t, res, out, _ = explained
+    mv = t.client.get_model_version_by_alias("all-dtl", "champion")
+    runs = find_runs(t, "tags.`dtl.role` = 'explain'")
+    assert len(runs) == 1 and runs[0].data.tags["mlflow.parentRunId"] == mv.run_id
+    m = runs[0].data.metrics
+    for k in ("temperature", "test_ece_before", "test_ece_after", "val_ece_after", "cam_annotation_share",
+              "clean_accuracy", "cross_variant_d_accuracy_ci_low", "blur_3_relative_accuracy", "noise_1_accuracy",
+              "annotation_masked_vs_unmasked_agreement", "mean_relative_accuracy_mean"):
+        assert k in m, k
+    d = tmp / "report" / "explain" / "all-dtl-champion"
+    for f in ("robustness.md", "robustness.html", "robustness.csv", "cam_grid.png", "reliability.png", "shortcut.csv",
+              "predictions.csv", "summary.json"):
+        assert (d / f).is_file(), f
+    assert (d / "cam_grid.png").stat().st_size > 20_000 and "Cross-variant (segmented)" in out
+    md = (d / "robustness.md").read_text()
+    assert "jpeg 3" in md and "stain 2" in md and "annotation masked vs unmasked" in md and "95% paired CI" in md
+    arts = {a.path for a in t.client.list_artifacts(runs[0].info.run_id, "explain")}
+    assert "explain/cam_grid.png" in arts and "explain/summary.json" in arts
+
+
+@pytest.mark.slow
+def test_the_champion_serves_temperature_scaled_probabilities_and_its_card_says_so(explained):
+    import json
+
+    import mlflow
+
+    from dtl.tracking import find_runs
+
+    tmp, cfg, t, res, out, _ = explained
+    mv = t.client.get_model_version_by_alias("all-dtl", "champion")
+    temp = float(mv.tags["calibration.temperature"])
+    run = find_runs(t, "tags.`dtl.role` = 'explain'")[0]
+    assert temp == pytest.approx(run.data.metrics["temperature"], rel=1e-5)
+    card = next((tmp / "cards").glob("all-dtl-v*.md")).read_text()
+    assert f"softmax(logits / {temp:.3f})" in card and "apply_temperature" in card
+    img = np.random.default_rng(0).integers(0, 255, (2, 70, 70, 3)).astype(np.uint8)
+    served = mlflow.pyfunc.load_model("models:/all-dtl@champion").predict(img)
+    raw = mlflow.pyfunc.load_model("models:/all-dtl@champion", model_config={"apply_temperature": False}).predict(img)
+    logits = mlflow.pytorch.load_model("models:/all-dtl@champion")  # the nn.Module
+    assert list(served["class"]) == list(raw["class"])
+    p, q = served.filter(like="p_").to_numpy(), raw.filter(like="p_").to_numpy()
+    assert not np.allclose(p, q) and np.allclose(calibration.softmax(np.log(q), temp), p, atol=1e-4)
+    assert logits is not None and json.loads((tmp / "report" / "explain" / "all-dtl-champion" / "summary.json")
+                                             .read_text())["temperature_stored"] is True
+
+
+@pytest.mark.slow
+def test_report_has_the_explain_section(explained):
+    from dtl import report
+
+    tmp, cfg, t, res, out, _ = explained
+    d = report.build(t, tmp / "report", cfg.registered_model)
+    md = (d / "results.md").read_text()
+    assert "## Explain and stress" in md and "Most robust to corruption" in md and "ECE test before → after" in md
+    assert (d / "explain_robustness.png").stat().st_size > 5000 and "Explain and stress" in (d / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_explain_refuses_a_model_or_split_that_does_not_exist(explained):
+    *_, cli = explained
+    p = cli("--model", "models:/all-dtl@nope")
+    assert p.returncode == 2 and "does not resolve" in p.stderr and "all-dtl (aliases: champion" in p.stderr
+    p = cli("--split", "holdout")
+    assert p.returncode == 2 and "--split 'holdout' does not exist" in p.stderr and "valid: test, train, val" in p.stderr
