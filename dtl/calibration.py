@@ -16,6 +16,7 @@ from dtl.metrics import expected_calibration_error
 
 N_BINS = 15
 LOG_T_BOUNDS = (-4.0, 4.0)  # T in [0.018, 55]: wide enough for any network we train
+SANE_LOG_T = 3.0  # |log T| beyond this (T < 0.05 or > 20) means val cannot pin T down: not stored
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -44,6 +45,12 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(res.x))
 
 
+def supported(temperature: float, val_errors: int) -> bool:
+    """Whether the validation split pins ``temperature`` down: it made some errors (an error-free
+    split drives T towards 0, i.e. one-hot probabilities) and T is not near the search bound."""
+    return val_errors > 0 and abs(float(np.log(temperature))) <= SANE_LOG_T
+
+
 def reliability(y: np.ndarray, probs: np.ndarray, n_bins: int = N_BINS) -> dict:
     """Per confidence bin: mean confidence, accuracy and count (bins as in the ECE)."""
     conf = probs.max(1)
@@ -62,10 +69,10 @@ def reliability(y: np.ndarray, probs: np.ndarray, n_bins: int = N_BINS) -> dict:
 def reliability_figure(curves: dict[str, dict[str, dict]], title: str):
     """One panel per split; in each, accuracy against confidence before and after scaling, the
     diagonal of perfect calibration, and the share of images per bin as grey bars."""
-    import matplotlib
+    import matplotlib  # deferred: plotting, only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: plotting, only when a figure is drawn
 
     fig, axes = plt.subplots(1, len(curves), figsize=(4.3 * len(curves), 4.3), squeeze=False)
     for ax, (split, by) in zip(axes[0], curves.items()):

@@ -14,9 +14,10 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
-from dtl import DTLError, config, distributed, progress
+from dtl import DTLError, config
 from dtl.data import kinds
 from dtl.strategies import STRATEGIES
 
@@ -101,7 +102,7 @@ def load_config(args, extra: list[str] | tuple[str, ...] = ()) -> config.Config:
     """The one way every subcommand gets its config: the recipe, then ``-o``/``--overrides``, then the
     flags and ``extra`` (a flag given explicitly wins over an override string of the same key)."""
     return config.load([args.config], list(args.override) + args.overrides.split() + _flag_overrides(args)
-                       + list(extra))
+                       + list(extra), check_files=args.command in TRAINING_COMMANDS)
 
 
 def cmd_main(args) -> int:
@@ -229,18 +230,18 @@ def cmd_predict(args) -> int:
 
 
 def data_config(args) -> tuple[config.DataConfig, str]:
-    """``dtl data``'s data block: the recipe's block of the phase the kind belongs to (phase1 for
-    C-NMC kinds, else phase2), with the root, kind and the flags given applied; and the cache dir."""
-    ph = kinds.phase_of(args.kind)
-    extra = [f"{ph}.data.kind={args.kind}"] + ([f"{ph}.data.root={args.root}"] if args.root else [])
-    extra += [f"{ph}.data.{key}={getattr(args, attr)}" for attr, key in DATA_FLAG_KEYS.items()
-              if getattr(args, attr) is not None]
-    if args.skip_bad:
-        extra.append(f"{ph}.data.skip_bad=true")
-    if args.cache_dir:
-        extra.append(f"cache_dir={args.cache_dir}")
-    cfg = load_config(args, extra)
-    return cfg.phase(ph).data, cfg.cache_dir
+    """``dtl data``'s data block and cache dir. The recipe's block of the phase whose data is of
+    ``--kind`` (so ``--config real --kind aria`` audits exactly the real recipe's split); for a
+    kind the recipe does not use, that phase's default block (never another kind's root). The
+    flags given are applied on top and the block is validated like any config."""
+    cfg = config.load([args.config], list(args.override) + args.overrides.split(), check_files=False)
+    ph = next((p for p in ("phase1", "phase2") if cfg.phase(p).data.kind == args.kind), kinds.phase_of(args.kind))
+    dc = cfg.phase(ph).data if cfg.phase(ph).data.kind == args.kind else config.Config().phase(ph).data
+    changes = {key: getattr(args, attr) for attr, key in DATA_FLAG_KEYS.items() if getattr(args, attr) is not None}
+    dc = replace(dc, kind=args.kind, **({"root": args.root} if args.root else {}),
+                 **({"skip_bad": True} if args.skip_bad else {}), **changes)
+    config.validate_data(dc, f"{ph}.data")
+    return dc, args.cache_dir or cfg.cache_dir
 
 
 def cmd_data(args) -> int:
@@ -512,12 +513,14 @@ def _quiet_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_warnings()
+    from dtl import distributed, progress  # torch and pandas: after parsing, so `--help` stays instant
+
     if distributed.world_size() > 1 and args.command in TRAINING_COMMANDS:
         distributed.init()
         if not distributed.is_main():
-            from dtl.phases import run_phase
+            from dtl.phases import follower_job
 
-            return distributed.follow(run_phase)
+            return distributed.follow(follower_job)
     progress.QUIET = bool(getattr(args, "quiet", False))
     if not progress.live():  # MLflow's own download bars: carriage-return noise in a log
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

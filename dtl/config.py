@@ -264,16 +264,18 @@ def resolve_recipe(name: str) -> Path:
                    f"valid recipes: {', '.join(valid)}")
 
 
-def load(recipes: list[str] | tuple[str, ...] = ("demo",), overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load(recipes: list[str] | tuple[str, ...] = ("demo",), overrides: list[str] | tuple[str, ...] = (),
+         check_files: bool = True) -> Config:
     """The dataclass defaults, each recipe (following its ``include:`` list) and the overrides,
-    validated (:func:`validate`)."""
+    validated (:func:`validate`; ``check_files=False`` skips the existence of ``file:`` weights,
+    which only training reads)."""
     raw: dict = {}
     for path in [resolve_recipe(r) for r in recipes]:
         raw = _merge(raw, _read_recipe(path))
     for o in overrides:
         raw = _merge(raw, parse_override(o))
     cfg = _build(Config(), raw, "")
-    validate(cfg)
+    validate(cfg, check_files)
     return cfg
 
 
@@ -333,17 +335,17 @@ def _check_ranges(cfg: Config) -> None:
                 raise DTLError(f"{key}={flat[key]!r} is out of range; valid: {interval}")
 
 
-def _check_init(value: str, key: str) -> None:
+def _check_init(value: str, key: str, check_files: bool) -> None:
     """``imagenet``, ``scratch`` or ``file:PATH`` with an existing file (checked before anything runs)."""
     if value in ("imagenet", "scratch"):
         return
     if not value.startswith("file:"):
         raise DTLError(f"{key}={value!r} is not valid; choose {INITS}")
-    if not Path(value[5:]).is_file():
+    if check_files and not Path(value[5:]).is_file():
         raise DTLError(f"{key}={value!r}: no such weights file {value[5:]!r}")
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, check_files: bool = True) -> None:
     """Every choice, range and cross-key rule of a loaded config; the first violation is a
     DTLError naming the key and what is valid."""
     _choice(cfg.precision, PRECISIONS, "precision")
@@ -358,7 +360,7 @@ def validate(cfg: Config) -> None:
         p = cfg.phase(ph)
         _choice(p.optimizer, OPTIMIZERS, f"{ph}.optimizer")
         _choice(p.head, HEADS, f"{ph}.head")
-        _check_init(p.init, f"{ph}.init")
+        _check_init(p.init, f"{ph}.init", check_files)
         if not p.monitor.startswith("val_"):
             raise DTLError(f"{ph}.monitor={p.monitor!r} must be a validation metric (val_macro_f1, val_loss, ...)")
         if p.data.val_fraction + p.data.test_fraction >= 1:

@@ -8,6 +8,7 @@ needs none. A non-finite loss stops training with :class:`NonFiniteLoss`: never 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -15,8 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dtl import DTLError
 from dtl.config import AugmentConfig
 from dtl.data.transforms import InputSpec, eval_transform, train_transform
+from dtl.metrics import point_metrics
 
 
 class NonFiniteLoss(RuntimeError):
@@ -43,16 +46,12 @@ class Precision:
 
 
 def resolve_device(name: str) -> torch.device:
-    import os
-
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
         name = f"cuda:{os.environ['LOCAL_RANK']}"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from dtl import DTLError
-
         raise DTLError(f"device={name!r} but CUDA is not available here; use device=cpu or auto")
     return dev
 
@@ -156,8 +155,6 @@ def predict(model, loader, precision: Precision, spec: InputSpec, tta: bool = Fa
 def evaluate(model, loader, precision: Precision, spec: InputSpec, split: str = "val",
              channels_last: bool = False, tta: bool = False) -> dict:
     """Loss, accuracy and macro-F1 of a split, plus the raw probabilities for later use."""
-    from dtl.metrics import point_metrics
-
     probs, y = predict(model, loader, precision, spec, tta=tta, channels_last=channels_last)
     loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y)))
     m = point_metrics(y, probs)

@@ -134,11 +134,11 @@ def cam_grid_figure(inputs_u8: np.ndarray, cams: np.ndarray, y: np.ndarray, prob
     """Rows = true classes; the first ``n`` columns correct, the last ``n`` wrong predictions; each
     tile the model's input with its Grad-CAM overlaid, titled true → predicted (probability); the
     annotation box outlined where ``box`` is given; one colour bar for the CAM scale."""
-    import matplotlib
+    import matplotlib  # deferred: plotting, only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+    import matplotlib.pyplot as plt  # deferred: plotting, only when a figure is drawn
+    from matplotlib.patches import Rectangle  # deferred: plotting, only when a figure is drawn
 
     k = len(classes)
     fig, axes = plt.subplots(k, 2 * n, figsize=(1.75 * 2 * n + 1.2, 1.95 * k + 0.9), squeeze=False)

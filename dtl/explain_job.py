@@ -16,18 +16,24 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
+import yaml
 
 from dtl import DTLError, calibration, explain, robustness
 from dtl.config import Config
 from dtl.data.cache import resize_rgb
 from dtl.data.mask import annotation_mask, apply_mask
+from dtl.data.transforms import InputSpec
 from dtl.engine import resolve_device
 from dtl.metrics import expected_calibration_error
+from dtl.models import model_from_checkpoint
 from dtl.phases import bootstrap_units, dataset
+from dtl.registry import load_policy, model_artifacts, phase1_source, write_card
 from dtl.serving import CALIBRATION_FILE, ImageClassifier, load_classifier
 from dtl.stats import bootstrap_ci
+from dtl.tables import markdown_table
 from dtl.tracking import Run, Tracking, redact, start_run
 
 
@@ -46,10 +52,6 @@ class Target:
 
 def resolve_target(tracking: Tracking, cfg: Config, source: str) -> Target:
     """A ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` URI or a study run id."""
-    import mlflow
-
-    from dtl.registry import model_artifacts
-
     client, device = tracking.client, str(resolve_device(cfg.device))
     if not source.startswith("models:/"):
         return _study_target(tracking, cfg, source)
@@ -81,10 +83,6 @@ def _model_version(client, source: str):
 
 
 def _study_target(tracking: Tracking, cfg: Config, run_id: str) -> Target:
-    from dtl.data.transforms import InputSpec
-    from dtl.models import model_from_checkpoint
-    from dtl.pipeline import phase1_source
-
     try:
         tags = tracking.client.get_run(run_id).data.tags
     except Exception:  # noqa: BLE001 - not a run id of this store
@@ -113,6 +111,12 @@ def check_data(target: Target, ds, split: str) -> None:
     splits = sorted(ds.manifest["split"].unique())
     if split not in splits:
         raise DTLError(f"--split {split!r} does not exist in {ds.kind} at {ds.root}; valid: {', '.join(splits)}")
+    if "val" not in splits:
+        raise DTLError(f"{ds.kind} at {ds.root} has no validation split: the temperature is fitted on val "
+                       "(set data.val_fraction > 0, or val_dir for pre-split data)")
+    if split == "val":
+        raise DTLError("--split val: the temperature is fitted on val, so its calibration there would be in-sample; "
+                       f"explain a held-out split ({', '.join(x for x in splits if x not in ('train', 'val'))})")
 
 
 def probs_of(clf: ImageClassifier, images: list[np.ndarray]) -> np.ndarray:
@@ -179,7 +183,7 @@ def calibrate(cfg: Config, y_val: np.ndarray, z_val: np.ndarray, y: np.ndarray, 
     """Temperature fitted on the validation logits only; ECE (with a bootstrap CI on ``split``)
     and reliability curves before and after, on val and on ``split``."""
     t = calibration.fit_temperature(z_val, y_val)
-    out = {"temperature": t, "curves": {}}
+    out = {"temperature": t, "curves": {}, "val_errors": int((z_val.argmax(1) != y_val).sum())}
     for name, yy, zz in (("val", y_val, z_val), (split, y, z)):
         before, after = calibration.softmax(zz), calibration.softmax(zz, t)
         out["curves"][name] = {"before": calibration.reliability(yy, before),
@@ -271,20 +275,19 @@ def summary_text(s: dict) -> list[str]:
     lines.append(f"- Calibration: temperature T={c['temperature']:.3f} fitted on val; ECE val {c['val_ece_before']:.4f} → "
                  f"{c['val_ece_after']:.4f}, {sp} {c[f'{sp}_ece_before']:.4f} → {c[f'{sp}_ece_after']:.4f} "
                  f"(95% CI after {c[f'{sp}_ece_after_ci_low']:.4f}–{c[f'{sp}_ece_after_ci_high']:.4f}); predicted "
-                 f"classes unchanged: {c[f'{sp}_argmax_unchanged']}. Stored with the model: {s['temperature_stored']}.")
+                 f"classes unchanged: {c[f'{sp}_argmax_unchanged']}. Stored with the model: {s['temperature_stored']}"
+                 + (f" ({s['temperature_not_stored']})." if s.get("temperature_not_stored") else "."))
     return lines
 
 
 def write_pages(out: Path, s: dict, frame: pd.DataFrame, shortcut: pd.DataFrame) -> None:
     """robustness.md / robustness.html / robustness.csv and shortcut.csv in ``out``."""
-    from dtl.report import _md
-
     head = (f"# Explain and stress: {s['label']} ({s['backbone']}, {s['strategy']}, {s['phase']}, annotation mask "
             f"{s['masked']})\n\n{s['data']}; split `{s['split']}` (n={s['n']}); 95% CIs are bootstrap intervals "
             f"resampling {s['ci_unit']}s ({s['bootstrap']} resamples), Δ = set − reference on the same items.\n")
-    body = ["", *summary_text(s), "", "## Robustness", "", _md(frame), "## Grad-CAM shortcut score", "",
+    body = ["", *summary_text(s), "", "## Robustness", "", markdown_table(frame), "## Grad-CAM shortcut score", "",
             f"Share of Grad-CAM mass per true class (the `_area` columns: share of the pixels); flagged when the "
-            f"annotation mass share exceeds {s['threshold']:g}× its area share (`annotation_ratio`).", "", _md(shortcut), "## Figures", "",
+            f"annotation mass share exceeds {s['threshold']:g}× its area share (`annotation_ratio`).", "", markdown_table(shortcut), "## Figures", "",
             "![CAM grid](cam_grid.png)", "", "![reliability](reliability.png)", "", "## Command", "", "```",
             s["command"], "```", ""]
     (out / "robustness.md").write_text(head + "\n".join(body))
@@ -300,15 +303,21 @@ def write_pages(out: Path, s: dict, frame: pd.DataFrame, shortcut: pd.DataFrame)
         + "<img src='cam_grid.png'/><img src='reliability.png'/></body></html>")
 
 
-def store_temperature(tracking: Tracking, cfg: Config, target: Target, calib: dict, split: str) -> bool:
+def store_temperature(tracking: Tracking, cfg: Config, target: Target, calib: dict, split: str) -> tuple[bool, str]:
     """Write ``dtl/calibration.json`` into the logged model (served probabilities then use T),
-    tag the version, and rewrite its model card when it has one. Only for registered versions:
-    ``explain.store_temperature`` on, or auto and the version is the champion."""
+    tag the version, and rewrite its model card when it has one; returns (stored, why not). Only
+    for registered versions (``explain.store_temperature`` on, or auto and the version is the
+    champion) whose logged code applies a stored temperature, and only for a T the validation
+    split can support."""
     mode, mv = cfg.explain.store_temperature, target.version
     if mv is None or target.model_id is None or mode == "off" or (mode == "auto" and "champion" not in mv.aliases):
-        return False
-    from dtl.registry import load_policy, write_card
-
+        return False, "not a registered champion (explain.store_temperature=auto)" if mode == "auto" else f"mode {mode}"
+    if not _applies_temperature(tracking, target.model_id):
+        return False, ("the logged model predates temperature support (its bundled code would ignore T): log it "
+                       "again (retrain, or rerun `dtl main`) to serve scaled probabilities")
+    if not calibration.supported(calib["temperature"], calib["val_errors"]):
+        return False, (f"T={calib['temperature']:.3g} fitted on {calib['val_errors']} validation errors is not "
+                       "supported by the data (near the search bound, or val is error-free)")
     doc = {"temperature": calib["temperature"], "fitted_on": "val", "val_ece_before": calib["val_ece_before"],
            "val_ece_after": calib["val_ece_after"], f"{split}_ece_before": calib[f"{split}_ece_before"],
            f"{split}_ece_after": calib[f"{split}_ece_after"]}
@@ -319,7 +328,16 @@ def store_temperature(tracking: Tracking, cfg: Config, target: Target, calib: di
     tracking.client.set_model_version_tag(mv.name, mv.version, "calibration.temperature", f"{calib['temperature']:.6g}")
     if mv.aliases:  # promoted versions have a card: it must say that the served probabilities are scaled
         write_card(tracking, mv.name, mv.version, load_policy(cfg.policy, mv.name), Path(cfg.cards_dir))
-    return True
+    return True, ""
+
+
+def _applies_temperature(tracking: Tracking, model_id: str) -> bool:
+    """Whether a logged model's pyfunc was saved by code that applies a stored temperature: its
+    MLmodel then lists ``apply_temperature`` in the pyfunc model_config (MLflow loads the model's
+    bundled copy of dtl, so an older model ignores a calibration file)."""
+    loc = tracking.client.get_logged_model(model_id).artifact_location
+    mlmodel = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{loc}/MLmodel")).read_text())
+    return "apply_temperature" in (mlmodel.get("flavors", {}).get("python_function", {}).get("model_config") or {})
 
 
 def log_results(run: Run, s: dict, out: Path) -> None:
@@ -365,15 +383,16 @@ def run_explain(cfg: Config, tracking: Tracking, source: str, split: str, out_ro
                                                       ds.split(split)["path"], **preds)
     items.to_csv(out / "predictions.csv", index=False)
     per_image.to_csv(out / "cam_shares.csv", index=False)
-    stored = store_temperature(tracking, cfg, target, calib, split)
+    stored, why_not = store_temperature(tracking, cfg, target, calib, split)
     s = {"label": target.label, "backbone": clf.net.spec.backbone, "strategy": t.get("strategy", ""),
+         "classes": list(clf.classes),
          "phase": target.phase, "masked": t.get("annotation_mask", "off"), "split_protocol": t.get("split_protocol"),
          "split": split, "n": len(raw), "ci_unit": unit, "bootstrap": cfg.bootstrap, "rows": rows,
          "data": f"{ds.kind} data at {ds.root} ({ds.protocol} split, digest {ds.digest[:12]})",
          "mean_relative": robustness.mean_relative(rows), "shortcut": shortcut, "shortcut_all": shortcut[-1],
          "flagged": any(r["flagged"] for r in shortcut), "threshold": cfg.explain.annotation_threshold,
          "cam_layer": layer, "calibration": {k: v for k, v in calib.items() if k != "curves"},
-         "temperature_stored": stored, "command": command, "model_run": target.run_id,
+         "temperature_stored": stored, "temperature_not_stored": why_not, "command": command, "model_run": target.run_id,
          "version": f"{target.version.name}/{target.version.version}" if target.version else "",
          "corruption_note": (f"; on a seeded subsample of {cfg.explain.corruption_images} images"
                              if 0 < cfg.explain.corruption_images < len(raw) else "")}
@@ -390,7 +409,7 @@ def run_explain(cfg: Config, tracking: Tracking, source: str, split: str, out_ro
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: plotting, only when a figure is drawn
 
     fig.savefig(path, dpi=110)
     plt.close(fig)

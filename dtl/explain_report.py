@@ -3,11 +3,13 @@ one row per explained model, paired strategy comparisons on the same test items,
 
 from __future__ import annotations
 
+import mlflow
 import numpy as np
 import pandas as pd
 
 from dtl.robustness import KINDS, LABELS
 from dtl.stats import paired_difference
+from dtl.tables import markdown_table, png_bytes
 from dtl.tracking import Tracking, find_runs
 
 CORRUPTED = tuple(f"{k}{s}" for k in KINDS for s in (1, 2, 3))
@@ -15,8 +17,6 @@ CORRUPTED = tuple(f"{k}{s}" for k in KINDS for s in (1, 2, 3))
 
 def collect(tracking: Tracking, data_digest: str | None = None) -> list[dict]:
     """The latest finished explain run per (model, split): its summary and per-item predictions."""
-    import mlflow
-
     flt = "tags.`dtl.role` = 'explain' and attributes.status = 'FINISHED'"
     if data_digest:
         flt += f" and tags.data_digest = '{data_digest}'"
@@ -49,7 +49,7 @@ def table(rows: list[dict]) -> pd.DataFrame:
         by = {r["kind"]: r for r in s["rows"] if r.get("severity", 0) == 0 and "accuracy" in r}
         mr, c, sp = s["mean_relative"], s["calibration"], s["split"]
         worst = min((k for k in mr if k != "mean"), key=mr.get) if mr else ""
-        out.append({"model": s["label"], "backbone": s["backbone"], "strategy": s["strategy"], "masked": s["masked"],
+        out.append({"model": s["label"], "version": s.get("version") or "(study run)", "backbone": s["backbone"], "strategy": s["strategy"], "masked": s["masked"],
                     "split": sp, "n": s["n"], "clean accuracy": f"{by['clean']['accuracy']:.4f}",
                     "cross-variant Δacc [95% CI]": _cell(by.get("cross-variant"), "d_accuracy"),
                     "corruptions: mean relative acc": f"{mr.get('mean', float('nan')):.3f}",
@@ -78,18 +78,24 @@ def _item_scores(items: pd.DataFrame, classes_index: dict) -> pd.DataFrame:
     return out
 
 
-def strategy_gains(rows: list[dict], classes: list[str], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Double transfer − each other strategy of the same backbone (same masking and split), on the
-    same items: mean accuracy over all corrupted sets, and cross-variant accuracy, with paired
-    bootstrap CIs over the items' bootstrap units."""
-    index = {c: i for i, c in enumerate(classes)}
+def _classes(s: dict) -> dict:
+    """Class name -> index as the row's model predicts them (its own class list, in its order)."""
+    names = s.get("classes") or sorted(s["items"]["label"].unique())  # older summaries: the sorted labels
+    return {c: i for i, c in enumerate(names)}
+
+
+def strategy_gains(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Double transfer − each other strategy of the same backbone (same phase, data, masking and
+    split), on the same items: mean accuracy over all corrupted sets, and cross-variant accuracy,
+    with paired bootstrap CIs over the items' bootstrap units."""
     out = []
     for a in rows:
         for b in rows:
-            same = all(a[k] == b[k] for k in ("backbone", "masked", "split"))
+            same = all(a.get(k) == b.get(k) for k in ("backbone", "phase", "data", "masked", "split"))
             if not (same and a["strategy"] == "double" and b["strategy"] != "double"):
                 continue
-            m = _item_scores(a["items"], index).merge(_item_scores(b["items"], index), on="path", suffixes=("_a", "_b"))
+            m = _item_scores(a["items"], _classes(a)).merge(_item_scores(b["items"], _classes(b)), on="path",
+                                                            suffixes=("_a", "_b"))
             for metric in ("corrupted", "cross_variant"):
                 if f"{metric}_a" not in m:
                     continue
@@ -111,10 +117,10 @@ def strategy_gains(rows: list[dict], classes: list[str], n_boot: int = 1000, see
 
 def figure(rows: list[dict]):
     """Accuracy per corruption (mean over its 3 severities) and clean, one group of bars per model."""
-    import matplotlib
+    import matplotlib  # deferred: plotting, only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: plotting, only when a figure is drawn
 
     sets = ["clean", *KINDS]
     fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(sets) * max(1, len(rows)) / 2.5), 4.2))
@@ -133,13 +139,10 @@ def figure(rows: list[dict]):
 
 def section(tracking: Tracking, data_digest: str | None = None, n_boot: int = 1000) -> tuple[list[str], dict]:
     """Markdown lines and PNG figures of the explain section; empty without explain runs."""
-    from dtl.report import _md, _png
-
     rows = collect(tracking, data_digest)
     if not rows:
         return [], {}
-    classes = sorted({c for s in rows for c in s["items"]["label"].unique()})
-    gains = strategy_gains(rows, classes, n_boot)
+    gains = strategy_gains(rows, n_boot)
     best = max(rows, key=lambda s: s["mean_relative"].get("mean", -1))
     flagged = [s["label"] for s in rows if s["flagged"]]
     lines = ["## Explain and stress", "",
@@ -150,7 +153,7 @@ def section(tracking: Tracking, data_digest: str | None = None, n_boot: int = 10
              f"{best['strategy']}: {best['mean_relative'].get('mean', float('nan')):.3f}). "
              + (f"Flagged for CAM mass on the annotation box: {', '.join(flagged)}." if flagged else
                 "No model puts more CAM mass on the annotation box than the threshold."), "",
-             _md(table(rows)), "Double transfer against the other strategies on the same items:", "",
-             _md(gains) if not gains.empty else "_(no backbone has both strategies explained)_\n",
+             markdown_table(table(rows)), "Double transfer against the other strategies on the same items:", "",
+             markdown_table(gains) if not gains.empty else "_(no backbone has both strategies explained)_\n",
              "![explain_robustness.png](explain_robustness.png)", ""]
-    return lines, {"explain_robustness.png": _png(figure(rows))}
+    return lines, {"explain_robustness.png": png_bytes(figure(rows))}

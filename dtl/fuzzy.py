@@ -184,7 +184,7 @@ def selective_accuracy(correct: np.ndarray, confidence: np.ndarray, coverage: fl
 def abstention_metrics(correct: np.ndarray, confidence: np.ndarray, prefix: str) -> dict[str, float]:
     """AUROC of the signal for detecting errors (low confidence = error), area under the
     risk-coverage curve, and selective accuracy at 90/80/50% coverage."""
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # deferred: scikit-learn, only for these metrics
 
     correct = np.asarray(correct, dtype=bool)
     cov, risk = risk_coverage(correct, confidence)
@@ -204,7 +204,7 @@ def control_system(fs: FuzzySystem, margin: float = 4.0, points: int = 801):
     Inputs are fuzzified on a sampled universe (``points`` over the centres ± ``margin``
     sigmas) and skfuzzy refines the output universe at the clipping points, so its outputs
     match :meth:`FuzzySystem.infer` up to discretisation."""
-    from skfuzzy import control as ctrl
+    from skfuzzy import control as ctrl  # deferred: scikit-fuzzy, only for the fuzzy head
 
     lo = (fs.centres - margin * fs.sigmas).min(0)
     hi = (fs.centres + margin * fs.sigmas).max(0)

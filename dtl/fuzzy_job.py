@@ -14,17 +14,23 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import optuna
+import yaml
+from mlflow.models import Model
 
-from dtl import DTLError, fuzzy
-from dtl.config import Config, flatten
+from dtl import DTLError, fuzzy, fuzzy_serving
+from dtl.config import EXPERIMENTS_DIR, Config, flatten
 from dtl.data.cache import BatchLoader, decode, split_array
 from dtl.data.transforms import InputSpec, eval_transform
 from dtl.engine import resolve_device
+from dtl.fuzzy_report import risk_coverage_figure, verdict
 from dtl.fuzzy_serving import features_and_probs
 from dtl.metrics import accuracy_macro_f1, point_metrics
+from dtl.models import model_from_checkpoint
 from dtl.phases import dataset, loader
+from dtl.registry import model_artifacts, phase1_source, register
 from dtl.robustness import gaussian_blur, jpeg, other_variant
 from dtl.serving import ImageClassifier, load_classifier
 from dtl.stats import paired_difference
@@ -48,12 +54,6 @@ class Source:
 
 def resolve_source(tracking: Tracking, cfg: Config, source: str) -> Source:
     """A phase-2 study run id (its best checkpoint) or a registered/logged ``models:/`` URI."""
-    import mlflow
-
-    from dtl.models import model_from_checkpoint
-    from dtl.pipeline import phase1_source
-    from dtl.registry import model_artifacts
-
     device = resolve_device(cfg.device)
     seg = cfg.phase2.data.hsv_segment
     if source.startswith("models:/"):
@@ -160,10 +160,6 @@ def flat_metrics(results: dict) -> dict[str, float]:
 def search_space(cfg: Config) -> dict:
     """The ``fuzzy`` block of the recipe's search-space file (the project's default file when
     that one has none), checked against the system's hyperparameters."""
-    import yaml
-
-    from dtl.config import EXPERIMENTS_DIR
-
     path = Path(cfg.tune.search_space)
     if not path.is_absolute() and not path.exists():
         path = EXPERIMENTS_DIR / path
@@ -262,8 +258,6 @@ def evaluate_sets(cfg: Config, ds, clf: ImageClassifier, fs: fuzzy.FuzzySystem, 
 def model_card(name: str, backbone: str, src: Source, params: dict, results: dict, ds, coverage: float,
                floor: float) -> str:
     """What the registered fuzzy model is, in plain words, with its test comparison."""
-    from dtl.fuzzy_report import verdict
-
     t = results["test"]
     d = t["diff"]["macro_f1"]
     return f"""# {name}: fuzzy Mamdani head on {backbone} (research use only, NOT for diagnosis)
@@ -295,12 +289,6 @@ only as good as the features of the network below it.
 
 def _finish(cfg: Config, tracking: Tracking, run: Run, src: Source, ds, best, data: dict, device) -> dict:
     """Refit the best system, evaluate it once against softmax, log and register the model."""
-    from mlflow.models import Model
-
-    from dtl import fuzzy_serving
-    from dtl.fuzzy_report import risk_coverage_figure
-    from dtl.registry import register
-
     clf, backbone = src.classifier, src.classifier.net.spec.backbone
     fs = fuzzy.fit(*data["train"], ds.classes, seed=cfg.seed, **best.params)
     coverage = float((fs.infer(data["train"][0])[1] >= fs.cover_floor * (1 - 1e-9)).mean())

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import mlflow
+import pandas as pd
+
+from dtl.tables import markdown_table, png_bytes
 from dtl.tracking import Tracking, find_runs
 
 SET_NAMES = {"test": "test (in-distribution)", "segmented": "cross-variant (Segmented)",
@@ -19,10 +23,10 @@ def verdict(d: dict) -> str:
 
 def risk_coverage_figure(results: dict, title: str, axes=None):
     """Risk-coverage curves, fuzzy firing strength vs softmax max-probability, one panel per set."""
-    import matplotlib
+    import matplotlib  # deferred: plotting, only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: plotting, only when a figure is drawn
 
     sets = list(results)
     if axes is None:
@@ -43,8 +47,6 @@ def risk_coverage_figure(results: dict, title: str, axes=None):
 
 def collect(tracking: Tracking, data_digest: str | None = None) -> list[dict]:
     """The latest finished fuzzy study per (backbone, strategy, data) with its comparison."""
-    import mlflow
-
     flt = "tags.`dtl.role` = 'fuzzy-study' and attributes.status = 'FINISHED'"
     if data_digest:
         flt += f" and tags.data_digest = '{data_digest}'"
@@ -83,10 +85,7 @@ def table(rows: list[dict]) -> list[dict]:
 
 def section(tracking: Tracking, data_digest: str | None = None) -> tuple[list[str], dict]:
     """Markdown lines and PNG figures of the fuzzy-vs-softmax section; empty without fuzzy runs."""
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    from dtl.report import _md, _png
+    import matplotlib.pyplot as plt  # deferred: plotting, only when a figure is drawn
 
     rows = collect(tracking, data_digest)
     if not rows:
@@ -111,10 +110,10 @@ def section(tracking: Tracking, data_digest: str | None = None) -> tuple[list[st
              "on the same test items. Differences are fuzzy − softmax with paired bootstrap 95% CIs; the "
              "abstention signal of the fuzzy head is its firing strength, of softmax its maximum probability "
              "(AUROC for detecting errors: higher is better). The fuzzy head's probabilities are its normalised "
-             "crisp outputs, not calibrated probabilities: its ECE is expected to be high.", "", summary, "", _md(df),
+             "crisp outputs, not calibrated probabilities: its ECE is expected to be high.", "", summary, "", markdown_table(df),
              "Best fuzzy hyperparameters: " + "; ".join(
                  f"{r['backbone']}: {', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in r['params'].items())} "
                  f"(val macro-F1 {r['best_value']:.4f}, registered {r['registered']})" for r in rows), "",
              "![fuzzy_risk_coverage.png](fuzzy_risk_coverage.png)", ""]
-    return lines, {"fuzzy_risk_coverage.png": _png(fig)}
+    return lines, {"fuzzy_risk_coverage.png": png_bytes(fig)}
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from safetensors.torch import save_file
 
 from dtl.fuzzy import FuzzySystem
 from dtl.serving import (
@@ -71,11 +73,8 @@ def _load_pyfunc(path: str, model_config: dict | None = None) -> FuzzyImageClass
 def save_model(path, net, meta: dict, system: FuzzySystem, example_image: np.ndarray, card: str,
                mlflow_model=None, **_ignored):
     """Write the pyfunc model to ``path`` (called by ``mlflow.models.Model.log``)."""
-    from importlib.metadata import version
-
-    import mlflow.pyfunc
-    from mlflow.types.schema import ColSpec, Schema
-    from safetensors.torch import save_file
+    import mlflow.pyfunc  # deferred: logging code; pulls SciPy into serving
+    from mlflow.types.schema import ColSpec, Schema  # deferred: as above
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / DATA_DIR

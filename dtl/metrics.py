@@ -34,7 +34,7 @@ def _binary_auc(pos: np.ndarray, score: np.ndarray) -> float:
     n_neg = len(pos) - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # deferred: SciPy, only for this statistic
 
     ranks = rankdata(score)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
@@ -107,10 +107,10 @@ def confusion(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
 
 def confusion_figure(cm: dict, title: str, ax=None):
     """Counts with row-normalised shading; returns the matplotlib figure."""
-    import matplotlib
+    import matplotlib  # deferred: plotting, only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: plotting, only when a figure is drawn
 
     fig = None
     if ax is None:

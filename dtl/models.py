@@ -9,13 +9,17 @@ and anything missing or unexpected outside the head is an error that names the k
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import huggingface_hub.constants as hf
 import timm
 import torch
+from safetensors.torch import load_file
 from timm.models import group_parameters
+from timm.models.inception_v3 import InceptionAux
 from torch import nn
 
 from dtl import DTLError
@@ -110,7 +114,6 @@ class DTLNet(nn.Module):
             if not hasattr(self.backbone, "forward_preaux"):
                 raise DTLError(f"aux_weight > 0 needs a backbone with auxiliary logits (inception_v3), "
                                f"not {spec.backbone}")
-            from timm.models.inception_v3 import InceptionAux
 
             self.aux_head = InceptionAux(768, n)
 
@@ -186,8 +189,6 @@ def build_model(spec: ModelSpec, init: str = "scratch") -> DTLNet:
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    import socket
-
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True
@@ -198,8 +199,6 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 def _imagenet(spec: ModelSpec) -> DTLNet:
     """ImageNet weights from timm's hub: the local hub cache first, then the network; offline
     this fails at once (no retries against an unreachable host) with what to do instead."""
-    import huggingface_hub.constants as hf
-
     hint = (f"Use init=file:/path/to/{spec.backbone}.safetensors (timm weights downloaded elsewhere) "
             "or init=scratch.")
     saved = hf.HF_HUB_OFFLINE
@@ -236,8 +235,6 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise DTLError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -102,8 +102,17 @@ def init_digest(source: str | Path) -> str:
     return text
 
 
+# Config blocks that do not change what training computes (reporting, registration, later jobs):
+# editing them between a kill and the rerun must not throw the interrupted run's last.pt away.
+NOT_TRAINING = ("name", "description", "experiment", "tracking_uri", "registered_model", "register_strategy",
+                "policy", "cards_dir", "report_dir", "final", "fuzzy", "explain")
+
+
 def _same_run(saved: dict, meta: dict) -> bool:
-    return saved.get("config") == meta["config"] and saved.get("init_digest") == meta["init_digest"]
+    def training(c: dict | None) -> dict:
+        return {k: v for k, v in (c or {}).items() if k not in NOT_TRAINING}
+
+    return training(saved.get("config")) == training(meta["config"]) and saved.get("init_digest") == meta["init_digest"]
 
 
 def _init_model(cfg: Config, phase: str, backbone: str, classes: list[str], init_from: str | Path | None) -> DTLNet:
@@ -239,6 +248,18 @@ def run_phase(cfg: Config, phase: str, backbone: str, workdir: Path, init_from: 
             break
     return PhaseResult(phase, backbone, sign * state.best, state.best_epoch, best_path, state.history, state.skipped,
                        t.precision.name, str(t.device), t.meta["init"])
+
+
+_FOLLOWED: dict = {}
+
+
+def follower_job(**job) -> PhaseResult:
+    """A DDP follower's ``run_phase``: its data store is released when the backbone changes, as
+    rank 0's pipeline releases its own per backbone."""
+    if _FOLLOWED.get("backbone") != job["backbone"]:
+        store.current().release()
+        _FOLLOWED["backbone"] = job["backbone"]
+    return run_phase(**job)
 
 
 def _setup(cfg: Config, phase: str, backbone: str, init_from: str | Path | None, init_label: str | None) -> _Setup:

@@ -6,17 +6,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import platform
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dtl import DTLError, faults
+import torch
+
+from dtl import DTLError, faults, registry
+from dtl import report as report_mod
 from dtl.config import Config, flatten, with_phase
 from dtl.data import store
 from dtl.data.mask import mask_state as masked
+from dtl.engine import resolve_device
+from dtl.fuzzy_job import run_fuzzy
 from dtl.models import check_backbone
 from dtl.phases import dataset, evaluate_checkpoint, run_phase
+from dtl.registry import log_model, phase1_source, register
 from dtl.stats import mean_spread
 from dtl.strategies import STRATEGIES, needs_phase1
 from dtl.tracking import (
@@ -24,9 +32,9 @@ from dtl.tracking import (
     Tracking,
     base_tags,
     connect,
-    download,
     end_orphans,
     find_runs,
+    git_commit,
     log_evaluation,
     start_run,
 )
@@ -80,31 +88,6 @@ def evaluate_study(cfg: Config, study: StudyResult, tracking: Tracking, model_id
     log_evaluation(run, ev, model_id=model_id, data=(dataset(cfg, study.phase), study.phase))
     run.set_tags({"dtl.evaluated_trial": study.best_trial})
     return ev["metrics"]
-
-
-def phase1_source(source: str, cfg: Config) -> Path:
-    """A phase-1 result for phase 2: a study run id (its best checkpoint), a ``models:/`` or
-    ``runs:/`` model URI (its safetensors weights) or a local checkpoint file."""
-    if not source:
-        raise DTLError("no phase-1 source given: pass a study run id, a models:/ or runs:/ URI, or a checkpoint file")
-    p = Path(source)
-    if p.is_file():
-        return p
-    dst = Path(cfg.work_dir) / "phase1-sources" / source.replace("/", "_").replace(":", "_")
-    try:
-        if source.startswith(("models:/", "runs:/")):
-            import mlflow
-
-            from dtl.registry import model_artifacts
-
-            base = model_artifacts(mlflow.MlflowClient(), source)
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/dtl/weights.safetensors",
-                                                            dst_path=str(dst)))
-        return download(source, "checkpoint/best.pt", dst)
-    except Exception as e:
-        raise DTLError(f"cannot resolve phase-1 source {source!r} ({type(e).__name__}: {str(e)[:200]}). "
-                       "Give a phase-1 study run id, a models:/ or runs:/ URI of a logged dtl model, "
-                       "or a checkpoint file.") from None
 
 
 def latest_phase1_study(cfg: Config, tracking: Tracking, backbone: str) -> StudyResult:
@@ -203,8 +186,6 @@ def _train_repeat(cfg: Config, study: StudyResult, tracking: Tracking, seed: int
 def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, register_it: bool,
                   pipeline_run: str) -> str | None:
     """Log the model, evaluate (metrics linked to the model) and optionally register it with lineage tags."""
-    from dtl.registry import log_model, register
-
     run = Run(tracking, study.run_id)
     uri = log_model(run, study.checkpoint, cfg.phase2.data.hsv_segment)  # first: the metrics link to it
     model_id = run.client.get_run(run.id).data.tags.get("dtl.model_id")
@@ -253,9 +234,6 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
 
 
 def _main(cfg: Config, data: store.DataStore, report: bool, promote: bool) -> PipelineResult:
-    from dtl import registry
-    from dtl import report as report_mod
-
     tracking = connect(cfg.tracking_uri, cfg.experiment)
     _check_inputs(cfg, _phases(cfg))
     if cfg.register_strategy not in cfg.strategies:
@@ -280,7 +258,6 @@ def _main(cfg: Config, data: store.DataStore, report: bool, promote: bool) -> Pi
                 if v:
                     result.versions[backbone] = v
                 if strategy == "double" and cfg.fuzzy.enabled:  # the fuzzy head on this phase-2 model
-                    from dtl.fuzzy_job import run_fuzzy
 
                     run_fuzzy(cfg, tracking, s.run_id)
         if promote and result.versions:
@@ -301,14 +278,6 @@ def _main(cfg: Config, data: store.DataStore, report: bool, promote: bool) -> Pi
 
 
 def _provenance(cfg: Config, tracking: Tracking, wall: float, run_id: str) -> dict:
-    import platform
-    import sys
-
-    import torch
-
-    from dtl.engine import resolve_device
-    from dtl.tracking import git_commit
-
     dev = resolve_device(cfg.device)
     phases = _phases(cfg)
     return {
@@ -373,6 +342,9 @@ def _single_phase(cfg: Config, tracking: Tracking, data: store.DataStore, phase:
                           f"({p1.study_name}, best trial {p1.best_trial}, {p1.best_value:.4f})", flush=True)
                 src = phase1_source(src_id, cfg) if STRATEGIES[strategy].from_phase1 else None
                 s = run_phase2_strategy(cfg, tracking, root, backbone, strategy, None, src, f"phase1:{src_id}")
+                if strategy != cfg.register_strategy:
+                    print(f"note: the {strategy} model is not registered (register_strategy={cfg.register_strategy}; "
+                          f"-o register_strategy={strategy} registers it)", flush=True)
                 finish_phase2(cfg, tracking, s, register_it=strategy == cfg.register_strategy, pipeline_run=root.id)
             out[backbone] = s
     return out

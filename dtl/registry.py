@@ -8,16 +8,22 @@ tag; rerunning on the same runs creates no new versions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import yaml
+from mlflow.models import Model
 
-from dtl import DTLError
+from dtl import DTLError, serving
+from dtl.data.transforms import InputSpec
 from dtl.metrics import direction
-from dtl.tracking import Run, Tracking
+from dtl.models import model_from_checkpoint
+from dtl.tracking import Run, Tracking, download
 
 CARDS_DIR = Path("registry/cards")
 
@@ -143,21 +149,12 @@ def select(candidates: list[Candidate], policy: Policy, current: Candidate | Non
 def log_model(run: Run, checkpoint: Path, hsv_segment: bool = False) -> str:
     """Log the best checkpoint as an MLflow model (pytorch + image pyfunc) on ``run``; returns its URI.
     Idempotent: a run that already logged this checkpoint returns the same model."""
-    import hashlib
-
-    from mlflow.models import Model
-
-    from dtl import serving
-    from dtl.data.transforms import InputSpec
-    from dtl.models import model_from_checkpoint
-
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
     tags = run.client.get_run(run.id).data.tags
     if tags.get("dtl.model_checkpoint") == digest and tags.get("dtl.model_uri"):
         return tags["dtl.model_uri"]
     net, meta = model_from_checkpoint(checkpoint)
     ispec = InputSpec.from_dict(meta["input"])
-    import numpy as np
 
     example = (np.random.default_rng(0).integers(0, 255, (ispec.size, ispec.size, 3))).astype(np.uint8)
     card_meta = {"spec": net.spec.to_dict(), "input": meta["input"], "hsv_segment": hsv_segment,
@@ -334,8 +331,6 @@ def model_artifacts(client, uri: str) -> str:
 
 def _calibration(client, mv) -> dict | None:
     """``dtl/calibration.json`` of a version's logged model (the temperature `dtl explain` stored), or None."""
-    import mlflow
-
     try:
         base = model_artifacts(client, f"models:/{mv.name}/{mv.version}")
         path = mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/dtl/calibration.json")
@@ -355,8 +350,6 @@ def _probabilities_text(cal: dict | None) -> str:
 
 def _model_spec(client, mv) -> dict:
     """``dtl/spec.json`` of a version's logged model (classes, input spec, lineage)."""
-    import mlflow
-
     try:
         base = model_artifacts(client, f"models:/{mv.name}/{mv.version}")
         return json.loads(Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/dtl/spec.json")).read_text())
@@ -406,3 +399,24 @@ def _card_markdown(c: dict) -> str:
 
 {lim}
 """
+
+
+def phase1_source(source: str, cfg) -> Path:
+    """A phase-1 result for phase 2: a study run id (its best checkpoint), a ``models:/`` or
+    ``runs:/`` model URI (its safetensors weights) or a local checkpoint file."""
+    if not source:
+        raise DTLError("no phase-1 source given: pass a study run id, a models:/ or runs:/ URI, or a checkpoint file")
+    p = Path(source)
+    if p.is_file():
+        return p
+    dst = Path(cfg.work_dir) / "phase1-sources" / source.replace("/", "_").replace(":", "_")
+    try:
+        if source.startswith(("models:/", "runs:/")):
+            base = model_artifacts(mlflow.MlflowClient(), source)
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/dtl/weights.safetensors",
+                                                            dst_path=str(dst)))
+        return download(source, "checkpoint/best.pt", dst)
+    except Exception as e:
+        raise DTLError(f"cannot resolve phase-1 source {source!r} ({type(e).__name__}: {str(e)[:200]}). "
+                       "Give a phase-1 study run id, a models:/ or runs:/ URI of a logged dtl model, "
+                       "or a checkpoint file.") from None

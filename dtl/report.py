@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import re
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 
 from dtl.explain_report import section as explain_section
 from dtl.fuzzy_report import section as fuzzy_section
+from dtl.metrics import confusion_figure, point_metrics
+from dtl.stats import paired_bootstrap
+from dtl.tables import markdown_table, png_bytes
 from dtl.tracking import Tracking, find_runs, redact
 
 COLUMNS = ["backbone", "strategy", "init", "split_protocol", "masked", "phase1_val_macro_f1", "phase2_val_accuracy",
@@ -146,9 +149,6 @@ def paired_gains(pairs: list[tuple[str, dict, pd.DataFrame, pd.DataFrame]], clas
                  n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """One row per (comparison, metric): the difference a − b with a paired bootstrap CI over the
     test items both predictions tables hold (matched by path), resampling their bootstrap units."""
-    from dtl.metrics import point_metrics
-    from dtl.stats import paired_bootstrap
-
     out = []
     for what, info, pa, pb in pairs:
         m = pa.merge(pb, on="path", suffixes=("_a", "_b"))
@@ -171,8 +171,6 @@ def paired_gains(pairs: list[tuple[str, dict, pd.DataFrame, pd.DataFrame]], clas
 
 def gains(df: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     """Paired gains of the comparable rows of ``df``, from the predictions each study logged."""
-    import mlflow
-
     pairs, tables = [], {}
 
     def table(run_id):
@@ -229,31 +227,12 @@ def _pct(v) -> str:
     return f"{100 * v:.2f}%" if v is not None and v == v else "n/a"
 
 
-def _md(df: pd.DataFrame) -> str:
-    if df.empty:
-        return "_(no rows)_\n"
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "" if v != v else f"{v:.4f}"
-    return str(v).replace("|", "/") if v is not None else ""
-
-
 def figures(tracking: Tracking, df: pd.DataFrame) -> dict:
     """PNG bytes: confusion-matrix grid (test), learning curves and Optuna histories."""
-    import matplotlib
+    import matplotlib  # deferred: plotting, only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import mlflow
-
-    from dtl.metrics import confusion_figure
+    import matplotlib.pyplot as plt  # deferred: plotting, only when a figure is drawn
 
     out = {}
     if df.empty:
@@ -271,7 +250,7 @@ def figures(tracking: Tracking, df: pd.DataFrame) -> dict:
         except Exception:
             ax.set_axis_off()
     fig.tight_layout()
-    out["confusion_grid.png"] = _png(fig)
+    out["confusion_grid.png"] = png_bytes(fig)
 
     legend_rows = -(-len(df) // 3)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2 + 0.22 * legend_rows))
@@ -299,7 +278,7 @@ def figures(tracking: Tracking, df: pd.DataFrame) -> dict:
     # one legend below both panels: beside the curves it would hide them once there are many rows
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.22 * legend_rows / (4.2 + 0.22 * legend_rows) + 0.02, 1, 1))
-    out["curves.png"] = _png(fig)
+    out["curves.png"] = png_bytes(fig)
     return out
 
 
@@ -307,15 +286,6 @@ def _label(r) -> str:
     """A row's name in figures: backbone and strategy, with protocol and masking where they vary."""
     extra = [str(r[k]) for k in ("split_protocol",) if r.get(k)] + ([f"mask {r['masked']}"] if r.get("masked") else [])
     return f"{r['backbone']} ({r['strategy']})" + (", " + ", ".join(extra) if extra else "")
-
-
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_digest: str | None = None,
@@ -349,8 +319,8 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
           "numbers (`acquisition-blocks:N`, stricter), or single images (`image-level`, leaks near-duplicates "
           "across splits: optimistic). `masked` = the Aria corner annotation (its colour differs by class) "
           "blanked before training and in the served model.", "",
-          _md(shown), "## Paired gains", "", GAINS_TEXT, "", _gain_summary(gain), "", _md(gain),
-          "## Seed format", "", _md(seed), *fuzzy_md, *explain_md, "## Figures", ""]
+          markdown_table(shown), "## Paired gains", "", GAINS_TEXT, "", _gain_summary(gain), "", markdown_table(gain),
+          "## Seed format", "", markdown_table(seed), *fuzzy_md, *explain_md, "## Figures", ""]
     md += [f"![{n}]({n})" for n in figs]
     md += ["", "## Provenance", "", "```json", json.dumps(prov, indent=2, default=str), "```", ""]
     (out / "results.md").write_text("\n".join(md))
@@ -381,8 +351,6 @@ def _section_html(title: str, lines: list[str], figs: dict) -> str:
 def row_commands(tracking: Tracking, df: pd.DataFrame) -> list[dict]:
     """The job (pipeline run, command, git commit) that produced each row: the provenance that the
     study run's parent pipeline logged, where it logged one."""
-    import mlflow
-
     out: dict = {}
     for _, r in df.iterrows():
         parent = tracking.client.get_run(r["phase2_run"]).data.tags.get("mlflow.parentRunId", "")
@@ -400,8 +368,6 @@ def row_commands(tracking: Tracking, df: pd.DataFrame) -> list[dict]:
 
 def last_provenance(tracking: Tracking) -> dict:
     """The provenance that the latest finished ``main`` logged, to keep it when a report is rebuilt."""
-    import mlflow
-
     runs = find_runs(tracking, "tags.`dtl.role` = 'pipeline' and tags.`dtl.job` = 'main' and attributes.status = 'FINISHED'")
     for r in sorted(runs, key=lambda r: r.info.start_time, reverse=True):
         try:

@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from dtl.data.cache import to_rgb
+from dtl.metrics import accuracy_macro_f1
+from dtl.stats import bootstrap_ci, paired_bootstrap
 
 KINDS = ("blur", "jpeg", "brightness_contrast", "stain", "noise")
 SEVERITIES = (1, 2, 3)
@@ -143,9 +145,6 @@ def score_row(name: str, y: np.ndarray, probs: np.ndarray, ref: np.ndarray, grou
               **info) -> dict:
     """One robustness-table row: accuracy and macro-F1 with bootstrap CIs, and the paired difference
     to ``ref`` (the predictions it is compared with, on the same items) with a paired bootstrap CI."""
-    from dtl.metrics import accuracy_macro_f1
-    from dtl.stats import bootstrap_ci, paired_bootstrap
-
     point, base = accuracy_macro_f1(y, probs), accuracy_macro_f1(y, ref)
     ci = bootstrap_ci(y, probs, accuracy_macro_f1, n_boot, seed, groups)
     diff = paired_bootstrap(y, probs, ref, accuracy_macro_f1, ("accuracy", "macro_f1"), n_boot, seed, groups)

@@ -18,6 +18,7 @@ import binascii
 import importlib.metadata
 import io
 import json
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from dtl import DTLError
 from dtl.data.cache import resize_rgb, to_rgb
@@ -44,6 +46,13 @@ MAX_IMAGE_PIXELS = 40_000_000  # ~6300×6300; Pillow's own bomb check only start
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")  # decoders reachable from user input
 
 
+def truthy(value) -> bool:
+    """A model_config switch: booleans as they are; the strings false/0/no/off (any case) are False."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off", "")
+    return bool(value)
+
+
 @dataclass(frozen=True)
 class InputPolicy:
     """What :func:`image_from_value` accepts. ``allow_paths`` is off by default, so a model
@@ -57,7 +66,7 @@ class InputPolicy:
     @classmethod
     def from_config(cls, config: dict | None) -> InputPolicy:
         c = config or {}
-        return cls(bool(c.get("allow_paths", False)), int(c.get("max_image_bytes", MAX_IMAGE_BYTES)),
+        return cls(truthy(c.get("allow_paths", False)), int(c.get("max_image_bytes", MAX_IMAGE_BYTES)),
                    int(c.get("max_image_pixels", MAX_IMAGE_PIXELS)))
 
     def model_config(self) -> dict:
@@ -233,9 +242,7 @@ def load_classifier(model_dir: str | Path, device: str = "cpu", policy: InputPol
                     apply_temperature: bool = True) -> ImageClassifier:
     """The classifier of a logged model's ``dtl/`` folder; its stored temperature applied unless
     ``apply_temperature`` is False."""
-    from safetensors.torch import load_file
-
-    from dtl.models import DTLNet, ModelSpec
+    from dtl.models import DTLNet, ModelSpec  # deferred: timm (and torch._dynamo) load with the weights, not on import
 
     d = Path(model_dir)
     meta = json.loads((d / "spec.json").read_text())
@@ -252,7 +259,7 @@ def _load_pyfunc(path: str, model_config: dict | None = None) -> ImageClassifier
     ``model_config`` (keys of :meth:`InputPolicy.model_config` and ``apply_temperature``) is the
     caller's, at load time."""
     dev = os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    apply_t = bool((model_config or {}).get("apply_temperature", True))
+    apply_t = truthy((model_config or {}).get("apply_temperature", True))
     return load_classifier(path, dev, InputPolicy.from_config(model_config), apply_temperature=apply_t)
 
 
@@ -262,8 +269,8 @@ def signature_and_example(example_image: np.ndarray, classes: list[str]):
     The signature deliberately has no input schema: MLflow would coerce a bare N×H×W×3 array
     into a 2-D DataFrame before the model sees it, and images of any size fit no tensor spec.
     The input example documents the format; ``ImageClassifier.predict`` validates every row."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.models import ModelSignature  # deferred: logging code; pulls SciPy into serving
+    from mlflow.types.schema import ColSpec, Schema  # deferred: as above
 
     buf = io.BytesIO()
     Image.fromarray(example_image).save(buf, format="PNG")
@@ -286,11 +293,10 @@ def pip_requirements() -> list[str]:
 
 def save_model(path, net, meta: dict, example_image: np.ndarray, mlflow_model=None, **_ignored):
     """Write the two-flavor model to ``path`` (called by ``mlflow.models.Model.log``)."""
-    import mlflow.pytorch
-    from mlflow.models import Model
-    from mlflow.models.utils import _save_example
-    from mlflow.pyfunc import add_to_model
-    from safetensors.torch import save_file
+    import mlflow.pytorch  # deferred: logging code; pulls SciPy into serving
+    from mlflow.models import Model  # deferred: as above
+    from mlflow.models.utils import _save_example  # deferred: as above
+    from mlflow.pyfunc import add_to_model  # deferred: as above
 
     path = Path(path)
     if mlflow_model is None:
@@ -298,7 +304,6 @@ def save_model(path, net, meta: dict, example_image: np.ndarray, mlflow_model=No
     net = net.cpu().eval()
     # The pickled module serves mlflow.pytorch.load_model; the pyfunc path below never unpickles.
     # (MLflow warns about pickle on every save; the warning is about loading, which is the user's call.)
-    import logging
 
     log = logging.getLogger("mlflow.pytorch")
     level = log.level

@@ -8,6 +8,9 @@ pipeline's root run and its experiment is used: ``set_experiment`` is never call
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import logging
 import os
 import re
 import socket
@@ -20,10 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+import pandas as pd
+import requests
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
 from dtl import DTLError
+from dtl.metrics import confusion_figure
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _SECRET = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]+):(?P<pw>[^@/]+)@", re.I)
@@ -63,8 +70,6 @@ def connect(tracking_uri: str = "", experiment: str = "all-dtl") -> Tracking:
     try:
         client = _init_sqlite_store(uri) if uri.startswith("sqlite:///") else MlflowClient(uri)
         if uri.startswith(("http://", "https://")):
-            import requests
-
             requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
         outer = os.environ.get("MLFLOW_RUN_ID")
         if outer:
@@ -87,8 +92,6 @@ def connect(tracking_uri: str = "", experiment: str = "all-dtl") -> Tracking:
 def _init_sqlite_store(uri: str) -> MlflowClient:
     """Create/migrate a local sqlite store under a file lock: two workers starting at once would
     otherwise both run MLflow's schema migrations on the same file and one would fail."""
-    import fcntl
-
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(str(db) + ".lock", "w") as lock:
@@ -151,7 +154,7 @@ class Run:
         self.client.log_text(self.id, text, path)
 
     def log_figure(self, fig, path: str) -> None:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # deferred: plotting, only when a figure is drawn
 
         self.client.log_figure(self.id, fig, path)
         plt.close(fig)
@@ -264,16 +267,11 @@ def pid_alive(pid: int) -> bool:
 
 def dataset_ref(ds, split: str, name: str) -> tuple[str, str]:
     """(name, digest) of one split as logged by :func:`log_dataset`, to link metrics to it."""
-    import hashlib
-
     return f"{name}-{split}", hashlib.sha256((ds.digest + split).encode()).hexdigest()[:16]
 
 
 def log_dataset(run: Run, ds, context: str, name: str) -> None:
     """Log one split of the manifest as an MLflow dataset input (``mlflow.log_input`` by run id)."""
-    import pandas as pd
-    from mlflow.entities import DatasetInput, InputTag
-
     split = {"training": "train", "validation": "val", "test": "test"}[context]
     df = ds.manifest[ds.manifest["split"] == split]
     if not len(df):
@@ -301,8 +299,6 @@ def log_evaluation(run: Run, ev: dict, prefix: str = "", model_id: str | None = 
     With ``model_id`` and ``data`` (the dataset and the name it was logged under), each
     split's metrics are linked to the logged model and to that split's dataset, so MLflow's
     model views compare models by them."""
-    from dtl.metrics import confusion_figure
-
     if model_id is None or data is None:
         run.log_metrics(ev["metrics"])
     else:
@@ -329,10 +325,6 @@ def system_metrics(run_id: str):
     sees one) on ``run_id``, so a slow study can be explained from the UI; call ``finish()``
     on the result. A resumed run continues its step count. Interval:
     MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL (default 10 s)."""
-    import logging
-
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
     # its start/stop/no-GPU INFO lines would interleave with the progress lines of every study
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     monitor = SystemMetricsMonitor(run_id, resume_logging=True)  # to the URI connect() set

@@ -15,7 +15,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ import optuna
 import torch
 import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryCallback
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from dtl import DTLError, distributed, faults
@@ -31,9 +34,10 @@ from dtl.config import EXPERIMENTS_DIR, Config, flatten, with_phase
 from dtl.data.mask import mask_state
 from dtl.engine import NonFiniteLoss
 from dtl.metrics import direction
+from dtl.models import DTLNet, ModelSpec
 from dtl.phases import dataset, init_digest, run_phase
 from dtl.progress import StudyProgress
-from dtl.tracking import Run, Tracking, end_orphans, find_run, log_data, redact, start_run, system_metrics
+from dtl.tracking import Run, Tracking, end_orphans, find_run, log_data, pid_alive, redact, start_run, system_metrics
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -100,8 +104,6 @@ def make_storage(url: str, heartbeat_s: int):
     heartbeats) or ``journal:PATH`` (a journal file shared by processes on one machine)."""
     try:
         if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
-
             path = url[len("journal:"):].removeprefix("//")
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(path))
@@ -355,10 +357,6 @@ def _fail_dead_trials(study: optuna.Study, tracking: Tracking) -> int:
     """Trials still RUNNING whose process is gone from this host (its MLflow run records host
     and pid) are failed and retried at once, on any storage: journal storage has no
     heartbeat, and an RDB heartbeat may not have gone stale yet when the command is rerun."""
-    import socket
-
-    from dtl.tracking import pid_alive
-
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         run_id = t.user_attrs.get("mlflow_run_id")
@@ -414,12 +412,11 @@ def summarise(s: Study, wall: float) -> StudyResult:
 
 
 def _log_plots(study, run: Run) -> None:
-    import matplotlib
+    import matplotlib  # deferred: plotting, only when a figure is drawn
 
     matplotlib.use("Agg")
-    import warnings
 
-    from optuna.visualization import matplotlib as ovm
+    from optuna.visualization import matplotlib as ovm  # deferred: plotting, only when a figure is drawn
 
     plots = {"optimization_history": ovm.plot_optimization_history,
              "param_importances": ovm.plot_param_importances,
@@ -437,8 +434,6 @@ def _log_plots(study, run: Run) -> None:
 
 
 def _n_stages(backbone: str) -> int:
-    from dtl.models import DTLNet, ModelSpec
-
     return len(DTLNet(ModelSpec(backbone, ("a", "b"))).stage_groups())
 
 

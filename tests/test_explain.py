@@ -4,6 +4,8 @@ served model, and (slow) the job end to end on the demo with the report section.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -271,3 +273,37 @@ def test_explain_refuses_a_model_or_split_that_does_not_exist(explained):
     assert p.returncode == 2 and "does not resolve" in p.stderr and "all-dtl (aliases: champion" in p.stderr
     p = cli("--split", "holdout")
     assert p.returncode == 2 and "--split 'holdout' does not exist" in p.stderr and "valid: test, train, val" in p.stderr
+    p = cli("--split", "val")  # T is fitted there: its calibration on val would be in-sample
+    assert p.returncode == 2 and "in-sample" in p.stderr and "held-out split (test)" in p.stderr
+
+
+def test_a_temperature_the_validation_split_cannot_support_is_not_stored():
+    assert calibration.supported(0.68, 13)
+    assert not calibration.supported(0.68, 0)  # error-free val: NLL keeps falling as T -> 0
+    assert not calibration.supported(0.03, 2) and not calibration.supported(40.0, 2)  # at the search bounds
+    logits = np.array([[4.0, 0.0], [0.0, 4.0], [3.0, 0.0], [0.0, 5.0]])
+    t = calibration.fit_temperature(logits, np.array([0, 1, 0, 1]))  # separable: T runs to the bound
+    assert not calibration.supported(t, 0) and t < 0.1  # near one-hot: stored, it would make every answer certain
+
+
+@pytest.mark.slow
+def test_a_model_logged_without_temperature_support_gets_none_stored(explained):
+    """MLflow serves a logged model with its own bundled copy of dtl: a model logged before the
+    temperature option would ignore a calibration file, so explain must not claim to store one."""
+    import yaml
+
+    from dtl.explain_job import _applies_temperature
+
+    tmp, cfg, t, res, out, _ = explained
+    mv = t.client.get_model_version_by_alias("all-dtl", "champion")
+    model_id = mv.model_id
+    assert _applies_temperature(t, model_id)
+    mlmodel = Path(t.client.get_logged_model(model_id).artifact_location.removeprefix("file://")) / "MLmodel"
+    text = mlmodel.read_text()
+    try:
+        doc = yaml.safe_load(text)
+        doc["flavors"]["python_function"]["model_config"].pop("apply_temperature")
+        mlmodel.write_text(yaml.safe_dump(doc))
+        assert not _applies_temperature(t, model_id)
+    finally:
+        mlmodel.write_text(text)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from dtl import DTLError
 from dtl.data.mask import AnnotationMask, apply_mask
@@ -94,7 +95,6 @@ def split_array(ds: Dataset, split: str, spec: InputSpec, segment: bool, cache_d
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
             it = pool.map(work, range(len(files)))
             if progress and live():  # no carriage-return bars in logs, none with --quiet
-                from tqdm import tqdm
 
                 it = tqdm(it, total=len(files), desc=f"caching {ds.kind}/{split}", unit="img", leave=False)
             for _ in it:

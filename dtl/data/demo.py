@@ -9,6 +9,8 @@ stained white cell whose nucleus size, shape and chromatin texture depend on the
 from __future__ import annotations
 
 import csv
+import fcntl
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -111,9 +113,6 @@ def _finish(tmp: Path, root: Path) -> Path:
 def _locked(fn):
     """Generate under a file lock: parallel workers starting on a fresh cache wait for the
     first one instead of replacing the folder under each other's feet."""
-    import fcntl
-    import functools
-
     @functools.wraps(fn)
     def wrapper(cache_dir, *a, **k):
         lock_path = Path(cache_dir) / "demo" / ".lock"

@@ -43,7 +43,8 @@ class DataStore:
         key = (ds.digest, split, spec, segment, str(device))
         if key not in self._splits:
             if not (ds.manifest["split"] == split).any():
-                raise DTLError(f"{ds.kind} data at {ds.root} has no {split!r} split")
+                raise DTLError(f"the {ds.kind} data at {ds.root} has no {split!r} split (splits: "
+                               f"{', '.join(sorted(ds.manifest['split'].unique()))})")
             arr = split_array(ds, split, spec, segment, cache_dir, progress=True)
             # one copy out of the memory map; on CUDA the split then lives on the GPU
             self._splits[key] = (torch.from_numpy(np.array(arr)).to(device),

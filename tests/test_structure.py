@@ -1,0 +1,149 @@
+"""The package's shape, checked on every run: no import cycle, imports at the top (a deferred
+import says why), short functions (a longer one says why), no repeated blocks, and registries
+that name only what exists. Pure source analysis: runs in well under a second."""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from dtl import config, strategies
+from dtl.data import datasets, kinds
+
+PKG = Path(__file__).resolve().parent.parent / "dtl"
+MAX_LINES = 60  # a function longer than this states why in a "# long:" comment in its first lines
+WINDOW = 6  # no block of this many (non-trivial) lines may appear twice in dtl/
+
+
+def _modules() -> dict[str, ast.Module]:
+    out = {}
+    for p in sorted(PKG.rglob("*.py")):
+        name = ".".join(p.relative_to(PKG.parent).with_suffix("").parts).removesuffix(".__init__")
+        out[name] = ast.parse(p.read_text(), str(p))
+    return out
+
+
+def _imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
+    """The dtl modules ``name`` imports, at any depth (function-level imports included)."""
+    deps = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            deps |= {a.name for a in n.names if a.name in known}
+        elif isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("dtl"):
+            deps |= {f"{n.module}.{a.name}" for a in n.names if f"{n.module}.{a.name}" in known}
+            if n.module in known and n.module != "dtl":  # `from dtl import x` names a module x, not dtl/__init__
+                deps.add(n.module)
+    return deps - {name}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(v: str) -> list[str] | None:
+        state[v] = 1
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if state.get(w) == 1:
+                return stack[stack.index(w):] + [w]
+            if w not in state and (found := visit(w)):
+                return found
+        stack.pop()
+        state[v] = 2
+        return None
+
+    for v in sorted(graph):
+        if v not in state and (found := visit(v)):
+            return found
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    mods = _modules()
+    graph = {m: _imports(m, t, set(mods)) for m, t in mods.items()}
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
+
+
+def test_the_cycle_finder_finds_a_cycle():  # the check above must be able to fail
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_imports_are_at_the_top_or_say_why_not():
+    """cli.py defers its command modules by design (its docstring says why); elsewhere a
+    function-level import carries a ``# deferred: <reason>`` comment."""
+    bad = []
+    for p in sorted(PKG.rglob("*.py")):
+        if p.name == "cli.py":
+            continue
+        lines = p.read_text().split("\n")
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for n in ast.walk(fn):
+                    if isinstance(n, (ast.Import, ast.ImportFrom)) and "# deferred:" not in lines[n.lineno - 1]:
+                        bad.append(f"{p.relative_to(PKG.parent)}:{n.lineno}")
+    assert not bad, f"function-level imports without a '# deferred:' reason: {bad}"
+
+
+def test_functions_are_short_or_say_why():
+    long = []
+    for p in sorted(PKG.rglob("*.py")):
+        lines = p.read_text().split("\n")
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = fn.end_lineno - fn.lineno + 1
+                head = "\n".join(lines[fn.lineno - 1:fn.lineno + 8])
+                if n > MAX_LINES and "# long:" not in head:
+                    long.append(f"{p.relative_to(PKG.parent)}:{fn.lineno} {fn.name} ({n} lines)")
+    assert not long, f"functions over {MAX_LINES} lines without a '# long:' reason: {long}"
+
+
+def _blocks(text: str) -> list[tuple[int, str]]:
+    """Windows of WINDOW consecutive meaningful lines (stripped; blank lines, comments, lone
+    brackets and import lines skipped), each with the line number where it starts."""
+    keep = [(i + 1, re.sub(r"\s+", " ", line.strip())) for i, line in enumerate(text.split("\n"))]
+    keep = [(i, s) for i, s in keep if len(s) > 3 and not s.startswith(("#", "import ", "from "))]
+    return [(keep[k][0], "\n".join(s for _, s in keep[k:k + WINDOW])) for k in range(len(keep) - WINDOW + 1)]
+
+
+def test_no_block_of_six_lines_is_repeated():
+    seen: dict[str, list[str]] = defaultdict(list)
+    for p in sorted(PKG.rglob("*.py")):
+        for line, block in _blocks(p.read_text()):
+            seen[block].append(f"{p.relative_to(PKG.parent)}:{line}")
+    repeats = {b.split("\n")[0]: where for b, where in seen.items() if len(where) > 1}
+    assert not repeats, f"blocks of {WINDOW} lines written twice: {repeats}"
+
+
+def test_the_block_finder_finds_a_repeat():
+    text = "\n".join(f"value_{i} = compute({i})" for i in range(WINDOW))
+    blocks = [b for _, b in _blocks(text + "\n\n" + text)]
+    assert len(blocks) > len(set(blocks))
+
+
+@pytest.mark.parametrize("kind", kinds.names())
+def test_every_registered_data_kind_has_a_loader_and_a_default_protocol(kind):
+    k = kinds.get(kind)
+    assert callable(getattr(datasets, k.loader)), f"{kind}: dtl.data.datasets.{k.loader} does not exist"
+    assert k.protocols and config.split_protocol(config.DataConfig(kind=kind)) == k.protocols[0]
+
+
+def test_the_kind_registry_feeds_config_and_cli():
+    from dtl.cli import build_parser
+
+    assert config.DATA_KINDS == kinds.names()
+    assert kinds.default_kind("phase1") == "cnmc" and kinds.default_kind("phase2") == "aria"
+    data = next(a for a in build_parser()._subparsers._group_actions[0].choices["data"]._actions
+                if "--kind" in a.option_strings)
+    assert tuple(data.choices) == kinds.names()  # presplit included
+
+
+def test_the_strategy_registry_feeds_config():
+    assert config.STRATEGIES == tuple(strategies.STRATEGIES) == ("double", "single", "scratch")
+    assert strategies.needs_phase1(["scratch", "double"]) and not strategies.needs_phase1(["single", "scratch"])
+    assert strategies.STRATEGIES["single"].init("imagenet") == "imagenet"
+    assert strategies.STRATEGIES["scratch"].init("imagenet") == "scratch"
