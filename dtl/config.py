@@ -311,7 +311,7 @@ RANGES = {
     "final.repeats": "[1, inf)", "fuzzy.n_trials": "[1, inf)", "explain.n_per_class": "[1, inf)",
     "explain.cam_images": "[0, inf)", "explain.corruption_images": "[0, inf)", "explain.annotation_threshold": "(0, inf)",
     "phaseN.head_channels": "[1, inf)", "phaseN.head_dropout": "[0, 1)", "phaseN.unfreeze": "[-1, inf)",
-    "phaseN.epochs": "[1, inf)", "phaseN.batch_size": "[1, inf)", "phaseN.lr_head": "(0, inf)",
+    "phaseN.epochs": "[1, inf)", "phaseN.batch_size": "[1, inf)", "phaseN.lr_head": "[0, inf)",
     "phaseN.lr_backbone": "[0, inf)", "phaseN.weight_decay": "[0, inf)", "phaseN.label_smoothing": "[0, 1)",
     "phaseN.warmup_epochs": "[0, inf)", "phaseN.grad_clip": "[0, inf)", "phaseN.early_stop_patience": "[0, inf)",
     "phaseN.aux_weight": "[0, inf)", "phaseN.n_trials": "[1, inf)",

@@ -333,11 +333,11 @@ def store_temperature(tracking: Tracking, cfg: Config, target: Target, calib: di
 
 def _applies_temperature(tracking: Tracking, model_id: str) -> bool:
     """Whether a logged model's pyfunc was saved by code that applies a stored temperature: its
-    MLmodel then lists ``apply_temperature`` in the pyfunc model_config (MLflow loads the model's
+    MLmodel then lists ``apply_temperature`` in the pyfunc flavor's config (MLflow loads the model's
     bundled copy of dtl, so an older model ignores a calibration file)."""
     loc = tracking.client.get_logged_model(model_id).artifact_location
     mlmodel = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{loc}/MLmodel")).read_text())
-    return "apply_temperature" in (mlmodel.get("flavors", {}).get("python_function", {}).get("model_config") or {})
+    return "apply_temperature" in (mlmodel.get("flavors", {}).get("python_function", {}).get("config") or {})
 
 
 def log_results(run: Run, s: dict, out: Path) -> None:

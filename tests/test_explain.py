@@ -296,13 +296,13 @@ def test_a_model_logged_without_temperature_support_gets_none_stored(explained):
 
     tmp, cfg, t, res, out, _ = explained
     mv = t.client.get_model_version_by_alias("all-dtl", "champion")
-    model_id = mv.model_id
+    model_id = mv.model_id or mv.source.removeprefix("models:/")  # registered from the logged model's URI
     assert _applies_temperature(t, model_id)
     mlmodel = Path(t.client.get_logged_model(model_id).artifact_location.removeprefix("file://")) / "MLmodel"
     text = mlmodel.read_text()
     try:
         doc = yaml.safe_load(text)
-        doc["flavors"]["python_function"]["model_config"].pop("apply_temperature")
+        doc["flavors"]["python_function"]["config"].pop("apply_temperature")
         mlmodel.write_text(yaml.safe_dump(doc))
         assert not _applies_temperature(t, model_id)
     finally:
