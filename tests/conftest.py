@@ -61,22 +61,41 @@ PYTHON = sys.executable
 
 
 @contextlib.contextmanager
+def tracking_uri_kept():
+    """Put back on exit what ``mlflow.set_tracking_uri`` changes: MLflow's module global and
+    ``os.environ["MLFLOW_TRACKING_URI"]`` (it writes both, so that children inherit the store).
+    Tests call it, and so does ``dtl.tracking.connect``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    uri = utils._tracking_uri if utils else None
+    try:
+        yield
+    finally:
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+        utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+        if utils is not None:
+            utils._tracking_uri = uri
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_restored():
+    """No test leaves MLflow pointed at its (deleted) temporary store for the next one."""
+    with tracking_uri_kept():
+        yield
+
+
+@contextlib.contextmanager
 def module_workspace(tmp: Path):
     """``workspace`` for module-scoped fixtures: cwd and a sqlite MLflow store in ``tmp``, restored after."""
     import mlflow
 
-    old, saved = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    os.chdir(tmp)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    try:
+    with tracking_uri_kept(), pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)  # a store's artifacts go under the working directory
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")  # and into os.environ, for subprocesses
         yield tmp
-    finally:
-        os.chdir(old)
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def free_port() -> int:
