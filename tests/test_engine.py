@@ -16,6 +16,7 @@ def _cfg(cache_dir, tmp, **extra):
     return config.load(["demo"], demo_overrides(cache_dir, tmp, **{"phase1.epochs": 3, **extra}))
 
 
+@pytest.mark.slow
 def test_resume_from_last_equals_uninterrupted(workspace, cache_dir):
     cfg = _cfg(cache_dir, workspace)
     full = run_phase(cfg, "phase1", "test_resnet", workspace / "full", resume=False)
@@ -42,6 +43,7 @@ def test_resume_from_last_equals_uninterrupted(workspace, cache_dir):
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
 
 
+@pytest.mark.slow
 def test_checkpoint_describes_itself(workspace, cache_dir):
     cfg = _cfg(cache_dir, workspace, **{"phase1.epochs": 1})
     res = run_phase(cfg, "phase1", "test_resnet", workspace / "r", resume=False)
@@ -53,6 +55,7 @@ def test_checkpoint_describes_itself(workspace, cache_dir):
     assert {"optimizer", "scheduler", "scaler", "epoch", "history"} <= set(last)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_amp_on_cpu_trains_and_counts_skipped_steps(workspace, cache_dir, precision):
     cfg = _cfg(cache_dir, workspace, precision=precision, **{"phase1.epochs": 1})
@@ -68,6 +71,7 @@ def test_precision_resolution(name, device, expected):
     assert Precision("fp32", "cpu").enabled is False
 
 
+@pytest.mark.slow
 def test_final_evaluation_with_tta(workspace, cache_dir):
     cfg = _cfg(cache_dir, workspace, **{"phase1.epochs": 1, "phase1.tta": True})
     res = run_phase(cfg, "phase1", "test_resnet", workspace / "e", resume=False)
@@ -84,6 +88,7 @@ def test_final_evaluation_with_tta(workspace, cache_dir):
     assert res.best_value == pytest.approx(m["val_macro_f1"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_backbone_or_class_count_is_refused(workspace, cache_dir):
     from dtl import DTLError
 
@@ -95,6 +100,7 @@ def test_checkpoint_of_another_backbone_or_class_count_is_refused(workspace, cac
         run_phase(cfg, "phase1", "test_efficientnet", workspace / "x", resume=True)  # its last.pt is a resnet
 
 
+@pytest.mark.slow
 def test_early_stopping_on_the_monitored_metric(workspace, cache_dir):
     # lr 0 and a frozen backbone (BN statistics too): the validation metric is the same every
     # epoch, never an improvement, so patience 1 stops after epoch 1
@@ -134,6 +140,7 @@ def test_weighted_loss_is_a_weighted_mean_of_samples():
         torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1).item(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_last_pt_of_other_starting_weights_is_not_resumed(workspace, cache_dir):
     """Same config, other starting checkpoint: the interrupted run's last.pt must not be resumed."""
     cfg = _cfg(cache_dir, workspace, **{"phase1.epochs": 1, "phase2.epochs": 2})

@@ -138,6 +138,7 @@ def test_every_image_mode_converts_and_classifies(server, mode, fmt):
         assert all(abs(pred[f"p_{c}"] - grey[f"p_{c}"]) < 1e-4 for c in CLASSES), (pred, grey)
 
 
+@pytest.mark.slow
 def test_paths_only_in_local_python_when_asked(champion, tmp_path):
     """`mlflow.pyfunc.load_model(..., model_config={"allow_paths": True})` reads files; by default not."""
     f = tmp_path / "cell.png"
@@ -198,6 +199,7 @@ def test_champion_loads_and_predicts_in_a_fresh_virtualenv_from_its_own_requirem
     assert cls in CLASSES and "/code/dtl/" in where and str(ROOT) not in where
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, allowed", [("dtl.serving", set()), ("dtl.fuzzy_serving", {"skfuzzy", "scipy"})])
 def test_served_code_imports_only_what_the_model_requires(module, allowed):
     """A logged model installs only its requirements.txt (torch, timm, mlflow, ... and scikit-fuzzy
