@@ -63,9 +63,14 @@ def test_full_cnmc_manifest_splits_patient_disjoint_keeping_the_class_ratio(shar
     train = man[man["split"] == "train"].copy()
     parsed = [parse_cnmc_name(f) for f in train["filename"]]
     assert all(parsed), "every training file name parses"
+    # the label parsed from the file name agrees with the class folder the file lies in and with
+    # the manifest's own label column (7272 all, 3389 hem)
+    folder = train["path_in_kaggle_layout"].str.split("/").str[-2]
+    assert folder.value_counts().to_dict() == {"all": 7272, "hem": 3389}
+    parsed_label = pd.Series([p["label"] for p in parsed], index=train.index)
+    assert (parsed_label == folder).all() and (parsed_label == train["label"]).all()
     train["patient"] = [p["patient"] for p in parsed]
-    train["label"] = [p["label"] for p in parsed]
-    assert (train["label"] == train["label"]).all() and train["patient"].nunique() == 73
+    assert train["patient"].nunique() == 73
     assert sum(f.startswith("UID_h") for f in train["filename"]) == 36
     for seed in (0, 1, 2):
         s = patient_split(train.reset_index(drop=True), 0.2, seed)
