@@ -1,6 +1,8 @@
 """run_phase on CPU: resume equals an uninterrupted run, AMP bookkeeping, evaluation."""
 
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -57,11 +59,54 @@ def test_checkpoint_describes_itself(workspace, cache_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_amp_on_cpu_trains_and_counts_skipped_steps(workspace, cache_dir, precision):
+def test_amp_on_cpu_trains_and_counts_skipped_steps(workspace, cache_dir, precision, monkeypatch):
+    """fp16: run_phase's GradScaler starts at 2**60, so float16 gradients overflow and steps are
+    skipped for real; each skip halves the scale, so the count must match the scale it ends at.
+    bf16 has no scaler and skips nothing."""
+    import functools
+
+    init = 2.0 ** 60
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=init))
     cfg = _cfg(cache_dir, workspace, precision=precision, **{"phase1.epochs": 1})
     res = run_phase(cfg, "phase1", "test_resnet", workspace / precision, resume=False)
     assert res.precision == precision and np.isfinite(res.history[0]["train_loss"])
-    assert "skipped_steps" in res.history[0] and res.history[0]["skipped_steps"] >= 0
+    skipped = res.history[0]["skipped_steps"]
+    last = load_checkpoint(workspace / precision / "last.pt")
+    if precision == "bf16":
+        assert skipped == 0 and not last["scaler"]
+    else:
+        assert skipped >= 1 and last["scaler"]["scale"] == init / 2 ** skipped
+
+
+@pytest.mark.parametrize("init_scale, skipped", [(2.0 ** 60, 3), (1.0, 0)])
+def test_fp16_overflow_skips_the_step_and_counts_it(init_scale, skipped):
+    """Three fp16 steps on CPU: at a loss scale of 2**60 the float16 gradients overflow to inf,
+    the scaler skips every step (the weights stay put) and each skip is counted; at scale 1
+    nothing overflows, nothing is skipped, the weights move."""
+    from dtl.config import AugmentConfig
+    from dtl.data.transforms import InputSpec
+    from dtl.engine import train_one_epoch
+    from dtl.models import DTLNet, ModelSpec
+
+    torch.manual_seed(0)
+    net = DTLNet(ModelSpec("test_resnet", ("a", "b"), "linear", 16, 0.1))
+    x = torch.randint(0, 255, (4, 36, 36, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 0, 1])
+    fp16, spec = Precision("fp16", "cpu"), InputSpec(32, 36, (0.5,) * 3, (0.5,) * 3)
+    with fp16.autocast(), torch.no_grad():
+        assert net.eval()(torch.zeros(1, 3, 32, 32)).dtype == torch.float16  # the overflow is in half precision
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = torch.optim.AdamW(net.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()": skipped steps
+        out = train_one_epoch(net, [(x, y)] * 3, opt, sched, scaler, fp16, spec, AugmentConfig(),
+                              torch.Generator().manual_seed(0))
+    assert out["skipped_steps"] == skipped and np.isfinite(out["train_loss"])
+    assert scaler.get_scale() == init_scale / 2 ** skipped
+    moved = [n for n, p in net.named_parameters() if not torch.equal(before[n], p)]
+    assert (moved == []) == (skipped == 3)
 
 
 @pytest.mark.parametrize("name, device, expected", [("auto", "cpu", "fp32"), ("bf16", "cpu", "bf16"),
