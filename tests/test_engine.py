@@ -88,8 +88,9 @@ def test_fp16_overflow_skips_the_step_and_counts_it(init_scale, skipped):
     from dtl.engine import train_one_epoch
     from dtl.models import DTLNet, ModelSpec
 
-    torch.manual_seed(0)
-    net = DTLNet(ModelSpec("test_resnet", ("a", "b"), "linear", 16, 0.1))
+    with torch.random.fork_rng():  # seeded weights, and the global generator left as it was
+        torch.manual_seed(0)
+        net = DTLNet(ModelSpec("test_resnet", ("a", "b"), "linear", 16, 0.1))
     x = torch.randint(0, 255, (4, 36, 36, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 0, 1])
     fp16, spec = Precision("fp16", "cpu"), InputSpec(32, 36, (0.5,) * 3, (0.5,) * 3)
@@ -106,7 +107,10 @@ def test_fp16_overflow_skips_the_step_and_counts_it(init_scale, skipped):
     assert out["skipped_steps"] == skipped and np.isfinite(out["train_loss"])
     assert scaler.get_scale() == init_scale / 2 ** skipped
     moved = [n for n, p in net.named_parameters() if not torch.equal(before[n], p)]
-    assert (moved == []) == (skipped == 3)
+    if skipped:
+        assert moved == []  # every step skipped: no update reached the weights
+    else:
+        assert len(moved) == len(before)
 
 
 @pytest.mark.parametrize("name, device, expected", [("auto", "cpu", "fp32"), ("bf16", "cpu", "bf16"),
