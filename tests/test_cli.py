@@ -52,6 +52,16 @@ def test_credentials_never_reach_the_error_message(workspace):
     assert p.returncode == 2 and "s3cret" not in p.stderr and "dtl:***@" in p.stderr
 
 
+def test_redact_strips_every_password_and_keeps_the_rest():
+    """What the CLI, the params and the study tags show of a storage or tracking URL."""
+    from dtl.tracking import redact
+
+    text = "postgresql://dtl:s3cret@127.0.0.1:5432/optuna and http://me:pa55@host/x, sqlite:///a.db"
+    out = redact(text)
+    assert out == "postgresql://dtl:***@127.0.0.1:5432/optuna and http://me:***@host/x, sqlite:///a.db"
+    assert "s3cret" not in out and "pa55" not in out
+
+
 @pytest.mark.slow
 def test_malformed_optuna_storage_url(workspace, cache_dir):
     o = demo_overrides(cache_dir, workspace, **{"tune.storage": "notaurl"})
