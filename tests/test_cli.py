@@ -245,7 +245,7 @@ def test_a_killed_mlflow_run_is_ended_killed_by_the_next_invocation(workspace, c
     deadline = time.time() + 300
     trials = []
     while not trials and time.time() < deadline and proc.poll() is None:
-        time.sleep(1)
+        time.sleep(0.5)
         exp = client.get_experiment_by_name("job")
         if exp is not None:
             trials = client.search_runs([exp.experiment_id], "tags.`dtl.role` = 'trial'")

@@ -7,15 +7,13 @@ skips without a reachable server, fails instead when DTL_REQUIRE_POSTGRES=1 (.ci
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
 import pytest
-import requests
 
-from tests.conftest import PYTHON, demo_overrides
+from tests.conftest import PYTHON, demo_overrides, free_port, wait_for_http
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -35,12 +33,6 @@ def _pg() -> str:
     pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def server(workspace):
     pg = _pg()
@@ -51,21 +43,13 @@ def server(workspace):
         with eng.begin() as c:
             c.execute(sqlalchemy.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
         eng.dispose()
-    port = _free_port()
+    port = free_port()
     bin_ = Path(PYTHON).parent / "mlflow"
     proc = subprocess.Popen([str(bin_), "server", "--backend-store-uri", f"{pg}/mlflow", "--artifacts-destination",
                              str(workspace / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workspace)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if requests.get(url + "/health", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(1)
+    wait_for_http(url + "/health", proc)
     yield url, pg
     proc.terminate()
     proc.wait(timeout=30)
