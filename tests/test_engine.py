@@ -1,8 +1,6 @@
 """run_phase on CPU: resume equals an uninterrupted run, AMP bookkeeping, evaluation."""
 
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -59,6 +57,7 @@ def test_checkpoint_describes_itself(workspace, cache_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step:UserWarning")  # a skipped step
 def test_amp_on_cpu_trains_and_counts_skipped_steps(workspace, cache_dir, precision, monkeypatch):
     """fp16: run_phase's GradScaler starts at 2**60, so float16 gradients overflow and steps are
     skipped for real; each skip halves the scale, so the count must match the scale it ends at.
@@ -79,6 +78,7 @@ def test_amp_on_cpu_trains_and_counts_skipped_steps(workspace, cache_dir, precis
 
 
 @pytest.mark.parametrize("init_scale, skipped", [(2.0 ** 60, 3), (1.0, 0)])
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step:UserWarning")  # a skipped step
 def test_fp16_overflow_skips_the_step_and_counts_it(init_scale, skipped):
     """Three fp16 steps on CPU: at a loss scale of 2**60 the float16 gradients overflow to inf,
     the scaler skips every step (the weights stay put) and each skip is counted; at scale 1
@@ -100,10 +100,8 @@ def test_fp16_overflow_skips_the_step_and_counts_it(init_scale, skipped):
     opt = torch.optim.AdamW(net.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()": skipped steps
-        out = train_one_epoch(net, [(x, y)] * 3, opt, sched, scaler, fp16, spec, AugmentConfig(),
-                              torch.Generator().manual_seed(0))
+    out = train_one_epoch(net, [(x, y)] * 3, opt, sched, scaler, fp16, spec, AugmentConfig(),
+                          torch.Generator().manual_seed(0))
     assert out["skipped_steps"] == skipped and np.isfinite(out["train_loss"])
     assert scaler.get_scale() == init_scale / 2 ** skipped
     moved = [n for n, p in net.named_parameters() if not torch.equal(before[n], p)]
