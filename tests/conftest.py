@@ -61,22 +61,41 @@ PYTHON = sys.executable
 
 
 @contextlib.contextmanager
+def tracking_uri_kept():
+    """Put back on exit what ``mlflow.set_tracking_uri`` changes: MLflow's module global and
+    ``os.environ["MLFLOW_TRACKING_URI"]`` (it writes both, so that children inherit the store).
+    Tests call it, and so does ``dtl.tracking.connect``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    uri = utils._tracking_uri if utils else None
+    try:
+        yield
+    finally:
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+        utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+        if utils is not None:
+            utils._tracking_uri = uri
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_restored():
+    """No test leaves MLflow pointed at its (deleted) temporary store for the next one."""
+    with tracking_uri_kept():
+        yield
+
+
+@contextlib.contextmanager
 def module_workspace(tmp: Path):
     """``workspace`` for module-scoped fixtures: cwd and a sqlite MLflow store in ``tmp``, restored after."""
     import mlflow
 
-    old, saved = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    os.chdir(tmp)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    try:
+    with tracking_uri_kept(), pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)  # a store's artifacts go under the working directory
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")  # and into os.environ, for subprocesses
         yield tmp
-    finally:
-        os.chdir(old)
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def free_port() -> int:
@@ -85,12 +104,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Poll ``url`` (every 0.25 s, no fixed sleep) until it answers 2xx; fail at once, with the
+    server's output where it is piped, if ``proc`` exits first, and after ``timeout`` seconds."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"{url}: the server exited ({proc.returncode}) "
+                                 + (proc.stdout.read()[-3000:] if proc.stdout else ""))
+        time.sleep(0.25)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
 @contextlib.contextmanager
 def mlflow_serve(model_uri: str, cwd: Path, timeout: float = 180):
     """A real ``mlflow models serve`` of ``model_uri`` on 127.0.0.1 (local env manager); yields
     its base URL once /ping answers, and stops it afterwards."""
-    import requests
-
     port = free_port()
     env = {**os.environ, "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen([str(Path(PYTHON).parent / "mlflow"), "models", "serve", "-m", model_uri,
@@ -98,15 +134,7 @@ def mlflow_serve(model_uri: str, cwd: Path, timeout: float = 180):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(1)
+        wait_for_http(f"{url}/ping", proc, timeout)
         yield url
     finally:
         proc.terminate()

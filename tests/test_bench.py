@@ -4,7 +4,11 @@ assertions here: speed targets live in the benchmark results, not in tests."""
 import json
 import subprocess
 
+import pytest
+
 from tests.conftest import PYTHON, ROOT
+
+pytestmark = pytest.mark.slow  # each test launches the benchmark in a subprocess
 
 
 def test_throughput_bench_smoke(tmp_path, cache_dir):

@@ -24,6 +24,7 @@ def dtl(*args, cwd=None, env=None, timeout=600):
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_unknown_backbone_lists_valid_names(workspace):
     p = dtl("main", "--backbones", "resnet5o")
     assert p.returncode == 2
@@ -31,11 +32,13 @@ def test_unknown_backbone_lists_valid_names(workspace):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_root_names_the_expected_layout(workspace):
     p = dtl("main", "--phase2-root", str(workspace / "nowhere"), "-o", "backbones=[test_resnet]")
     assert p.returncode == 2 and "Original/{Benign,Early,Pre,Pro}" in p.stderr
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_server_fails_before_training(workspace):
     p = dtl("main", "--tracking-uri", "http://127.0.0.1:9", timeout=120)
     assert p.returncode == 2
@@ -43,17 +46,30 @@ def test_unreachable_tracking_server_fails_before_training(workspace):
     assert not (workspace / ".dtl" / "runs").exists()
 
 
+@pytest.mark.slow
 def test_credentials_never_reach_the_error_message(workspace):
     p = dtl("phase1", "--tracking-uri", "postgresql://dtl:s3cret@127.0.0.1:9/mlflow", timeout=120)
     assert p.returncode == 2 and "s3cret" not in p.stderr and "dtl:***@" in p.stderr
 
 
+def test_redact_strips_every_password_and_keeps_the_rest():
+    """What the CLI, the params and the study tags show of a storage or tracking URL."""
+    from dtl.tracking import redact
+
+    text = "postgresql://dtl:s3cret@127.0.0.1:5432/optuna and http://me:pa55@host/x, sqlite:///a.db"
+    out = redact(text)
+    assert out == "postgresql://dtl:***@127.0.0.1:5432/optuna and http://me:***@host/x, sqlite:///a.db"
+    assert "s3cret" not in out and "pa55" not in out
+
+
+@pytest.mark.slow
 def test_malformed_optuna_storage_url(workspace, cache_dir):
     o = demo_overrides(cache_dir, workspace, **{"tune.storage": "notaurl"})
     p = dtl("phase1", *[x for kv in o for x in ("-o", kv)])
     assert p.returncode == 2 and "Optuna storage 'notaurl' is not usable" in p.stderr and "journal:" in p.stderr
 
 
+@pytest.mark.slow
 def test_phase2_double_without_a_phase1_study_and_evaluate_without_a_target(workspace, cache_dir):
     o = demo_overrides(cache_dir, workspace)
     p = dtl("phase2", *[x for kv in o for x in ("-o", kv)])
@@ -126,6 +142,7 @@ def test_mlflow_run_phase1_then_phase2_from_its_run_id(workspace, cache_dir):
     assert "test_accuracy" in p2s[0].data.metrics
 
 
+@pytest.mark.slow
 def test_data_audit_json_and_preview(workspace, cache_dir):
     from dtl.data import demo
 
@@ -228,7 +245,7 @@ def test_a_killed_mlflow_run_is_ended_killed_by_the_next_invocation(workspace, c
     deadline = time.time() + 300
     trials = []
     while not trials and time.time() < deadline and proc.poll() is None:
-        time.sleep(1)
+        time.sleep(0.5)
         exp = client.get_experiment_by_name("job")
         if exp is not None:
             trials = client.search_runs([exp.experiment_id], "tags.`dtl.role` = 'trial'")
@@ -277,6 +294,7 @@ def test_live_progress_line_on_a_terminal_and_quiet_turns_it_off(workspace, cach
     assert rc == 0 and "phase1 test_resnet" not in err and "caching" not in err, err[-2000:]
 
 
+@pytest.mark.slow
 def test_promote_ranks_only_versions_of_the_recipes_data(workspace, cache_dir):
     """A version trained on other data (here: another digest and split protocol, with a better
     validation score) does not compete for `champion` unless asked for with --any-data."""

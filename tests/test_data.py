@@ -285,7 +285,9 @@ def test_served_model_applies_the_mask_from_its_spec(tmp_path):
     from dtl.models import ModelSpec, build_model
     from dtl.serving import load_classifier
 
-    net = build_model(ModelSpec("test_resnet", ("a", "b")), "scratch")
+    with torch.random.fork_rng():  # an untrained net reacts to the stamp by 1e-5 to 2e-4 depending on its
+        torch.manual_seed(0)       # initial weights (6e-5 with these); unseeded, the check below was flaky
+        net = build_model(ModelSpec("test_resnet", ("a", "b")), "scratch")
     for name, mask in (("masked", AnnotationMask()), ("plain", None)):
         d = tmp_path / name
         d.mkdir()
@@ -299,7 +301,7 @@ def test_served_model_applies_the_mask_from_its_spec(tmp_path):
     black[200:222, 190:222] = 0
     masked, plain = load_classifier(tmp_path / "masked"), load_classifier(tmp_path / "plain")
     assert masked.spec.mask == AnnotationMask() and plain.spec.mask is None
-    p = masked.predict({"image": [red, black]})
-    assert np.allclose(p.iloc[0, 1:].to_numpy(float), p.iloc[1, 1:].to_numpy(float), atol=1e-6)
-    q = plain.predict({"image": [red, black]})
-    assert not np.allclose(q.iloc[0, 1:].to_numpy(float), q.iloc[1, 1:].to_numpy(float), atol=1e-6)
+    p = masked.predict({"image": [red, black]}).iloc[:, 1:].to_numpy(float)
+    assert np.array_equal(p[0], p[1])  # the masked corner is the same pixels: the same output, bit for bit
+    q = plain.predict({"image": [red, black]}).iloc[:, 1:].to_numpy(float)
+    assert np.abs(q[0] - q[1]).max() > 1e-5

@@ -16,6 +16,7 @@ def _cfg(cache_dir, tmp, **extra):
     return config.load(["demo"], demo_overrides(cache_dir, tmp, **{"phase1.epochs": 3, **extra}))
 
 
+@pytest.mark.slow
 def test_resume_from_last_equals_uninterrupted(workspace, cache_dir):
     cfg = _cfg(cache_dir, workspace)
     full = run_phase(cfg, "phase1", "test_resnet", workspace / "full", resume=False)
@@ -42,6 +43,7 @@ def test_resume_from_last_equals_uninterrupted(workspace, cache_dir):
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
 
 
+@pytest.mark.slow
 def test_checkpoint_describes_itself(workspace, cache_dir):
     cfg = _cfg(cache_dir, workspace, **{"phase1.epochs": 1})
     res = run_phase(cfg, "phase1", "test_resnet", workspace / "r", resume=False)
@@ -53,12 +55,60 @@ def test_checkpoint_describes_itself(workspace, cache_dir):
     assert {"optimizer", "scheduler", "scaler", "epoch", "history"} <= set(last)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_amp_on_cpu_trains_and_counts_skipped_steps(workspace, cache_dir, precision):
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step:UserWarning")  # a skipped step
+def test_amp_on_cpu_trains_and_counts_skipped_steps(workspace, cache_dir, precision, monkeypatch):
+    """fp16: run_phase's GradScaler starts at 2**60, so float16 gradients overflow and steps are
+    skipped for real; each skip halves the scale, so the count must match the scale it ends at.
+    bf16 has no scaler and skips nothing."""
+    import functools
+
+    init = 2.0 ** 60
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=init))
     cfg = _cfg(cache_dir, workspace, precision=precision, **{"phase1.epochs": 1})
     res = run_phase(cfg, "phase1", "test_resnet", workspace / precision, resume=False)
     assert res.precision == precision and np.isfinite(res.history[0]["train_loss"])
-    assert "skipped_steps" in res.history[0] and res.history[0]["skipped_steps"] >= 0
+    skipped = res.history[0]["skipped_steps"]
+    last = load_checkpoint(workspace / precision / "last.pt")
+    if precision == "bf16":
+        assert skipped == 0 and not last["scaler"]
+    else:
+        assert skipped >= 1 and last["scaler"]["scale"] == init / 2 ** skipped
+
+
+@pytest.mark.parametrize("init_scale, skipped", [(2.0 ** 60, 3), (1.0, 0)])
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step:UserWarning")  # a skipped step
+def test_fp16_overflow_skips_the_step_and_counts_it(init_scale, skipped):
+    """Three fp16 steps on CPU: at a loss scale of 2**60 the float16 gradients overflow to inf,
+    the scaler skips every step (the weights stay put) and each skip is counted; at scale 1
+    nothing overflows, nothing is skipped, the weights move."""
+    from dtl.config import AugmentConfig
+    from dtl.data.transforms import InputSpec
+    from dtl.engine import train_one_epoch
+    from dtl.models import DTLNet, ModelSpec
+
+    with torch.random.fork_rng():  # seeded weights, and the global generator left as it was
+        torch.manual_seed(0)
+        net = DTLNet(ModelSpec("test_resnet", ("a", "b"), "linear", 16, 0.1))
+    x = torch.randint(0, 255, (4, 36, 36, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 0, 1])
+    fp16, spec = Precision("fp16", "cpu"), InputSpec(32, 36, (0.5,) * 3, (0.5,) * 3)
+    with fp16.autocast(), torch.no_grad():
+        assert net.eval()(torch.zeros(1, 3, 32, 32)).dtype == torch.float16  # the overflow is in half precision
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = torch.optim.AdamW(net.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    out = train_one_epoch(net, [(x, y)] * 3, opt, sched, scaler, fp16, spec, AugmentConfig(),
+                          torch.Generator().manual_seed(0))
+    assert out["skipped_steps"] == skipped and np.isfinite(out["train_loss"])
+    assert scaler.get_scale() == init_scale / 2 ** skipped
+    moved = [n for n, p in net.named_parameters() if not torch.equal(before[n], p)]
+    if skipped:
+        assert moved == []  # every step skipped: no update reached the weights
+    else:
+        assert len(moved) == len(before)
 
 
 @pytest.mark.parametrize("name, device, expected", [("auto", "cpu", "fp32"), ("bf16", "cpu", "bf16"),
@@ -68,6 +118,7 @@ def test_precision_resolution(name, device, expected):
     assert Precision("fp32", "cpu").enabled is False
 
 
+@pytest.mark.slow
 def test_final_evaluation_with_tta(workspace, cache_dir):
     cfg = _cfg(cache_dir, workspace, **{"phase1.epochs": 1, "phase1.tta": True})
     res = run_phase(cfg, "phase1", "test_resnet", workspace / "e", resume=False)
@@ -84,6 +135,7 @@ def test_final_evaluation_with_tta(workspace, cache_dir):
     assert res.best_value == pytest.approx(m["val_macro_f1"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_backbone_or_class_count_is_refused(workspace, cache_dir):
     from dtl import DTLError
 
@@ -95,6 +147,7 @@ def test_checkpoint_of_another_backbone_or_class_count_is_refused(workspace, cac
         run_phase(cfg, "phase1", "test_efficientnet", workspace / "x", resume=True)  # its last.pt is a resnet
 
 
+@pytest.mark.slow
 def test_early_stopping_on_the_monitored_metric(workspace, cache_dir):
     # lr 0 and a frozen backbone (BN statistics too): the validation metric is the same every
     # epoch, never an improvement, so patience 1 stops after epoch 1
@@ -134,6 +187,7 @@ def test_weighted_loss_is_a_weighted_mean_of_samples():
         torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1).item(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_last_pt_of_other_starting_weights_is_not_resumed(workspace, cache_dir):
     """Same config, other starting checkpoint: the interrupted run's last.pt must not be resumed."""
     cfg = _cfg(cache_dir, workspace, **{"phase1.epochs": 1, "phase2.epochs": 2})

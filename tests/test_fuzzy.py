@@ -301,6 +301,7 @@ def test_fuzzy_refuses_a_source_that_is_not_a_matching_phase2_model(fuzzy_done):
         run_fuzzy(cfg, t, "0123456789abcdef")
 
 
+@pytest.mark.slow
 def test_dtl_fuzzy_without_phase2_runs_says_what_to_run_first(workspace, cache_dir):
     import subprocess
 

@@ -22,14 +22,24 @@ def _spec(backbone="test_resnet", head="linear", classes=("a", "b")):
     return ModelSpec(backbone, tuple(classes), head, 16, 0.1)
 
 
+# test_resnet's two top stages, parameter by parameter (timm's coarse groups: stem, layer1..layer4)
+LAYER4 = {f"layer4.0.{p}" for p in ("conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "bn2.weight", "bn2.bias",
+                                    "downsample.1.weight", "downsample.2.weight", "downsample.2.bias")}
+LAYER3 = {f"layer3.0.{p}" for p in ("conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "bn2.weight", "bn2.bias",
+                                    "conv3.weight", "bn3.weight", "bn3.bias",
+                                    "downsample.1.weight", "downsample.2.weight", "downsample.2.bias")}
+
+
 @pytest.mark.parametrize("k", [0, 1, 2, -1])
 def test_unfreeze_depth_leaves_exactly_the_top_stages_trainable(k):
     net = DTLNet(_spec())
-    groups = net.stage_groups()
+    assert len(net.stage_groups()) == 5
     net.set_unfreeze(k)
+    every = {n for n, _ in net.backbone.named_parameters()}
     trainable = {n for n, p in net.backbone.named_parameters() if p.requires_grad}
-    expected = set(n for g in groups for n in g) if k < 0 else set(n for g in groups[len(groups) - k:] for n in g) if k else set()
+    expected = {0: set(), 1: LAYER4, 2: LAYER3 | LAYER4, -1: every}[k]
     assert trainable == expected
+    assert len(every) == 45 and (LAYER3 | LAYER4) < every  # the literal names are real parameter names
     assert all(p.requires_grad for p in net.head.parameters())
     net.train()
     frozen_bn = [m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)

@@ -13,23 +13,16 @@ from PIL import Image
 
 from dtl import config, pipeline
 from dtl.tracking import connect
-from tests.conftest import PYTHON, demo_overrides, mlflow_serve
+from tests.conftest import PYTHON, ROOT, demo_overrides, mlflow_serve, module_workspace
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory, cache_dir):
-    tmp = tmp_path_factory.mktemp("pipeline")
-    old = os.getcwd()
-    os.chdir(tmp)
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    cfg = config.load(["demo"], demo_overrides(cache_dir, tmp, cards_dir=str(tmp / "cards")))
-    res = pipeline.main(cfg)
-    yield tmp, cfg, res
-    os.chdir(old)
+    with module_workspace(tmp_path_factory.mktemp("pipeline")) as tmp:
+        cfg = config.load(["demo"], demo_overrides(cache_dir, tmp, cards_dir=str(tmp / "cards")))
+        yield tmp, cfg, pipeline.main(cfg)
 
 
 def test_main_registers_promotes_and_reports(done):
@@ -153,27 +146,31 @@ def test_mlflow_models_serve_answers_a_rest_request_with_an_image(done):
 
 
 def test_promotion_never_downgrades_unless_forced_and_records_the_previous_champion(done):
+    """On a registered model of its own (a copy of the champion, then a worse version on the same
+    data): the module's `all-dtl` registry, which the other tests read, is never touched."""
     from dtl.registry import load_policy, promote
 
     tmp, cfg, res = done
     t = connect(cfg.tracking_uri, cfg.experiment)
-    champ = t.client.get_model_version_by_alias("all-dtl", "champion")
+    real = t.client.get_model_version_by_alias("all-dtl", "champion")
+    name = "promotion-test"
+    t.client.create_registered_model(name)
+    champ = t.client.create_model_version(name, real.source, run_id=real.run_id, tags=real.tags)
     champ_v = str(champ.version)
-    same_data = {k: champ.tags[k] for k in ("data_digest", "split_protocol", "annotation_mask")}
-    worse = t.client.create_model_version("all-dtl", champ.source, run_id=champ.run_id, tags={
+    t.client.set_registered_model_alias(name, "champion", champ_v)
+    same_data = {k: real.tags[k] for k in ("data_digest", "split_protocol", "annotation_mask")}
+    worse = t.client.create_model_version(name, real.source, run_id=real.run_id, tags={
         "metric.val_macro_f1": "0.0001", **same_data, "pipeline_run": "other"})
-    policy = load_policy("registry/policy.yaml" if Path("registry/policy.yaml").exists() else
-                         str(Path(__file__).resolve().parent.parent / "registry" / "policy.yaml"))
-    d = promote(t, policy, {"pipeline_run": "other"}, cards_dir=tmp / "cards")
+    policy = load_policy(ROOT / "registry" / "policy.yaml", name)
+    cards = tmp / "promotion-cards"
+    d = promote(t, policy, {"pipeline_run": "other"}, cards_dir=cards)
     assert not d.moved and d.champion == champ_v and "worse" in d.reason
-    assert str(t.client.get_model_version_by_alias("all-dtl", "champion").version) == champ_v
-    d = promote(t, policy, {"pipeline_run": "other"}, force=True, cards_dir=tmp / "cards")
-    now = t.client.get_model_version_by_alias("all-dtl", "champion")
+    assert str(t.client.get_model_version_by_alias(name, "champion").version) == champ_v
+    d = promote(t, policy, {"pipeline_run": "other"}, force=True, cards_dir=cards)
+    now = t.client.get_model_version_by_alias(name, "champion")
     assert d.moved and str(now.version) == str(worse.version)
     assert now.tags["dtl.previous_champion"] == champ_v
-    assert (tmp / "cards" / f"all-dtl-v{worse.version}.json").exists()
-    # put the real champion back for the other tests
-    promote(t, policy, {"pipeline_run": champ.tags["pipeline_run"]}, force=True, cards_dir=tmp / "cards")
+    assert (cards / f"{name}-v{worse.version}.json").exists()
 
 
 def test_report_command_rebuilds_the_table_from_mlflow_and_logs_it(done):

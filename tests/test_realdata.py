@@ -22,6 +22,7 @@ def shared():
     return require_real_data()
 
 
+@pytest.mark.slow
 def test_aria_has_exactly_40_duplicate_pairs_and_none_crosses_a_split(shared, cache_dir):
     for variant in ("original", "segmented"):
         ds = load_dataset(DataConfig(kind="aria", root=str(shared / "aria-all-pbs-2021"), variant=variant), cache_dir)
@@ -37,6 +38,7 @@ def test_aria_has_exactly_40_duplicate_pairs_and_none_crosses_a_split(shared, ca
     assert man[man.variant == "Segmented"]["duplicate_of"].notna().sum() == 40
 
 
+@pytest.mark.slow
 def test_aria_accepts_a_variant_folder_as_root(shared, cache_dir):
     ds = load_dataset(DataConfig(kind="aria", root=str(shared / "aria-all-pbs-2021" / "Original")), cache_dir)
     assert ds.root.name == "Original" and ds.duplicates_removed == 40
@@ -61,9 +63,14 @@ def test_full_cnmc_manifest_splits_patient_disjoint_keeping_the_class_ratio(shar
     train = man[man["split"] == "train"].copy()
     parsed = [parse_cnmc_name(f) for f in train["filename"]]
     assert all(parsed), "every training file name parses"
+    # the label parsed from the file name agrees with the class folder the file lies in and with
+    # the manifest's own label column (7272 all, 3389 hem)
+    folder = train["path_in_kaggle_layout"].str.split("/").str[-2]
+    assert folder.value_counts().to_dict() == {"all": 7272, "hem": 3389}
+    parsed_label = pd.Series([p["label"] for p in parsed], index=train.index)
+    assert (parsed_label == folder).all() and (parsed_label == train["label"]).all()
     train["patient"] = [p["patient"] for p in parsed]
-    train["label"] = [p["label"] for p in parsed]
-    assert (train["label"] == train["label"]).all() and train["patient"].nunique() == 73
+    assert train["patient"].nunique() == 73
     assert sum(f.startswith("UID_h") for f in train["filename"]) == 36
     for seed in (0, 1, 2):
         s = patient_split(train.reset_index(drop=True), 0.2, seed)
@@ -75,6 +82,7 @@ def test_full_cnmc_manifest_splits_patient_disjoint_keeping_the_class_ratio(shar
         assert 0.15 < (t.split == "val").mean() < 0.3
 
 
+@pytest.mark.slow
 def test_pbc_subset_as_a_class_per_folder_phase1_source(shared, cache_dir):
     ds = load_dataset(DataConfig(kind="imagefolder", root=str(shared / "pbc-acevedo-2020-subset")), cache_dir)
     assert len(ds.classes) == 8 and ds.duplicates_removed == 3
@@ -89,6 +97,7 @@ def _aria(shared, cache_dir, **kw):
     return load_dataset(DataConfig(kind="aria", root=str(shared / "aria-all-pbs-2021"), **kw), cache_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["original", "segmented"])
 def test_aria_photos_of_one_field_share_a_group_and_a_split(shared, cache_dir, variant):
     m = _aria(shared, cache_dir, variant=variant).manifest.set_index("path")
@@ -112,6 +121,7 @@ def _dhash_cross_split(ds, max_bits: int = 6) -> int:
     return int((split[i[close]] != split[j[close]]).sum())
 
 
+@pytest.mark.slow
 def test_aria_grouped_split_has_no_cross_split_near_duplicates_by_an_independent_measure(shared, cache_dir):
     grouped, image_level = _aria(shared, cache_dir), _aria(shared, cache_dir, protocol="image-level")
     assert grouped.audit()["near_duplicates"] == 0 and image_level.audit()["near_duplicates"] > 50
@@ -121,6 +131,7 @@ def test_aria_grouped_split_has_no_cross_split_near_duplicates_by_an_independent
     assert blocks.protocol == "acquisition-blocks:20" and _dhash_cross_split(blocks) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["near-duplicate-groups", "acquisition-blocks"])
 def test_aria_group_split_is_class_stratified_and_groups_never_cross(shared, cache_dir, protocol):
     ds = _aria(shared, cache_dir, protocol=protocol)
@@ -134,6 +145,7 @@ def test_aria_group_split_is_class_stratified_and_groups_never_cross(shared, cac
         assert pre.loc["Pre/WBC-Malignant-Pre-021.jpg", "group"] == pre.loc["Pre/WBC-Malignant-Pre-040.jpg", "group"]
 
 
+@pytest.mark.slow
 def test_aria_corner_stamp_predicts_the_class_until_masked(shared, cache_dir):
     ds = _aria(shared, cache_dir)
     p = shortcut_probe(ds, annotation_mask("auto", "aria"), cache_dir)

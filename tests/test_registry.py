@@ -52,7 +52,20 @@ def test_policy_file_validation(tmp_path):
         load_policy(f)
     f.write_text("metric: val_accuracy\ntie_breaks: [val_macro_f1]\n")
     assert load_policy(f, "other").registered_model == "other"
-    assert load_policy("registry/policy.yaml").metric == "val_macro_f1"
+
+
+def test_the_repository_policy_file_is_read(tmp_path, monkeypatch):
+    """registry/policy.yaml sets min_value 0.0 where the built-in default is None: only a policy
+    read from the file has it. The default path is relative to the working directory."""
+    from tests.conftest import ROOT
+
+    assert Policy().min_value is None
+    assert load_policy(ROOT / "registry" / "policy.yaml") == Policy(
+        "all-dtl", "val_macro_f1", "maximize", 0.0, ("val_balanced_accuracy", "val_accuracy"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "registry" / "policy.yaml").write_text("metric: val_loss\nmin_value: 0.25\ntie_breaks: []\n")
+    assert load_policy("registry/policy.yaml") == Policy("all-dtl", "val_loss", "minimize", 0.25, ())
 
 
 def test_comparison_pairs_and_paired_gains():

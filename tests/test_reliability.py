@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from dtl.tune import make_storage
-from tests.conftest import PYTHON, demo_overrides
+from tests.conftest import PYTHON, demo_overrides, free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -94,13 +94,7 @@ def test_out_of_memory_fails_one_trial_and_the_study_continues(workspace, cache_
 
 
 def test_tracking_server_going_away_mid_run_then_rerun_resumes(workspace, cache_dir):
-    import socket
-
-    import requests
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     mlflow_bin = os.path.join(os.path.dirname(PYTHON), "mlflow")
 
@@ -108,13 +102,8 @@ def test_tracking_server_going_away_mid_run_then_rerun_resumes(workspace, cache_
         proc = subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{workspace}/server.db",
                                  "--artifacts-destination", str(workspace / "art"), "--host", "127.0.0.1",
                                  "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workspace)
-        for _ in range(180):
-            try:
-                if requests.get(url + "/health", timeout=2).ok:
-                    return proc
-            except requests.ConnectionError:
-                time.sleep(1)
-        raise AssertionError("server did not start")
+        wait_for_http(url + "/health", proc)
+        return proc
 
     server = start_server()
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",

@@ -26,7 +26,7 @@ from dtl.models import DTLNet, ModelSpec, resolve_input_spec, save_checkpoint
 from dtl.registry import log_model, model_artifacts, register
 from dtl.serving import InputPolicy, InvalidInput, decode_image_bytes
 from dtl.tracking import connect, start_run
-from tests.conftest import ROOT, SHARED, mlflow_serve, require_real_data
+from tests.conftest import ROOT, SHARED, mlflow_serve, module_workspace, require_real_data
 
 CLASSES = ("Benign", "Early", "Pre", "Pro")
 
@@ -35,27 +35,17 @@ CLASSES = ("Benign", "Early", "Pre", "Pro")
 def champion(tmp_path_factory):
     """An untrained test_resnet logged, registered and aliased ``champion`` in a fresh store
     (serving does not need a trained model, and this keeps the module fast)."""
-    tmp = tmp_path_factory.mktemp("serving")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    old, cwd = os.environ.get("MLFLOW_TRACKING_URI"), os.getcwd()
-    os.chdir(tmp)  # the store's artifacts go under the working directory
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    t = connect(uri, "serving")
-    net = DTLNet(ModelSpec("test_resnet", CLASSES))
-    ckpt = save_checkpoint(tmp / "best.pt", net, {"phase": "phase2", "init": "scratch", "data_digest": "x",
-                                                  "input": resolve_input_spec("test_resnet", 64).to_dict()})
-    run = start_run(t, "serving-model", {"dtl.role": "study"})
-    model_uri = log_model(run, ckpt)
-    version = register(t, "all-dtl", model_uri, run.id, {"backbone": "test_resnet"})
-    t.client.set_registered_model_alias("all-dtl", "champion", version)
-    run.end()
-    yield tmp, t
-    os.chdir(cwd)
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+    with module_workspace(tmp_path_factory.mktemp("serving")) as tmp:
+        t = connect(f"sqlite:///{tmp}/mlflow.db", "serving")
+        net = DTLNet(ModelSpec("test_resnet", CLASSES))
+        ckpt = save_checkpoint(tmp / "best.pt", net, {"phase": "phase2", "init": "scratch", "data_digest": "x",
+                                                      "input": resolve_input_spec("test_resnet", 64).to_dict()})
+        run = start_run(t, "serving-model", {"dtl.role": "study"})
+        model_uri = log_model(run, ckpt)
+        version = register(t, "all-dtl", model_uri, run.id, {"backbone": "test_resnet"})
+        t.client.set_registered_model_alias("all-dtl", "champion", version)
+        run.end()
+        yield tmp, t
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +138,7 @@ def test_every_image_mode_converts_and_classifies(server, mode, fmt):
         assert all(abs(pred[f"p_{c}"] - grey[f"p_{c}"]) < 1e-4 for c in CLASSES), (pred, grey)
 
 
+@pytest.mark.slow
 def test_paths_only_in_local_python_when_asked(champion, tmp_path):
     """`mlflow.pyfunc.load_model(..., model_config={"allow_paths": True})` reads files; by default not."""
     f = tmp_path / "cell.png"
@@ -208,6 +199,7 @@ def test_champion_loads_and_predicts_in_a_fresh_virtualenv_from_its_own_requirem
     assert cls in CLASSES and "/code/dtl/" in where and str(ROOT) not in where
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, allowed", [("dtl.serving", set()), ("dtl.fuzzy_serving", {"skfuzzy", "scipy"})])
 def test_served_code_imports_only_what_the_model_requires(module, allowed):
     """A logged model installs only its requirements.txt (torch, timm, mlflow, ... and scikit-fuzzy
