@@ -184,7 +184,7 @@ def cmd_report(args) -> int:
 
     cfg = load_config(args)
     t = tracking.connect(cfg.tracking_uri, cfg.experiment)
-    prov = {**report.last_provenance(t), "report_command": "dtl " + " ".join(sys.argv[1:])}
+    prov = {**report.last_provenance(t), "report_command": tracking.command_line()}
     out = report.build(t, args.out or cfg.report_dir, cfg.registered_model, args.data_digest or None,
                        provenance=prov, description=cfg.description)
     r = tracking.Run(t, t.outer_run_id) if t.outer_run_id else tracking.start_run(t, "report", {"dtl.role": "report"})
@@ -452,7 +452,7 @@ def cmd_explain(args) -> int:
     t = tracking.connect(cfg.tracking_uri, cfg.experiment)
     model = args.model or f"models:/{cfg.registered_model}@champion"
     out = Path(args.out or Path(cfg.report_dir) / "explain")
-    r = run_explain(cfg, t, model, args.split, out, command="dtl " + " ".join(sys.argv[1:]))
+    r = run_explain(cfg, t, model, args.split, out, command=tracking.command_line())
     print(f"explain {r['label']} ({r['backbone']}, {r['strategy']}) on {r['split']} (n={r['n']}):")
     print("\n".join(summary_text(r)))
     print(f"logged to run {r['run_id']} (under study run {r['model_run']}); written to {r['out']}/")

@@ -8,7 +8,6 @@ import dataclasses
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from dtl.tracking import (
     Run,
     Tracking,
     base_tags,
+    command_line,
     connect,
     end_orphans,
     find_runs,
@@ -281,7 +281,7 @@ def _provenance(cfg: Config, tracking: Tracking, wall: float, run_id: str) -> di
     dev = resolve_device(cfg.device)
     phases = _phases(cfg)
     return {
-        "command": "dtl " + " ".join(sys.argv[1:]), "git_commit": git_commit(), "pipeline_run": run_id,
+        "command": command_line(), "git_commit": git_commit(), "pipeline_run": run_id,
         "recipe": cfg.name, "backbones": list(cfg.backbones), "strategies": list(cfg.strategies),
         "init": {"phase1": cfg.phase1.init, "phase2_single": cfg.phase2.init},
         "data": {ph: {"kind": dataset(cfg, ph).kind, "root": cfg.phase(ph).data.root or "(demo, generated)",

@@ -36,6 +36,12 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _SECRET = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]+):(?P<pw>[^@/]+)@", re.I)
 
 
+def command_line() -> str:
+    """This process's ``dtl`` command line as recorded in provenance and reports, passwords removed
+    (``-o tune.storage=postgresql://user:pw@host/db`` is a normal way to pass a storage URL)."""
+    return redact("dtl " + " ".join(sys.argv[1:]))
+
+
 def redact(uri: str) -> str:
     """Strip the password from a URL (``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``)."""
     return _SECRET.sub(lambda m: f"{m['scheme']}{m['user']}:***@", uri or "")

@@ -85,11 +85,13 @@ def test_phase2_double_without_a_phase1_study_and_evaluate_without_a_target(work
     (["phase2", "--strategy", "triple"], "invalid choice"),
     (["nonsense"], "invalid choice"),
 ])
+@pytest.mark.slow  # a subprocess per case (fast, but the fast tier runs no subprocess)
 def test_argument_errors(args, needle):
     p = dtl(*args)
     assert p.returncode == 2 and needle in p.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_tune_help_documents_the_knobs():
     p = dtl("tune", "--help")
     for knob in ("--n-trials", "--storage", "tune.pruner", "search_space", "--phase"):
@@ -99,7 +101,7 @@ def test_tune_help_documents_the_knobs():
 def test_mlproject_entry_points_are_one_line_cli_calls():
     spec = yaml.safe_load((ROOT / "MLproject").read_text())
     eps = spec["entry_points"]
-    assert set(eps) == {"main", "phase1", "phase2", "evaluate", "promote", "report", "predict", "fuzzy"}
+    assert set(eps) == {"main", "phase1", "phase2", "evaluate", "promote", "report", "predict", "fuzzy", "explain"}
     for name, ep in eps.items():
         assert ep["command"].startswith(f"python -m dtl {name}")
         for param in ep["parameters"]:

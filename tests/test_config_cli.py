@@ -66,6 +66,14 @@ def test_model_config_switches_read_false_strings_as_false():
     assert InputPolicy.from_config({"allow_paths": "false"}).allow_paths is False
 
 
+def test_the_recorded_command_line_carries_no_password(monkeypatch):
+    from dtl.tracking import command_line
+
+    monkeypatch.setattr(sys, "argv", ["dtl", "main", "-o", "tune.storage=postgresql://ann:s3cret@db.lab/optuna"])
+    assert command_line() == "dtl main -o tune.storage=postgresql://ann:***@db.lab/optuna"
+
+
+@pytest.mark.slow  # a subprocess (about a second)
 def test_the_help_does_not_import_torch_mlflow_or_pandas():
     code = "import sys, dtl.cli; print(sorted(m for m in ('torch', 'mlflow', 'pandas', 'timm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
