@@ -31,7 +31,8 @@ dtl fuzzy --config real-cpu-tiny
 dtl promote --config real-cpu-tiny
 dtl report --config real-cpu-tiny
 # Explain and stress the champion (Grad-CAM + shortcut score, occlusion, cross-variant, corruptions,
-# calibration; stores the fitted temperature with the champion and rewrites its card), then the
+# calibration; the fitted temperature is stored with the champion only when its logged model can apply
+# it: v11 was logged before that option, so it is reported, not stored), then the
 # double-transfer test_efficientnet trained WITHOUT the annotation mask (v20) for the shortcut
 # comparison; writes reports/aria-cpu-tiny/explain/<model>/ and logs under each study run.
 dtl explain --config real-cpu-tiny
