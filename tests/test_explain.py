@@ -307,3 +307,24 @@ def test_a_model_logged_without_temperature_support_gets_none_stored(explained):
         assert not _applies_temperature(t, model_id)
     finally:
         mlmodel.write_text(text)
+
+
+def test_cross_variant_pairs_the_same_items_in_both_directions(cache_dir):
+    """Original -> Segmented and the reverse: the same split, the same relative paths, on the demo Aria
+    layout (both variant folders); a folder set without variants gets a row saying why."""
+    from dataclasses import replace
+
+    from dtl.config import DataConfig
+    from dtl.data.datasets import load_dataset
+
+    orig = load_dataset(DataConfig(kind="demo-aria"), cache_dir)
+    seg = load_dataset(DataConfig(kind="demo-aria", variant="segmented"), cache_dir)
+    to_seg, to_orig = robustness.other_variant(orig, "test"), robustness.other_variant(seg, "test")
+    assert (to_seg.variant, to_orig.variant) == ("segmented", "original")
+    assert to_seg.root.name == "Segmented" and to_orig.root.name == "Original"
+    paths = list(orig.split("test")["path"])
+    assert len(to_seg.index) == len(paths) and all((to_seg.root / paths[i]).is_file() for i in to_seg.index)
+    assert sorted(seg.split("test")["path"]) == sorted(paths)  # one grouping and split for both variants
+    plain = replace(orig, root=orig.root.parent.parent / "cells")  # a class-per-folder set, no variants
+    none = robustness.other_variant(plain, "test")
+    assert len(none.index) == 0 and "not an Aria variant folder" in none.reason
