@@ -33,7 +33,7 @@ from dtl.phases import bootstrap_units, dataset
 from dtl.registry import load_policy, model_artifacts, phase1_source, write_card
 from dtl.serving import CALIBRATION_FILE, ImageClassifier, load_classifier
 from dtl.stats import bootstrap_ci
-from dtl.tables import markdown_table
+from dtl.tables import PAGE_STYLE, markdown_table, markdown_to_html
 from dtl.tracking import Run, Tracking, redact, start_run
 
 
@@ -293,14 +293,9 @@ def write_pages(out: Path, s: dict, frame: pd.DataFrame, shortcut: pd.DataFrame)
     (out / "robustness.md").write_text(head + "\n".join(body))
     frame.to_csv(out / "robustness.csv", index=False)
     shortcut.to_csv(out / "shortcut.csv", index=False)
-    (out / "robustness.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>explain {html.escape(s['label'])}</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style></head><body>"
-        f"<h1>Explain and stress: {html.escape(s['label'])}</h1><p>{html.escape(head.split(chr(10), 2)[2])}</p><ul>"
-        + "".join(f"<li>{html.escape(x[2:])}</li>" for x in summary_text(s)) + "</ul><h2>Robustness</h2>"
-        + frame.to_html(index=False) + "<h2>Grad-CAM shortcut score</h2>" + shortcut.to_html(index=False)
-        + "<img src='cam_grid.png'/><img src='reliability.png'/></body></html>")
+    page = markdown_to_html(head + "\n".join(body))
+    (out / "robustness.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>explain "
+                                         f"{html.escape(s['label'])}</title>{PAGE_STYLE}</head><body>{page}</body></html>")
 
 
 def store_temperature(tracking: Tracking, cfg: Config, target: Target, calib: dict, split: str) -> tuple[bool, str]:
@@ -367,14 +362,15 @@ def run_explain(cfg: Config, tracking: Tracking, source: str, split: str, out_ro
     z = clf.logits(raw)
     z_val = clf.logits(robustness.read_images(ds.root, ds.split("val")["path"]))
     unit, groups = bootstrap_units(ds.split(split))
-    rows, preds = stress(cfg, clf, ds, split, raw, calibration.softmax(z))
+    probs = calibration.softmax(z)
+    rows, preds = stress(cfg, clf, ds, split, raw, probs)
     calib = calibrate(cfg, ds.label_ids("val"), z_val, ds.label_ids(split), z, split, groups)
     name = target.label.replace("models:/", "").replace("/", "-v").replace("@", "-").replace(":", "-")
     out = Path(out_root) / name
     out.mkdir(parents=True, exist_ok=True)
     layer = explain.target_layer(clf.net)[0]
     title = f"{target.label}: {clf.net.spec.backbone} ({t.get('strategy', '?')}), Grad-CAM at {layer}, {split} split"
-    shortcut, per_image, fig = cams(cfg, clf, ds, split, raw, calibration.softmax(z), title)
+    shortcut, per_image, fig = cams(cfg, clf, ds, split, raw, probs, title)
     _save(fig, out / "cam_grid.png")
     _save(calibration.reliability_figure({k: {"before scaling": v["before"], f"T={calib['temperature']:.2f}": v["after"]}
                                           for k, v in calib["curves"].items()},

@@ -24,7 +24,7 @@ from dtl.explain_report import section as explain_section
 from dtl.fuzzy_report import section as fuzzy_section
 from dtl.metrics import confusion_figure, point_metrics
 from dtl.stats import paired_bootstrap
-from dtl.tables import markdown_table, png_bytes
+from dtl.tables import markdown_table, markdown_to_html, png_bytes
 from dtl.tracking import Tracking, find_runs, redact
 
 COLUMNS = ["backbone", "strategy", "init", "split_protocol", "masked", "phase1_val_macro_f1", "phase2_val_accuracy",
@@ -340,12 +340,13 @@ td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}</style></hea
 
 
 def _section_html(title: str, lines: list[str], figs: dict) -> str:
-    """An optional section (fuzzy vs softmax, explain) for the HTML page (its Markdown kept as preformatted text)."""
+    """An optional section (fuzzy vs softmax, explain) for the HTML page: its Markdown rendered, its
+    figures embedded."""
     if not lines:
         return ""
-    text = html.escape("\n".join(x for x in lines[2:] if not x.startswith("![")))
+    text = markdown_to_html("\n".join(x for x in lines[2:] if not x.startswith("![")))
     imgs = "".join(f'<img src="data:image/png;base64,{base64.b64encode(d).decode()}"/>' for d in figs.values())
-    return f"<h2>{html.escape(title)}</h2><pre>{text}</pre>{imgs}"
+    return f"<h2>{html.escape(title)}</h2>{text}{imgs}"
 
 
 def row_commands(tracking: Tracking, df: pd.DataFrame) -> list[dict]:

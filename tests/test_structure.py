@@ -147,3 +147,16 @@ def test_the_strategy_registry_feeds_config():
     assert strategies.needs_phase1(["scratch", "double"]) and not strategies.needs_phase1(["single", "scratch"])
     assert strategies.STRATEGIES["single"].init("imagenet") == "imagenet"
     assert strategies.STRATEGIES["scratch"].init("imagenet") == "scratch"
+
+
+def test_report_sections_render_their_markdown_as_html():
+    """report.html showed the fuzzy/explain sections as raw Markdown in <pre>: tables must be tables."""
+    from dtl.tables import markdown_to_html
+
+    page = markdown_to_html("## Robustness\n\nsplit `test` (n=3)\n\n| set | acc |\n|---|---|\n| clean | 0.9 |\n"
+                            "- one\n- two\n\n![grid](cam_grid.png)\n\n```\ndtl explain --split test\n```")
+    assert "<h2>Robustness</h2>" in page and "<code>test</code>" in page
+    assert "<table><tr><th>set</th><th>acc</th></tr><tr><td>clean</td><td>0.9</td></tr></table>" in page
+    assert "---" not in page and "|" not in page
+    assert "<ul><li>one</li>\n<li>two</li></ul>" in page and "<img alt='grid' src='cam_grid.png'/>" in page
+    assert "<pre>dtl explain --split test</pre>" in page
