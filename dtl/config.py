@@ -51,6 +51,9 @@ class DataConfig:
     protocol: str = "auto"  # split protocol, one of SPLIT_PROTOCOLS; auto = the kind's default
     block_size: int = 20  # acquisition-blocks: consecutive file numbers per class kept together
     mask_annotation: str = "auto"  # on | off | auto (= on for Aria, whose corner stamp leaks the label)
+    cv_folds: int = 0  # > 0: fold cv_fold of a stratified group K-fold over ALL items is test, the next fold val
+    cv_fold: int = 0  # (final.cv sets these three for its fold models; a fold can be rerun by hand with them)
+    cv_repeat: int = 0  # repeat r draws its folds with split_seed + r
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class PhaseConfig:
     tta: bool = False  # test-time augmentation (horizontal/vertical flips) in the final evaluation
     n_trials: int = 10
     search: tuple[str, ...] = ()  # parameters Optuna tunes; empty = every key of the search space
+    pinned: tuple[str, ...] = ()  # search-space keys held at their config value (set by -o / flags, or here)
 
 
 def _phase1() -> PhaseConfig:
@@ -108,7 +112,7 @@ class TuneConfig:
     pruner: str = "median"  # median | hyperband | threshold | none
     pruner_startup_trials: int = 5  # median pruner: no pruning before this many trials completed
     pruner_warmup_epochs: int = 1  # no pruning before this epoch, and never inside the LR warm-up
-    startup_trials: int = 10  # TPE's random start-up draws; a best trial among them is flagged
+    startup_trials: int = -1  # TPE's random start-up draws (-1: a third of n_trials, at least 2); a best trial among them is flagged
     max_trials: int = 0  # cap on trials of any state per study (pruned/failed included); 0 = 3 x n_trials
     threshold: float = 0.0  # threshold pruner: prune when the monitored metric is worse than this
     search_space: str = "search_space.yaml"  # relative to experiments/ unless absolute
@@ -119,6 +123,8 @@ class TuneConfig:
 @dataclass(frozen=True)
 class FinalConfig:
     repeats: int = 1  # after a study, retrain its best parameters with this many seeds (seed, seed+1, ...)
+    cv: int = 0  # K >= 2: K-fold grouped cross-validation of each phase-2 study's best parameters (0 = off)
+    cv_repeats: int = 1  # repeats of the K-fold CV, each with other folds (split_seed + r)
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,7 @@ class Config:
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile the model (CUDA)
     seed: int = 0
-    deterministic: bool = True
+    deterministic: bool = True  # use_deterministic_algorithms(warn_only) and no cuDNN autotuning (docs/reproducibility.md)
     experiment: str = "all-dtl"  # MLflow experiment (ignored under `mlflow run`, which picks it)
     tracking_uri: str = ""  # empty = MLFLOW_TRACKING_URI or MLflow's default (sqlite:///mlflow.db)
     registered_model: str = "all-dtl"
@@ -274,8 +280,52 @@ def load(recipes: list[str] | tuple[str, ...] = ("demo",), overrides: list[str] 
         raw = _merge(raw, _read_recipe(path))
     for o in overrides:
         raw = _merge(raw, parse_override(o))
-    cfg = _build(Config(), raw, "")
+    cfg = _pin(_build(Config(), raw, ""), overrides)
     validate(cfg, check_files)
+    return cfg
+
+
+# Phase keys an override can give that are no search-space parameters.
+_NEVER_TUNED = ("data", "search", "pinned", "n_trials", "init", "monitor")
+
+
+def read_search_space(cfg: Config) -> tuple[Path, dict]:
+    """The search-space file of ``tune.search_space`` (relative to experiments/ unless it exists
+    as given) and its blocks (``phase1``, ``phase2``, ``fuzzy``)."""
+    path = Path(cfg.tune.search_space)
+    if not path.is_absolute() and not path.exists():
+        path = EXPERIMENTS_DIR / path
+    try:
+        space = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise DTLError(f"cannot read search space {path}: {e}") from None
+    if not isinstance(space, dict):
+        raise DTLError(f"search space {path} must hold a mapping with phase1/phase2/fuzzy blocks")
+    return path, space
+
+
+def _pin(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A phase key given on the command line (``-o phase2.unfreeze=3`` or a flag) that the search
+    space would tune is pinned: the study keeps it at that value (and its identity and runs say
+    so) instead of silently tuning over it."""
+    given: dict[str, set] = {}
+    for o in overrides:
+        for ph, block in parse_override(o).items():
+            if ph in ("phase1", "phase2") and isinstance(block, dict):
+                given.setdefault(ph, set()).update(k for k in block if k not in _NEVER_TUNED)
+    if not given:
+        return cfg
+    path, space = read_search_space(cfg)
+    for ph, keys in given.items():
+        pc = cfg.phase(ph)
+        both = sorted(keys & set(pc.search))
+        if both:
+            raise DTLError(f"{ph}.{both[0]} is given on the command line and also named in {ph}.search: "
+                           f"drop it from {ph}.search to pin it, or drop the override to tune it")
+        tuned = set(space.get(ph) or {}) & (set(pc.search) if pc.search else set(space.get(ph) or {}))
+        pins = sorted(set(pc.pinned) | (keys & tuned))
+        if pins != sorted(pc.pinned):
+            cfg = with_phase(cfg, ph, pinned=tuple(pins))
     return cfg
 
 
@@ -307,8 +357,8 @@ RANGES = {
     "augment.scale_min": "(0, 1]", "augment.ratio": "[0, inf)", "augment.brightness": "[0, inf)",
     "augment.contrast": "[0, inf)", "augment.saturation": "[0, inf)", "augment.hue": "[0, 0.5]",
     "tune.pruner_startup_trials": "[0, inf)", "tune.pruner_warmup_epochs": "[0, inf)",
-    "tune.startup_trials": "[0, inf)", "tune.max_trials": "[0, inf)", "tune.heartbeat_s": "[1, inf)",
-    "final.repeats": "[1, inf)", "fuzzy.n_trials": "[1, inf)", "explain.n_per_class": "[1, inf)",
+    "tune.startup_trials": "[-1, inf)", "tune.max_trials": "[0, inf)", "tune.heartbeat_s": "[1, inf)",
+    "final.repeats": "[1, inf)", "final.cv_repeats": "[1, inf)", "fuzzy.n_trials": "[1, inf)", "explain.n_per_class": "[1, inf)",
     "explain.cam_images": "[0, inf)", "explain.corruption_images": "[0, inf)", "explain.annotation_threshold": "(0, inf)",
     "phaseN.head_channels": "[1, inf)", "phaseN.head_dropout": "[0, 1)", "phaseN.unfreeze": "[-1, inf)",
     "phaseN.epochs": "[1, inf)", "phaseN.batch_size": "[1, inf)", "phaseN.lr_head": "[0, inf)",
@@ -367,6 +417,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             raise DTLError(f"{ph}.data.val_fraction + test_fraction must be < 1 (training needs images)")
         validate_data(p.data, f"{ph}.data")
     _choice(cfg.explain.store_temperature, ("auto", "on", "off"), "explain.store_temperature")
+    if cfg.final.cv == 1 or cfg.final.cv < 0:
+        raise DTLError(f"final.cv={cfg.final.cv} is not valid; 0 (off) or K >= 2 folds")
 
 
 def validate_data(d: DataConfig, where: str) -> None:
@@ -375,6 +427,9 @@ def validate_data(d: DataConfig, where: str) -> None:
     _choice(d.protocol, ("auto",) + kinds.get(d.kind).protocols, f"{where}.protocol (for kind {d.kind})")
     _choice(d.mask_annotation, MASK_MODES, f"{where}.mask_annotation")
     _choice(d.variant, ("original", "segmented"), f"{where}.variant")
+    if d.cv_folds == 1 or d.cv_folds < 0 or not 0 <= d.cv_fold < max(d.cv_folds, 1) or d.cv_repeat < 0:
+        raise DTLError(f"{where}.cv_folds must be 0 (off) or >= 2 and 0 <= cv_fold < cv_folds, cv_repeat >= 0; "
+                       f"got cv_folds={d.cv_folds}, cv_fold={d.cv_fold}, cv_repeat={d.cv_repeat}")
     if d.block_size < 1:
         raise DTLError(f"{where}.block_size must be >= 1 (file numbers per acquisition block), "
                        f"got {d.block_size}")

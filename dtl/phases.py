@@ -25,6 +25,7 @@ from dtl.data import store
 from dtl.data.cache import BatchLoader
 from dtl.data.datasets import Dataset
 from dtl.data.mask import annotation_mask
+from dtl.data.splits import resampling_units
 from dtl.data.transforms import InputSpec
 from dtl.engine import cosine_lr, evaluate, predict, resolve_device, resolve_precision, train_one_epoch
 from dtl.metrics import confusion, direction, evaluate_predictions
@@ -81,38 +82,62 @@ class PhaseResult:
 
 
 @functools.lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+def _weights_digest(path: str, size: int, mtime_ns: int) -> str:
+    """Content hash of the tensors a weights file holds (names, dtypes, shapes, values), in name
+    order: the same weights give the same digest whatever else the file carries (a checkpoint's
+    measured throughput, its config with paths) and whichever format holds them (a phase-1
+    ``best.pt`` or the logged model's safetensors)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for name, t in sorted(read_weights(Path(path)).items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
 def init_digest(source: str | Path) -> str:
-    """What a run starts from, as a short stable string: the content hash of a weights file or
-    checkpoint (``file:PATH`` or a path), else the init name (``scratch``, ``imagenet``)."""
+    """What a run starts from, as a short stable string: the content hash of the weights in a
+    weights file or checkpoint (``file:PATH`` or a path), else the init name (``scratch``,
+    ``imagenet``). Never a hash of the file's bytes: those change with what a checkpoint
+    measured, which would give the same start another study identity."""
     text = str(source)
     path = Path(text[5:] if text.startswith("file:") else text)
     if isinstance(source, Path) or text.startswith("file:"):
         if not path.is_file():
             raise DTLError(f"initial weights {path} do not exist")
         st = path.stat()
-        return "sha256:" + _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)[:16]
+        return "sha256:" + _weights_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)[:16]
     return text
 
 
 # Config blocks that do not change what training computes (reporting, registration, later jobs):
-# editing them between a kill and the rerun must not throw the interrupted run's last.pt away.
+# editing them between a kill and the rerun must not throw the interrupted run's last.pt away,
+# and they are no part of a study's identity.
 NOT_TRAINING = ("name", "description", "experiment", "tracking_uri", "registered_model", "register_strategy",
-                "policy", "cards_dir", "report_dir", "final", "fuzzy", "explain")
+                "policy", "cards_dir", "report_dir", "final", "fuzzy", "explain", "work_dir", "cache_dir",
+                "backbones", "strategies", "bootstrap")
+# Where things are, not what they are (the data digest says what the files hold).
+_PATH_KEYS = ("root", "train_dir", "val_dir", "test_dir", "labels_csv")
+
+
+def training_config(config: dict | None) -> dict:
+    """The part of a config dict (:func:`dtl.config.to_dict`) that training computes from: no
+    reporting blocks, no paths, no storage URLs. Study identities and the resume check use it."""
+    out = {k: v for k, v in (config or {}).items() if k not in NOT_TRAINING}
+    for phase in ("phase1", "phase2"):
+        if isinstance(out.get(phase), dict):
+            block = dict(out[phase])
+            block.pop("n_trials", None)  # a study may grow its budget without becoming another study
+            block["data"] = {k: v for k, v in (block.get("data") or {}).items() if k not in _PATH_KEYS}
+            out[phase] = block
+    if isinstance(out.get("tune"), dict):
+        out["tune"] = {k: v for k, v in out["tune"].items() if k not in ("storage", "heartbeat_s")}
+    return out
 
 
 def _same_run(saved: dict, meta: dict) -> bool:
-    def training(c: dict | None) -> dict:
-        return {k: v for k, v in (c or {}).items() if k not in NOT_TRAINING}
-
-    return training(saved.get("config")) == training(meta["config"]) and saved.get("init_digest") == meta["init_digest"]
+    return (training_config(saved.get("config")) == training_config(meta["config"])
+            and saved.get("init_digest") == meta["init_digest"])
 
 
 def _init_model(cfg: Config, phase: str, backbone: str, classes: list[str], init_from: str | Path | None) -> DTLNet:
@@ -318,14 +343,8 @@ def _save_last(path: Path, t: _Setup, state: _Progress, epoch: int) -> None:
 
 
 def bootstrap_units(table) -> tuple[str, object]:
-    """What a bootstrap resamples for a split's manifest rows: patients where every row has one
-    (C-NMC), else near-duplicate groups where the manifest has them, else images."""
-    patients = table["patient"].astype(str)
-    if len(table) and (patients != "").all():
-        return "patient", patients.to_numpy()
-    if "group" in table and len(table) and (table["group"].astype(str) != "").all():
-        return "group", table["group"].astype(str).to_numpy()
-    return "image", None
+    """What a bootstrap resamples for a split's manifest rows (:func:`dtl.data.splits.resampling_units`)."""
+    return resampling_units(table)
 
 
 def evaluate_checkpoint(cfg: Config, phase: str, checkpoint: Path, splits=("val", "test")) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import platform
 import shutil
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dtl import DTLError, faults, registry
@@ -24,7 +26,7 @@ from dtl.fuzzy_job import run_fuzzy
 from dtl.models import check_backbone
 from dtl.phases import dataset, evaluate_checkpoint, run_phase
 from dtl.registry import log_model, phase1_source, register
-from dtl.stats import mean_spread
+from dtl.stats import corrected_t_interval, mean_spread
 from dtl.strategies import STRATEGIES, needs_phase1
 from dtl.tracking import (
     Run,
@@ -35,10 +37,11 @@ from dtl.tracking import (
     end_orphans,
     find_runs,
     git_commit,
+    log_dataset,
     log_evaluation,
     start_run,
 )
-from dtl.tune import StudyResult, run_study
+from dtl.tune import StudyResult, check_fixed_values, run_study
 
 
 @dataclass
@@ -59,6 +62,8 @@ def _check_inputs(cfg: Config, phases: tuple[str, ...]) -> None:
     """Fail before any training: unknown backbones, unreadable data, classes mismatches."""
     for b in cfg.backbones:
         check_backbone(b)
+        for ph in phases:
+            check_fixed_values(cfg, ph, b)
     for ph in phases:
         dataset(cfg, ph)
 
@@ -165,22 +170,83 @@ REPEAT_METRICS = ("val_macro_f1", "test_accuracy", "test_macro_f1", "test_balanc
 
 
 def _train_repeat(cfg: Config, study: StudyResult, tracking: Tracking, seed: int) -> dict:
-    workdir = Path(cfg.work_dir) / study.study_name / f"repeat-seed{seed}"
-    rrun = start_run(tracking, f"repeat-seed{seed}", {"dtl.role": "repeat", "dtl.repeat_seed": seed,
-                                                      "phase": study.phase, "backbone": study.backbone,
-                                                      "strategy": study.strategy, "init": study.init_label},
-                     parent=study.run_id)
+    return _retrain(cfg, study, tracking, f"repeat-seed{seed}", {"dtl.role": "repeat", "dtl.repeat_seed": seed})
+
+
+def _retrain(cfg: Config, study: StudyResult, tracking: Tracking, name: str, tags: dict,
+             log_inputs: bool = False) -> dict:
+    """Train the study's best parameters once more under ``cfg`` (another seed, another fold) as a
+    nested run of the study; evaluate val and test, keep the metrics and drop the weights."""
+    workdir = Path(cfg.work_dir) / study.study_name / name
+    rrun = start_run(tracking, name, {**tags, "phase": study.phase, "backbone": study.backbone,
+                                      "strategy": study.strategy, "init": study.init_label}, parent=study.run_id)
     try:
         res = run_phase(cfg, study.phase, study.backbone, workdir, init_from=study.init_from,
                         init_label=study.init_label or None)
         ev = evaluate_checkpoint(cfg, study.phase, res.checkpoint, splits=("val", "test"))
-        rrun.log_metrics({k: v for k, v in ev["metrics"].items() if "_ci_" not in k})
+        ds = dataset(cfg, study.phase)
+        sizes = ds.manifest["split"].value_counts()
+        rrun.log_metrics({**{k: v for k, v in ev["metrics"].items() if "_ci_" not in k},
+                          "n_train": int(sizes.get("train", 0)), "n_test": int(sizes.get("test", 0))})
+        if log_inputs:  # the fold's manifest, as MLflow dataset inputs (train / val / test)
+            for ctx in ("training", "validation", "test"):
+                log_dataset(rrun, ds, ctx, f"{study.phase}-{name}")
     except BaseException:
         rrun.end("FAILED")
         raise
     rrun.end("FINISHED")
     shutil.rmtree(workdir, ignore_errors=True)
-    return ev["metrics"]
+    return rrun.client.get_run(rrun.id).data.metrics
+
+
+CV_METRICS = ("test_accuracy", "test_macro_f1", "test_balanced_accuracy", "val_macro_f1")
+
+
+def cross_validate(cfg: Config, study: StudyResult, tracking: Tracking) -> dict:
+    """K-fold grouped cross-validation of the study's best parameters (``final.cv`` folds x
+    ``final.cv_repeats``): one nested ``fold`` run per fold, found again on rerun; on the study run
+    the mean, sd and corrected resampled t interval (:func:`dtl.stats.corrected_t_interval`) of
+    each metric, and ``cv/folds.json`` with the per-fold values that paired comparisons use. The
+    folds depend on the data and ``split_seed`` only, so every model of the job shares them."""
+    k, reps = cfg.final.cv, cfg.final.cv_repeats
+    if k < 2 or study.phase != "phase2":
+        return {}
+    best_cfg = with_phase(cfg, study.phase, **study.best_params)
+    done = {(r.data.tags.get("dtl.cv_repeat"), r.data.tags.get("dtl.cv_fold")): r for r in
+            find_runs(tracking, f"tags.`mlflow.parentRunId` = '{study.run_id}' and tags.`dtl.role` = 'fold' "
+                                "and attributes.status = 'FINISHED'")}
+    folds = []
+    for rep in range(reps):
+        for f in range(k):
+            r = done.get((str(rep), str(f)))
+            if r is not None:
+                metrics = r.data.metrics
+            else:
+                data = dataclasses.replace(best_cfg.phase(study.phase).data, cv_folds=k, cv_fold=f, cv_repeat=rep)
+                metrics = _retrain(with_phase(best_cfg, study.phase, data=data), study, tracking,
+                                   f"cv{rep}-fold{f}", {"dtl.role": "fold", "dtl.cv_fold": f, "dtl.cv_repeat": rep},
+                                   log_inputs=True)
+            folds.append({"repeat": rep, "fold": f, **{m: metrics.get(m) for m in (*CV_METRICS, "n_train", "n_test")}})
+    summary = cv_summary(folds)
+    run = Run(tracking, study.run_id)
+    run.log_metrics({f"cv_{m}_{s}": v for m, st in summary.items() for s, v in st.items() if s != "n"})
+    run.log_dict({"k": k, "repeats": reps, "split_seed": cfg.phase(study.phase).data.split_seed, "folds": folds},
+                 "cv/folds.json")
+    run.set_tags({"dtl.cv": f"{k}x{reps}", "dtl.cv_id": cv_id(dataset(cfg, study.phase).digest, k, reps,
+                                                              cfg.phase(study.phase).data.split_seed)})
+    return summary
+
+
+def cv_summary(folds: list[dict]) -> dict:
+    """Per metric: mean, sd and the corrected resampled t interval over the folds."""
+    n_train = float(np.mean([f["n_train"] for f in folds]))
+    n_test = float(np.mean([f["n_test"] for f in folds]))
+    return {m: corrected_t_interval([f[m] for f in folds], n_train, n_test) for m in CV_METRICS}
+
+
+def cv_id(data_digest: str, k: int, repeats: int, split_seed: int) -> str:
+    """Which folds a CV used: two studies with the same id were scored on the very same folds."""
+    return hashlib.sha256(f"{data_digest}|{k}|{repeats}|{split_seed}".encode()).hexdigest()[:16]
 
 
 def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, register_it: bool,
@@ -191,6 +257,7 @@ def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, register_
     model_id = run.client.get_run(run.id).data.tags.get("dtl.model_id")
     metrics = evaluate_study(cfg, study, tracking, model_id)
     repeat_best(cfg, study, tracking)
+    cross_validate(cfg, study, tracking)
     faults.kill_point("registration")
     if not register_it:
         return None

@@ -23,14 +23,16 @@ import pandas as pd
 from dtl.explain_report import section as explain_section
 from dtl.fuzzy_report import section as fuzzy_section
 from dtl.metrics import confusion_figure, point_metrics
-from dtl.stats import paired_bootstrap
+from dtl.stats import corrected_t_interval, holm, joined_units, paired_bootstrap
 from dtl.tables import markdown_table, markdown_to_html, png_bytes
 from dtl.tracking import Tracking, find_runs, redact
 
 COLUMNS = ["backbone", "strategy", "init", "split_protocol", "masked", "phase1_val_macro_f1", "phase2_val_accuracy",
            "val_macro_f1", "test_accuracy", "test_accuracy_ci", "test_macro_f1", "test_macro_f1_ci", "ci_unit",
-           "test_accuracy_seeds", "test_macro_f1_seeds", "test_balanced_accuracy", "trials", "pruned", "failed",
-           "flags", "best_params", "registered_version", "alias", "data_digest", "phase2_run"]
+           "test_accuracy_seeds", "test_macro_f1_seeds", "test_accuracy_cv", "test_macro_f1_cv",
+           "test_balanced_accuracy", "trials", "pruned", "failed",
+           "flags", "best_params", "registered_version", "alias", "data_digest", "phase2_run", "cv_id"]
+HIDDEN = ["phase2_run", "cv_id"]  # for joins, not for readers
 ROW_KEY = ("backbone", "strategy", "split_protocol", "masked")  # one row per study of this kind (the latest)
 GAIN_METRICS = ("accuracy", "macro_f1")
 
@@ -77,6 +79,7 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
             "test_macro_f1": m.get("test_macro_f1"), "test_macro_f1_ci": _ci(m, "test_macro_f1"),
             "ci_unit": t.get("ci_unit.test", "image"),
             "test_accuracy_seeds": _seeds(m, "test_accuracy"), "test_macro_f1_seeds": _seeds(m, "test_macro_f1"),
+            "test_accuracy_cv": _cv(m, t, "test_accuracy"), "test_macro_f1_cv": _cv(m, t, "test_macro_f1"),
             "test_balanced_accuracy": m.get("test_balanced_accuracy"),
             "trials": int(m.get("n_complete", 0) + m.get("n_pruned", 0) + m.get("n_failed", 0)),
             "pruned": int(m.get("n_pruned", 0)), "failed": int(m.get("n_failed", 0)),
@@ -85,6 +88,7 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
             if _tuned(t) else "none tuned (config values)",
             "registered_version": v.version if v else "", "alias": ",".join(v.aliases) if v else "",
             "data_digest": (t.get("data_digest") or "")[:12], "phase2_run": r.info.run_id,
+            "cv_id": t.get("dtl.cv_id", ""),
         })
     df = pd.DataFrame(rows, columns=COLUMNS)
     return df.sort_values(["backbone", "strategy"]).reset_index(drop=True) if len(df) else df
@@ -110,6 +114,14 @@ def _seeds(m: dict, k: str) -> str:
     if not n or f"seeds_{k}_mean" not in m:
         return ""
     return f"{m[f'seeds_{k}_mean']:.4f} ± {m[f'seeds_{k}_std']:.4f} (n={int(n)})"
+
+
+def _cv(m: dict, tags: dict, k: str) -> str:
+    """``mean ± sd [corrected 95% CI] (K×R)`` of a cross-validated metric ('' without ``final.cv``)."""
+    if f"cv_{k}_mean" not in m:
+        return ""
+    return (f"{m[f'cv_{k}_mean']:.4f} ± {m[f'cv_{k}_sd']:.4f} [{m[f'cv_{k}_ci_low']:.4f}–{m[f'cv_{k}_ci_high']:.4f}]"
+            f" ({tags.get('dtl.cv', '?')})")
 
 
 def _short(v: str) -> str:
@@ -158,7 +170,7 @@ def paired_gains(pairs: list[tuple[str, dict, pd.DataFrame, pd.DataFrame]], clas
         index = {c: i for i, c in enumerate(cls)}
         y = m["label_a"].map(index).to_numpy()
         prob = {s: m[[f"p_{c}_{s}" for c in cls]].to_numpy(float) for s in ("a", "b")}
-        units = m["bootstrap_unit_a"].astype(str).to_numpy() if "bootstrap_unit_a" in m else None
+        units = _units(m)
         res = paired_bootstrap(y, prob["a"], prob["b"], point_metrics, GAIN_METRICS, n_boot, seed, units)
         for metric, r in res.items():
             out.append({**info, "comparison": what, "metric": f"test_{metric}", "gain": r["diff"],
@@ -167,6 +179,18 @@ def paired_gains(pairs: list[tuple[str, dict, pd.DataFrame, pd.DataFrame]], clas
                         "test_items": r["n_items"], "units": f"{r['n_units']} {r['unit']}s"})
     cols = ["backbone", "comparison", "metric", "gain", "ci_low", "ci_high", "ci_excludes_0", "test_items", "units"]
     return pd.DataFrame(out, columns=cols)
+
+
+def _units(m: pd.DataFrame):
+    """Resampling units of the items two predictions tables share: the rows' own units when both
+    group them alike, else the join of both groupings (two split protocols: items that either
+    protocol keeps together are resampled together)."""
+    if "bootstrap_unit_a" not in m:
+        return None
+    ua = m["bootstrap_unit_a"].astype(str).to_numpy()
+    ub = m["bootstrap_unit_b"].astype(str).to_numpy() if "bootstrap_unit_b" in m else ua
+    same = pd.Series(ua).groupby(ub).nunique().eq(1).all() and pd.Series(ub).groupby(ua).nunique().eq(1).all()
+    return ua if same else joined_units(ua, ub)
 
 
 def gains(df: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
@@ -191,20 +215,87 @@ def gains(df: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     return paired_gains(pairs, n_boot=n_boot)
 
 
+def cv_gains(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """The comparisons of :func:`comparison_pairs` whose two rows were cross-validated on the same
+    folds (same ``cv_id``): per metric, the mean of the per-fold differences a − b with the
+    corrected resampled t interval and p-value (Nadeau & Bengio), and Holm's adjustment across all
+    of the table's CV comparisons. Rows on other folds (another split protocol) are not paired."""
+    out, folds = [], {}
+
+    def load(run_id):
+        if run_id not in folds:
+            try:
+                folds[run_id] = mlflow.artifacts.load_dict(f"runs:/{run_id}/cv/folds.json")["folds"]
+            except Exception:  # noqa: BLE001 - a study without cross-validation
+                folds[run_id] = None
+        return folds[run_id]
+
+    for what, i, j in comparison_pairs(df):
+        a, b = df.iloc[i], df.iloc[j]
+        if not a["cv_id"] or a["cv_id"] != b["cv_id"]:
+            continue
+        fa, fb = load(a["phase2_run"]), load(b["phase2_run"])
+        if not fa or not fb:
+            continue
+        by_b = {(f["repeat"], f["fold"]): f for f in fb}
+        matched = [(f, by_b[(f["repeat"], f["fold"])]) for f in fa if (f["repeat"], f["fold"]) in by_b]
+        n_train = float(np.mean([f["n_train"] for f, _ in matched]))
+        n_test = float(np.mean([f["n_test"] for f, _ in matched]))
+        for metric in (f"test_{g}" for g in GAIN_METRICS):
+            r = corrected_t_interval([x[metric] - y[metric] for x, y in matched], n_train, n_test, alpha)
+            out.append({"backbone": a["backbone"], "comparison": f"{what} ({_context(a, b)})", "metric": metric,
+                        "gain": r["mean"], "sd": r["sd"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+                        "p": r["p"], "folds": r["n"]})
+    cols = ["backbone", "comparison", "metric", "gain", "sd", "ci_low", "ci_high", "p", "p_holm", "survives_holm",
+            "folds"]
+    res = pd.DataFrame(out, columns=cols)
+    if len(res):
+        res["p_holm"] = holm(res["p"].to_numpy())
+        res["survives_holm"] = np.where(res["p_holm"] < alpha, "yes", "no")
+    return res
+
+
+CV_TEXT = " ".join("""
+Each cross-validated gain is the mean over folds of a − b, both rows retrained with their study's best
+parameters on the same stratified group folds (`final.cv`: patients, near-duplicate groups or acquisition
+blocks never span two folds). Its 95% CI and p-value come from the corrected resampled t statistic
+(Nadeau & Bengio 2003: variance × (1/J + n_test/n_train)), so training variance is included; `p_holm` is
+Holm's adjustment across all comparisons of this table, and a gain *survives* where p_holm < 0.05. The
+parameters were tuned on the main split, whose items every fold contains, so the fold scores are slightly
+optimistic. Rows with another split protocol have other folds and are not paired here.
+""".split())
+
+
+def _cv_summary(cv: pd.DataFrame) -> str:
+    if cv.empty:
+        return "No cross-validated comparison (run with `-o final.cv=5` to retrain each study's best on 5 folds)."
+    return _listed(cv, cv["survives_holm"] == "yes", "cross-validated gains", "survives Holm's correction",
+                   "survive Holm's correction", lambda r: f", p_holm {r.p_holm:.3g}")
+
+
+def _listed(table: pd.DataFrame, sig, what: str, none_verb: str, verb: str, extra=lambda r: "") -> str:
+    """One sentence naming the rows of ``table`` where ``sig`` holds (gain and CI each)."""
+    sig = table[sig]
+    if sig.empty:
+        return f"None of the {len(table)} {what} {none_verb}: no difference is shown by these runs."
+    items = "; ".join(f"{r.backbone} {r.comparison} {r.metric} {r.gain:+.4f} ({r.ci_low:+.4f} to {r.ci_high:+.4f}"
+                      f"{extra(r)})" for r in sig.itertuples())
+    return f"{len(sig)} of {len(table)} {what} {verb}: {items}."
+
+
 GAINS_TEXT = ("Each gain is a − b of a test metric over the test items that both rows were evaluated on "
               "(matched by file), with a 95% paired bootstrap CI resampling the same items (or their patients / "
-              "near-duplicate groups) for both models. A gain is called a difference only where its CI excludes 0.")
+              "near-duplicate groups) for both models. A gain is called a difference only where its CI excludes 0. "
+              "This CI covers the sampling of test items for ONE trained model each; the cross-validated gains "
+              "above also cover training variance. Rows of two split protocols share only the test items that "
+              "both splits happen to hold (a chance overlap, so little power); their items are resampled in the "
+              "join of both groupings (items linked by either protocol stay together).")
 
 
 def _gain_summary(gain: pd.DataFrame) -> str:
     if gain.empty:
         return "No comparable pairs of rows (one strategy, protocol and masking setting only)."
-    sig = gain[gain["ci_excludes_0"] == "yes"]
-    if sig.empty:
-        return f"None of the {len(gain)} gains has a CI that excludes 0: no difference is shown by these runs."
-    items = "; ".join(f"{r.backbone} {r.comparison} {r.metric} {r.gain:+.4f} ({r.ci_low:+.4f} to {r.ci_high:+.4f})"
-                      for r in sig.itertuples())
-    return f"{len(sig)} of {len(gain)} gains have a CI that excludes 0: {items}."
+    return _listed(gain, gain["ci_excludes_0"] == "yes", "gains", "has a CI that excludes 0", "have a CI that excludes 0")
 
 
 def _context(a, b) -> str:
@@ -295,9 +386,11 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
     out.mkdir(parents=True, exist_ok=True)
     df = collect(tracking, registered_model, data_digest)
     gain = gains(df)
+    cv = cv_gains(df)
     seed = seed_table(df)
     figs = figures(tracking, df)
     df.to_csv(out / "results.csv", index=False)
+    cv.to_csv(out / "cv_gains.csv", index=False)
     seed.to_csv(out / "seed_table.csv", index=False)
     fuzzy_md, fuzzy_figs = fuzzy_section(tracking, data_digest)  # empty without fuzzy-head runs
     explain_md, explain_figs = explain_section(tracking, data_digest)  # empty without explain runs
@@ -311,7 +404,7 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
     for k in ("command", "report_command"):  # `python -m dtl` shows as a path to dtl/__main__.py
         if isinstance(prov.get(k), str):
             prov[k] = re.sub(r"\S*dtl/__main__\.py", "dtl", prov[k])
-    shown = df.drop(columns=["phase2_run"]) if not df.empty else df
+    shown = df.drop(columns=HIDDEN) if not df.empty else df
     md = ["# Results", "", *([description.strip(), ""] if description else []),
           "Generated from an MLflow search by `dtl report`. Split protocol per row (`split_protocol`): C-NMC is "
           "split by patient; Aria has no patient IDs, so its splits keep near-duplicate groups (one smear field "
@@ -319,7 +412,10 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
           "numbers (`acquisition-blocks:N`, stricter), or single images (`image-level`, leaks near-duplicates "
           "across splits: optimistic). `masked` = the Aria corner annotation (its colour differs by class) "
           "blanked before training and in the served model.", "",
-          markdown_table(shown), "## Paired gains", "", GAINS_TEXT, "", _gain_summary(gain), "", markdown_table(gain),
+          markdown_table(shown), "## Cross-validated gains", "", CV_TEXT, "", _cv_summary(cv), "",
+          *([markdown_table(cv)] if len(cv) else []),
+          "## Paired gains (one model each, test items resampled)", "", GAINS_TEXT, "", _gain_summary(gain), "",
+          markdown_table(gain),
           "## Seed format", "", markdown_table(seed), *fuzzy_md, *explain_md, "## Figures", ""]
     md += [f"![{n}]({n})" for n in figs]
     md += ["", "## Provenance", "", "```json", json.dumps(prov, indent=2, default=str), "```", ""]
@@ -331,7 +427,8 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}</style></head><body>
 <h1>Results</h1><p>{html.escape(description)}</p>{shown.to_html(index=False, na_rep="")}
-<h2>Paired gains</h2><p>{html.escape(GAINS_TEXT)}</p><p>{html.escape(_gain_summary(gain))}</p>{gain.to_html(index=False)}
+<h2>Cross-validated gains</h2>{markdown_to_html(CV_TEXT)}<p>{html.escape(_cv_summary(cv))}</p>{cv.to_html(index=False) if len(cv) else ""}
+<h2>Paired gains (one model each, test items resampled)</h2><p>{html.escape(GAINS_TEXT)}</p><p>{html.escape(_gain_summary(gain))}</p>{gain.to_html(index=False)}
 <h2>Seed format</h2>{seed.to_html(index=False)}{_section_html("Fuzzy vs softmax", fuzzy_md, fuzzy_figs)}
 {_section_html("Explain and stress", explain_md, explain_figs)}<h2>Figures</h2>{imgs}
 <h2>Provenance</h2><pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre></body></html>"""

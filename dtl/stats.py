@@ -111,3 +111,64 @@ def paired_difference(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray,
         raise ValueError(f"y, pred_a and pred_b differ in length ({len(y)}, {len(pred_a)}, {len(pred_b)})")
     r = paired_bootstrap(y, pred_a, pred_b, lambda t, q: {"m": metric(t, q)}, ("m",), n, seed, groups, alpha)["m"]
     return {k: r[k] for k in ("diff", "ci_low", "ci_high", "p_le_0")}
+
+
+def corrected_t_interval(values, n_train: float, n_test: float, alpha: float = 0.05) -> dict:
+    """Mean of ``J`` resampled-train/test results (K-fold x repeats) with the corrected resampled t
+    interval of Nadeau & Bengio (2003): the folds' training sets overlap, so the plain variance
+    of the J results understates the mean's; it is scaled by ``1/J + n_test/n_train`` instead of
+    ``1/J``. For paired differences pass the per-fold differences. ``p`` is the two-sided p-value
+    of "mean = 0" under that t statistic with J − 1 degrees of freedom."""
+    from scipy import stats as st  # deferred: SciPy (with scikit-learn) only when a CV is summarised
+
+    arr = np.asarray([v for v in values if v is not None and v == v], dtype=float)
+    j = len(arr)
+    if j < 2 or n_train <= 0:
+        return {"mean": float(arr.mean()) if j else float("nan"), "sd": float("nan"), "ci_low": float("nan"),
+                "ci_high": float("nan"), "t": float("nan"), "p": float("nan"), "n": j}
+    mean, var = float(arr.mean()), float(arr.var(ddof=1))
+    se = float(np.sqrt((1.0 / j + n_test / n_train) * var))
+    half = float(st.t.ppf(1 - alpha / 2, j - 1)) * se
+    t = mean / se if se > 0 else (0.0 if mean == 0 else float("inf") * np.sign(mean))
+    p = float(2 * st.t.sf(abs(t), j - 1)) if se > 0 else (1.0 if mean == 0 else 0.0)
+    return {"mean": mean, "sd": float(np.sqrt(var)), "ci_low": mean - half, "ci_high": mean + half,
+            "t": float(t), "p": p, "n": j}
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control across a table's
+    comparisons): sort ascending, multiply the i-th smallest by (m − i), keep them monotone, cap at 1.
+    NaN p-values stay NaN and do not count in m."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = len(ok)
+    order = ok[np.argsort(p[ok], kind="stable")]
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def joined_units(units_a, units_b) -> np.ndarray:
+    """Resampling units for items that two groupings describe (two split protocols of the same
+    files): items linked in EITHER grouping end in one unit (connected components), so a paired
+    bootstrap never treats as independent two items that one of the protocols keeps together."""
+    a, b = np.asarray(units_a, dtype=str), np.asarray(units_b, dtype=str)
+    parent = list(range(len(a)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for labels in (a, b):
+        first: dict = {}
+        for i, u in enumerate(labels):
+            if u in first:
+                parent[find(i)] = find(first[u])
+            else:
+                first[u] = i
+    return np.asarray([f"u{find(i)}" for i in range(len(a))])

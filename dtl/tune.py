@@ -24,18 +24,17 @@ from pathlib import Path
 
 import optuna
 import torch
-import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from dtl import DTLError, distributed, faults
-from dtl.config import EXPERIMENTS_DIR, Config, flatten, with_phase
+from dtl.config import Config, flatten, read_search_space, to_dict, with_phase
 from dtl.data.mask import mask_state
 from dtl.engine import NonFiniteLoss
 from dtl.metrics import direction
 from dtl.models import DTLNet, ModelSpec
-from dtl.phases import dataset, init_digest, run_phase
+from dtl.phases import dataset, init_digest, run_phase, training_config
 from dtl.progress import StudyProgress
 from dtl.tracking import Run, Tracking, end_orphans, find_run, log_data, pid_alive, redact, start_run, system_metrics
 
@@ -61,25 +60,39 @@ class StudyResult:
 
 
 def load_search_space(cfg: Config, phase: str) -> dict:
-    path = Path(cfg.tune.search_space)
-    if not path.is_absolute() and not path.exists():
-        path = EXPERIMENTS_DIR / path
-    try:
-        space = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise DTLError(f"cannot read search space {path}: {e}") from None
-    block = space.get(phase, {})
-    pinned = cfg.phase(phase).search
-    if pinned:
-        unknown = sorted(set(pinned) - set(block))
+    """The phase's search space: the file's block, limited to ``phaseN.search`` when it is set,
+    minus the keys ``phaseN.pinned`` holds at their config value."""
+    path, space = read_search_space(cfg)
+    block = space.get(phase, {}) or {}
+    pc = cfg.phase(phase)
+    if pc.search:
+        unknown = sorted(set(pc.search) - set(block))
         if unknown:
             raise DTLError(f"{phase}.search names {unknown}, not in {path} (valid: {sorted(block)})")
-        block = {k: v for k, v in block.items() if k in pinned}
-    valid = {f.name for f in dataclasses.fields(cfg.phase(phase))}
+        block = {k: v for k, v in block.items() if k in pc.search}
+    valid = {f.name for f in dataclasses.fields(pc)}
     bad = sorted(set(block) - valid)
     if bad:
         raise DTLError(f"{path}: {phase} keys {bad} are not phase settings (valid: {sorted(valid)})")
-    return block
+    return {k: v for k, v in block.items() if k not in pc.pinned}
+
+
+def check_fixed_values(cfg: Config, phase: str, backbone: str) -> None:
+    """The values the trials use as they are (pinned, or not in the search space) checked against
+    the backbone before any training: an ``unfreeze`` beyond its stage groups is a DTLError here,
+    not a failed trial after phase 1 has trained."""
+    if "unfreeze" not in load_search_space(cfg, phase):
+        try:
+            DTLNet(ModelSpec(backbone, ("a", "b"))).set_unfreeze(cfg.phase(phase).unfreeze)
+        except DTLError as e:
+            raise DTLError(f"{phase}.{e}") from None
+
+
+def startup_trials(cfg: Config, phase: str) -> int:
+    """TPE's random start-up draws: the recipe's ``tune.startup_trials``, or (-1) a third of the
+    phase's budget and at least 2, so most of a budget is spent on proposals, not on dice."""
+    n = cfg.tune.startup_trials
+    return n if n >= 0 else max(2, cfg.phase(phase).n_trials // 3)
 
 
 def suggest(trial: optuna.Trial, space: dict, n_stages: int) -> dict:
@@ -142,13 +155,12 @@ def make_pruner(cfg: Config, phase: str):
 
 
 def study_identity(cfg: Config, phase: str, data_digest: str, init: str) -> str:
-    """Hash of what a study's trials depend on: the data (manifest digest, so the split too), what
-    training starts from (:func:`dtl.phases.init_digest`: content hash of the phase-1 checkpoint or
-    weights file, or the init name) and the training settings that are not tuned per trial. A study
-    is reopened only when all of them are the same; n_trials may grow without a new study."""
-    pc = dataclasses.asdict(cfg.phase(phase))
-    pc.pop("n_trials")
-    pc["data"].pop("root")  # where the files are is not what they are: the digest says that
+    """Hash of what a study's trials compute from: the data (manifest digest, so the split too), what
+    training starts from (:func:`dtl.phases.init_digest`: the hash of the weights, never of the file
+    that holds them) and the training settings of the phase (:func:`dtl.phases.training_config`: no
+    paths, no budget, no measured figures). A study is reopened only when all of them are the same;
+    n_trials may grow without a new study. Keys pinned on the command line are part of it."""
+    pc = training_config(to_dict(cfg))[phase]
     ident = {"data": data_digest, "init": init, "phase": pc, "seed": cfg.seed, "image_size": cfg.image_size,
              "augment": dataclasses.asdict(cfg.augment), "deterministic": cfg.deterministic}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
@@ -164,7 +176,7 @@ def open_optuna_study(cfg: Config, name: str, phase: str, storage) -> optuna.Stu
     want = direction(cfg.phase(phase).monitor)
     # seeded per study: reproducible, yet backbones do not all start from the same draws
     sampler = optuna.samplers.TPESampler(seed=cfg.tune.sampler_seed + zlib.crc32(name.encode()) % 10**6,
-                                         n_startup_trials=cfg.tune.startup_trials)
+                                         n_startup_trials=startup_trials(cfg, phase))
     try:
         return optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction=want,
                                    sampler=sampler, pruner=make_pruner(cfg, phase))
@@ -214,7 +226,8 @@ def open_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, paren
             "init": init, "init_digest": start, "dtl.study_identity": identity, "monitor": pc.monitor,
             "direction": direction(pc.monitor), "data_digest": ds.digest, "data_kind": ds.kind,
             "split_protocol": ds.protocol, "annotation_mask": mask_state(pc.data.mask_annotation, ds.kind, pc.data.variant),
-            "precision": cfg.precision, "optuna.storage": redact(storage_url)}
+            "precision": cfg.precision, "optuna.storage": redact(storage_url),
+            "dtl.pinned": ",".join(f"{k}={getattr(pc, k)}" for k in pc.pinned) or "-"}
     run = _study_run(cfg, tracking, tags, ds, parent_run)
     alive = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     end_orphans(tracking, parent=run.id, alive=alive)
@@ -395,7 +408,7 @@ def summarise(s: Study, wall: float) -> StudyResult:
                      "n_failed": counts["fail"], "study_wall_s": wall})
     # TPE draws its first ``startup_trials`` at random: a best trial among them was never proposed
     # by the model of the objective, so its "best parameters" are one lucky draw, not a tuning result.
-    startup_best = best.number < s.cfg.tune.startup_trials and bool(best.params)  # nothing tuned: nothing to flag
+    startup_best = best.number < startup_trials(s.cfg, s.phase) and bool(best.params)  # nothing tuned: nothing to flag
     run.set_tags({"best_trial": best.number, "best_trial_run_id": best.user_attrs.get("mlflow_run_id", ""),
                   "dtl.best_is_startup_draw": str(startup_best).lower(),
                   **{f"best.{k}": v for k, v in best.params.items()}})

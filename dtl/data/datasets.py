@@ -26,7 +26,7 @@ from dtl.config import DataConfig, split_protocol
 from dtl.data import demo, kinds
 from dtl.data.groups import PARAMS as GROUP_PARAMS
 from dtl.data.groups import assign_groups, cluster_sizes, cross_split_pairs, similar_pairs, thumbnail
-from dtl.data.splits import group_split, patient_overlap, patient_split
+from dtl.data.splits import fold_split, group_split, patient_overlap, patient_split, resampling_units
 
 IMAGE_EXTS = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 ARIA_CLASSES = ("Benign", "Early", "Pre", "Pro")
@@ -425,8 +425,22 @@ def load_demo_aria(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
 
 
 def load_dataset(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
-    """The dataset of ``cfg.kind``, read by the loader the registry (:mod:`dtl.data.kinds`) names."""
+    """The dataset of ``cfg.kind``, read by the loader the registry (:mod:`dtl.data.kinds`) names;
+    with ``cv_folds`` set, re-split into that cross-validation fold (:func:`fold_dataset`)."""
+    if cfg.cv_folds:
+        return fold_dataset(load_dataset(replace(cfg, cv_folds=0, cv_fold=0, cv_repeat=0), cache_dir),
+                            cfg.cv_folds, cfg.cv_fold, cfg.split_seed + cfg.cv_repeat)
     kind = kinds.get(cfg.kind)
     if kind.needs_root and not cfg.root:
         raise DTLError(f"data.kind={cfg.kind!r} needs data.root (e.g. --phase1-root / -P phase2_root=...)")
     return globals()[kind.loader](cfg, cache_dir)
+
+
+def fold_dataset(ds: Dataset, k: int, fold: int, seed: int) -> Dataset:
+    """``ds`` with every item (train, val and test alike) re-split for fold ``fold`` of a stratified
+    group K-fold over its resampling units (:func:`dtl.data.splits.fold_split`): the protocol's
+    groups stay whole, and the same data and seed give every model the same folds."""
+    m = ds.manifest.copy()
+    _, units = resampling_units(m)
+    m["split"] = fold_split(m["label"].to_numpy(), units, k, fold, seed)
+    return replace(ds, manifest=m, protocol=ds.protocol, near_duplicates=[])

@@ -71,6 +71,45 @@ def _take(order: list, sizes: pd.Series, target: float) -> list:
     return chosen
 
 
+def resampling_units(table: pd.DataFrame) -> tuple[str, np.ndarray | None]:
+    """What items are grouped by, for bootstraps and cross-validation folds: patients where every
+    row has one (C-NMC), else near-duplicate groups / acquisition blocks where the manifest has
+    them, else images (``None``)."""
+    patients = table["patient"].astype(str)
+    if len(table) and (patients != "").all():
+        return "patient", patients.to_numpy()
+    if "group" in table and len(table) and (table["group"].astype(str) != "").all():
+        return "group", table["group"].astype(str).to_numpy()
+    return "image", None
+
+
+def cv_folds(labels, units, k: int, seed: int) -> np.ndarray:
+    """Fold number (0..k-1) of each item: stratified group K-fold (scikit-learn's
+    ``StratifiedGroupKFold``, shuffled with ``seed``), so a unit (patient, near-duplicate group,
+    acquisition block) never spans two folds and each fold keeps about the class ratio. The same
+    labels, units and seed give the same folds for every model of a job."""
+    from sklearn.model_selection import StratifiedGroupKFold  # deferred: scikit-learn, only when folds are made
+
+    labels = np.asarray(labels, dtype=str)
+    units = np.asarray(units if units is not None else np.arange(len(labels)), dtype=str)
+    n_units = len(np.unique(units))
+    if k < 2 or k > n_units:
+        raise ValueError(f"cross-validation needs 2 <= k <= the number of units ({n_units}), got k={k}")
+    order = np.lexsort((units,))  # the fold draw depends on the items, not on the manifest's row order
+    fold = np.empty(len(labels), dtype=int)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for f, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels[order], units[order])):
+        fold[order[test]] = f
+    return fold
+
+
+def fold_split(labels, units, k: int, fold: int, seed: int) -> np.ndarray:
+    """The train/val/test assignment of fold ``fold`` of :func:`cv_folds`: that fold is test, the
+    next one (cyclically) is val (checkpoint selection), the other k − 2 train."""
+    ids = cv_folds(labels, units, k, seed)
+    return np.where(ids == fold, "test", np.where(ids == (fold + 1) % k, "val", "train")).astype(object)
+
+
 def patient_overlap(df: pd.DataFrame) -> int:
     """Number of patients that appear in more than one split (0 when no patient IDs)."""
     known = df[df["patient"].astype(str) != ""]
