@@ -10,7 +10,6 @@ when asked, or by default when the version holds the ``champion`` alias, and its
 
 from __future__ import annotations
 
-import html
 import json
 import tempfile
 from dataclasses import dataclass, replace
@@ -33,7 +32,7 @@ from dtl.phases import bootstrap_units, dataset
 from dtl.registry import load_policy, model_artifacts, phase1_source, write_card
 from dtl.serving import CALIBRATION_FILE, ImageClassifier, load_classifier
 from dtl.stats import bootstrap_ci
-from dtl.tables import PAGE_STYLE, markdown_table, markdown_to_html
+from dtl.tables import html_page, markdown_table
 from dtl.tracking import Run, Tracking, redact, start_run
 
 
@@ -293,9 +292,8 @@ def write_pages(out: Path, s: dict, frame: pd.DataFrame, shortcut: pd.DataFrame)
     (out / "robustness.md").write_text(head + "\n".join(body))
     frame.to_csv(out / "robustness.csv", index=False)
     shortcut.to_csv(out / "shortcut.csv", index=False)
-    page = markdown_to_html(head + "\n".join(body))
-    (out / "robustness.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>explain "
-                                         f"{html.escape(s['label'])}</title>{PAGE_STYLE}</head><body>{page}</body></html>")
+    figs = {n: (out / n).read_bytes() for n in ("cam_grid.png", "reliability.png") if (out / n).exists()}
+    (out / "robustness.html").write_text(html_page(f"explain {s['label']}", head + "\n".join(body), figs))
 
 
 def store_temperature(tracking: Tracking, cfg: Config, target: Target, calib: dict, split: str) -> tuple[bool, str]:

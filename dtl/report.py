@@ -9,8 +9,6 @@ the Optuna histories. Written as Markdown, CSV and one self-contained HTML page.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import re
 import time
@@ -24,15 +22,15 @@ from dtl.explain_report import section as explain_section
 from dtl.fuzzy_report import section as fuzzy_section
 from dtl.metrics import confusion_figure, point_metrics
 from dtl.stats import corrected_t_interval, holm, joined_units, paired_bootstrap
-from dtl.tables import markdown_table, markdown_to_html, png_bytes
+from dtl.tables import html_page, markdown_table, png_bytes
 from dtl.tracking import Tracking, find_runs, redact
 
+HIDDEN = ["phase2_run", "cv_id", "f1_low", "f1_high", "cv_f1", "cv_f1_low", "cv_f1_high"]  # for joins and plots
 COLUMNS = ["backbone", "strategy", "init", "split_protocol", "masked", "phase1_val_macro_f1", "phase2_val_accuracy",
            "val_macro_f1", "test_accuracy", "test_accuracy_ci", "test_macro_f1", "test_macro_f1_ci", "ci_unit",
            "test_accuracy_seeds", "test_macro_f1_seeds", "test_accuracy_cv", "test_macro_f1_cv",
            "test_balanced_accuracy", "trials", "pruned", "failed",
-           "flags", "best_params", "registered_version", "alias", "data_digest", "phase2_run", "cv_id"]
-HIDDEN = ["phase2_run", "cv_id"]  # for joins, not for readers
+           "flags", "best_params", "registered_version", "alias", "data_digest", *HIDDEN]
 ROW_KEY = ("backbone", "strategy", "split_protocol", "masked")  # one row per study of this kind (the latest)
 GAIN_METRICS = ("accuracy", "macro_f1")
 
@@ -88,7 +86,9 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
             if _tuned(t) else "none tuned (config values)",
             "registered_version": v.version if v else "", "alias": ",".join(v.aliases) if v else "",
             "data_digest": (t.get("data_digest") or "")[:12], "phase2_run": r.info.run_id,
-            "cv_id": t.get("dtl.cv_id", ""),
+            "cv_id": t.get("dtl.cv_id", ""), "f1_low": m.get("test_macro_f1_ci_low"),
+            "f1_high": m.get("test_macro_f1_ci_high"), "cv_f1": m.get("cv_test_macro_f1_mean"),
+            "cv_f1_low": m.get("cv_test_macro_f1_ci_low"), "cv_f1_high": m.get("cv_test_macro_f1_ci_high"),
         })
     df = pd.DataFrame(rows, columns=COLUMNS)
     return df.sort_values(["backbone", "strategy"]).reset_index(drop=True) if len(df) else df
@@ -373,6 +373,46 @@ def figures(tracking: Tracking, df: pd.DataFrame) -> dict:
     return out
 
 
+def forest(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame) -> bytes | None:
+    """The report's first screen: each row's test macro-F1 with its 95% CI (cross-validated where
+    ``final.cv`` ran: mean and corrected t CI; else the single model's bootstrap CI), and each gain
+    in macro-F1 with its CI (fold-level where cross-validated, else the paired bootstrap), grouped
+    by backbone, with 0 marked."""
+    import matplotlib  # deferred: plotting, only when a figure is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # deferred: plotting, only when a figure is drawn
+
+    if df.empty:
+        return None
+    rows = df.sort_values(["backbone", "strategy", "masked", "split_protocol"], ascending=False).reset_index(drop=True)
+    g = (cv if len(cv) else gain)
+    g = g[g["metric"] == "test_macro_f1"].sort_values(["backbone", "comparison"], ascending=False).reset_index(drop=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.32 * max(len(rows), len(g), 3)))
+    ax = axes[0]
+    for y, r in rows.iterrows():
+        cvd = r.get("cv_f1") is not None and r["cv_f1"] == r["cv_f1"]
+        x, lo, hi = (r["cv_f1"], r["cv_f1_low"], r["cv_f1_high"]) if cvd else (r["test_macro_f1"], r["f1_low"], r["f1_high"])
+        if x is None or x != x:
+            continue
+        ax.errorbar([x], [y], xerr=[[x - (lo if lo == lo and lo is not None else x)],
+                                     [(hi if hi == hi and hi is not None else x) - x]],
+                    fmt="o" if cvd else "s", color="C0" if cvd else "C1", capsize=3)
+    ax.set_yticks(range(len(rows)), [_label(r) + (f" v{r['registered_version']}" if r["registered_version"] else "")
+                                     for _, r in rows.iterrows()], fontsize=8)
+    ax.set(title="test macro-F1, 95% CI (● cross-validated, ■ one model, bootstrap)", xlabel="macro-F1")
+    ax = axes[1]
+    for y, r in g.iterrows():
+        ax.errorbar([r["gain"]], [y], xerr=[[r["gain"] - r["ci_low"]], [r["ci_high"] - r["gain"]]], fmt="o",
+                    color="C2" if (r["ci_low"] > 0 or r["ci_high"] < 0) else "C7", capsize=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(g)), [f"{r['backbone']}: {r['comparison']}" for _, r in g.iterrows()], fontsize=8)
+    ax.set(title="gains in test macro-F1, 95% CI" + (" (fold-level, corrected t)" if len(cv) else " (paired bootstrap)"),
+           xlabel="a − b")
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
 def _label(r) -> str:
     """A row's name in figures: backbone and strategy, with protocol and masking where they vary."""
     extra = [str(r[k]) for k in ("split_protocol",) if r.get(k)] + ([f"mask {r['masked']}"] if r.get("masked") else [])
@@ -389,6 +429,9 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
     cv = cv_gains(df)
     seed = seed_table(df)
     figs = figures(tracking, df)
+    first = forest(df, gain, cv)
+    if first:
+        figs = {"forest.png": first, **figs}
     df.to_csv(out / "results.csv", index=False)
     cv.to_csv(out / "cv_gains.csv", index=False)
     seed.to_csv(out / "seed_table.csv", index=False)
@@ -406,6 +449,7 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
             prov[k] = re.sub(r"\S*dtl/__main__\.py", "dtl", prov[k])
     shown = df.drop(columns=HIDDEN) if not df.empty else df
     md = ["# Results", "", *([description.strip(), ""] if description else []),
+          *(["![forest](forest.png)", ""] if "forest.png" in figs else []),
           "Generated from an MLflow search by `dtl report`. Split protocol per row (`split_protocol`): C-NMC is "
           "split by patient; Aria has no patient IDs, so its splits keep near-duplicate groups (one smear field "
           "photographed several times) on one side (`near-duplicate-groups`), or whole runs of consecutive file "
@@ -417,33 +461,13 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
           "## Paired gains (one model each, test items resampled)", "", GAINS_TEXT, "", _gain_summary(gain), "",
           markdown_table(gain),
           "## Seed format", "", markdown_table(seed), *fuzzy_md, *explain_md, "## Figures", ""]
-    md += [f"![{n}]({n})" for n in figs]
+    md += [f"![{n}]({n})\n" for n in figs if n != "forest.png"]
     md += ["", "## Provenance", "", "```json", json.dumps(prov, indent=2, default=str), "```", ""]
     (out / "results.md").write_text("\n".join(md))
     (out / "provenance.json").write_text(json.dumps(prov, indent=2, default=str))
-    imgs = "".join(f'<h3>{html.escape(n)}</h3><img src="data:image/png;base64,{base64.b64encode(d).decode()}"/>'
-                   for n, d in figs.items())
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ALL double transfer: results</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
-td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}</style></head><body>
-<h1>Results</h1><p>{html.escape(description)}</p>{shown.to_html(index=False, na_rep="")}
-<h2>Cross-validated gains</h2>{markdown_to_html(CV_TEXT)}<p>{html.escape(_cv_summary(cv))}</p>{cv.to_html(index=False) if len(cv) else ""}
-<h2>Paired gains (one model each, test items resampled)</h2><p>{html.escape(GAINS_TEXT)}</p><p>{html.escape(_gain_summary(gain))}</p>{gain.to_html(index=False)}
-<h2>Seed format</h2>{seed.to_html(index=False)}{_section_html("Fuzzy vs softmax", fuzzy_md, fuzzy_figs)}
-{_section_html("Explain and stress", explain_md, explain_figs)}<h2>Figures</h2>{imgs}
-<h2>Provenance</h2><pre>{html.escape(json.dumps(prov, indent=2, default=str))}</pre></body></html>"""
-    (out / "report.html").write_text(page)
+    (out / "report.html").write_text(html_page("ALL double transfer: results", "\n".join(md),
+                                               {**figs, **fuzzy_figs, **explain_figs}))
     return out
-
-
-def _section_html(title: str, lines: list[str], figs: dict) -> str:
-    """An optional section (fuzzy vs softmax, explain) for the HTML page: its Markdown rendered, its
-    figures embedded."""
-    if not lines:
-        return ""
-    text = markdown_to_html("\n".join(x for x in lines[2:] if not x.startswith("![")))
-    imgs = "".join(f'<img src="data:image/png;base64,{base64.b64encode(d).decode()}"/>' for d in figs.values())
-    return f"<h2>{html.escape(title)}</h2>{text}{imgs}"
 
 
 def row_commands(tracking: Tracking, df: pd.DataFrame) -> list[dict]:

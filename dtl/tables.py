@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import io
-import re
 
 import pandas as pd
+from markdown_it import MarkdownIt
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -21,9 +22,10 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def cell_text(v) -> str:
+    """A table cell: floats to 4 decimals, NaN and None empty, ``|`` escaped (kept, not replaced)."""
     if isinstance(v, float):
         return "" if v != v else f"{v:.4f}"
-    return str(v).replace("|", "/") if v is not None else ""
+    return str(v).replace("|", "\\|").replace("\n", " ") if v is not None else ""
 
 
 def png_bytes(fig) -> bytes:
@@ -36,43 +38,26 @@ def png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
-PAGE_STYLE = ("<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
-              "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style>")
+PAGE_STYLE = ("<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
+              "table{border-collapse:collapse;font-size:12px;display:block;overflow-x:auto;max-width:100%}"
+              "td,th{border:1px solid #ccc;padding:3px 6px;white-space:nowrap}img{max-width:100%}"
+              "code{background:#f4f4f4;padding:0 3px}</style>")
+
+_MD = MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
-def _inline(text: str) -> str:
-    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+def markdown_to_html(text: str, images: dict[str, bytes] | None = None) -> str:
+    """Markdown (CommonMark + pipe tables, rendered by markdown-it-py) as HTML, so a page reads the
+    same in results.md and report.html: emphasis, links, lists, code and tables. Images whose file
+    name is a key of ``images`` are embedded as PNG data URIs (a single self-contained page)."""
+    out = _MD.render(text)
+    for name, data in (images or {}).items():
+        uri = "data:image/png;base64," + base64.b64encode(data).decode()
+        out = out.replace(f'src="{html.escape(name)}"', f'src="{uri}"')
+    return out
 
 
-def markdown_to_html(text: str) -> str:
-    """The Markdown this package writes (headings, paragraphs, bullets, pipe tables, images, code
-    fences) as HTML, so a section reads the same in results.md and report.html."""
-    out, table, code = [], [], None
-    for line in text.split("\n") + [""]:
-        if code is not None:
-            if line.startswith("```"):
-                out.append(f"<pre>{html.escape(chr(10).join(code))}</pre>")
-                code = None
-            else:
-                code.append(line)
-            continue
-        if line.startswith("|"):
-            table.append([c.strip() for c in line.strip().strip("|").split("|")])
-            continue
-        if table:
-            head, rows = table[0], [r for r in table[1:] if not set("".join(r)) <= set("-: ")]
-            out.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                       + "</table>")
-            table = []
-        if line.startswith("```"):
-            code = []
-        elif m := re.match(r"^(#{1,3}) (.*)", line):
-            out.append(f"<h{len(m[1])}>{_inline(m[2])}</h{len(m[1])}>")
-        elif m := re.match(r"^!\[(.*)\]\((.*)\)$", line):
-            out.append(f"<img alt='{html.escape(m[1])}' src='{html.escape(m[2])}'/>")
-        elif line.startswith("- "):
-            out.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
-        elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-    return "\n".join(out).replace("</ul>\n<ul>", "\n")
+def html_page(title: str, markdown: str, images: dict[str, bytes] | None = None) -> str:
+    """A self-contained HTML page of ``markdown`` (figures embedded)."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{PAGE_STYLE}"
+            f"</head><body>{markdown_to_html(markdown, images)}</body></html>")

@@ -9,6 +9,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from dtl import config, strategies
@@ -150,13 +151,16 @@ def test_the_strategy_registry_feeds_config():
 
 
 def test_report_sections_render_their_markdown_as_html():
-    """report.html showed the fuzzy/explain sections as raw Markdown in <pre>: tables must be tables."""
-    from dtl.tables import markdown_to_html
+    """report.html showed raw Markdown (in <pre>, then bold, links and lists as literal text, and a
+    `|` inside a cell as `/`): every page goes through one Markdown library."""
+    from dtl.tables import markdown_table, markdown_to_html
 
-    page = markdown_to_html("## Robustness\n\nsplit `test` (n=3)\n\n| set | acc |\n|---|---|\n| clean | 0.9 |\n"
-                            "- one\n- two\n\n![grid](cam_grid.png)\n\n```\ndtl explain --split test\n```")
+    cells = markdown_table(pd.DataFrame({"set": ["a|b"], "acc": [0.9]}))
+    page = markdown_to_html("## Robustness\n\nsplit `test` (n=3), **bold**, *it*, [docs](docs/x.md)\n\n" + cells
+                            + "\n- one\n- two\n\n![grid](cam_grid.png)\n\n```\ndtl explain --split test\n```",
+                            {"cam_grid.png": b"PNG"})
     assert "<h2>Robustness</h2>" in page and "<code>test</code>" in page
-    assert "<table><tr><th>set</th><th>acc</th></tr><tr><td>clean</td><td>0.9</td></tr></table>" in page
-    assert "---" not in page and "|" not in page
-    assert "<ul><li>one</li>\n<li>two</li></ul>" in page and "<img alt='grid' src='cam_grid.png'/>" in page
-    assert "<pre>dtl explain --split test</pre>" in page
+    assert "<strong>bold</strong>" in page and "<em>it</em>" in page and '<a href="docs/x.md">docs</a>' in page
+    assert "<td>a|b</td>" in page and "<td>0.9000</td>" in page and "---" not in page
+    assert "<li>one</li>\n<li>two</li>" in page and 'src="data:image/png;base64,UE5H"' in page
+    assert "dtl explain --split test" in page and "<pre><code>" in page
