@@ -92,8 +92,8 @@ def _flag_overrides(args) -> list[str]:
         root, kind = getattr(args, f"{ph}_root", ""), getattr(args, f"{ph}_kind", "")
         if root:
             o.append(f"{ph}.data.root={root}")
-        if kind or root:
-            o.append(f"{ph}.data.kind={kind or kinds.default_kind(ph)}")
+        if kind or root:  # a root holding train/ and val/ is pre-split, whatever the phase's default kind
+            o.append(f"{ph}.data.kind={kind or ('presplit' if kinds.is_presplit_root(root) else kinds.default_kind(ph))}")
     o += [f"{key}={getattr(args, attr)}" for attr, key in FLAG_KEYS.items() if getattr(args, attr, "")]
     return o
 
@@ -234,9 +234,15 @@ def data_config(args) -> tuple[config.DataConfig, str]:
     ``--kind`` (so ``--config real --kind aria`` audits exactly the real recipe's split); for a
     kind the recipe does not use, that phase's default block (never another kind's root). The
     flags given are applied on top and the block is validated like any config."""
-    cfg = config.load([args.config], list(args.override) + args.overrides.split(), check_files=False)
+    overrides = list(args.override) + args.overrides.split()
+    data_keys = [o for o in overrides if o.startswith(("phase1.data.", "phase2.data."))]
+    cfg = config.load([args.config], [o for o in overrides if o not in data_keys], check_files=False)
     ph = next((p for p in ("phase1", "phase2") if cfg.phase(p).data.kind == args.kind), kinds.phase_of(args.kind))
     dc = cfg.phase(ph).data if cfg.phase(ph).data.kind == args.kind else config.Config().phase(ph).data
+    given = {}  # `-o phaseN.data.KEY=V` of that phase apply to the audited --kind block, whatever the recipe's kind
+    for o in data_keys:
+        given.update((config.parse_override(o).get(ph) or {}).get("data") or {})
+    dc = config.build_block(dc, {k: v for k, v in given.items() if k != "kind"}, f"{ph}.data.")
     changes = {key: getattr(args, attr) for attr, key in DATA_FLAG_KEYS.items() if getattr(args, attr) is not None}
     dc = replace(dc, kind=args.kind, **({"root": args.root} if args.root else {}),
                  **({"skip_bad": True} if args.skip_bad else {}), **changes)

@@ -193,6 +193,11 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def build_block(default, raw: dict, where: str):
+    """``default`` (a config dataclass, e.g. a DataConfig) with the keys of ``raw`` applied and checked."""
+    return _build(default, raw, where)
+
+
 def _build(default, raw: dict, where: str):
     """``default`` (a config dataclass instance) with the keys of ``raw`` applied, each checked
     and coerced to the field's type."""
@@ -430,6 +435,11 @@ def validate_data(d: DataConfig, where: str) -> None:
     if d.cv_folds == 1 or d.cv_folds < 0 or not 0 <= d.cv_fold < max(d.cv_folds, 1) or d.cv_repeat < 0:
         raise DTLError(f"{where}.cv_folds must be 0 (off) or >= 2 and 0 <= cv_fold < cv_folds, cv_repeat >= 0; "
                        f"got cv_folds={d.cv_folds}, cv_fold={d.cv_fold}, cv_repeat={d.cv_repeat}")
+    given = [k for k in ("train_dir", "val_dir", "test_dir") if getattr(d, k)]
+    if given and d.kind != "presplit":
+        raise DTLError(f"{where}.{given[0]} is set but {where}.kind is {d.kind!r}: split folders are read only "
+                       f"for pre-split data; add -o {where}.kind=presplit (or give {where}.root a folder holding "
+                       "train/ and val/)")
     if d.block_size < 1:
         raise DTLError(f"{where}.block_size must be >= 1 (file numbers per acquisition block), "
                        f"got {d.block_size}")

@@ -342,11 +342,34 @@ def _link_table(df: pd.DataFrame, link_root: Path | None, cache_dir) -> pd.DataF
     return twin.set_index("path").loc[df["path"]].reset_index()
 
 
-def load_presplit(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
+PRESPLIT_LAYOUT = ("a presplit root holds train/<class>/<image>, val/<class>/<image> and optionally "
+                   "test/<class>/<image>; or give data.train_dir and data.val_dir (data.test_dir optional)")
+
+
+def presplit_dirs(cfg: DataConfig) -> dict[str, str]:
+    """The split folders of pre-split data: ``train_dir``/``val_dir``/``test_dir`` as given, else
+    ``root``'s ``train/``, ``val/`` and (when present) ``test/``; a DTLError names the one missing."""
     dirs = {"train": cfg.train_dir, "val": cfg.val_dir, "test": cfg.test_dir}
-    if not dirs["train"] or not dirs["val"]:
-        raise DTLError("presplit data needs train_dir and val_dir (test_dir optional), each class-per-folder.\n"
-                       + FOLDER_LAYOUT)
+    if cfg.root and not (dirs["train"] or dirs["val"]):
+        root = Path(cfg.root)
+        if not root.is_dir():
+            raise DTLError(f"presplit root {root} does not exist or is not a folder; {PRESPLIT_LAYOUT}")
+        dirs = {s: str(root / s) if (root / s).is_dir() else "" for s in dirs}
+        found = ", ".join(f"{s}/" for s, d in dirs.items() if d) or "none of train/, val/, test/"
+        for s in ("train", "val"):
+            if not dirs[s]:
+                raise DTLError(f"presplit root {root} has no {s}/ folder (found: {found}); {PRESPLIT_LAYOUT}")
+        return dirs
+    for s in ("train", "val"):
+        if not dirs[s]:
+            other = "val" if s == "train" else "train"
+            raise DTLError(f"presplit data needs data.{s}_dir" + (f" (data.{other}_dir is given)" if dirs[other] else "")
+                           + f" and data.kind=presplit; {PRESPLIT_LAYOUT}.\n{FOLDER_LAYOUT}")
+    return dirs
+
+
+def load_presplit(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
+    dirs = presplit_dirs(cfg)
     given = {s: Path(d).resolve() for s, d in dirs.items() if d}
     root = Path(os.path.commonpath([str(p) for p in given.values()]))
     parts = []

@@ -54,6 +54,16 @@ def default_kind(phase: str) -> str:
     return next(k.name for k in KINDS.values() if k.phase == phase)
 
 
+PRESPLIT_FOLDERS = ("train", "val", "test")  # a presplit root: train/ and val/ (test/ optional), each class-per-folder
+
+
+def is_presplit_root(root: str) -> bool:
+    """A root holding ``train/`` and ``val/`` folders is pre-split data (the layout the seed's users keep)."""
+    from pathlib import Path  # deferred: this module stays import-light (the CLI reads it for --help)
+
+    return bool(root) and all((Path(root) / f).is_dir() for f in PRESPLIT_FOLDERS[:2])
+
+
 def phase_of(name: str) -> str:
     """The config block (phase1/phase2) a kind's data is read into by ``dtl data``."""
     return KINDS[name].phase or ("phase1" if "cnmc" in name else "phase2")
