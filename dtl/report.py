@@ -475,7 +475,8 @@ def row_commands(tracking: Tracking, df: pd.DataFrame) -> list[dict]:
     study run's parent pipeline logged, where it logged one."""
     out: dict = {}
     for _, r in df.iterrows():
-        parent = tracking.client.get_run(r["phase2_run"]).data.tags.get("mlflow.parentRunId", "")
+        tags = tracking.client.get_run(r["phase2_run"]).data.tags
+        parent = tags.get("dtl.pipeline_run") or tags.get("mlflow.parentRunId", "")  # (nested in older stores)
         if parent not in out:
             try:
                 p = mlflow.artifacts.load_dict(f"runs:/{parent}/report/provenance.json")

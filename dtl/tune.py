@@ -229,10 +229,23 @@ def open_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, paren
             "precision": cfg.precision, "optuna.storage": redact(storage_url),
             "dtl.pinned": ",".join(f"{k}={getattr(pc, k)}" for k in pc.pinned) or "-"}
     run = _study_run(cfg, tracking, tags, ds, parent_run)
+    link_study(study, run.id, tags)
     alive = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     end_orphans(tracking, parent=run.id, alive=alive)
     return Study(name, study, run, tags, cfg, phase, backbone, strategy, init_from, init,
                  Path(cfg.work_dir) / name)
+
+
+def link_study(study: optuna.Study, run_id: str, tags: dict) -> None:
+    """Name the study's objective (``optuna-dashboard`` shows it) and link the study to its MLflow
+    run through user attributes: run id, backbone, phase, strategy, data digest, split protocol."""
+    if study.metric_names != [tags["monitor"]]:
+        study.set_metric_names([tags["monitor"]])
+    want = {"mlflow_run_id": run_id, **{k: tags[k] for k in ("phase", "backbone", "strategy", "data_digest",
+                                                              "split_protocol", "init")}}
+    for k, v in want.items():
+        if study.user_attrs.get(k) != v:
+            study.set_user_attr(k, v)
 
 
 def trial_dir(workroot: Path, trial: optuna.trial.FrozenTrial) -> Path:
@@ -355,8 +368,14 @@ def _study_run(cfg: Config, tracking: Tracking, tags: dict, ds, parent_run: str 
         run.reopen()
         run.set_tags({"dtl.pid": os.getpid()})
         return run
+    # a top-level run: the MLflow runs table shows nested runs only under an expanded parent, so a
+    # study nested under its pipeline (or `mlflow run`'s launcher) would hide every row of the comparison;
+    # the pipeline run stays one click away through the tag and the run's description
+    link = {"dtl.pipeline_run": parent_run or "",
+            "mlflow.note.content": f"Study `{name}`; started by pipeline run [{parent_run}]"
+                                   f"(#/experiments/{tracking.experiment_id}/runs/{parent_run})" if parent_run else ""}
     run = start_run(tracking, f"{phase}-{strategy}-{backbone}" if phase == "phase2" else f"{phase}-{backbone}",
-                    tags, parent=parent_run)
+                    {**tags, **{k: v for k, v in link.items() if v}})
     winner = find_run(tracking, {"dtl.study": name})  # two workers may have raced: the oldest wins
     if winner.id != run.id:
         tracking.client.delete_run(run.id)

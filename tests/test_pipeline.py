@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 from PIL import Image
@@ -37,6 +38,18 @@ def test_main_registers_promotes_and_reports(done):
     studies = [r for r in runs if r.data.tags.get("dtl.role") == "study"]
     trials = [r for r in runs if r.data.tags.get("dtl.role") == "trial"]
     assert {r.data.tags["phase"] for r in studies} == {"phase1", "phase2"}
+    # studies are top-level rows of the runs table (a nested run shows only under an expanded parent),
+    # linked to their pipeline run by a tag and the run description
+    pipeline_runs = [r.info.run_id for r in runs if r.data.tags.get("dtl.role") == "pipeline"]
+    for s in studies:
+        assert "mlflow.parentRunId" not in s.data.tags and s.data.tags["dtl.pipeline_run"] in pipeline_runs
+        assert s.data.tags["dtl.pipeline_run"] in s.data.tags["mlflow.note.content"]
+    # the Optuna studies name their objective and link back to their MLflow run
+    for s in studies:
+        st = optuna.load_study(study_name=s.data.tags["dtl.study"], storage=cfg.tune.storage)
+        assert st.metric_names == [s.data.tags["monitor"]]
+        assert st.user_attrs["mlflow_run_id"] == s.info.run_id and st.user_attrs["backbone"] == "test_resnet"
+        assert st.user_attrs["phase"] == s.data.tags["phase"] and st.user_attrs["data_digest"] == s.data.tags["data_digest"]
     assert len(trials) == 4 and all(r.data.tags.get("mlflow.parentRunId") in {s.info.run_id for s in studies} for r in trials)
     for r in studies + trials:
         for tag in ("phase", "backbone", "precision", "init", "data_digest", "mlflow.source.git.commit"):
