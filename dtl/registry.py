@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,17 +164,44 @@ def log_model(run: Run, checkpoint: Path, hsv_segment: bool = False) -> str:
     # Created in the run's own experiment: MLflow would otherwise put it in the active (Default) one.
     logged = run.client.create_logged_model(run.t.experiment_id, name="model", source_run_id=run.id,
                                             model_type="image-classifier",
-                                            tags={"backbone": net.spec.backbone, "phase": str(meta.get("phase"))})
-    info = Model.log(artifact_path=None, name="model", flavor=serving, run_id=run.id, model_id=logged.model_id,
-                     net=net, meta=card_meta, example_image=example)
+                                            tags={"backbone": net.spec.backbone, "phase": str(meta.get("phase")),
+                                                  CHECKPOINT_TAG: digest})
+    Model.log(artifact_path=None, name="model", flavor=serving, run_id=run.id, model_id=logged.model_id,
+              net=net, meta=card_meta, example_image=example)
     run.client.finalize_logged_model(logged.model_id, "READY")
-    uri = info.model_uri
-    run.set_tags({"dtl.model_uri": uri, "dtl.model_checkpoint": digest, "dtl.model_id": logged.model_id})
+    model_id = _one_logged_model(run, digest, logged.model_id)
+    uri = f"models:/{model_id}"
+    run.set_tags({"dtl.model_uri": uri, "dtl.model_checkpoint": digest, "dtl.model_id": model_id})
     return uri
 
 
+CHECKPOINT_TAG = "dtl.checkpoint"  # logged-model tag: digest of the checkpoint it was made from
+
+
+def _one_logged_model(run: Run, digest: str, mine: str, wait_s: float = 300) -> str:
+    """The logged model of ``run`` for checkpoint ``digest``: two jobs on one study may both have
+    logged it; the oldest wins (once READY), and the job whose model lost deletes its own."""
+    flt = f"source_run_id = '{run.id}' AND tags.`{CHECKPOINT_TAG}` = '{digest}'"
+    deadline = time.monotonic() + wait_s
+    while True:
+        models = [m for m in run.client.search_logged_models([run.t.experiment_id], filter_string=flt)
+                  if m.status.name != "FAILED"]
+        winner = min(models, key=lambda m: (m.creation_timestamp, m.model_id))
+        if winner.model_id == mine:
+            return mine
+        if winner.status.name == "READY":
+            run.client.delete_logged_model(mine)
+            return winner.model_id
+        if time.monotonic() > deadline:  # the older one never finished (its job died): keep ours
+            return mine
+        time.sleep(1)
+
+
 def register(tracking: Tracking, name: str, model_uri: str, source_run: str, tags: dict) -> str:
-    """Create a model version for ``model_uri`` unless one already exists for it; returns the version."""
+    """The model version of ``source_run``'s best checkpoint (``dtl.model_checkpoint`` on the run),
+    created unless one exists; returns its version. Concurrent jobs on one store may both create
+    one (check-then-create is a race no client can close): each then reconciles, the lowest
+    version wins and a job whose version lost deletes it, so one version per study run remains."""
     client = tracking.client
     try:
         client.get_registered_model(name)
@@ -182,20 +210,49 @@ def register(tracking: Tracking, name: str, model_uri: str, source_run: str, tag
             client.create_registered_model(name, description="ALL double-transfer classifiers (research use only)")
         except Exception:
             pass  # created concurrently
-    for v in client.search_model_versions(f"name='{name}'"):
-        if v.tags.get("dtl.model_uri") == model_uri:
-            return str(v.version)
+    key = source_key(client, source_run, model_uri)
+    found = _versions_of(client, name, key, model_uri)
+    if found:
+        return found[0]
     model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/m-") else None
     mv = client.create_model_version(name, model_uri, run_id=source_run, model_id=model_id,
-                                     tags={k: str(v) for k, v in {**tags, "dtl.model_uri": model_uri}.items()})
-    return str(mv.version)
+                                     tags={k: str(v) for k, v in {**tags, "dtl.model_uri": model_uri,
+                                                                  SOURCE_KEY: key}.items()})
+    winner = _versions_of(client, name, key, model_uri)[0]  # versions are numbered in commit order: all see the same lowest
+    if winner != str(mv.version):
+        client.delete_model_version(name, str(mv.version))
+    return winner
+
+
+SOURCE_KEY = "dtl.source"  # version tag: "<study run id>:<checkpoint digest>", one version per value
+
+
+def source_key(client, run_id: str, model_uri: str) -> str:
+    """What one version stands for: the study run and the checkpoint it logged (another checkpoint
+    of the same run, after its study grew, is another version)."""
+    tags = client.get_run(run_id).data.tags
+    return f"{run_id}:{tags.get('dtl.model_checkpoint') or model_uri}"
+
+
+def _versions_of(client, name: str, key: str, model_uri: str) -> list[str]:
+    """Versions of ``name`` registered for ``key``, lowest first (versions from before the key was
+    recorded match on their model URI)."""
+    out = [v for v in client.search_model_versions(f"name='{name}'")
+           if v.tags.get(SOURCE_KEY) == key or (SOURCE_KEY not in v.tags and v.tags.get("dtl.model_uri") == model_uri)]
+    return [str(v.version) for v in sorted(out, key=lambda v: int(v.version))]
 
 
 def candidates(tracking: Tracking, name: str, filter_tags: dict | None = None) -> list[Candidate]:
-    out = []
-    for v in tracking.client.search_model_versions(f"name='{name}'"):
+    """The versions promotion chooses from: one per source (a concurrent duplicate that its job has
+    not deleted yet is never chosen)."""
+    out, seen = [], set()
+    for v in sorted(tracking.client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
         if filter_tags and any(v.tags.get(k) != str(val) for k, val in filter_tags.items()):
             continue
+        src = v.tags.get(SOURCE_KEY)
+        if src and src in seen:
+            continue
+        seen.add(src)
         out.append(_candidate(v))
     return out
 
@@ -218,11 +275,28 @@ def _candidate(mv) -> Candidate:
 def promote(tracking: Tracking, policy: Policy, filter_tags: dict | None = None, force: bool = False,
             cards_dir: Path | None = CARDS_DIR) -> Decision:
     """Select by policy, move ``champion``/``challenger`` aliases, record the previous champion,
-    and write a model card for the promoted version."""
+    and write a model card for the promoted version.
+
+    Two jobs promoting at once each move the aliases, then read them back and decide again: an
+    alias set from an older view of the registry is corrected, so the aliases end on the policy's
+    choice over all versions (each pass moves them only where that choice differs)."""
     name = policy.registered_model
-    cands = candidates(tracking, name, filter_tags)
+    d = _promote_once(tracking, policy, filter_tags, force)
+    for _ in range(3):
+        again = _promote_once(tracking, policy, filter_tags, force=False)
+        if not again.moved:
+            break
+        d = again
+    if d.champion and cards_dir is not None:
+        write_card(tracking, name, d.champion, policy, cards_dir)
+    return d
+
+
+def _promote_once(tracking: Tracking, policy: Policy, filter_tags: dict | None, force: bool) -> Decision:
+    """One decision on the registry as it is now, and its alias moves."""
+    name = policy.registered_model
     current = current_champion(tracking, name)
-    d = select(cands, policy, current, force)
+    d = select(candidates(tracking, name, filter_tags), policy, current, force)
     client = tracking.client
     if d.moved and d.champion:
         if current is not None:
@@ -231,8 +305,6 @@ def promote(tracking: Tracking, policy: Policy, filter_tags: dict | None = None,
         client.set_model_version_tag(name, d.champion, "dtl.promotion_reason", d.reason)
     if d.challenger and d.challenger != d.champion:
         client.set_registered_model_alias(name, "challenger", d.challenger)
-    if d.champion and cards_dir is not None:
-        write_card(tracking, name, d.champion, policy, cards_dir)
     return d
 
 

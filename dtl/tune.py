@@ -36,7 +36,18 @@ from dtl.metrics import direction
 from dtl.models import DTLNet, ModelSpec
 from dtl.phases import dataset, init_digest, run_phase, training_config
 from dtl.progress import StudyProgress
-from dtl.tracking import Run, Tracking, end_orphans, find_run, log_data, pid_alive, redact, start_run, system_metrics
+from dtl.tracking import (
+    Run,
+    Tracking,
+    end_orphans,
+    find_run,
+    log_data,
+    pid_alive,
+    reachable,
+    redact,
+    start_run,
+    system_metrics,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -122,6 +133,7 @@ def make_storage(url: str, heartbeat_s: int):
             return JournalStorage(JournalFileBackend(path))
         if "://" not in url:
             raise ValueError("no scheme")
+        reachable(url, "Optuna storage")  # a driver would retry a dead host for minutes
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
         for attempt in range(5):  # workers starting together race to create the tables: the loser retries
             try:
@@ -132,6 +144,8 @@ def make_storage(url: str, heartbeat_s: int):
                 if attempt == 4 or not any(w in str(e).lower() for w in ("already exists", "duplicate", "locked")):
                     raise
                 time.sleep(0.5 + attempt)
+    except DTLError:
+        raise
     except Exception as e:
         raise DTLError(f"Optuna storage {redact(url)!r} is not usable ({type(e).__name__}: {redact(str(e))[:200]}). "
                        "Valid forms: sqlite:///optuna.db, postgresql://user:pass@127.0.0.1/db, "
@@ -204,6 +218,7 @@ class Study:
     init_from: Path | None
     init_label: str
     workroot: Path  # trial-<n>/ folders with their checkpoints
+    storage: object = None  # the Optuna storage (RDB storages have heartbeats)
 
 
 def open_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent_run: str | None = None,
@@ -233,7 +248,7 @@ def open_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, paren
     alive = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     end_orphans(tracking, parent=run.id, alive=alive)
     return Study(name, study, run, tags, cfg, phase, backbone, strategy, init_from, init,
-                 Path(cfg.work_dir) / name)
+                 Path(cfg.work_dir) / name, storage)
 
 
 def link_study(study: optuna.Study, run_id: str, tags: dict) -> None:
@@ -325,22 +340,12 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
     trial and its checkpoint. A rerun reopens the study and continues it."""
     s = open_study(cfg, phase, backbone, tracking, parent_run, strategy, init_from, init_label)
     pc = cfg.phase(phase)
-    # n_trials counts COMPLETED trials (a pruned trial is no sample of the objective at full length);
-    # the cap on trials of any state makes a study whose trials all prune or fail end anyway.
-    cap = cfg.tune.max_trials or 3 * pc.n_trials
     n_complete = len(s.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    remaining = min(pc.n_trials - n_complete, cap - len(s.optuna.get_trials(deepcopy=False)))
     bar = StudyProgress(f"{phase} {strategy} {backbone}" if phase == "phase2" else f"{phase} {backbone}",
                         pc.n_trials, n_complete, pc.epochs)
     monitor, t0 = system_metrics(s.run.id), time.time()
     try:
-        if remaining > 0:
-            s.optuna.optimize(Objective(s, tracking, bar), n_trials=cap,  # bounded by the two callbacks below
-                              callbacks=[optuna.study.MaxTrialsCallback(pc.n_trials, states=(TrialState.COMPLETE,)),
-                                         optuna.study.MaxTrialsCallback(cap, states=None),
-                                         lambda st, _t: keep_best_only(st, s.workroot),
-                                         lambda st, t: _show(bar, st, t)],
-                              catch=TRIAL_ERRORS, gc_after_trial=True)
+        _optimize(s, Objective(s, tracking, bar), bar, tracking)
         keep_best_only(s.optuna, s.workroot)
         result = summarise(s, time.time() - t0)
     except BaseException as e:
@@ -352,6 +357,43 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
         bar.close()
     s.run.end("FINISHED")
     return result
+
+
+def budget_left(study: optuna.Study, n_trials: int, cap: int) -> tuple[bool, int]:
+    """(whether this worker may start a trial now, trials other workers are running). ``n_trials``
+    counts COMPLETE trials; a RUNNING trial counts as one that will complete, so N workers on one
+    study do not all start the last trial (Optuna's MaxTrialsCallback counts finished states only
+    and lets N workers overshoot by N - 1). A WAITING trial (the retry of a dead one) is always
+    taken; ``cap`` bounds trials of any state (a study whose trials all prune or fail ends)."""
+    trials = study.get_trials(deepcopy=False)
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    waiting = any(t.state == TrialState.WAITING for t in trials)
+    if complete >= n_trials or len(trials) >= cap:
+        return False, 0
+    return waiting or complete + running < n_trials, running
+
+
+def _optimize(s: Study, objective: Objective, bar: StudyProgress, tracking: Tracking) -> None:
+    """Run trials one at a time until the study holds ``n_trials`` COMPLETE trials (or ``cap``
+    trials of any state), counting the trials other workers are running before each start.
+    A worker with nothing to start waits for those trials: one of them may prune or fail and
+    leave a trial to run, and every worker then summarises the same, finished study."""
+    pc = s.cfg.phase(s.phase)
+    cap = s.cfg.tune.max_trials or 3 * pc.n_trials
+    while True:
+        start, running = budget_left(s.optuna, pc.n_trials, cap)
+        if start:
+            s.optuna.optimize(objective, n_trials=1, catch=TRIAL_ERRORS, gc_after_trial=True,
+                              callbacks=[lambda st, _t: keep_best_only(st, s.workroot),
+                                         lambda st, t: _show(bar, st, t)])
+        elif running:
+            time.sleep(2)  # another worker's trial: heartbeats (RDB) or its pid (this host) end a dead one
+            if isinstance(s.storage, optuna.storages.RDBStorage):
+                optuna.storages.fail_stale_trials(s.optuna)
+            _fail_dead_trials(s.optuna, tracking)
+        else:
+            return
 
 
 def _show(bar: StudyProgress, study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
