@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import mlflow
 import pandas as pd
@@ -74,6 +75,7 @@ def connect(tracking_uri: str = "", experiment: str = "all-dtl") -> Tracking:
     mlflow.set_tracking_uri(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (mlflow models serve, workers) follow
     try:
+        reachable(uri, "MLflow tracking server")
         client = _init_sqlite_store(uri) if uri.startswith("sqlite:///") else MlflowClient(uri)
         if uri.startswith(("http://", "https://")):
             requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
@@ -93,6 +95,28 @@ def connect(tracking_uri: str = "", experiment: str = "all-dtl") -> Tracking:
                        f"({type(e).__name__}: {redact(str(e))[:300]}). Start it, or unset MLFLOW_TRACKING_URI "
                        f"to use the local {DEFAULT_TRACKING_URI}.") from None
     return Tracking(client, uri, exp_id, outer)
+
+
+DEFAULT_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433, "http": 80, "https": 443}
+
+
+def reachable(uri: str, what: str, timeout: float = 3.0) -> None:
+    """Fail fast when nothing answers at a server URI's host and port (a TCP connect within
+    ``timeout`` seconds): drivers and MLflow's HTTP client otherwise retry for minutes. Local
+    stores (sqlite, file paths) pass."""
+    u = urlparse(uri)
+    scheme = u.scheme.split("+", 1)[0].lower()
+    if scheme not in DEFAULT_PORTS or not u.hostname:
+        return
+    try:
+        port = u.port or DEFAULT_PORTS[scheme]
+    except ValueError:
+        raise DTLError(f"{what} {redact(uri)}: the port is not a number") from None
+    try:
+        socket.create_connection((u.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise DTLError(f"{what} {redact(uri)} is not reachable: nothing answers at {u.hostname}:{port} within "
+                       f"{timeout:g} s ({type(e).__name__}: {e}). Start it, or check the host and port.") from None
 
 
 def _init_sqlite_store(uri: str) -> MlflowClient:
