@@ -118,6 +118,9 @@ def test_paired_difference_of_a_scalar_metric():
     r = paired_difference(y, a.argmax(1), np.where(np.arange(100) < 80, y, 1 - y), acc, n=200, seed=5)
     assert set(r) == {"diff", "ci_low", "ci_high", "p_le_0"} and r["diff"] == pytest.approx(0.5 - 0.8)
     assert r["ci_high"] < 0 and r["p_le_0"] == 1.0
+    # the documented defaults (n=1000, seed=0): seeded, so the same answer every call
+    b = np.where(np.arange(100) < 80, y, 1 - y)
+    assert paired_difference(y, a.argmax(1), b, acc) == paired_difference(y, a.argmax(1), b, acc, n=1000, seed=0)
     with pytest.raises(ValueError, match=r"differ in length \(100, 100, 3\)"):
         paired_difference(y, a.argmax(1), y[:3], acc)
 
@@ -125,6 +128,7 @@ def test_paired_difference_of_a_scalar_metric():
 def test_mean_spread_of_seed_repeats():
     assert mean_spread([0.5, None, float("nan"), 0.7, 0.9]) == {
         "mean": pytest.approx(0.7), "std": pytest.approx(0.2), "min": 0.5, "max": 0.9, "n": 3}
+    assert mean_spread([0.2, 0.4])["std"] == pytest.approx(2 ** 0.5 / 10)  # ddof=1 from two repeats on
     assert mean_spread([0.4]) == {"mean": 0.4, "std": 0.0, "min": 0.4, "max": 0.4, "n": 1}
     empty = mean_spread([None])
     assert empty["n"] == 0 and all(np.isnan(empty[k]) for k in ("mean", "std", "min", "max"))
