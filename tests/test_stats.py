@@ -119,8 +119,10 @@ def test_paired_difference_of_a_scalar_metric():
     assert set(r) == {"diff", "ci_low", "ci_high", "p_le_0"} and r["diff"] == pytest.approx(0.5 - 0.8)
     assert r["ci_high"] < 0 and r["p_le_0"] == 1.0
     # the documented defaults (n=1000, seed=0): seeded, so the same answer every call
-    b = np.where(np.arange(100) < 80, y, 1 - y)
-    assert paired_difference(y, a.argmax(1), b, acc) == paired_difference(y, a.argmax(1), b, acc, n=1000, seed=0)
+    mean = lambda t, q: float(q.mean())  # noqa: E731 - continuous, so that one draw more moves the quantiles
+    u, v = np.random.default_rng(0).random((2, 100))
+    assert paired_difference(y, u, v, mean) == paired_difference(y, u, v, mean, n=1000, seed=0)
+    assert paired_difference(y, u, v, mean) != paired_difference(y, u, v, mean, n=1001, seed=0)
     with pytest.raises(ValueError, match=r"differ in length \(100, 100, 3\)"):
         paired_difference(y, a.argmax(1), y[:3], acc)
 
