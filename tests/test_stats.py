@@ -123,6 +123,12 @@ def test_paired_difference_of_a_scalar_metric():
     u, v = np.random.default_rng(0).random((2, 100))
     assert paired_difference(y, u, v, mean) == paired_difference(y, u, v, mean, n=1000, seed=0)
     assert paired_difference(y, u, v, mean) != paired_difference(y, u, v, mean, n=1001, seed=0)
+    narrow = paired_difference(y, u, v, mean, n=200, alpha=0.5)
+    assert (narrow["ci_low"], narrow["ci_high"]) == pytest.approx(_quantiles(
+        [u[i].mean() - v[i].mean() for i in _oracle_draws(200, 0, n=100)], 0.5))
+    # bootstrap_ci's defaults too (n=1000, seed=0)
+    metric = lambda t, q: {"m": float(q.mean())}  # noqa: E731
+    assert bootstrap_ci(y, u, metric) == bootstrap_ci(y, u, metric, 1000, 0) != bootstrap_ci(y, u, metric, 1001, 0)
     with pytest.raises(ValueError, match=r"differ in length \(100, 100, 3\)"):
         paired_difference(y, a.argmax(1), y[:3], acc)
 
