@@ -126,9 +126,11 @@ def test_paired_difference_of_a_scalar_metric():
     narrow = paired_difference(y, u, v, mean, n=200, alpha=0.5)
     assert (narrow["ci_low"], narrow["ci_high"]) == pytest.approx(_quantiles(
         [u[i].mean() - v[i].mean() for i in _oracle_draws(200, 0, n=100)], 0.5))
-    # bootstrap_ci's defaults too (n=1000, seed=0)
+    # bootstrap_ci's and paired_bootstrap's defaults too (n=1000, seed=0)
     metric = lambda t, q: {"m": float(q.mean())}  # noqa: E731
     assert bootstrap_ci(y, u, metric) == bootstrap_ci(y, u, metric, 1000, 0) != bootstrap_ci(y, u, metric, 1001, 0)
+    pb = [paired_bootstrap(y, u, v, metric, ("m",), *args)["m"] for args in ((), (1000, 0), (1001, 0))]
+    assert pb[0] == pb[1] != pb[2]
     with pytest.raises(ValueError, match=r"differ in length \(100, 100, 3\)"):
         paired_difference(y, a.argmax(1), y[:3], acc)
 
