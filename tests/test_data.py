@@ -233,8 +233,21 @@ def test_demo_near_duplicates_stay_on_one_side_of_the_grouped_split(cache_dir):
     grouped = load_dataset(DataConfig(kind="demo-aria"), cache_dir)
     m = grouped.manifest.set_index("path")
     a = grouped.audit()
-    assert a["near_duplicates"] == 0 and a["near_duplicates_linked"] >= 12
-    assert max(a["group_sizes"]) >= 2 and sum(k * v for k, v in a["group_sizes"].items()) == len(m)
+    # the seeded demo: 240 drawn, the two exact duplicates in Pro/ (11, 31) dropped; exact figures,
+    # so that a change in the linking rule shows here
+    assert len(m) == 238 and a["near_duplicates"] == 0 and a["near_duplicates_linked"] == 29
+    assert a["group_sizes"] == {1: 189, 2: 18, 4: 2, 5: 1} and sum(k * v for k, v in a["group_sizes"].items()) == len(m)
+    missed = []
+    for cls in ("Benign", "Early", "Pre", "Pro"):  # the planted re-exports: i = 2, 12, ..., 52 of the photo before
+        for i in range(2, 61, 10):
+            before = i - 2 if cls == "Pro" and i in (12, 32) else i - 1  # Pro 11 and 31 are the dropped duplicates
+            pair = m.loc[[f"{cls}/WBC-{cls}-{before:03d}.jpg", f"{cls}/WBC-{cls}-{i:03d}.jpg"]]
+            if pair["group"].nunique() > 1:
+                missed.append(pair.index[1])
+    # 18 of the 24 are linked; these 6 re-exports (moved 1 px, brighter, fresh noise) of look-alike
+    # synthetic cells are missed: the demo's random-pair NCC is high, so its link bar is raised
+    assert missed == ["Early/WBC-Early-012.jpg", "Early/WBC-Early-022.jpg", "Pre/WBC-Pre-012.jpg",
+                      "Pre/WBC-Pre-032.jpg", "Pre/WBC-Pre-052.jpg", "Pro/WBC-Pro-002.jpg"]
     for first in ("Benign/WBC-Benign-001.jpg", "Pre/WBC-Pre-001.jpg", "Pro/WBC-Pro-051.jpg"):
         second = first.replace("001", "002").replace("051", "052")  # the re-exported photo
         assert m.loc[first, "group"] == m.loc[second, "group"] and m.loc[first, "split"] == m.loc[second, "split"]

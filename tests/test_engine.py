@@ -43,6 +43,34 @@ def test_resume_from_last_equals_uninterrupted(workspace, cache_dir):
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
 
 
+@pytest.mark.parametrize("monitor, values, best", [("val_loss", [0.9, 0.5, 0.7, 0.6], 1),
+                                                   ("val_macro_f1", [0.2, 0.6, 0.4, 0.6], 1)])
+def test_best_checkpoint_follows_the_monitor_direction(tmp_path, cache_dir, monkeypatch, monitor, values, best):
+    """The fast part of test_loss_monitor_minimises_everywhere (tests/test_tune.py): run_phase's own
+    selection loop over scripted epochs (training and last.pt replaced): best.pt is the epoch with
+    the LOWEST loss or the HIGHEST score, the first of equals, and best_value is that value."""
+    from types import SimpleNamespace
+
+    from dtl import phases
+    from dtl.models import DTLNet, ModelSpec
+
+    def epoch(t, cfg, pc, e, state):
+        row = {"epoch": e, monitor: values[e]}
+        state.history.append(row)
+        return row
+
+    net = DTLNet(ModelSpec("test_resnet", ("all", "hem")))
+    monkeypatch.setattr(phases, "_setup", lambda *a: SimpleNamespace(net=net, meta={"init": "scratch"}, device="cpu",
+                                                                     precision=SimpleNamespace(name="fp32")))
+    monkeypatch.setattr(phases, "_epoch", epoch)
+    monkeypatch.setattr(phases, "_save_last", lambda *a: None)
+    cfg = _cfg(cache_dir, tmp_path, **{"phase1.monitor": monitor, "phase1.epochs": 4})
+    res = run_phase(cfg, "phase1", "test_resnet", tmp_path / "r", resume=False)
+    assert (res.best_value, res.best_epoch) == (values[best], best)
+    meta = load_checkpoint(res.checkpoint)["meta"]
+    assert meta["epoch"] == best and meta["metrics"][monitor] == values[best]
+
+
 @pytest.mark.slow
 def test_checkpoint_describes_itself(workspace, cache_dir):
     cfg = _cfg(cache_dir, workspace, **{"phase1.epochs": 1})

@@ -28,15 +28,44 @@ def test_target_layer_resolution_per_backbone_built_without_weights(backbone, la
     assert name == layer and module is net.get_submodule(layer)
 
 
+def _hand_grad_cam(net, x: torch.Tensor, classes) -> torch.Tensor:
+    """Grad-CAM written out (Selvaraju et al.): the target layer's activations weighted by the
+    spatial mean of the class score's gradient, summed over channels, ReLU; at the layer's size."""
+    _, layer = explain.target_layer(net)
+    acts = {}
+    hook = layer.register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
+    saved = [p.requires_grad for p in net.parameters()]
+    try:
+        for p in net.parameters():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            score = net(x)[torch.arange(len(x)), torch.as_tensor(classes)].sum()
+            grad = torch.autograd.grad(score, acts["a"])[0]
+    finally:
+        hook.remove()
+        for p, s in zip(net.parameters(), saved):
+            p.requires_grad_(s)
+    return torch.relu((grad.mean((2, 3), keepdim=True) * acts["a"]).sum(1)).detach()
+
+
 def _check_cams(backbone):
     torch.manual_seed(0)
     net = DTLNet(ModelSpec(backbone, ("a", "b", "c")), pretrained=False).eval()
-    cams = explain.grad_cams(net, torch.randn(2, 3, 96, 96), [0, 2])
-    assert cams.shape == (2, 96, 96) and cams.dtype == np.float32
-    assert cams.min() >= 0 and cams.max() <= 1 + 1e-6
-    for m in cams:  # scaled to [0, 1] per image (or all zero when ReLU leaves nothing)
-        assert m.max() == pytest.approx(1.0, abs=1e-5) or m.max() == 0
+    x, classes = torch.randn(4, 3, 96, 96), [0, 2, 1, 0]
+    cams = explain.grad_cams(net, x, classes)
+    assert cams.shape == (4, 96, 96) and cams.dtype == np.float32
     assert all(p.grad is None for p in net.parameters())  # no gradients left behind
+    hand = _hand_grad_cam(net, x, classes)
+    up = torch.nn.functional.interpolate(hand[:, None], size=cams.shape[-2:], mode="bilinear")[:, 0].numpy()
+    nonzero = 0
+    for m, h, u in zip(cams, hand, up):
+        if h.max() <= 1e-8 * max(float(hand.max()), 1e-12):  # ReLU left nothing: the map is all zero, not noise
+            assert m.max() == 0
+            continue
+        nonzero += 1
+        assert m.min() == pytest.approx(0.0, abs=1e-6) and m.max() == pytest.approx(1.0, abs=1e-5)
+        assert np.corrcoef(u.ravel(), m.ravel())[0, 1] > 0.999  # the same map (up to the library's resize)
+    assert nonzero >= 2  # the comparison above is not vacuous
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet", "test_convnext"])

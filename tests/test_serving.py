@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -128,14 +129,17 @@ def test_every_image_mode_converts_and_classifies(server, mode, fmt):
     if mode == "I;16":  # the 8-bit grey picture scaled to 16 bits: must classify like the 8-bit one
         img = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
         assert img.mode == "I;16"
-    else:
-        img = rgb.convert(mode)
-    r = _post(server, [_b64(_png(img, fmt)), _b64(_png(rgb.convert("L")))])
+    else:  # an adaptive palette holds the picture's two colours exactly
+        img = rgb.convert("P", palette=Image.ADAPTIVE) if mode == "P" else rgb.convert(mode)
+    r = _post(server, [_b64(_png(img, fmt)), _b64(_png(rgb.convert("L"))), _b64(_png(rgb))])
     assert r.status_code == 200, r.text[-500:]
-    pred, grey = r.json()["predictions"]
+    pred, grey, colour = r.json()["predictions"]
     assert pred["class"] in CLASSES
-    if mode in ("L", "I;16"):
-        assert all(abs(pred[f"p_{c}"] - grey[f"p_{c}"]) < 1e-4 for c in CLASSES), (pred, grey)
+    # the same picture gets the same probabilities: exactly where the conversion is lossless,
+    # within what JPEG changes otherwise
+    same = grey if mode in ("L", "I;16", "LA") else colour
+    tol = 1e-2 if fmt == "JPEG" else 1e-4
+    assert all(abs(pred[f"p_{c}"] - same[f"p_{c}"]) < tol for c in CLASSES), (pred, same)
 
 
 @pytest.mark.slow
@@ -219,3 +223,110 @@ def test_served_code_imports_only_what_the_model_requires(module, allowed):
     )
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- in-process (fast)
+# A model written by the project's own save_model and loaded by mlflow.pyfunc.load_model, the
+# path `mlflow models serve` takes, without the server process.
+
+@pytest.fixture(scope="module")
+def saved_segmented(tmp_path_factory):
+    """An untrained test_resnet whose input spec masks the annotation with the ``Segmented``
+    variant's black fill (not the default light grey), saved as the two-flavor model."""
+    import torch
+
+    from dtl.data.mask import annotation_mask
+    from dtl.serving import save_model
+
+    torch.manual_seed(0)
+    net = DTLNet(ModelSpec("test_resnet", CLASSES)).eval()
+    ispec = replace(resolve_input_spec("test_resnet", 64), mask=annotation_mask("on", "aria", "segmented"))
+    path = tmp_path_factory.mktemp("saved") / "model"
+    save_model(path, net, {"spec": net.spec.to_dict(), "input": ispec.to_dict()}, np.zeros((64, 64, 3), np.uint8))
+    return path, net, ispec
+
+
+def _probs(model, rows) -> np.ndarray:
+    out = model.predict({"image": rows})
+    return out[[f"p_{c}" for c in CLASSES]].to_numpy(float)
+
+
+def test_a_served_segmented_mask_fills_the_corner_black(saved_segmented):
+    """Oracle: the same net, unmasked, on the image with its bottom-right 32×44 of 224 px painted
+    black by hand; a mask that lost its fill on load (light grey) gives other probabilities."""
+    from dtl.serving import ImageClassifier
+
+    path, net, ispec = saved_segmented
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (224, 224, 3)).astype(np.uint8)
+    painted = img.copy()
+    painted[224 - 32:, 224 - 44:] = 0
+    served = _probs(mlflow.pyfunc.load_model(str(path)), [_b64(_png(Image.fromarray(img)))])
+    bare = ImageClassifier(net, list(CLASSES), replace(ispec, mask=None))
+    assert np.allclose(served, bare.predict_proba([painted]), atol=1e-6)
+    grey = painted.copy()
+    grey[224 - 32:, 224 - 44:] = 230
+    assert not np.allclose(served, bare.predict_proba([grey]), atol=1e-4)  # the fill is visible to the net
+
+
+def test_model_config_bounds_bytes_and_pixels_of_every_input_kind(saved_segmented):
+    path = str(saved_segmented[0])
+    png = _b64(_png(_cell()))  # 80×90 = 7200 pixels
+    assert len(_probs(mlflow.pyfunc.load_model(path), [png, np.zeros((200, 200, 3), np.uint8)])) == 2
+    small_bytes = mlflow.pyfunc.load_model(path, model_config={"max_image_bytes": 100})
+    with pytest.raises(InvalidInput, match=f"input row 0: base64 input of {len(png)} characters decodes to more than 100 bytes"):
+        small_bytes.predict({"image": [png]})
+    raw = _png(_cell())
+    with pytest.raises(InvalidInput, match=f"input row 1: {len(raw)} bytes of image data exceed the limit of 100"):
+        small_bytes.predict({"image": [np.zeros((9, 9, 3), np.uint8), raw]})
+    few_pixels = mlflow.pyfunc.load_model(path, model_config={"max_image_pixels": 7199})
+    with pytest.raises(InvalidInput, match="input row 0: image of 80×90 pixels exceeds the limit of 7199"):
+        few_pixels.predict({"image": [png]})
+    with pytest.raises(InvalidInput, match="input row 1: image of 100×72 pixels exceeds the limit of 7199"):
+        few_pixels.predict({"image": [np.zeros((10, 10, 3), np.uint8).tolist(), np.zeros((72, 100, 3), np.uint8)]})
+    exact = mlflow.pyfunc.load_model(path, model_config={"max_image_pixels": 7200})  # the bound itself is allowed
+    assert len(_probs(exact, [png, np.zeros((90, 80, 3), np.uint8)])) == 2
+
+
+def test_array_input_policy_bounds_shapes_and_dtypes():
+    from dtl.serving import image_from_value
+
+    policy = InputPolicy(max_pixels=100)
+    assert image_from_value(np.zeros((10, 10, 3), np.uint8), policy).shape == (10, 10, 3)
+    with pytest.raises(InvalidInput, match="image of 11×10 pixels exceeds the limit of 100"):
+        image_from_value(np.zeros((10, 11, 3), np.uint8), policy)
+    grey = image_from_value(np.arange(6, dtype=np.int64).reshape(2, 3) * 100)
+    assert grey.shape == (2, 3, 3) and grey.dtype == np.uint8 and grey[..., 0].tolist() == [[0, 100, 200], [255, 255, 255]]
+    rgba = image_from_value(np.full((2, 2, 4), 7, np.uint8))
+    assert rgba.shape == (2, 2, 3) and rgba.flags["C_CONTIGUOUS"] and (rgba == 7).all()
+    assert image_from_value(np.full((1, 1, 3), -5.0)).tolist() == [[[0, 0, 0]]]
+    with pytest.raises(InvalidInput, match=r"H×W×3 \(RGB\), got shape \(2, 2, 2\)"):
+        image_from_value(np.zeros((2, 2, 2)))
+    with pytest.raises(InvalidInput, match="must hold numbers, not <U1"):
+        image_from_value(np.full((2, 2, 3), "a"))
+    with pytest.raises(InvalidInput, match="rectangular"):
+        image_from_value([[1, 2], [3]])
+    with pytest.raises(InvalidInput, match="cannot read an image from a float"):
+        image_from_value(1.5)
+
+
+@pytest.mark.parametrize("mode, fmt, tol", [("RGBA", "PNG", 0), ("P", "PNG", 0), ("CMYK", "TIFF", 0),
+                                            ("CMYK", "JPEG", 2)])
+def test_rgba_palette_and_cmyk_give_the_rgb_image_and_its_probabilities(saved_segmented, mode, fmt, tol):
+    """Each mode decodes to the RGB picture (exactly where the format is lossless, within JPEG's
+    mean error otherwise) and so gets the RGB image's probabilities."""
+    from dtl.serving import read_images
+
+    rgb = _cell()
+    img = rgb.convert("P", palette=Image.ADAPTIVE) if mode == "P" else rgb.convert(mode)
+    want = np.asarray(rgb).copy()
+    if mode == "RGBA":  # transparent outside the disc: composited over white, as documented
+        background = np.asarray(rgb)[..., 0] == 235
+        img.putalpha(Image.fromarray(np.where(background, 0, 255).astype(np.uint8)))
+        want[background] = 255
+    (got,) = read_images({"image": [_b64(_png(img, fmt))]})
+    assert got.shape == want.shape and got.dtype == np.uint8
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert (diff.max() if tol == 0 else diff.mean()) <= tol
+    p = _probs(mlflow.pyfunc.load_model(str(saved_segmented[0])), [_b64(_png(img, fmt)), _b64(_png(Image.fromarray(want)))])
+    assert np.allclose(p[0], p[1], atol=1e-6 if tol == 0 else 5e-3), p

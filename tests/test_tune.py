@@ -1,4 +1,5 @@
-"""Optuna studies for real: pruning, resume after SIGKILL mid-trial, two workers on one study."""
+"""Optuna studies for real: pruning, resume after SIGKILL mid-trial, two workers on one study (slow);
+the project's own study factory, pruners and study identity in memory (fast)."""
 
 import os
 import subprocess
@@ -13,9 +14,8 @@ from dtl.tracking import connect, find_runs, start_run
 from dtl.tune import make_storage, run_study
 from tests.conftest import PYTHON, demo_overrides
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_threshold_pruner_prunes_and_tags_the_trial_runs(workspace, cache_dir):
     """Pruned trials do not count toward n_trials: with every trial pruned the study goes on to
     its cap on trials of any state (here 3 for n_trials=2), then ends with a clear error."""
@@ -34,6 +34,7 @@ def test_threshold_pruner_prunes_and_tags_the_trial_runs(workspace, cache_dir):
     assert study.info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_median_pruner_study_logs_parent_summary(workspace, cache_dir):
     cfg = config.load(["demo"], demo_overrides(cache_dir, workspace, **{"phase1.n_trials": 3}))
     t = connect(cfg.tracking_uri, cfg.experiment)
@@ -58,6 +59,7 @@ def _phase1_cmd(tmp, cache_dir, storage, n_trials=3, extra=()):
     return [PYTHON, "-m", "dtl", "phase1", "--config", "demo"] + [x for kv in o for x in ("-o", kv)] + list(extra)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_resume_after_sigkill_in_the_middle_of_a_trial(workspace, cache_dir, kind):
     """Rerun at once: the killed trial's process is gone from this host, so it is failed and
@@ -92,6 +94,7 @@ def test_resume_after_sigkill_in_the_middle_of_a_trial(workspace, cache_dir, kin
     assert [m.step for m in t.client.get_metric_history(retry_run.info.run_id, "val_loss")] == [1]
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_journal_study(workspace, cache_dir):
     storage = f"journal:{workspace}/optuna.journal"
     cmd = _phase1_cmd(workspace, cache_dir, storage, n_trials=4)
@@ -115,6 +118,7 @@ def test_two_workers_share_one_journal_study(workspace, cache_dir):
     assert len(studies) == 1
 
 
+@pytest.mark.slow
 def test_loss_monitor_minimises_everywhere(workspace, cache_dir):
     """monitor=val_loss: the study minimises, the best trial has the lowest loss, and its best.pt
     is the epoch with the lowest loss."""
@@ -164,9 +168,59 @@ def test_pruner_waits_for_startup_trials_and_the_lr_warmup(monitor):
     assert bad_trial_prunes_at(2)
 
 
+@pytest.mark.slow
 def test_find_runs_pages_past_one_page(workspace):
     """Every matching run, in start order, however many pages MLflow splits them into."""
     t = connect(os.environ["MLFLOW_TRACKING_URI"], "paging")
     ids = [start_run(t, f"r{i}", {"dtl.role": "trial"}).id for i in range(5)]
     assert [r.info.run_id for r in find_runs(t, "tags.`dtl.role` = 'trial'", page_size=2)] == ids
     assert len(find_runs(t, "tags.`dtl.role` = 'trial'", max_results=3, page_size=2)) == 3
+
+
+def _should_prune(study: optuna.Study, value: float, epoch: int) -> bool:
+    tr = study.ask()
+    tr.report(value, epoch)
+    out = tr.should_prune()
+    study.tell(tr, state=TrialState.PRUNED)
+    return out
+
+
+@pytest.mark.parametrize("monitor, worse, better", [("val_loss", 2.5, 1.5), ("val_macro_f1", 0.3, 0.7)])
+def test_the_project_study_with_the_threshold_pruner_follows_the_monitor_direction(monitor, worse, better):
+    """open_optuna_study as the trials get it: a loss monitor minimises and is pruned ABOVE the
+    threshold, a score monitor maximises and is pruned below it; never inside the warm-up."""
+    from dtl.tune import open_optuna_study
+
+    threshold = 2.0 if monitor == "val_loss" else 0.5
+    cfg = config.load(["demo"], [f"phase1.monitor={monitor}", "tune.pruner=threshold", f"tune.threshold={threshold}",
+                                 "tune.pruner_warmup_epochs=2", "phase1.warmup_epochs=1"])
+    study = open_optuna_study(cfg, "s", "phase1", optuna.storages.InMemoryStorage())
+    want = "MINIMIZE" if monitor == "val_loss" else "MAXIMIZE"
+    assert study.direction == getattr(optuna.study.StudyDirection, want)
+    assert isinstance(study.pruner, optuna.pruners.ThresholdPruner)
+    assert _should_prune(study, worse, 2) and not _should_prune(study, better, 2)
+    assert not _should_prune(study, worse, 1)  # epoch 1 < tune.pruner_warmup_epochs = 2
+
+
+def test_study_identity_changes_with_what_trials_depend_on_and_only_that():
+    from dataclasses import replace
+
+    from dtl.tune import study_identity, study_name
+
+    cfg = config.load(["demo"])
+    base = study_identity(cfg, "phase1", "digest", "imagenet")
+    changed = {
+        "seed": study_identity(replace(cfg, seed=cfg.seed + 1), "phase1", "digest", "imagenet"),
+        "data": study_identity(cfg, "phase1", "other", "imagenet"),
+        "init": study_identity(cfg, "phase1", "digest", "scratch"),
+        "epochs": study_identity(config.with_phase(cfg, "phase1", epochs=cfg.phase1.epochs + 1), "phase1", "digest", "imagenet"),
+        "image_size": study_identity(replace(cfg, image_size=cfg.image_size + 32), "phase1", "digest", "imagenet"),
+        "deterministic": study_identity(replace(cfg, deterministic=not cfg.deterministic), "phase1", "digest", "imagenet"),
+    }
+    assert all(v != base for v in changed.values()), [k for k, v in changed.items() if v == base]
+    same = [study_identity(config.with_phase(cfg, "phase1", n_trials=cfg.phase1.n_trials + 5), "phase1", "digest", "imagenet"),
+            study_identity(config.with_phase(cfg, "phase1", data=replace(cfg.phase1.data, root="/elsewhere")),
+                           "phase1", "digest", "imagenet")]
+    assert same == [base, base]  # more trials extend the study; moved files are the same data
+    assert study_name("phase1", "r50", "double", base, "exp") == f"exp.phase1.r50.{base[:10]}"
+    assert study_name("phase2", "r50", "single", base, "exp") == f"exp.phase2.single.r50.{base[:10]}"
