@@ -242,16 +242,17 @@ def _fingerprint(folder: Path) -> dict:
     per-epoch values, each study's test metrics, the registered versions and the champion."""
     db = sqlite3.connect(folder / "mlflow.db")
     q = lambda sql: db.execute(sql).fetchall()  # noqa: E731
-    tag = {(r, k): v for r, k, v in q("select run_uuid, key, value from tags")}
-    studies = sorted(v for (r, k), v in tag.items() if k == "dtl.study" and tag.get((r, "dtl.role")) == "study")
+    tags = {(r, k): v for r, k, v in q("select run_uuid, key, value from tags")}
+    tag = lambda key: tags.get(key) or ""  # noqa: E731 - runs without the tag sort first
+    studies = sorted(v for (r, k), v in tags.items() if k == "dtl.study" and tag((r, "dtl.role")) == "study")
     params = sorted(q("select r.run_uuid, p.key, p.value from params p join runs r on p.run_uuid = r.run_uuid "
                       "where p.key like 'trial.%'"))
-    params = sorted((tag.get((r, "dtl.study")), tag.get((r, "optuna.trial")), k, v) for r, k, v in params)
-    epochs = sorted((tag.get((r, "dtl.study")), tag.get((r, "optuna.trial")), tag.get((r, "dtl.role")), k, s, v)
+    params = sorted((tag((r, "dtl.study")), tag((r, "optuna.trial")), k, v) for r, k, v in params)
+    epochs = sorted((tag((r, "dtl.study")), tag((r, "optuna.trial")), tag((r, "dtl.role")), k, s, v)
                     for r, k, s, v in q("select run_uuid, key, step, value from metrics where key like 'val_%' "
                                         "or key = 'train_loss' or key like 'test_%'"))
     aliases = sorted(q("select name, alias, version from registered_model_aliases"))
-    versions = sorted((v, tag.get((r, "dtl.study"))) for v, r in q("select version, run_id from model_versions"))
+    versions = sorted((v, tag((r, "dtl.study"))) for v, r in q("select version, run_id from model_versions"))
     return {"studies": studies, "params": params, "values": epochs, "aliases": aliases, "versions": versions}
 
 
