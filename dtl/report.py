@@ -400,15 +400,17 @@ def forest(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame) -> bytes | No
                     fmt="o" if cvd else "s", color="C0" if cvd else "C1", capsize=3)
     ax.set_yticks(range(len(rows)), [_label(r) + (f" v{r['registered_version']}" if r["registered_version"] else "")
                                      for _, r in rows.iterrows()], fontsize=8)
-    ax.set(title="test macro-F1, 95% CI (● cross-validated, ■ one model, bootstrap)", xlabel="macro-F1")
+    ax.set_title("test macro-F1, 95% CI\n(● cross-validated, ■ one model: bootstrap)", fontsize=9)
+    ax.set_xlabel("macro-F1")
     ax = axes[1]
     for y, r in g.iterrows():
         ax.errorbar([r["gain"]], [y], xerr=[[r["gain"] - r["ci_low"]], [r["ci_high"] - r["gain"]]], fmt="o",
                     color="C2" if (r["ci_low"] > 0 or r["ci_high"] < 0) else "C7", capsize=3)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(g)), [f"{r['backbone']}: {r['comparison']}" for _, r in g.iterrows()], fontsize=8)
-    ax.set(title="gains in test macro-F1, 95% CI" + (" (fold-level, corrected t)" if len(cv) else " (paired bootstrap)"),
-           xlabel="a − b")
+    ax.set_title("gains in test macro-F1, 95% CI\n" + ("(fold-level, corrected t)" if len(cv) else "(paired bootstrap)"),
+                 fontsize=9)
+    ax.set_xlabel("a − b")
     fig.tight_layout()
     return png_bytes(fig)
 
