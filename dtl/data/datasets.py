@@ -466,4 +466,4 @@ def fold_dataset(ds: Dataset, k: int, fold: int, seed: int) -> Dataset:
     m = ds.manifest.copy()
     _, units = resampling_units(m)
     m["split"] = fold_split(m["label"].to_numpy(), units, k, fold, seed)
-    return replace(ds, manifest=m, protocol=ds.protocol, near_duplicates=[])
+    return replace(ds, manifest=m, near_duplicates=[])

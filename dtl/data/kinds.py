@@ -11,6 +11,7 @@ here: adding a kind is one entry plus its loader.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 GROUPED = ("near-duplicate-groups", "acquisition-blocks", "image-level")
 
@@ -59,8 +60,6 @@ PRESPLIT_FOLDERS = ("train", "val", "test")  # a presplit root: train/ and val/ 
 
 def is_presplit_root(root: str) -> bool:
     """A root holding ``train/`` and ``val/`` folders is pre-split data (the layout the seed's users keep)."""
-    from pathlib import Path  # deferred: this module stays import-light (the CLI reads it for --help)
-
     return bool(root) and all((Path(root) / f).is_dir() for f in PRESPLIT_FOLDERS[:2])
 
 
