@@ -164,3 +164,70 @@ def test_report_sections_render_their_markdown_as_html():
     assert "<td>a|b</td>" in page and "<td>0.9000</td>" in page and "---" not in page
     assert "<li>one</li>\n<li>two</li>" in page and 'src="data:image/png;base64,UE5H"' in page
     assert "dtl explain --split test" in page and "<pre><code>" in page
+
+
+ROOT = PKG.parent
+
+
+def _third_party_imports(dirs: tuple[str, ...]) -> dict[str, set[str]]:
+    """Top-level module -> the files importing it, for every non-stdlib, non-project import."""
+    import sys
+
+    out: dict[str, set[str]] = defaultdict(set)
+    for d in dirs:
+        for p in sorted((ROOT / d).rglob("*.py")):
+            for n in ast.walk(ast.parse(p.read_text(), str(p))):
+                names = [a.name for a in n.names] if isinstance(n, ast.Import) else []
+                if isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
+                    names = [n.module]
+                for m in (x.split(".")[0] for x in names):
+                    if m not in sys.stdlib_module_names and m not in {"dtl", "tests", "conftest"}:
+                        out[m].add(str(p.relative_to(ROOT)))
+    return out
+
+
+def _closure(reqs: list[str]) -> set[str]:
+    """Distribution names pip installs for ``reqs``, read from the installed metadata."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    todo = [(Requirement(r), set()) for r in reqs]
+    while todo:
+        req, _ = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            sub = md.requires(req.name) or []
+        except md.PackageNotFoundError:
+            continue
+        for s in map(Requirement, sub):
+            wanted = req.extras | {""}
+            if s.marker is None or any(s.marker.evaluate({"extra": e}) for e in wanted):
+                todo.append((s, set()))
+    return seen
+
+
+def test_every_import_is_a_declared_dependency():
+    """The CI failure of 2026-12-01: dtl.tables imported markdown_it, which this machine had
+    (through rich) but pyproject.toml never asked for, so a clean install could not import the
+    report. Every third-party import in dtl/ must come from the install closure of
+    ``pip install -e .``; every one in tests/ from that of ``.[test]``."""
+    import importlib.metadata as md
+    import tomllib
+
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    provider = md.packages_distributions()
+    for dirs, reqs in ((("dtl",), project["dependencies"]),
+                       (("tests",), project["dependencies"] + project["optional-dependencies"]["test"])):
+        closure = _closure(reqs)
+        missing = {m: sorted(files) for m, files in _third_party_imports(dirs).items()
+                   if not {canonicalize_name(d) for d in provider.get(m, [m])} & closure}
+        assert not missing, f"imported but not installed by {reqs}: {missing}"
+
