@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dtl import fuzzy
+from dtl.fuzzy import core as fuzzy
 
 
 def features(n: int, dim: int = 256, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from dtl.config import AugmentConfig, DataConfig
 from dtl.data.cache import BatchLoader, split_array
 from dtl.data.datasets import load_dataset
-from dtl.engine import Precision, predict, resolve_device, resolve_precision, train_one_epoch
-from dtl.models import DTLNet, ModelSpec, param_groups, resolve_input_spec
+from dtl.model.net import DTLNet, ModelSpec
+from dtl.train.engine import Precision, predict, resolve_device, resolve_precision, train_one_epoch
+from dtl.train.weights import param_groups, resolve_input_spec
 
 
 def _sync(device):
@@ -193,7 +194,7 @@ def kornia_variant(args, ds, spec, device, precision) -> float | None:
 
 
 def pyfunc_cpu(args, spec, n_classes) -> float:
-    from dtl.serving import ImageClassifier
+    from dtl.model.pyfunc import ImageClassifier
 
     net = DTLNet(ModelSpec(args.backbone, tuple(str(i) for i in range(n_classes)), "pbs", 256, 0.2))
     clf = ImageClassifier(net, [str(i) for i in range(n_classes)], spec, batch_size=32)

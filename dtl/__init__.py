@@ -8,8 +8,6 @@ Everything is tracked in MLflow and tuned with Optuna.
 __version__ = "0.1.0"
 
 
-class DTLError(Exception):
-    """An error the user can fix: bad input, bad configuration, unreachable service.
+from dtl.model.errors import DTLError  # noqa: E402  (the one error type; lives where served models can import it)
 
-    The CLI prints its message without a traceback and exits with status 2.
-    """
+__all__ = ["DTLError", "__version__"]

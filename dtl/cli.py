@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dtl import DTLError, config
 from dtl.data import kinds
-from dtl.strategies import STRATEGIES
+from dtl.train.strategies import STRATEGIES
 
 EPILOG = """Config: a recipe from experiments/ (demo, real, resnet50, ...) or a YAML file; any key can be
 overridden with -o key.sub=value (e.g. -o phase2.epochs=20 -o tune.pruner=hyperband).
@@ -135,8 +135,9 @@ def cmd_phase(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from dtl import pipeline, tracking
-    from dtl.phases import evaluate_checkpoint
+    from dtl import pipeline
+    from dtl.tracking import adapter as tracking
+    from dtl.train.phases import evaluate_checkpoint
 
     cfg = load_config(args)
     if not args.checkpoint and not args.run:
@@ -159,7 +160,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from dtl import pipeline, registry, tracking
+    from dtl import pipeline
+    from dtl.tracking import adapter as tracking
+    from dtl.tracking import registry
 
     cfg = load_config(args)
     pol = registry.load_policy(args.policy or cfg.policy, args.model or cfg.registered_model)
@@ -180,7 +183,8 @@ def cmd_promote(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from dtl import report, tracking
+    from dtl.report import results as report
+    from dtl.tracking import adapter as tracking
 
     cfg = load_config(args)
     t = tracking.connect(cfg.tracking_uri, cfg.experiment)
@@ -200,8 +204,8 @@ def cmd_report(args) -> int:
 def cmd_predict(args) -> int:
     import mlflow.pyfunc
 
-    from dtl.serving import InputPolicy, image_from_value
-    from dtl.tracking import DEFAULT_TRACKING_URI
+    from dtl.model.decode import InputPolicy, image_from_value
+    from dtl.tracking.adapter import DEFAULT_TRACKING_URI
 
     cfg = load_config(args)
     mlflow.set_tracking_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
@@ -293,8 +297,8 @@ def _print_audit(ds, a: dict) -> None:
 
 def _probe(ds, dc, args, cache_dir: str) -> dict | None:
     """The shortcut probe when asked (--probe), or by default where the annotation mask is on."""
-    from dtl.data.mask import annotation_mask
     from dtl.data.probe import shortcut_probe
+    from dtl.model.mask import annotation_mask
 
     mask = annotation_mask(dc.mask_annotation, ds.kind, dc.variant)
     if not (args.probe or (args.probe is None and mask is not None)):
@@ -310,8 +314,8 @@ def _preview(ds, args) -> int:
     import torch
 
     from dtl.config import AugmentConfig
-    from dtl.data.cache import decode
-    from dtl.data.transforms import InputSpec, train_transform
+    from dtl.model.preprocess import InputSpec, decode
+    from dtl.train.augment import train_transform
 
     spec = InputSpec(args.size, int(round(args.size / 0.875)), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     n = args.per_class
@@ -336,11 +340,11 @@ def _preview(ds, args) -> int:
 
 
 def cmd_fuzzy(args) -> int:
-    from dtl import tracking
-    from dtl.data.mask import mask_state
-    from dtl.fuzzy_job import phase2_studies, run_fuzzy
-    from dtl.fuzzy_report import verdict
-    from dtl.phases import dataset
+    from dtl.fuzzy.job import phase2_studies, run_fuzzy
+    from dtl.fuzzy.report import verdict
+    from dtl.model.mask import mask_state
+    from dtl.tracking import adapter as tracking
+    from dtl.train.phases import dataset
 
     if args.fuzzy_trials:
         args.override.append(f"fuzzy.n_trials={args.fuzzy_trials}")
@@ -451,8 +455,8 @@ def _data_parser(sub) -> None:
     d.set_defaults(fn=cmd_data)
 
 def cmd_explain(args) -> int:
-    from dtl import tracking
-    from dtl.explain_job import run_explain, summary_text
+    from dtl.explain.job import run_explain, summary_text
+    from dtl.tracking import adapter as tracking
 
     cfg = load_config(args)
     t = tracking.connect(cfg.tracking_uri, cfg.experiment)
@@ -519,12 +523,13 @@ def _quiet_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_warnings()
-    from dtl import distributed, progress  # torch and pandas: after parsing, so `--help` stays instant
+    from dtl import progress  # torch and pandas: after parsing, so `--help` stays instant
+    from dtl.train import distributed  # torch and pandas: after parsing, so `--help` stays instant
 
     if distributed.world_size() > 1 and args.command in TRAINING_COMMANDS:
         distributed.init()
         if not distributed.is_main():
-            from dtl.phases import follower_job
+            from dtl.train.phases import follower_job
 
             return distributed.follow(follower_job)
     progress.QUIET = bool(getattr(args, "quiet", False))
@@ -541,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not _is_tracking_failure(e):
             raise
-        from dtl.tracking import redact
+        from dtl.tracking.adapter import redact
 
         uri = redact(os.environ.get("MLFLOW_TRACKING_URI", ""))
         print(f"error: lost the MLflow tracking server {uri} during the run ({type(e).__name__}: "

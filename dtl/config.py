@@ -19,8 +19,9 @@ from typing import Any
 
 import yaml
 
-from dtl import DTLError, strategies
+from dtl import DTLError
 from dtl.data import kinds
+from dtl.train import strategies
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 

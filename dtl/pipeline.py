@@ -16,19 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dtl import DTLError, faults, registry
-from dtl import report as report_mod
+from dtl import DTLError
 from dtl.config import Config, flatten, with_phase
 from dtl.data import store
-from dtl.data.mask import mask_state as masked
-from dtl.engine import resolve_device
-from dtl.fuzzy_job import run_fuzzy
-from dtl.models import check_backbone
-from dtl.phases import dataset, evaluate_checkpoint, run_phase
-from dtl.registry import log_model, phase1_source, register
-from dtl.stats import corrected_t_interval, mean_spread
-from dtl.strategies import STRATEGIES, needs_phase1
-from dtl.tracking import (
+from dtl.evaluation.stats import corrected_t_interval, mean_spread
+from dtl.fuzzy.job import run_fuzzy
+from dtl.model.mask import mask_state as masked
+from dtl.report import results as report_mod
+from dtl.tracking import registry
+from dtl.tracking.adapter import (
     Run,
     Tracking,
     base_tags,
@@ -41,7 +37,13 @@ from dtl.tracking import (
     log_evaluation,
     start_run,
 )
-from dtl.tune import StudyResult, check_fixed_values, run_study
+from dtl.tracking.registry import log_model, phase1_source, register
+from dtl.train import faults
+from dtl.train.engine import resolve_device
+from dtl.train.phases import dataset, evaluate_checkpoint, run_phase
+from dtl.train.strategies import STRATEGIES, needs_phase1
+from dtl.train.tune import StudyResult, check_fixed_values, run_study
+from dtl.train.weights import check_backbone
 
 
 @dataclass

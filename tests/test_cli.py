@@ -15,7 +15,7 @@ import pytest
 import tomllib
 import yaml
 
-from dtl.tracking import connect
+from dtl.tracking.adapter import connect
 from tests.conftest import PYTHON, ROOT, demo_overrides
 
 
@@ -54,7 +54,7 @@ def test_credentials_never_reach_the_error_message(workspace):
 
 def test_redact_strips_every_password_and_keeps_the_rest():
     """What the CLI, the params and the study tags show of a storage or tracking URL."""
-    from dtl.tracking import redact
+    from dtl.tracking.adapter import redact
 
     text = "postgresql://dtl:s3cret@127.0.0.1:5432/optuna and http://me:pa55@host/x, sqlite:///a.db"
     out = redact(text)
@@ -305,7 +305,7 @@ def test_promote_ranks_only_versions_of_the_recipes_data(workspace, cache_dir):
     import json
 
     from dtl import config, pipeline
-    from dtl.tracking import connect
+    from dtl.tracking.adapter import connect
 
     o = demo_overrides(cache_dir, workspace, **{"phase1.n_trials": 1, "phase2.n_trials": 1, "phase1.epochs": 1,
                                                 "phase2.epochs": 1, "cards_dir": str(workspace / "cards")})

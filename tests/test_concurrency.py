@@ -15,8 +15,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from dtl.registry import Policy, _candidate, select
-from dtl.tune import make_storage
+from dtl.tracking.registry import Policy, _candidate, select
+from dtl.train.tune import make_storage
 from tests.conftest import PYTHON, demo_overrides
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ import pytest
 
 from dtl import DTLError, config
 from dtl.cli import build_parser, data_config, load_config
-from dtl.phases import _same_run
-from dtl.serving import InputPolicy, truthy
+from dtl.model.decode import InputPolicy, truthy
+from dtl.train.phases import _same_run
 
 
 def _data(*argv: str):
@@ -67,7 +67,7 @@ def test_model_config_switches_read_false_strings_as_false():
 
 
 def test_the_recorded_command_line_carries_no_password(monkeypatch):
-    from dtl.tracking import command_line
+    from dtl.tracking.adapter import command_line
 
     monkeypatch.setattr(sys, "argv", ["dtl", "main", "-o", "tune.storage=postgresql://ann:s3cret@db.lab/optuna"])
     assert command_line() == "dtl main -o tune.storage=postgresql://ann:***@db.lab/optuna"

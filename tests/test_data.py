@@ -13,9 +13,10 @@ from dtl.data import demo
 from dtl.data.cache import split_array
 from dtl.data.datasets import load_dataset, parse_cnmc_name
 from dtl.data.groups import assign_groups, block_edges, components, file_number
-from dtl.data.mask import AnnotationMask, annotation_mask
 from dtl.data.splits import group_split, patient_overlap, patient_split
-from dtl.data.transforms import InputSpec, eval_transform, hsv_segment, train_transform
+from dtl.model.mask import AnnotationMask, annotation_mask
+from dtl.model.preprocess import InputSpec, eval_transform, hsv_segment
+from dtl.train.augment import train_transform
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -295,8 +296,9 @@ def test_mask_travels_in_the_input_spec_and_the_cache_key(cache_dir):
 def test_served_model_applies_the_mask_from_its_spec(tmp_path):
     from safetensors.torch import save_file
 
-    from dtl.models import ModelSpec, build_model
-    from dtl.serving import load_classifier
+    from dtl.model.net import ModelSpec
+    from dtl.model.pyfunc import load_classifier
+    from dtl.train.weights import build_model
 
     with torch.random.fork_rng():  # an untrained net reacts to the stamp by 1e-5 to 2e-4 depending on its
         torch.manual_seed(0)       # initial weights (6e-5 with these); unseeded, the check below was flaky

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from dtl.models import load_checkpoint
+from dtl.train.weights import load_checkpoint
 from tests.conftest import PYTHON, demo_overrides
 
 
@@ -37,8 +37,8 @@ def test_compile_is_applied_before_the_ddp_wrap(tmp_path, monkeypatch):
     import torch
     import torch.distributed as dist
 
-    from dtl.models import DTLNet, ModelSpec
-    from dtl.phases import training_module
+    from dtl.model.net import DTLNet, ModelSpec
+    from dtl.train.phases import training_module
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; one process group member is enough here
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
@@ -88,7 +88,7 @@ def test_ranks_draw_disjoint_equal_shards_covering_the_epoch(n, batch, drop_last
 def test_training_loaders_are_sharded_only_under_an_active_process_group(tmp_path, monkeypatch):
     import torch.distributed as dist
 
-    from dtl import distributed
+    from dtl.train import distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -105,7 +105,7 @@ import json, os, sys
 import torch
 from dtl import distributed
 from dtl.data.cache import BatchLoader
-from dtl.models import DTLNet, ModelSpec
+from dtl.model.net import DTLNet, ModelSpec
 from dtl.phases import training_module
 
 distributed.init()

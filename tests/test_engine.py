@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dtl import config
-from dtl.engine import Precision, resolve_precision
-from dtl.models import load_checkpoint
-from dtl.phases import evaluate_checkpoint, run_phase
+from dtl.train.engine import Precision, resolve_precision
+from dtl.train.phases import evaluate_checkpoint, run_phase
+from dtl.train.weights import load_checkpoint
 from tests.conftest import demo_overrides
 
 
@@ -51,8 +51,8 @@ def test_best_checkpoint_follows_the_monitor_direction(tmp_path, cache_dir, monk
     the LOWEST loss or the HIGHEST score, the first of equals, and best_value is that value."""
     from types import SimpleNamespace
 
-    from dtl import phases
-    from dtl.models import DTLNet, ModelSpec
+    from dtl.model.net import DTLNet, ModelSpec
+    from dtl.train import phases
 
     def epoch(t, cfg, pc, e, state):
         row = {"epoch": e, monitor: values[e]}
@@ -112,9 +112,9 @@ def test_fp16_overflow_skips_the_step_and_counts_it(init_scale, skipped):
     the scaler skips every step (the weights stay put) and each skip is counted; at scale 1
     nothing overflows, nothing is skipped, the weights move."""
     from dtl.config import AugmentConfig
-    from dtl.data.transforms import InputSpec
-    from dtl.engine import train_one_epoch
-    from dtl.models import DTLNet, ModelSpec
+    from dtl.model.net import DTLNet, ModelSpec
+    from dtl.model.preprocess import InputSpec
+    from dtl.train.engine import train_one_epoch
 
     with torch.random.fork_rng():  # seeded weights, and the global generator left as it was
         torch.manual_seed(0)
@@ -189,7 +189,7 @@ def test_early_stopping_on_the_monitored_metric(workspace, cache_dir):
 def test_class_weights_do_not_skew_the_smoothed_target(label):
     """Weights [0.75, 1.5] with smoothing 0.1: the loss of one sample is minimised at
     p(y|y) = 1 - 0.1 + 0.1/2 = 0.95 for either class (PyTorch's weighted smoothing gives 0.905)."""
-    from dtl.engine import weighted_smoothed_ce
+    from dtl.train.engine import weighted_smoothed_ce
 
     w = torch.tensor([0.75, 1.5])
     logits = torch.zeros(1, 2, requires_grad=True)
@@ -203,7 +203,7 @@ def test_class_weights_do_not_skew_the_smoothed_target(label):
 
 
 def test_weighted_loss_is_a_weighted_mean_of_samples():
-    from dtl.engine import weighted_smoothed_ce
+    from dtl.train.engine import weighted_smoothed_ce
 
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     y = torch.tensor([0, 1, 1])

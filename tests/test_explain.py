@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from dtl import calibration, explain, robustness
-from dtl.data.mask import ARIA_BOX
-from dtl.data.transforms import InputSpec, eval_transform
-from dtl.metrics import expected_calibration_error
-from dtl.models import DTLNet, ModelSpec
+from dtl.evaluation import calibration, robustness
+from dtl.evaluation.metrics import expected_calibration_error
+from dtl.explain import core as explain
+from dtl.model.mask import ARIA_BOX
+from dtl.model.net import DTLNet, ModelSpec
+from dtl.model.preprocess import InputSpec, eval_transform
 
 LAYERS = [("resnet50", "backbone.layer4"), ("efficientnet_b3", "backbone.bn2"), ("inception_v3", "backbone.Mixed_7c"),
           ("test_resnet", "backbone.layer4"), ("test_efficientnet", "backbone.bn2"),
@@ -181,8 +182,8 @@ def test_served_probabilities_use_a_stored_temperature_and_models_without_one_se
 
     from safetensors.torch import save_file
 
-    from dtl.models import resolve_input_spec
-    from dtl.serving import _load_pyfunc, load_classifier
+    from dtl.model.pyfunc import _load_pyfunc, load_classifier
+    from dtl.train.weights import resolve_input_spec
 
     torch.manual_seed(0)
     net = DTLNet(ModelSpec("test_resnet", ("a", "b", "c"))).eval()
@@ -215,7 +216,7 @@ def explained(tmp_path_factory, cache_dir):
     import subprocess
 
     from dtl import config, pipeline
-    from dtl.tracking import connect
+    from dtl.tracking.adapter import connect
     from tests.conftest import PYTHON, demo_overrides, module_workspace
 
     with module_workspace(tmp_path_factory.mktemp("explain")) as tmp:
@@ -236,7 +237,7 @@ def explained(tmp_path_factory, cache_dir):
 
 @pytest.mark.slow
 def test_explain_logs_under_the_champion_study_run_and_writes_the_report_folder(explained):
-    from dtl.tracking import find_runs
+    from dtl.tracking.adapter import find_runs
 
     tmp, cfg, t, res, out, _ = explained
     mv = t.client.get_model_version_by_alias("all-dtl", "champion")
@@ -264,7 +265,7 @@ def test_the_champion_serves_temperature_scaled_probabilities_and_its_card_says_
 
     import mlflow
 
-    from dtl.tracking import find_runs
+    from dtl.tracking.adapter import find_runs
 
     tmp, cfg, t, res, out, _ = explained
     mv = t.client.get_model_version_by_alias("all-dtl", "champion")
@@ -286,7 +287,7 @@ def test_the_champion_serves_temperature_scaled_probabilities_and_its_card_says_
 
 @pytest.mark.slow
 def test_report_has_the_explain_section(explained):
-    from dtl import report
+    from dtl.report import results as report
 
     tmp, cfg, t, res, out, _ = explained
     d = report.build(t, tmp / "report", cfg.registered_model)
@@ -321,7 +322,7 @@ def test_a_model_logged_without_temperature_support_gets_none_stored(explained):
     temperature option would ignore a calibration file, so explain must not claim to store one."""
     import yaml
 
-    from dtl.explain_job import _applies_temperature
+    from dtl.explain.job import _applies_temperature
 
     tmp, cfg, t, res, out, _ = explained
     mv = t.client.get_model_version_by_alias("all-dtl", "champion")

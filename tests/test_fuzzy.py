@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dtl import fuzzy
-from dtl.stats import paired_difference
+from dtl.evaluation.stats import paired_difference
+from dtl.fuzzy import core as fuzzy
 
 
 def blobs(n=600, classes=4, dim=48, seed=0):
@@ -166,8 +166,8 @@ def fuzzy_done(tmp_path_factory, cache_dir):
     """A tiny demo `main` with the fuzzy head switched on (test_resnet, 1 trial per phase, 2 epochs, 3 fuzzy
     trials); then the fuzzy job called again on its phase-2 model, as `dtl fuzzy` would (a resume)."""
     from dtl import config, pipeline
-    from dtl.fuzzy_job import run_fuzzy
-    from dtl.tracking import connect
+    from dtl.fuzzy.job import run_fuzzy
+    from dtl.tracking.adapter import connect
     from tests.conftest import demo_overrides, module_workspace
 
     with module_workspace(tmp_path_factory.mktemp("fuzzy")) as tmp:
@@ -183,8 +183,8 @@ def fuzzy_done(tmp_path_factory, cache_dir):
 def test_fuzzy_study_is_nested_under_the_phase2_study_and_resumes(fuzzy_done):
     import optuna
 
-    from dtl.fuzzy_job import run_fuzzy
-    from dtl.tracking import find_runs
+    from dtl.fuzzy.job import run_fuzzy
+    from dtl.tracking.adapter import find_runs
 
     tmp, cfg, t, p2, out = fuzzy_done
     run = t.client.get_run(out["run_id"])
@@ -211,7 +211,7 @@ def test_fuzzy_pyfunc_round_trip_through_the_registry(fuzzy_done):
     import mlflow
     import pandas as pd
 
-    from dtl.phases import dataset
+    from dtl.train.phases import dataset
 
     tmp, cfg, t, p2, out = fuzzy_done
     mv = t.client.get_model_version("all-dtl-fuzzy", "1")
@@ -233,7 +233,7 @@ def test_fuzzy_pyfunc_round_trip_through_the_registry(fuzzy_done):
 
 @pytest.mark.slow
 def test_report_has_the_fuzzy_vs_softmax_section(fuzzy_done):
-    from dtl import report
+    from dtl.report import results as report
 
     tmp, cfg, t, p2, out = fuzzy_done
     d = report.build(t, tmp / "report", cfg.registered_model)
@@ -289,8 +289,8 @@ def test_fuzzy_model_behind_mlflow_models_serve(fuzzy_done):
 @pytest.mark.slow
 def test_fuzzy_refuses_a_source_that_is_not_a_matching_phase2_model(fuzzy_done):
     from dtl import DTLError
-    from dtl.fuzzy_job import run_fuzzy
-    from dtl.tracking import find_run
+    from dtl.fuzzy.job import run_fuzzy
+    from dtl.tracking.adapter import find_run
 
     tmp, cfg, t, p2, out = fuzzy_done
     p1 = find_run(t, {"dtl.role": "study", "phase": "phase1"})

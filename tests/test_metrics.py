@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from dtl.engine import cosine_lr
-from dtl.metrics import confusion, evaluate_predictions, point_metrics
-from dtl.stats import bootstrap_ci, paired_bootstrap
+from dtl.evaluation.metrics import confusion, evaluate_predictions, point_metrics
+from dtl.evaluation.stats import bootstrap_ci, paired_bootstrap
+from dtl.train.engine import cosine_lr
 
 
 @pytest.mark.parametrize("k, n, seed", [(2, 60, 0), (4, 200, 1), (4, 9, 2)])

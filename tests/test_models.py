@@ -5,17 +5,10 @@ import torch
 
 from dtl import DTLError
 from dtl.config import AugmentConfig
-from dtl.data.transforms import InputSpec
-from dtl.engine import NonFiniteLoss, Precision, train_one_epoch
-from dtl.models import (
-    DTLNet,
-    ModelSpec,
-    build_model,
-    check_backbone,
-    load_backbone_weights,
-    param_groups,
-    resolve_input_spec,
-)
+from dtl.model.net import DTLNet, ModelSpec
+from dtl.model.preprocess import InputSpec
+from dtl.train.engine import NonFiniteLoss, Precision, train_one_epoch
+from dtl.train.weights import build_model, check_backbone, load_backbone_weights, param_groups, resolve_input_spec
 
 
 def _spec(backbone="test_resnet", head="linear", classes=("a", "b")):
@@ -121,7 +114,7 @@ def test_file_init_from_a_timm_state_dict(tmp_path):
 def test_imagenet_init_offline_fails_at_once_and_names_file_init(monkeypatch):
     import time
 
-    import dtl.models as models
+    import dtl.train.weights as models
 
     monkeypatch.setattr(models, "_hub_reachable", lambda *a, **k: False)  # this machine is offline anyway
     t = time.time()

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dtl import config, pipeline
-from dtl.tracking import connect
+from dtl.tracking.adapter import connect
 from tests.conftest import PYTHON, ROOT, demo_overrides, mlflow_serve, module_workspace
 
 pytestmark = pytest.mark.slow
@@ -161,7 +161,7 @@ def test_mlflow_models_serve_answers_a_rest_request_with_an_image(done):
 def test_promotion_never_downgrades_unless_forced_and_records_the_previous_champion(done):
     """On a registered model of its own (a copy of the champion, then a worse version on the same
     data): the module's `all-dtl` registry, which the other tests read, is never touched."""
-    from dtl.registry import load_policy, promote
+    from dtl.tracking.registry import load_policy, promote
 
     tmp, cfg, res = done
     t = connect(cfg.tracking_uri, cfg.experiment)

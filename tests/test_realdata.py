@@ -9,9 +9,9 @@ from PIL import Image
 
 from dtl.config import DataConfig
 from dtl.data.datasets import load_dataset, parse_cnmc_name
-from dtl.data.mask import annotation_mask
 from dtl.data.probe import shortcut_probe
 from dtl.data.splits import patient_split
+from dtl.model.mask import annotation_mask
 from tests.conftest import require_real_data
 
 pytestmark = pytest.mark.realdata

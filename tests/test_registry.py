@@ -3,7 +3,7 @@
 import pytest
 
 from dtl import DTLError
-from dtl.registry import Candidate, Policy, load_policy, select
+from dtl.tracking.registry import Candidate, Policy, load_policy, select
 
 P = Policy(metric="val_macro_f1", tie_breaks=("val_accuracy",), min_value=0.5)
 
@@ -72,7 +72,7 @@ def test_comparison_pairs_and_paired_gains():
     import numpy as np
     import pandas as pd
 
-    from dtl.report import comparison_pairs, paired_gains, seed_table
+    from dtl.report.results import comparison_pairs, paired_gains, seed_table
 
     df = pd.DataFrame([
         {"backbone": "r", "strategy": "double", "split_protocol": "near-duplicate-groups", "masked": "on"},

@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from dtl.tune import make_storage
+from dtl.train.tune import make_storage
 from tests.conftest import PYTHON, demo_overrides, free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
@@ -63,8 +63,8 @@ def test_main_survives_sigkill_at_every_stage(workspace, cache_dir):
 
 def test_nan_loss_fails_the_trial_cleanly_with_its_reason(workspace, cache_dir):
     from dtl import DTLError, config
-    from dtl.tracking import connect
-    from dtl.tune import run_study
+    from dtl.tracking.adapter import connect
+    from dtl.train.tune import run_study
 
     cfg = config.load(["demo"], demo_overrides(cache_dir, workspace, **{
         "phase1.n_trials": 1, "phase1.search": "[unfreeze]", "phase1.lr_head": 1e12, "phase1.lr_backbone": 1e12,
@@ -80,8 +80,8 @@ def test_nan_loss_fails_the_trial_cleanly_with_its_reason(workspace, cache_dir):
 
 def test_out_of_memory_fails_one_trial_and_the_study_continues(workspace, cache_dir, monkeypatch):
     from dtl import config
-    from dtl.tracking import connect
-    from dtl.tune import run_study
+    from dtl.tracking.adapter import connect
+    from dtl.train.tune import run_study
 
     monkeypatch.setenv("DTL_OOM_AT", "phase1:trial0")
     cfg = config.load(["demo"], demo_overrides(cache_dir, workspace))

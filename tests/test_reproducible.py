@@ -19,11 +19,12 @@ from safetensors.torch import save_file
 
 from dtl import DTLError, config
 from dtl.data.splits import cv_folds, fold_split
-from dtl.models import DTLNet, ModelSpec, save_checkpoint
-from dtl.phases import init_digest, training_config
-from dtl.report import _units
-from dtl.stats import corrected_t_interval, holm, joined_units
-from dtl.tune import check_fixed_values, load_search_space, open_optuna_study, startup_trials, study_identity
+from dtl.evaluation.stats import corrected_t_interval, holm, joined_units
+from dtl.model.net import DTLNet, ModelSpec
+from dtl.report.results import _units
+from dtl.train.phases import init_digest, training_config
+from dtl.train.tune import check_fixed_values, load_search_space, open_optuna_study, startup_trials, study_identity
+from dtl.train.weights import save_checkpoint
 from tests.conftest import PYTHON, ROOT
 
 # ---------------------------------------------------------------------------- identity (fast)
@@ -281,7 +282,7 @@ def test_two_fresh_runs_of_the_readme_command_give_the_same_numbers(tmp_path):
 @pytest.mark.slow
 def test_final_cv_retrains_on_shared_grouped_folds_and_reports_corrected_gains(workspace, cache_dir):
     from dtl import pipeline
-    from dtl.tracking import connect
+    from dtl.tracking.adapter import connect
     from tests.conftest import demo_overrides
 
     cfg = config.load(["demo"], demo_overrides(cache_dir, workspace, **{

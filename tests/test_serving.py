@@ -23,10 +23,11 @@ import pytest
 import requests
 from PIL import Image
 
-from dtl.models import DTLNet, ModelSpec, resolve_input_spec, save_checkpoint
-from dtl.registry import log_model, model_artifacts, register
-from dtl.serving import InputPolicy, InvalidInput, decode_image_bytes
-from dtl.tracking import connect, start_run
+from dtl.model.decode import InputPolicy, InvalidInput, decode_image_bytes
+from dtl.model.net import DTLNet, ModelSpec
+from dtl.tracking.adapter import connect, start_run
+from dtl.tracking.registry import log_model, model_artifacts, register
+from dtl.train.weights import resolve_input_spec, save_checkpoint
 from tests.conftest import ROOT, SHARED, mlflow_serve, module_workspace, require_real_data
 
 CLASSES = ("Benign", "Early", "Pre", "Pro")
@@ -204,7 +205,8 @@ def test_champion_loads_and_predicts_in_a_fresh_virtualenv_from_its_own_requirem
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module, allowed", [("dtl.serving", set()), ("dtl.fuzzy_serving", {"skfuzzy", "scipy"})])
+@pytest.mark.parametrize("module, allowed", [("dtl.model.pyfunc", set()), ("dtl.model.fuzzy", {"skfuzzy", "scipy"}),
+                                           ("dtl.serving", set()), ("dtl.fuzzy_serving", {"skfuzzy", "scipy"})])
 def test_served_code_imports_only_what_the_model_requires(module, allowed):
     """A logged model installs only its requirements.txt (torch, timm, mlflow, ... and scikit-fuzzy
     for the fuzzy head): the modules it loads must not import the training-side libraries. Found
@@ -235,8 +237,8 @@ def saved_segmented(tmp_path_factory):
     variant's black fill (not the default light grey), saved as the two-flavor model."""
     import torch
 
-    from dtl.data.mask import annotation_mask
-    from dtl.serving import save_model
+    from dtl.model.mask import annotation_mask
+    from dtl.tracking.logged import save_model
 
     torch.manual_seed(0)
     net = DTLNet(ModelSpec("test_resnet", CLASSES)).eval()
@@ -254,7 +256,7 @@ def _probs(model, rows) -> np.ndarray:
 def test_a_served_segmented_mask_fills_the_corner_black(saved_segmented):
     """Oracle: the same net, unmasked, on the image with its bottom-right 32×44 of 224 px painted
     black by hand; a mask that lost its fill on load (light grey) gives other probabilities."""
-    from dtl.serving import ImageClassifier
+    from dtl.model.pyfunc import ImageClassifier
 
     path, net, ispec = saved_segmented
     rng = np.random.default_rng(0)
@@ -289,7 +291,7 @@ def test_model_config_bounds_bytes_and_pixels_of_every_input_kind(saved_segmente
 
 
 def test_array_input_policy_bounds_shapes_and_dtypes():
-    from dtl.serving import image_from_value
+    from dtl.model.decode import image_from_value
 
     policy = InputPolicy(max_pixels=100)
     assert image_from_value(np.zeros((10, 10, 3), np.uint8), policy).shape == (10, 10, 3)
@@ -315,7 +317,7 @@ def test_array_input_policy_bounds_shapes_and_dtypes():
 def test_rgba_palette_and_cmyk_give_the_rgb_image_and_its_probabilities(saved_segmented, mode, fmt, tol):
     """Each mode decodes to the RGB picture (exactly where the format is lossless, within JPEG's
     mean error otherwise) and so gets the RGB image's probabilities."""
-    from dtl.serving import read_images
+    from dtl.model.decode import read_images
 
     rgb = _cell()
     img = rgb.convert("P", palette=Image.ADAPTIVE) if mode == "P" else rgb.convert(mode)

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from dtl import calibration
-from dtl.metrics import accuracy_macro_f1, expected_calibration_error, point_metrics
-from dtl.stats import Resampler, bootstrap_ci, mean_spread, paired_bootstrap, paired_difference
+from dtl.evaluation import calibration
+from dtl.evaluation.metrics import accuracy_macro_f1, expected_calibration_error, point_metrics
+from dtl.evaluation.stats import Resampler, bootstrap_ci, mean_spread, paired_bootstrap, paired_difference
 
 
 def _oracle_draws(n_boot: int, seed: int, groups=None, n: int | None = None) -> list[np.ndarray]:
@@ -154,7 +154,7 @@ def _predictions(paths, labels, p_x, units=None) -> pd.DataFrame:
 def test_paired_gains_match_items_by_file_not_by_row_position():
     """B's table lists a different, partly overlapping set of files in another order: the gain is
     computed over the shared files only, each model scored on its own prediction of that file."""
-    from dtl.report import paired_gains
+    from dtl.report.results import paired_gains
 
     rng = np.random.default_rng(0)
     n = 60
@@ -182,7 +182,7 @@ def test_paired_gains_match_items_by_file_not_by_row_position():
 
 
 def test_paired_gains_skip_tables_without_shared_files():
-    from dtl.report import paired_gains
+    from dtl.report.results import paired_gains
 
     a = _predictions(["a.jpg"], ["x"], [0.9])
     b = _predictions(["b.jpg"], ["x"], [0.9])
@@ -268,7 +268,7 @@ def test_supported_temperature_needs_errors_and_a_sane_value():
 def test_explain_fits_the_temperature_on_val_only_and_scores_test_with_it():
     """Val logits 3× too confident, test logits 3× too timid: a fit on val gives T ~ 3, a fit on
     test (or on both) would give T < 1 or ~ 1."""
-    from dtl.explain_job import calibrate
+    from dtl.explain.job import calibrate
 
     y_val, z_val = _logits(1500, 3.0, 1)
     y_test, z_test = _logits(1500, 1 / 3, 2)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dtl import config, strategies
+from dtl import config
 from dtl.data import datasets, kinds
+from dtl.train import strategies
 
 PKG = Path(__file__).resolve().parent.parent / "dtl"
 MAX_LINES = 60  # a function longer than this states why in a "# long:" comment in its first lines
@@ -153,7 +154,7 @@ def test_the_strategy_registry_feeds_config():
 def test_report_sections_render_their_markdown_as_html():
     """report.html showed raw Markdown (in <pre>, then bold, links and lists as literal text, and a
     `|` inside a cell as `/`): every page goes through one Markdown library."""
-    from dtl.tables import markdown_table, markdown_to_html
+    from dtl.report.tables import markdown_table, markdown_to_html
 
     cells = markdown_table(pd.DataFrame({"set": ["a|b"], "acc": [0.9]}))
     page = markdown_to_html("## Robustness\n\nsplit `test` (n=3), **bold**, *it*, [docs](docs/x.md)\n\n" + cells
@@ -218,8 +219,8 @@ def test_every_import_is_a_declared_dependency():
     report. Every third-party import in dtl/ must come from the install closure of
     ``pip install -e .``; every one in tests/ from that of ``.[test]``."""
     import importlib.metadata as md
-    import tomllib
 
+    import tomllib
     from packaging.utils import canonicalize_name
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -10,8 +10,8 @@ import pytest
 from optuna.trial import TrialState
 
 from dtl import DTLError, config
-from dtl.tracking import connect, find_runs, start_run
-from dtl.tune import make_storage, run_study
+from dtl.tracking.adapter import connect, find_runs, start_run
+from dtl.train.tune import make_storage, run_study
 from tests.conftest import PYTHON, demo_overrides
 
 
@@ -122,7 +122,7 @@ def test_two_workers_share_one_journal_study(workspace, cache_dir):
 def test_loss_monitor_minimises_everywhere(workspace, cache_dir):
     """monitor=val_loss: the study minimises, the best trial has the lowest loss, and its best.pt
     is the epoch with the lowest loss."""
-    from dtl.models import load_checkpoint
+    from dtl.train.weights import load_checkpoint
 
     cfg = config.load(["demo"], demo_overrides(cache_dir, workspace, **{"phase1.monitor": "val_loss",
                                                                         "phase1.n_trials": 3}))
@@ -144,7 +144,7 @@ def test_pruner_waits_for_startup_trials_and_the_lr_warmup(monitor):
     (here 2 epochs), whichever direction the monitor has."""
     from optuna.trial import create_trial
 
-    from dtl.tune import make_pruner
+    from dtl.train.tune import make_pruner
 
     cfg = config.load(["demo"], [f"phase1.monitor={monitor}", "phase1.warmup_epochs=2", "tune.pruner_warmup_epochs=1"])
     sign = 1 if monitor == "val_macro_f1" else -1
@@ -189,7 +189,7 @@ def _should_prune(study: optuna.Study, value: float, epoch: int) -> bool:
 def test_the_project_study_with_the_threshold_pruner_follows_the_monitor_direction(monitor, worse, better):
     """open_optuna_study as the trials get it: a loss monitor minimises and is pruned ABOVE the
     threshold, a score monitor maximises and is pruned below it; never inside the warm-up."""
-    from dtl.tune import open_optuna_study
+    from dtl.train.tune import open_optuna_study
 
     threshold = 2.0 if monitor == "val_loss" else 0.5
     cfg = config.load(["demo"], [f"phase1.monitor={monitor}", "tune.pruner=threshold", f"tune.threshold={threshold}",
@@ -205,7 +205,7 @@ def test_the_project_study_with_the_threshold_pruner_follows_the_monitor_directi
 def test_study_identity_changes_with_what_trials_depend_on_and_only_that():
     from dataclasses import replace
 
-    from dtl.tune import study_identity, study_name
+    from dtl.train.tune import study_identity, study_name
 
     cfg = config.load(["demo"])
     base = study_identity(cfg, "phase1", "digest", "imagenet")

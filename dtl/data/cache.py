@@ -16,57 +16,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from dtl import DTLError
-from dtl.data.mask import AnnotationMask, apply_mask
-from dtl.data.transforms import InputSpec, hsv_segment
+from dtl.model.preprocess import InputSpec, decode
 from dtl.progress import live
 
 if TYPE_CHECKING:  # the serving path imports this module: it must not pull in the dataset scanners
     from dtl.data.datasets import Dataset
 
 CACHE_VERSION = "1"
-_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
-
-
-def decode(path: Path, size: int, interpolation: str = "bicubic", segment: bool = False,
-           mask: AnnotationMask | None = None) -> np.ndarray:
-    """One image file -> RGB uint8 ``size×size×3`` (the shared decode of training, cache and serving)."""
-    with Image.open(path) as im:
-        rgb = to_rgb(im)
-    return resize_rgb(rgb, size, interpolation, segment, mask)
-
-
-def to_rgb(im: Image.Image) -> np.ndarray:
-    """Any PIL image -> RGB uint8 H×W×3, the same way for training and serving.
-
-    16-bit and 32-bit greyscale are scaled to 8 bits (``convert("RGB")`` would clip them to
-    white); transparent images are composited over white, the background of a smear; palette,
-    CMYK, YCbCr and bilevel images go through Pillow's own conversion."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        grey = np.asarray(im, dtype=np.float64)
-        top = grey.max(initial=0.0)
-        scale = 255.0 if top <= 255 else (65535.0 if top <= 65535 else top)
-        grey = np.clip(np.rint(grey * (255.0 / scale)), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.stack([grey] * 3, -1))
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-    return np.asarray(im.convert("RGB"))
-
-
-def resize_rgb(rgb: np.ndarray, size: int, interpolation: str = "bicubic", segment: bool = False,
-               mask: AnnotationMask | None = None) -> np.ndarray:
-    """Mask the annotation (raw pixels), HSV-segment if asked, then resize to ``size``×``size``."""
-    rgb = apply_mask(rgb, mask)
-    if segment:
-        rgb = hsv_segment(rgb)
-    if rgb.shape[:2] != (size, size):
-        rgb = np.asarray(Image.fromarray(rgb).resize((size, size), _RESAMPLE.get(interpolation, Image.BICUBIC)))
-    return rgb
 
 
 def cache_key(ds: Dataset, split: str, spec: InputSpec, segment: bool) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dtl.data.transforms import hsv_segment
+from dtl.model.preprocess import hsv_segment
 
 # Class -> (nucleus radius as a fraction of the cell radius, lobe amplitude, texture
 # frequency, number of nucleoli, background red-cell count).

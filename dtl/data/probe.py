@@ -17,8 +17,8 @@ from threadpoolctl import threadpool_limits
 
 from dtl.data.cache import split_array
 from dtl.data.datasets import Dataset
-from dtl.data.mask import AnnotationMask
-from dtl.data.transforms import InputSpec
+from dtl.model.mask import AnnotationMask
+from dtl.model.preprocess import InputSpec
 
 PROBE_SIZE = 224  # images are probed at Aria's native size (others are resized to it)
 

@@ -21,7 +21,7 @@ from dtl import DTLError
 from dtl.config import DataConfig
 from dtl.data.cache import BatchLoader, split_array
 from dtl.data.datasets import Dataset, load_dataset
-from dtl.data.transforms import InputSpec
+from dtl.model.preprocess import InputSpec
 
 
 class DataStore:

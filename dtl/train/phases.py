@@ -19,19 +19,19 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from dtl import DTLError, distributed, faults
+from dtl import DTLError
 from dtl.config import Config, PhaseConfig, to_dict
 from dtl.data import store
 from dtl.data.cache import BatchLoader
 from dtl.data.datasets import Dataset
-from dtl.data.mask import annotation_mask
 from dtl.data.splits import resampling_units
-from dtl.data.transforms import InputSpec
-from dtl.engine import cosine_lr, evaluate, predict, resolve_device, resolve_precision, train_one_epoch
-from dtl.metrics import confusion, direction, evaluate_predictions
-from dtl.models import (
-    DTLNet,
-    ModelSpec,
+from dtl.evaluation.metrics import confusion, direction, evaluate_predictions
+from dtl.model.mask import annotation_mask
+from dtl.model.net import DTLNet, ModelSpec
+from dtl.model.preprocess import InputSpec
+from dtl.train import distributed, faults
+from dtl.train.engine import cosine_lr, evaluate, predict, resolve_device, resolve_precision, train_one_epoch
+from dtl.train.weights import (
     build_model,
     load_backbone_weights,
     load_checkpoint,

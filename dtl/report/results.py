@@ -18,12 +18,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from dtl.explain_report import section as explain_section
-from dtl.fuzzy_report import section as fuzzy_section
-from dtl.metrics import confusion_figure, point_metrics
-from dtl.stats import corrected_t_interval, holm, joined_units, paired_bootstrap
-from dtl.tables import html_page, markdown_table, png_bytes
-from dtl.tracking import Tracking, find_runs, redact
+from dtl.evaluation.metrics import confusion_figure, point_metrics
+from dtl.evaluation.stats import corrected_t_interval, holm, joined_units, paired_bootstrap
+from dtl.explain.report import section as explain_section
+from dtl.fuzzy.report import section as fuzzy_section
+from dtl.report.tables import html_page, markdown_table, png_bytes
+from dtl.tracking.adapter import Tracking, find_runs, redact
 
 HIDDEN = ["phase2_run", "cv_id", "f1_low", "f1_high", "cv_f1", "cv_f1_low", "cv_f1_high"]  # for joins and plots
 COLUMNS = ["backbone", "strategy", "init", "split_protocol", "masked", "phase1_val_macro_f1", "phase2_val_accuracy",

@@ -12,7 +12,7 @@ The box is filled with one constant colour, the same for every image: filling wi
 background would copy the field's stain colour into the box, and that colour alone predicts
 the class (see :mod:`dtl.data.probe`), so only a constant carries no label at all. The mask
 is applied to the raw RGB before segmentation and resizing, in training, evaluation and the
-served model alike; it travels in the :class:`~dtl.data.transforms.InputSpec` of every
+served model alike; it travels in the :class:`~dtl.model.preprocess.InputSpec` of every
 checkpoint and logged model.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dtl import DTLError
+from dtl.model.errors import DTLError
 
 ARIA_BOX = (32 / 224, 44 / 224)  # (height, width) share of the bottom-right corner
 LIGHT_FILL = (230, 230, 230)  # a neutral version of the bright-field background

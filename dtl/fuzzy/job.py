@@ -20,22 +20,24 @@ import optuna
 import yaml
 from mlflow.models import Model
 
-from dtl import DTLError, fuzzy, fuzzy_serving
+from dtl import DTLError
 from dtl.config import EXPERIMENTS_DIR, Config, flatten
-from dtl.data.cache import BatchLoader, decode, split_array
-from dtl.data.transforms import InputSpec, eval_transform
-from dtl.engine import resolve_device
-from dtl.fuzzy_report import risk_coverage_figure, verdict
-from dtl.fuzzy_serving import features_and_probs
-from dtl.metrics import accuracy_macro_f1, point_metrics
-from dtl.models import model_from_checkpoint
-from dtl.phases import dataset, loader
-from dtl.registry import model_artifacts, phase1_source, register
-from dtl.robustness import gaussian_blur, jpeg, other_variant
-from dtl.serving import ImageClassifier, load_classifier
-from dtl.stats import paired_difference
-from dtl.tracking import Run, Tracking, end_orphans, find_run, find_runs, redact, start_run
-from dtl.tune import DEFAULT_STORAGE, make_storage, suggest
+from dtl.data.cache import BatchLoader, split_array
+from dtl.evaluation.metrics import accuracy_macro_f1, point_metrics
+from dtl.evaluation.robustness import gaussian_blur, jpeg, other_variant
+from dtl.evaluation.stats import paired_difference
+from dtl.fuzzy import core as fuzzy
+from dtl.fuzzy.report import risk_coverage_figure, verdict
+from dtl.model.fuzzy import FuzzySystem, features_and_probs
+from dtl.model.preprocess import InputSpec, decode, eval_transform
+from dtl.model.pyfunc import ImageClassifier, load_classifier
+from dtl.tracking.adapter import Run, Tracking, end_orphans, find_run, find_runs, redact, start_run
+from dtl.tracking.logged import FUZZY_FLAVOR
+from dtl.tracking.registry import model_artifacts, phase1_source, register
+from dtl.train.engine import resolve_device
+from dtl.train.phases import dataset, loader
+from dtl.train.tune import DEFAULT_STORAGE, make_storage, suggest
+from dtl.train.weights import model_from_checkpoint
 
 # Corruptions of the uint8 test images: (name, kind, severity). Deterministic, so "seeded" trivially.
 CORRUPTIONS = (("blur1", "blur", 1.0), ("blur2", "blur", 2.0), ("jpeg1", "jpeg", 30), ("jpeg2", "jpeg", 10))
@@ -236,7 +238,7 @@ def _open_study(cfg: Config, tracking: Tracking, src: Source, ds, backbone: str)
     return study, run, tags
 
 
-def evaluate_sets(cfg: Config, ds, clf: ImageClassifier, fs: fuzzy.FuzzySystem, device) -> dict:
+def evaluate_sets(cfg: Config, ds, clf: ImageClassifier, fs: FuzzySystem, device) -> dict:
     """Fuzzy vs softmax on the test split, on the Segmented images of the same test items
     (cross-variant) and on blurred / JPEG-compressed copies of the test images."""
     seg = cfg.phase2.data.hsv_segment
@@ -304,7 +306,7 @@ def _finish(cfg: Config, tracking: Tracking, run: Run, src: Source, ds, best, da
     meta = {"spec": clf.net.spec.to_dict(), "input": clf.spec.to_dict(), "hsv_segment": clf.segment,
             "head": "fuzzy", "fuzzy": best.params, "phase2_run": src.run_id}
     example = np.random.default_rng(0).integers(0, 255, (clf.spec.size, clf.spec.size, 3)).astype(np.uint8)
-    info = Model.log(artifact_path=None, name="model", flavor=fuzzy_serving, run_id=run.id, net=clf.net, meta=meta,
+    info = Model.log(artifact_path=None, name="model", flavor=FUZZY_FLAVOR, run_id=run.id, net=clf.net, meta=meta,
                      system=fs, example_image=example, card=card)
     clf.net.to(device)  # save_model moved it to the CPU
     t = results["test"]

@@ -7,10 +7,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from dtl.robustness import KINDS, LABELS
-from dtl.stats import paired_difference
-from dtl.tables import markdown_table, png_bytes
-from dtl.tracking import Tracking, find_runs
+from dtl.evaluation.robustness import KINDS, LABELS
+from dtl.evaluation.stats import paired_difference
+from dtl.report.tables import markdown_table, png_bytes
+from dtl.tracking.adapter import Tracking, find_runs
 
 CORRUPTED = tuple(f"{k}{s}" for k in KINDS for s in (1, 2, 3))
 

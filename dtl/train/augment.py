@@ -1,4 +1,4 @@
-"""Image preprocessing: HSV segmentation (once, before caching) and batched augmentation.
+"""Batched augmentation for training (the shared preprocessing is :mod:`dtl.model.preprocess`).
 
 Augmentation runs on whole uint8 batches, on whatever device the batch lives on, with
 per-sample randomness: one ``affine_grid`` + ``grid_sample`` warp does rotation, flips and
@@ -10,78 +10,12 @@ same distribution (and, given the same generator state, the same augmentations).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dtl.config import AugmentConfig
-from dtl.data.mask import AnnotationMask
-
-
-def hsv_foreground(rgb: np.ndarray, sat_min: float = 0.18, val_max: float = 0.97) -> np.ndarray:
-    """Boolean H×W map of the stained cells: HSV saturation high enough (stain) and not near-white."""
-    x = rgb.astype(np.float32) / 255.0
-    mx, mn = x.max(axis=2), x.min(axis=2)
-    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
-    return (sat >= sat_min) & (mx <= val_max)
-
-
-def hsv_segment(rgb: np.ndarray, sat_min: float = 0.18, val_max: float = 0.97) -> np.ndarray:
-    """Keep stained cells, blank the background (:func:`hsv_foreground`). Mirrors how Aria's
-    ``Segmented`` set was made."""
-    out = rgb.copy()
-    out[~hsv_foreground(rgb, sat_min, val_max)] = 0
-    return out
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the model expects: square input size, the cached size it is cropped from, and the
-    normalisation, resolved from timm's data config for the backbone; and the annotation mask
-    applied to the raw image first (None = none), so a served model preprocesses as training did."""
-
-    size: int
-    cache_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-    mask: AnnotationMask | None = None
-
-    def to_dict(self) -> dict:
-        return {"size": self.size, "cache_size": self.cache_size, "mean": list(self.mean),
-                "std": list(self.std), "interpolation": self.interpolation,
-                "mask": self.mask.to_dict() if self.mask else None}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> InputSpec:
-        # specs written before masking existed have no "mask" key: those models never masked
-        return cls(int(d["size"]), int(d["cache_size"]), tuple(d["mean"]), tuple(d["std"]),
-                   d.get("interpolation", "bicubic"), AnnotationMask.from_dict(d.get("mask")))
-
-
-def _normalize(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    mean = torch.tensor(spec.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def to_float(batch_u8: torch.Tensor) -> torch.Tensor:
-    """N×H×W×3 uint8 -> N×3×H×W float in [0, 1]."""
-    return batch_u8.permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def eval_transform(batch_u8: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """Centre crop of the cached image (= timm's resize + centre crop) and normalisation."""
-    x = to_float(batch_u8)
-    h, w = x.shape[-2:]
-    if (h, w) != (spec.cache_size, spec.cache_size):
-        x = F.interpolate(x, size=(spec.cache_size, spec.cache_size), mode="bilinear",
-                          align_corners=False, antialias=True)
-    off = (spec.cache_size - spec.size) // 2
-    x = x[..., off:off + spec.size, off:off + spec.size]
-    return _normalize(x, spec)
+from dtl.model.preprocess import InputSpec, _normalize, to_float
 
 
 def sample_affine(n: int, aug: AugmentConfig, gen: torch.Generator, device) -> torch.Tensor:

@@ -20,20 +20,21 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from dtl import DTLError, calibration, explain, robustness
+from dtl import DTLError
 from dtl.config import Config
-from dtl.data.cache import resize_rgb
-from dtl.data.mask import annotation_mask, apply_mask
-from dtl.data.transforms import InputSpec
-from dtl.engine import resolve_device
-from dtl.metrics import expected_calibration_error
-from dtl.models import model_from_checkpoint
-from dtl.phases import bootstrap_units, dataset
-from dtl.registry import load_policy, model_artifacts, phase1_source, write_card
-from dtl.serving import CALIBRATION_FILE, ImageClassifier, load_classifier
-from dtl.stats import bootstrap_ci
-from dtl.tables import html_page, markdown_table
-from dtl.tracking import Run, Tracking, redact, start_run
+from dtl.evaluation import calibration, robustness
+from dtl.evaluation.metrics import expected_calibration_error
+from dtl.evaluation.stats import bootstrap_ci
+from dtl.explain import core as explain
+from dtl.model.mask import annotation_mask, apply_mask
+from dtl.model.preprocess import InputSpec, resize_rgb
+from dtl.model.pyfunc import CALIBRATION_FILE, ImageClassifier, load_classifier
+from dtl.report.tables import html_page, markdown_table
+from dtl.tracking.adapter import Run, Tracking, redact, start_run
+from dtl.tracking.registry import load_policy, model_artifacts, phase1_source, write_card
+from dtl.train.engine import resolve_device
+from dtl.train.phases import bootstrap_units, dataset
+from dtl.train.weights import model_from_checkpoint
 
 
 @dataclass

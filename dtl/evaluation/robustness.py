@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from dtl.data.cache import to_rgb
-from dtl.metrics import accuracy_macro_f1
-from dtl.stats import bootstrap_ci, paired_bootstrap
+from dtl.evaluation.metrics import accuracy_macro_f1
+from dtl.evaluation.stats import bootstrap_ci, paired_bootstrap
+from dtl.model.preprocess import to_rgb
 
 KINDS = ("blur", "jpeg", "brightness_contrast", "stain", "noise")
 SEVERITIES = (1, 2, 3)

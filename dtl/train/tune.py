@@ -28,15 +28,13 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from dtl import DTLError, distributed, faults
+from dtl import DTLError
 from dtl.config import Config, flatten, read_search_space, to_dict, with_phase
-from dtl.data.mask import mask_state
-from dtl.engine import NonFiniteLoss
-from dtl.metrics import direction
-from dtl.models import DTLNet, ModelSpec
-from dtl.phases import dataset, init_digest, run_phase, training_config
+from dtl.evaluation.metrics import direction
+from dtl.model.mask import mask_state
+from dtl.model.net import DTLNet, ModelSpec
 from dtl.progress import StudyProgress
-from dtl.tracking import (
+from dtl.tracking.adapter import (
     Run,
     Tracking,
     end_orphans,
@@ -48,6 +46,9 @@ from dtl.tracking import (
     start_run,
     system_metrics,
 )
+from dtl.train import distributed, faults
+from dtl.train.engine import NonFiniteLoss
+from dtl.train.phases import dataset, init_digest, run_phase, training_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DEFAULT_STORAGE = "sqlite:///optuna.db"

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from dtl import DTLError
 from dtl.config import AugmentConfig
-from dtl.data.transforms import InputSpec, eval_transform, train_transform
-from dtl.metrics import point_metrics
+from dtl.evaluation.metrics import point_metrics
+from dtl.model.preprocess import InputSpec, eval_transform
+from dtl.train.augment import train_transform
 
 
 class NonFiniteLoss(RuntimeError):

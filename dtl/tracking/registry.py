@@ -20,11 +20,12 @@ import numpy as np
 import yaml
 from mlflow.models import Model
 
-from dtl import DTLError, serving
-from dtl.data.transforms import InputSpec
-from dtl.metrics import direction
-from dtl.models import model_from_checkpoint
-from dtl.tracking import Run, Tracking, download
+from dtl import DTLError
+from dtl.evaluation.metrics import direction
+from dtl.model.preprocess import InputSpec
+from dtl.tracking.adapter import Run, Tracking, download
+from dtl.tracking.logged import SOFTMAX_FLAVOR
+from dtl.train.weights import model_from_checkpoint
 
 CARDS_DIR = Path("registry/cards")
 
@@ -166,7 +167,7 @@ def log_model(run: Run, checkpoint: Path, hsv_segment: bool = False) -> str:
                                             model_type="image-classifier",
                                             tags={"backbone": net.spec.backbone, "phase": str(meta.get("phase")),
                                                   CHECKPOINT_TAG: digest})
-    Model.log(artifact_path=None, name="model", flavor=serving, run_id=run.id, model_id=logged.model_id,
+    Model.log(artifact_path=None, name="model", flavor=SOFTMAX_FLAVOR, run_id=run.id, model_id=logged.model_id,
               net=net, meta=card_meta, example_image=example)
     run.client.finalize_logged_model(logged.model_id, "READY")
     model_id = _one_logged_model(run, digest, logged.model_id)

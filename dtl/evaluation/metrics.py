@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
-from dtl.stats import bootstrap_ci
+from dtl.evaluation.stats import bootstrap_ci
 
 LOWER_IS_BETTER = ("loss", "ece")
 

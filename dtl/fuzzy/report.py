@@ -5,8 +5,8 @@ from __future__ import annotations
 import mlflow
 import pandas as pd
 
-from dtl.tables import markdown_table, png_bytes
-from dtl.tracking import Tracking, find_runs
+from dtl.report.tables import markdown_table, png_bytes
+from dtl.tracking.adapter import Tracking, find_runs
 
 SET_NAMES = {"test": "test (in-distribution)", "segmented": "cross-variant (Segmented)",
              "blur1": "Gaussian blur r=1", "blur2": "Gaussian blur r=2", "jpeg1": "JPEG q=30", "jpeg2": "JPEG q=10"}

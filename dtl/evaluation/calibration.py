@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from dtl.metrics import expected_calibration_error
+from dtl.evaluation.metrics import expected_calibration_error
 
 N_BINS = 15
 LOG_T_BOUNDS = (-4.0, 4.0)  # T in [0.018, 55]: wide enough for any network we train

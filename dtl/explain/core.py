@@ -22,8 +22,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from dtl import DTLError
-from dtl.data.mask import ARIA_BOX
-from dtl.data.transforms import InputSpec, hsv_foreground
+from dtl.model.mask import ARIA_BOX
+from dtl.model.preprocess import InputSpec, hsv_foreground
 
 # Flag when the annotation box holds more than this multiple of the CAM mass a uniform map would put
 # there (its share of the pixels). A ratio, not an absolute share: at stride 32 a 96-px input has a

@@ -31,7 +31,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
 from dtl import DTLError
-from dtl.metrics import confusion_figure
+from dtl.evaluation.metrics import confusion_figure
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _SECRET = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]+):(?P<pw>[^@/]+)@", re.I)
