@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dtl import DTLError, config
 from dtl.data import kinds
+from dtl.tracking import schema
 from dtl.train.strategies import STRATEGIES
 
 EPILOG = """Config: a recipe from experiments/ (demo, real, resnet50, ...) or a YAML file; any key can be
@@ -146,7 +147,7 @@ def cmd_evaluate(args) -> int:
     ev = evaluate_checkpoint(cfg, args.phase, ckpt, tuple(args.splits.split(",")))
     t = tracking.connect(cfg.tracking_uri, cfg.experiment)
     run = tracking.Run(t, t.outer_run_id) if t.outer_run_id else tracking.start_run(
-        t, f"evaluate-{args.phase}", {"dtl.role": "evaluate", "phase": args.phase, "checkpoint": str(ckpt)})
+        t, f"evaluate-{args.phase}", {schema.ROLE: schema.Role.EVALUATE, "phase": args.phase, "checkpoint": str(ckpt)})
     tracking.log_evaluation(run, ev)
     if not t.outer_run_id:
         run.end()
@@ -191,7 +192,7 @@ def cmd_report(args) -> int:
     prov = {**report.last_provenance(t), "report_command": tracking.command_line()}
     out = report.build(t, args.out or cfg.report_dir, cfg.registered_model, args.data_digest or None,
                        provenance=prov, description=cfg.description)
-    r = tracking.Run(t, t.outer_run_id) if t.outer_run_id else tracking.start_run(t, "report", {"dtl.role": "report"})
+    r = tracking.Run(t, t.outer_run_id) if t.outer_run_id else tracking.start_run(t, "report", {schema.ROLE: schema.Role.REPORT})
     for f in ("results.md", "results.csv", "seed_table.csv", "report.html", "provenance.json"):
         r.log_artifact(out / f, "report")
     if not t.outer_run_id:
@@ -368,7 +369,7 @@ def cmd_fuzzy(args) -> int:
                   f"(diff {d['diff']:+.4f}, 95% CI {d['ci_low']:+.4f}..{d['ci_high']:+.4f}: {verdict(d)}); "
                   f"error AUROC firing {v['fuzzy']['abstain_auroc']:.3f} vs maxprob {v['softmax']['abstain_auroc']:.3f}")
     if t.outer_run_id:
-        tracking.Run(t, t.outer_run_id).set_tags({"dtl.role": "fuzzy-job"})
+        tracking.Run(t, t.outer_run_id).set_tags({schema.ROLE: schema.Role.FUZZY_JOB})
     return 0
 
 
@@ -467,7 +468,7 @@ def cmd_explain(args) -> int:
     print("\n".join(summary_text(r)))
     print(f"logged to run {r['run_id']} (under study run {r['model_run']}); written to {r['out']}/")
     if t.outer_run_id:
-        tracking.Run(t, t.outer_run_id).set_tags({"dtl.role": "explain-job"})
+        tracking.Run(t, t.outer_run_id).set_tags({schema.ROLE: schema.Role.EXPLAIN_JOB})
     return 0
 
 

@@ -23,7 +23,7 @@ from dtl.evaluation.stats import corrected_t_interval, mean_spread
 from dtl.fuzzy.job import run_fuzzy
 from dtl.model.mask import mask_state as masked
 from dtl.report import results as report_mod
-from dtl.tracking import registry
+from dtl.tracking import registry, schema
 from dtl.tracking.adapter import (
     Run,
     Tracking,
@@ -77,9 +77,9 @@ def open_root_run(tracking: Tracking, cfg: Config, job: str) -> Run:
         run = Run(tracking, tracking.outer_run_id)
         # host and pids let a later invocation end this run KILLED when `mlflow run` is killed
         # (nobody else would: MLflow ends its run only when its own process survives)
-        run.set_tags({**base_tags(), "dtl.launcher_pid": os.getppid(), "dtl.role": "pipeline", "dtl.job": job})
+        run.set_tags({**base_tags(), schema.LAUNCHER_PID: os.getppid(), schema.ROLE: schema.Role.PIPELINE, schema.JOB: job})
     else:
-        run = start_run(tracking, f"{job}-{time.strftime('%Y%m%d-%H%M%S')}", {"dtl.role": "pipeline", "dtl.job": job})
+        run = start_run(tracking, f"{job}-{time.strftime('%Y%m%d-%H%M%S')}", {schema.ROLE: schema.Role.PIPELINE, schema.JOB: job})
     run.log_params({**flatten(cfg), "job": job})
     return run
 
@@ -89,11 +89,11 @@ def evaluate_study(cfg: Config, study: StudyResult, tracking: Tracking, model_id
     (and linked to the logged model ``model_id`` and each split's dataset when given)."""
     run = Run(tracking, study.run_id)
     tags = run.client.get_run(run.id).data.tags
-    if tags.get("dtl.evaluated_trial") == str(study.best_trial):
+    if tags.get(schema.EVALUATED_TRIAL) == str(study.best_trial):
         return run.client.get_run(run.id).data.metrics
     ev = evaluate_checkpoint(cfg, study.phase, study.checkpoint)
     log_evaluation(run, ev, model_id=model_id, data=(dataset(cfg, study.phase), study.phase))
-    run.set_tags({"dtl.evaluated_trial": study.best_trial})
+    run.set_tags({schema.EVALUATED_TRIAL: study.best_trial})
     return ev["metrics"]
 
 
@@ -101,9 +101,8 @@ def latest_phase1_study(cfg: Config, tracking: Tracking, backbone: str) -> Study
     """The latest finished phase-1 study of ``backbone`` on the recipe's phase-1 data in this
     experiment, for ``phase2`` run on its defaults; a DTLError naming the command to make one."""
     ds1 = dataset(cfg, "phase1")
-    flt = (f"tags.`dtl.role` = 'study' and tags.phase = 'phase1' and tags.backbone = '{backbone}' "
-           f"and tags.data_digest = '{ds1.digest}' and attributes.status = 'FINISHED'")
-    runs = [r for r in find_runs(tracking, flt) if r.data.tags.get("dtl.checkpoint_trial")]
+    flt = schema.study_query("phase1", ds1.digest, {schema.BACKBONE: backbone}, status="FINISHED")
+    runs = [r for r in find_runs(tracking, flt) if r.data.tags.get(schema.CHECKPOINT_TRIAL)]
     if not runs:
         exp = tracking.client.get_experiment(tracking.experiment_id).name
         raise DTLError(f"phase 2 with double transfer needs a phase-1 result, and experiment {exp!r} holds no "
@@ -113,7 +112,7 @@ def latest_phase1_study(cfg: Config, tracking: Tracking, backbone: str) -> Study
                        "or pass -P phase1=<study run id | models:/ URI | checkpoint file>.")
     r = max(runs, key=lambda r: (r.info.end_time or 0, r.info.start_time))
     t = r.data.tags
-    return StudyResult(t.get("dtl.study", ""), r.info.run_id, "phase1", backbone, "", int(t["best_trial"]),
+    return StudyResult(t.get(schema.STUDY, ""), r.info.run_id, "phase1", backbone, "", int(t["best_trial"]),
                        float(r.data.metrics.get("best_value", float("nan"))),
                        {k[5:]: v for k, v in t.items() if k.startswith("best.")}, Path(), t.get("best_trial_run_id", ""))
 
@@ -143,9 +142,8 @@ def repeat_best(cfg: Config, study: StudyResult, tracking: Tracking) -> dict:
     if n <= 1:
         return {}
     best_cfg = with_phase(cfg, study.phase, **study.best_params)
-    done = {r.data.tags.get("dtl.repeat_seed"): r for r in
-            find_runs(tracking, f"tags.`mlflow.parentRunId` = '{study.run_id}' and tags.`dtl.role` = 'repeat' "
-                                "and attributes.status = 'FINISHED'")}
+    done = {r.data.tags.get(schema.REPEAT_SEED): r for r in
+            find_runs(tracking, schema.children(study.run_id, schema.Role.REPEAT, "FINISHED"))}
     values: dict[str, list] = {}
     base = run.client.get_run(study.run_id).data.metrics
     for k in REPEAT_METRICS:
@@ -172,7 +170,7 @@ REPEAT_METRICS = ("val_macro_f1", "test_accuracy", "test_macro_f1", "test_balanc
 
 
 def _train_repeat(cfg: Config, study: StudyResult, tracking: Tracking, seed: int) -> dict:
-    return _retrain(cfg, study, tracking, f"repeat-seed{seed}", {"dtl.role": "repeat", "dtl.repeat_seed": seed})
+    return _retrain(cfg, study, tracking, f"repeat-seed{seed}", {schema.ROLE: schema.Role.REPEAT, schema.REPEAT_SEED: seed})
 
 
 def _retrain(cfg: Config, study: StudyResult, tracking: Tracking, name: str, tags: dict,
@@ -214,9 +212,8 @@ def cross_validate(cfg: Config, study: StudyResult, tracking: Tracking) -> dict:
     if k < 2 or study.phase != "phase2":
         return {}
     best_cfg = with_phase(cfg, study.phase, **study.best_params)
-    done = {(r.data.tags.get("dtl.cv_repeat"), r.data.tags.get("dtl.cv_fold")): r for r in
-            find_runs(tracking, f"tags.`mlflow.parentRunId` = '{study.run_id}' and tags.`dtl.role` = 'fold' "
-                                "and attributes.status = 'FINISHED'")}
+    done = {(r.data.tags.get(schema.CV_REPEAT), r.data.tags.get(schema.CV_FOLD)): r for r in
+            find_runs(tracking, schema.children(study.run_id, schema.Role.FOLD, "FINISHED"))}
     folds = []
     for rep in range(reps):
         for f in range(k):
@@ -226,7 +223,7 @@ def cross_validate(cfg: Config, study: StudyResult, tracking: Tracking) -> dict:
             else:
                 data = dataclasses.replace(best_cfg.phase(study.phase).data, cv_folds=k, cv_fold=f, cv_repeat=rep)
                 metrics = _retrain(with_phase(best_cfg, study.phase, data=data), study, tracking,
-                                   f"cv{rep}-fold{f}", {"dtl.role": "fold", "dtl.cv_fold": f, "dtl.cv_repeat": rep},
+                                   f"cv{rep}-fold{f}", {schema.ROLE: schema.Role.FOLD, schema.CV_FOLD: f, schema.CV_REPEAT: rep},
                                    log_inputs=True)
             folds.append({"repeat": rep, "fold": f, **{m: metrics.get(m) for m in (*CV_METRICS, "n_train", "n_test")}})
     summary = cv_summary(folds)
@@ -234,7 +231,7 @@ def cross_validate(cfg: Config, study: StudyResult, tracking: Tracking) -> dict:
     run.log_metrics({f"cv_{m}_{s}": v for m, st in summary.items() for s, v in st.items() if s != "n"})
     run.log_dict({"k": k, "repeats": reps, "split_seed": cfg.phase(study.phase).data.split_seed, "folds": folds},
                  "cv/folds.json")
-    run.set_tags({"dtl.cv": f"{k}x{reps}", "dtl.cv_id": cv_id(dataset(cfg, study.phase).digest, k, reps,
+    run.set_tags({schema.CV: f"{k}x{reps}", schema.CV_ID: cv_id(dataset(cfg, study.phase).digest, k, reps,
                                                               cfg.phase(study.phase).data.split_seed)})
     return summary
 
@@ -256,7 +253,7 @@ def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, register_
     """Log the model, evaluate (metrics linked to the model) and optionally register it with lineage tags."""
     run = Run(tracking, study.run_id)
     uri = log_model(run, study.checkpoint, cfg.phase2.data.hsv_segment)  # first: the metrics link to it
-    model_id = run.client.get_run(run.id).data.tags.get("dtl.model_id")
+    model_id = run.client.get_run(run.id).data.tags.get(schema.MODEL_ID)
     metrics = evaluate_study(cfg, study, tracking, model_id)
     repeat_best(cfg, study, tracking)
     cross_validate(cfg, study, tracking)
@@ -333,7 +330,7 @@ def _main(cfg: Config, data: store.DataStore, report: bool, promote: bool) -> Pi
             policy = registry.load_policy(cfg.policy, cfg.registered_model)
             d = registry.promote(tracking, policy, promotion_filter(cfg), cards_dir=Path(cfg.cards_dir))
             result.champion = d.champion
-            root.set_tags({"dtl.champion": d.champion, "dtl.promotion": d.reason})
+            root.set_tags({schema.CHAMPION: d.champion, schema.PROMOTION: d.reason})
         if report:
             faults.kill_point("report")
             out = report_mod.build(tracking, cfg.report_dir, cfg.registered_model,
@@ -374,7 +371,7 @@ def root_run(tracking: Tracking, cfg: Config, job: str):
         yield root
     except BaseException as e:
         try:
-            root.set_tags({"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+            root.set_tags({schema.FAIL_REASON: f"{type(e).__name__}: {str(e)[:400]}"})
             if not tracking.outer_run_id:
                 root.end("FAILED" if isinstance(e, Exception) else "KILLED")
         except Exception:  # noqa: BLE001 - the tracking server itself may be gone

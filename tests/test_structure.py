@@ -294,3 +294,44 @@ def test_every_import_is_a_declared_dependency():
                    if not {canonicalize_name(d) for d in provider.get(m, [m])} & closure}
         assert not missing, f"imported but not installed by {reqs}: {missing}"
 
+
+
+def _tag_literals(trees: dict[str, ast.Module], keys: frozenset[str]) -> list[str]:
+    """String literals outside the schema module that are a run-schema tag key, or an MLflow
+    filter on tags or attributes (docstrings excepted)."""
+    bad = []
+    for name, tree in trees.items():
+        if name == "dtl.tracking.schema":
+            continue
+        docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs and (
+                    n.value in keys or re.search(r"(tags|attributes)\.[`\w]+\s*(=|!=|LIKE)", n.value)):
+                bad.append(f"{name}:{n.lineno} {n.value[:60]!r}")
+    return bad
+
+
+def test_no_tag_string_outside_the_schema_module():
+    """Roles, tag keys and filter strings come from dtl.tracking.schema: a typo there is a NameError
+    or a ValueError from schema.where, not a search that silently finds nothing. (Plain words that
+    are also params, such as "phase" or "backbone", are exempt: they name dict keys everywhere.)"""
+    from dtl.tracking import schema
+
+    prefixed = frozenset(k for k in schema.KEYS if "." in k)
+    assert not _tag_literals(_modules(), prefixed)
+
+
+def test_the_tag_literal_check_can_fail():
+    trees = {"dtl.x": ast.parse('"""tags.`dtl.role` = \'x\' in a docstring is fine"""\n'
+                                't = {"dtl.role": "study"}\nflt = f"tags.phase = \'{p}\'"\nr.data.tags.get("mlflow.parentRunId")')}
+    assert [b.split()[0] for b in _tag_literals(trees, frozenset({"dtl.role", "mlflow.parentRunId"}))] == \
+        ["dtl.x:2", "dtl.x:3", "dtl.x:4"]
+
+
+def test_the_schema_refuses_a_key_it_does_not_know():
+    from dtl.tracking import schema
+
+    assert schema.where({schema.ROLE: schema.Role.STUDY, schema.PHASE: "phase1"}, status="FINISHED") == \
+        "tags.`dtl.role` = 'study' and tags.`phase` = 'phase1' and attributes.status = 'FINISHED'"
+    with pytest.raises(ValueError, match="dtl.rol"):
+        schema.where({"dtl.rol": "study"})

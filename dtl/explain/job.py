@@ -30,6 +30,7 @@ from dtl.model.mask import annotation_mask, apply_mask
 from dtl.model.preprocess import InputSpec, resize_rgb
 from dtl.model.pyfunc import CALIBRATION_FILE, ImageClassifier, load_classifier
 from dtl.report.tables import html_page, markdown_table
+from dtl.tracking import schema
 from dtl.tracking.adapter import Run, Tracking, redact, start_run
 from dtl.tracking.registry import load_policy, model_artifacts, phase1_source, write_card
 from dtl.train.engine import resolve_device
@@ -88,8 +89,8 @@ def _study_target(tracking: Tracking, cfg: Config, run_id: str) -> Target:
     except Exception:  # noqa: BLE001 - not a run id of this store
         raise DTLError(f"--model {run_id!r} is neither models:/<name>@<alias> | models:/<name>/<version> nor a run "
                        f"of {redact(tracking.uri)}") from None
-    if tags.get("dtl.role") != "study" or tags.get("phase") not in ("phase1", "phase2"):
-        raise DTLError(f"run {run_id} is not a phase-1 or phase-2 study run (dtl.role={tags.get('dtl.role')!r}); "
+    if tags.get(schema.ROLE) != schema.Role.STUDY or tags.get("phase") not in ("phase1", "phase2"):
+        raise DTLError(f"run {run_id} is not a phase-1 or phase-2 study run (dtl.role={tags.get(schema.ROLE)!r}); "
                        "give a study run id or a registered model")
     phase = tags["phase"]
     net, meta = model_from_checkpoint(phase1_source(run_id, cfg))  # the study's checkpoint/best.pt
@@ -393,7 +394,7 @@ def run_explain(cfg: Config, tracking: Tracking, source: str, split: str, out_ro
                              if 0 < cfg.explain.corruption_images < len(raw) else "")}
     write_pages(out, s, robustness_frame(rows), pd.DataFrame(shortcut))
     (out / "summary.json").write_text(json.dumps(s, indent=2, default=str))
-    run = start_run(tracking, f"explain-{split}", {"dtl.role": "explain", "phase": target.phase,
+    run = start_run(tracking, f"explain-{split}", {schema.ROLE: schema.Role.EXPLAIN, "phase": target.phase,
                                                    "backbone": s["backbone"], "strategy": s["strategy"],
                                                    "annotation_mask": s["masked"], "data_digest": ds.digest,
                                                    "split": split, "model": target.label, "model_version": s["version"],

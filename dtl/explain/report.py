@@ -10,6 +10,7 @@ import pandas as pd
 from dtl.evaluation.robustness import KINDS, LABELS
 from dtl.evaluation.stats import paired_difference
 from dtl.report.tables import markdown_table, png_bytes
+from dtl.tracking import schema
 from dtl.tracking.adapter import Tracking, find_runs
 
 CORRUPTED = tuple(f"{k}{s}" for k in KINDS for s in (1, 2, 3))
@@ -17,9 +18,8 @@ CORRUPTED = tuple(f"{k}{s}" for k in KINDS for s in (1, 2, 3))
 
 def collect(tracking: Tracking, data_digest: str | None = None) -> list[dict]:
     """The latest finished explain run per (model, split): its summary and per-item predictions."""
-    flt = "tags.`dtl.role` = 'explain' and attributes.status = 'FINISHED'"
-    if data_digest:
-        flt += f" and tags.data_digest = '{data_digest}'"
+    flt = schema.where({schema.ROLE: schema.Role.EXPLAIN, **({schema.DATA_DIGEST: data_digest} if data_digest else {})},
+                       status="FINISHED")
     latest = {}
     for r in find_runs(tracking, flt):  # oldest first: the last one wins
         latest[(r.data.tags.get("model"), r.data.tags.get("split"))] = r

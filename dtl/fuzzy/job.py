@@ -31,6 +31,7 @@ from dtl.fuzzy.report import risk_coverage_figure, verdict
 from dtl.model.fuzzy import FuzzySystem, features_and_probs
 from dtl.model.preprocess import InputSpec, decode, eval_transform
 from dtl.model.pyfunc import ImageClassifier, load_classifier
+from dtl.tracking import schema
 from dtl.tracking.adapter import Run, Tracking, end_orphans, find_run, find_runs, redact, start_run
 from dtl.tracking.logged import FUZZY_FLAVOR
 from dtl.tracking.registry import model_artifacts, phase1_source, register
@@ -85,9 +86,9 @@ def _check_phase2_run(tracking: Tracking, run_id: str, label: str) -> None:
     except Exception:  # noqa: BLE001 - not a run id of this store
         raise DTLError(f"{label!r} is not a run of {redact(tracking.uri)}: give a phase-2 study run id or "
                        "models:/<name>@<alias> | models:/<name>/<version> of a model registered from one") from None
-    if tags.get("dtl.role") != "study" or tags.get("phase") != "phase2":
+    if tags.get(schema.ROLE) != schema.Role.STUDY or tags.get("phase") != "phase2":
         raise DTLError(f"{label} does not lead to a phase-2 study run (run {run_id} has dtl.role="
-                       f"{tags.get('dtl.role')!r}, phase={tags.get('phase')!r}); give a phase-2 study run id "
+                       f"{tags.get(schema.ROLE)!r}, phase={tags.get('phase')!r}); give a phase-2 study run id "
                        "or a model registered from one")
 
 
@@ -177,7 +178,7 @@ def search_space(cfg: Config) -> dict:
 
 def study_name(parent_tags: dict) -> str:
     """``<phase-2 study>.fuzzy.t<trial>``: one fuzzy study per phase-2 model (its best trial)."""
-    return f"{parent_tags['dtl.study']}.fuzzy.t{parent_tags.get('dtl.checkpoint_trial') or parent_tags.get('best_trial', 0)}"
+    return f"{parent_tags[schema.STUDY]}.fuzzy.t{parent_tags.get(schema.CHECKPOINT_TRIAL) or parent_tags.get('best_trial', 0)}"
 
 
 def _objective(cfg: Config, tracking: Tracking, run: Run, tags: dict, space: dict, data: dict, classes: list[str]):
@@ -186,8 +187,8 @@ def _objective(cfg: Config, tracking: Tracking, run: Run, tags: dict, space: dic
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, space, 0)
-        trun = start_run(tracking, f"trial-{trial.number}", {**tags, "dtl.role": "fuzzy-trial",
-                                                             "optuna.trial": trial.number, "optuna.state": "RUNNING"},
+        trun = start_run(tracking, f"trial-{trial.number}", {**tags, schema.ROLE: schema.Role.FUZZY_TRIAL,
+                                                             schema.OPTUNA_TRIAL: trial.number, schema.OPTUNA_STATE: "RUNNING"},
                          parent=run.id)
         trial.set_user_attr("mlflow_run_id", trun.id)
         trun.log_params({f"trial.{k}": v for k, v in params.items()})
@@ -198,12 +199,12 @@ def _objective(cfg: Config, tracking: Tracking, run: Run, tags: dict, space: dic
             probs, strength = fs.predict_proba(xv)
             m = point_metrics(yv, probs)
         except Exception as e:
-            trun.set_tags({"optuna.state": "FAIL", "dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+            trun.set_tags({schema.OPTUNA_STATE: "FAIL", schema.FAIL_REASON: f"{type(e).__name__}: {str(e)[:400]}"})
             trun.end("FAILED")
             raise
         trun.log_metrics({"val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"], "val_ece": m["ece"],
                           "val_firing_median": float(np.median(strength)), "fit_s": fit_s})
-        trun.set_tags({"optuna.state": "COMPLETE"})
+        trun.set_tags({schema.OPTUNA_STATE: "COMPLETE"})
         trun.end("FINISHED")
         return m["macro_f1"]
 
@@ -223,11 +224,11 @@ def _open_study(cfg: Config, tracking: Tracking, src: Source, ds, backbone: str)
     study = optuna.create_study(study_name=name, storage=make_storage(url, cfg.tune.heartbeat_s), load_if_exists=True,
                                 direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=cfg.tune.sampler_seed + zlib.crc32(name.encode()) % 10**6))
-    tags = {"dtl.role": "fuzzy-study", "dtl.study": name, "phase": "fuzzy", "head": "fuzzy", "backbone": backbone,
+    tags = {schema.ROLE: schema.Role.FUZZY_STUDY, schema.STUDY: name, "phase": "fuzzy", "head": "fuzzy", "backbone": backbone,
             "strategy": ptags.get("strategy"), "init": ptags.get("init"), "data_digest": ds.digest,
             "data_kind": ds.kind, "split_protocol": ds.protocol, "phase2_run": src.run_id,
-            "optuna.storage": redact(url)}
-    run = find_run(tracking, {"dtl.study": name})
+            schema.OPTUNA_STORAGE: redact(url)}
+    run = find_run(tracking, {schema.STUDY: name})
     if run is None:
         run = start_run(tracking, f"fuzzy-{backbone}", tags, parent=src.run_id)
         run.log_params({**{f"fuzzy.{k}": v for k, v in flatten(cfg.fuzzy).items()}, "study": name,
@@ -312,14 +313,14 @@ def _finish(cfg: Config, tracking: Tracking, run: Run, src: Source, ds, best, da
     t = results["test"]
     version = register(tracking, name, info.model_uri, run.id, {
         "head": "fuzzy", "backbone": backbone, "phase2_run": src.run_id, "data_digest": ds.digest,
-        "data_kind": ds.kind, "split_protocol": ds.protocol, "study": run.client.get_run(run.id).data.tags["dtl.study"],
+        "data_kind": ds.kind, "split_protocol": ds.protocol, "study": run.client.get_run(run.id).data.tags[schema.STUDY],
         "metric.val_macro_f1": round(best.value, 6), "metric.test_accuracy": round(t["fuzzy"]["accuracy"], 6),
         "metric.test_macro_f1": round(t["fuzzy"]["macro_f1"], 6)})
     tracking.client.update_model_version(name, version, description=card)
     tracking.client.update_registered_model(name, description="Fuzzy Mamdani heads on ALL double-transfer features "
                                                               "(research use only, not for diagnosis)")
-    run.set_tags({"dtl.evaluated_trial": best.number, "dtl.model_uri": info.model_uri,
-                  "dtl.registered": f"{name}/{version}"})
+    run.set_tags({schema.EVALUATED_TRIAL: best.number, schema.MODEL_URI: info.model_uri,
+                  schema.REGISTERED: f"{name}/{version}"})
     return {"results": results, "registered": f"{name}/{version}", "model_uri": info.model_uri}
 
 
@@ -347,8 +348,8 @@ def run_fuzzy(cfg: Config, tracking: Tracking, source: str) -> dict:
                            catch=(ValueError, np.linalg.LinAlgError))
         best = study.best_trial
         done = run.client.get_run(run.id).data.tags
-        if done.get("dtl.evaluated_trial") == str(best.number) and done.get("dtl.registered"):
-            out = {"registered": done["dtl.registered"], "model_uri": done.get("dtl.model_uri"), "results": None}
+        if done.get(schema.EVALUATED_TRIAL) == str(best.number) and done.get(schema.REGISTERED):
+            out = {"registered": done[schema.REGISTERED], "model_uri": done.get(schema.MODEL_URI), "results": None}
         else:
             out = _finish(cfg, tracking, run, src, ds, best, data, device)
         counts = {s.name.lower(): sum(t.state == s for t in study.get_trials(deepcopy=False))
@@ -356,7 +357,7 @@ def run_fuzzy(cfg: Config, tracking: Tracking, source: str) -> dict:
         run.log_metrics({"n_complete": counts["complete"], "n_failed": counts["fail"], "study_wall_s": time.time() - t0})
         run.set_tags({"best_trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}})
     except BaseException as e:
-        run.set_tags({"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+        run.set_tags({schema.FAIL_REASON: f"{type(e).__name__}: {str(e)[:400]}"})
         run.end("FAILED" if isinstance(e, Exception) else "KILLED")
         raise
     run.end("FINISHED")
@@ -367,10 +368,9 @@ def run_fuzzy(cfg: Config, tracking: Tracking, source: str) -> dict:
 def phase2_studies(tracking: Tracking, data_digest: str, strategy: str = "double", mask: str = "") -> list[str]:
     """The latest phase-2 study run per backbone on this data and annotation masking (the default
     sources of ``dtl fuzzy``): a study of the same files without the mask is another model."""
-    flt = (f"tags.`dtl.role` = 'study' and tags.phase = 'phase2' and tags.strategy = '{strategy}' "
-           f"and tags.data_digest = '{data_digest}'" + (f" and tags.annotation_mask = '{mask}'" if mask else ""))
+    flt = schema.study_query("phase2", data_digest, {schema.STRATEGY: strategy, **({schema.ANNOTATION_MASK: mask} if mask else {})})
     latest: dict = {}
     for r in find_runs(tracking, flt):
-        if "dtl.checkpoint_trial" in r.data.tags:  # finished, with its best checkpoint logged
+        if schema.CHECKPOINT_TRIAL in r.data.tags:  # finished, with its best checkpoint logged
             latest[r.data.tags.get("backbone")] = r.info.run_id  # runs come oldest first
     return [latest[b] for b in sorted(latest)]

@@ -6,6 +6,7 @@ import mlflow
 import pandas as pd
 
 from dtl.report.tables import markdown_table, png_bytes
+from dtl.tracking import schema
 from dtl.tracking.adapter import Tracking, find_runs
 
 SET_NAMES = {"test": "test (in-distribution)", "segmented": "cross-variant (Segmented)",
@@ -47,18 +48,17 @@ def risk_coverage_figure(results: dict, title: str, axes=None):
 
 def collect(tracking: Tracking, data_digest: str | None = None) -> list[dict]:
     """The latest finished fuzzy study per (backbone, strategy, data) with its comparison."""
-    flt = "tags.`dtl.role` = 'fuzzy-study' and attributes.status = 'FINISHED'"
-    if data_digest:
-        flt += f" and tags.data_digest = '{data_digest}'"
+    flt = schema.where({schema.ROLE: schema.Role.FUZZY_STUDY, **({schema.DATA_DIGEST: data_digest} if data_digest else {})},
+                       status="FINISHED")
     latest: dict = {}
     for r in find_runs(tracking, flt):
-        if "dtl.registered" in r.data.tags:
+        if schema.REGISTERED in r.data.tags:
             latest[(r.data.tags.get("backbone"), r.data.tags.get("strategy"), r.data.tags.get("data_digest"))] = r
     out = []
     for key in sorted(latest, key=str):
         r = latest[key]
         comp = mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/fuzzy/comparison.json")
-        out.append({"run": r.info.run_id, "strategy": key[1], "registered": r.data.tags["dtl.registered"], **comp})
+        out.append({"run": r.info.run_id, "strategy": key[1], "registered": r.data.tags[schema.REGISTERED], **comp})
     return out
 
 

@@ -23,6 +23,7 @@ from dtl.evaluation.stats import corrected_t_interval, holm, joined_units, paire
 from dtl.explain.report import section as explain_section
 from dtl.fuzzy.report import section as fuzzy_section
 from dtl.report.tables import html_page, markdown_table, png_bytes
+from dtl.tracking import schema
 from dtl.tracking.adapter import Tracking, find_runs, redact
 
 HIDDEN = ["phase2_run", "cv_id", "f1_low", "f1_high", "cv_f1", "cv_f1_low", "cv_f1_high"]  # for joins and plots
@@ -42,11 +43,8 @@ def _ci(m: dict, k: str) -> str:
 
 def collect(tracking: Tracking, registered_model: str, data_digest: str | None = None) -> pd.DataFrame:
     """The results table, from MLflow: phase-2 study runs that hold a final evaluation."""
-    flt = "tags.`dtl.role` = 'study' and tags.phase = 'phase2'"
-    if data_digest:
-        flt += f" and tags.data_digest = '{data_digest}'"
-    runs = [r for r in find_runs(tracking, flt) if "test_accuracy" in r.data.metrics or "val_accuracy" in r.data.metrics]
-    p1_runs = {r.info.run_id: r for r in find_runs(tracking, "tags.`dtl.role` = 'study' and tags.phase = 'phase1'")}
+    runs = [r for r in find_runs(tracking, schema.study_query("phase2", data_digest)) if "test_accuracy" in r.data.metrics or "val_accuracy" in r.data.metrics]
+    p1_runs = {r.info.run_id: r for r in find_runs(tracking, schema.study_query("phase1"))}
     versions = {}
     try:
         for v in tracking.client.search_model_versions(f"name='{registered_model}'"):
@@ -86,7 +84,7 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
             if _tuned(t) else "none tuned (config values)",
             "registered_version": v.version if v else "", "alias": ",".join(v.aliases) if v else "",
             "data_digest": (t.get("data_digest") or "")[:12], "phase2_run": r.info.run_id,
-            "cv_id": t.get("dtl.cv_id", ""), "f1_low": m.get("test_macro_f1_ci_low"),
+            "cv_id": t.get(schema.CV_ID, ""), "f1_low": m.get("test_macro_f1_ci_low"),
             "f1_high": m.get("test_macro_f1_ci_high"), "cv_f1": m.get("cv_test_macro_f1_mean"),
             "cv_f1_low": m.get("cv_test_macro_f1_ci_low"), "cv_f1_high": m.get("cv_test_macro_f1_ci_high"),
         })
@@ -106,7 +104,7 @@ def _tuned(tags: dict) -> bool:
 def _flags(tags: dict) -> str:
     """A study whose best trial is one of TPE's random start-up draws did not tune anything yet
     (a study with an empty search space tunes nothing by design and is not flagged)."""
-    return "best trial is a random start-up draw" if tags.get("dtl.best_is_startup_draw") == "true" and _tuned(tags) else ""
+    return "best trial is a random start-up draw" if tags.get(schema.BEST_IS_STARTUP_DRAW) == "true" and _tuned(tags) else ""
 
 
 def _seeds(m: dict, k: str) -> str:
@@ -121,7 +119,7 @@ def _cv(m: dict, tags: dict, k: str) -> str:
     if f"cv_{k}_mean" not in m:
         return ""
     return (f"{m[f'cv_{k}_mean']:.4f} ± {m[f'cv_{k}_sd']:.4f} [{m[f'cv_{k}_ci_low']:.4f}–{m[f'cv_{k}_ci_high']:.4f}]"
-            f" ({tags.get('dtl.cv', '?')})")
+            f" ({tags.get(schema.CV, '?')})")
 
 
 def _short(v: str) -> str:
@@ -352,8 +350,8 @@ def figures(tracking: Tracking, df: pd.DataFrame) -> dict:
         if best:
             hist = tracking.client.get_metric_history(best, "val_macro_f1")
             axes[0].plot([h.step for h in hist], [h.value for h in hist], marker="o", label=label)
-        trials = find_runs(tracking, f"tags.`mlflow.parentRunId` = '{r['phase2_run']}'")
-        vals = [(int(t.data.tags.get("optuna.trial", 0)), t.data.metrics.get("best_val_macro_f1", np.nan))
+        trials = find_runs(tracking, schema.children(r["phase2_run"]))
+        vals = [(int(t.data.tags.get(schema.OPTUNA_TRIAL, 0)), t.data.metrics.get("best_val_macro_f1", np.nan))
                 for t in trials]
         vals.sort()
         if vals:
@@ -478,7 +476,7 @@ def row_commands(tracking: Tracking, df: pd.DataFrame) -> list[dict]:
     out: dict = {}
     for _, r in df.iterrows():
         tags = tracking.client.get_run(r["phase2_run"]).data.tags
-        parent = tags.get("dtl.pipeline_run") or tags.get("mlflow.parentRunId", "")  # (nested in older stores)
+        parent = tags.get(schema.PIPELINE_RUN) or tags.get(schema.PARENT, "")  # (nested in older stores)
         if parent not in out:
             try:
                 p = mlflow.artifacts.load_dict(f"runs:/{parent}/report/provenance.json")
@@ -493,7 +491,7 @@ def row_commands(tracking: Tracking, df: pd.DataFrame) -> list[dict]:
 
 def last_provenance(tracking: Tracking) -> dict:
     """The provenance that the latest finished ``main`` logged, to keep it when a report is rebuilt."""
-    runs = find_runs(tracking, "tags.`dtl.role` = 'pipeline' and tags.`dtl.job` = 'main' and attributes.status = 'FINISHED'")
+    runs = find_runs(tracking, schema.where({schema.ROLE: schema.Role.PIPELINE, schema.JOB: "main"}, status="FINISHED"))
     for r in sorted(runs, key=lambda r: r.info.start_time, reverse=True):
         try:
             return mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/report/provenance.json")

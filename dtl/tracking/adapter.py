@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from dtl import DTLError
 from dtl.evaluation.metrics import confusion_figure
+from dtl.tracking import schema
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _SECRET = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]+):(?P<pw>[^@/]+)@", re.I)
@@ -219,16 +220,16 @@ def _param_value(v: Any) -> str:
 
 
 def start_run(tracking: Tracking, name: str, tags: dict[str, Any], parent: str | None = None) -> Run:
-    tags = {**base_tags(), **tags, "mlflow.runName": name}
+    tags = {**base_tags(), **tags, schema.RUN_NAME: name}
     if parent:
-        tags["mlflow.parentRunId"] = parent
+        tags[schema.PARENT] = parent
     r = tracking.client.create_run(tracking.experiment_id, tags={k: str(v) for k, v in tags.items() if v is not None},
                                    run_name=name)
     return Run(tracking, r.info.run_id)
 
 
 def base_tags() -> dict[str, str]:
-    return {"mlflow.source.git.commit": git_commit(), "dtl.host": socket.gethostname(), "dtl.pid": str(os.getpid())}
+    return {schema.GIT_COMMIT: git_commit(), schema.HOST: socket.gethostname(), schema.PID: str(os.getpid())}
 
 
 def find_runs(tracking: Tracking, filter_string: str, max_results: int | None = None, page_size: int = 1000):
@@ -259,21 +260,19 @@ def end_orphans(tracking: Tracking, parent: str | None = None, alive: set[str] |
     trial and root runs, and the outer run of a killed ``mlflow run`` invocation.
 
     ``alive`` lists run ids known to be live elsewhere (e.g. trials Optuna still sees running)."""
-    flt = "attributes.status = 'RUNNING'"
-    if parent:
-        flt += f" and tags.`mlflow.parentRunId` = '{parent}'"
+    flt = schema.where({schema.PARENT: parent} if parent else {}, status="RUNNING")
     n = 0
     host = socket.gethostname()
     for r in find_runs(tracking, flt):
         t = r.data.tags
         if r.info.run_id == tracking.outer_run_id or (alive and r.info.run_id in alive):
             continue
-        if "dtl.pid" not in t or t.get("dtl.host") != host:
+        if schema.PID not in t or t.get(schema.HOST) != host:
             continue
         # an `mlflow run` outer run also records its launcher: alive while either process is
-        if any(pid_alive(int(t[k])) for k in ("dtl.pid", "dtl.launcher_pid") if t.get(k, "").isdigit()):
+        if any(pid_alive(int(t[k])) for k in (schema.PID, schema.LAUNCHER_PID) if t.get(k, "").isdigit()):
             continue
-        tracking.client.set_tag(r.info.run_id, "dtl.ended_by", "rerun: the process that ran it was gone")
+        tracking.client.set_tag(r.info.run_id, schema.ENDED_BY, "rerun: the process that ran it was gone")
         tracking.client.set_terminated(r.info.run_id, "KILLED")
         n += 1
     return n
@@ -309,7 +308,7 @@ def log_dataset(run: Run, ds, context: str, name: str) -> None:
     ds_name, digest = dataset_ref(ds, split, name)
     dataset = mlflow.data.from_pandas(pd.DataFrame(df), source=str(ds.root), name=ds_name, digest=digest)
     run.client.log_inputs(run.id, [DatasetInput(dataset._to_mlflow_entity(),
-                                                [InputTag("mlflow.data.context", context)])])
+                                                [InputTag(schema.DATASET_CONTEXT, context)])])
 
 
 def log_data(run: Run, ds, name: str) -> None:

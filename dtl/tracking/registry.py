@@ -23,6 +23,7 @@ from mlflow.models import Model
 from dtl import DTLError
 from dtl.evaluation.metrics import direction
 from dtl.model.preprocess import InputSpec
+from dtl.tracking import schema
 from dtl.tracking.adapter import Run, Tracking, download
 from dtl.tracking.logged import SOFTMAX_FLAVOR
 from dtl.train.weights import model_from_checkpoint
@@ -153,8 +154,8 @@ def log_model(run: Run, checkpoint: Path, hsv_segment: bool = False) -> str:
     Idempotent: a run that already logged this checkpoint returns the same model."""
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
     tags = run.client.get_run(run.id).data.tags
-    if tags.get("dtl.model_checkpoint") == digest and tags.get("dtl.model_uri"):
-        return tags["dtl.model_uri"]
+    if tags.get(schema.MODEL_CHECKPOINT) == digest and tags.get(schema.MODEL_URI):
+        return tags[schema.MODEL_URI]
     net, meta = model_from_checkpoint(checkpoint)
     ispec = InputSpec.from_dict(meta["input"])
 
@@ -166,23 +167,21 @@ def log_model(run: Run, checkpoint: Path, hsv_segment: bool = False) -> str:
     logged = run.client.create_logged_model(run.t.experiment_id, name="model", source_run_id=run.id,
                                             model_type="image-classifier",
                                             tags={"backbone": net.spec.backbone, "phase": str(meta.get("phase")),
-                                                  CHECKPOINT_TAG: digest})
+                                                  schema.CHECKPOINT: digest})
     Model.log(artifact_path=None, name="model", flavor=SOFTMAX_FLAVOR, run_id=run.id, model_id=logged.model_id,
               net=net, meta=card_meta, example_image=example)
     run.client.finalize_logged_model(logged.model_id, "READY")
     model_id = _one_logged_model(run, digest, logged.model_id)
     uri = f"models:/{model_id}"
-    run.set_tags({"dtl.model_uri": uri, "dtl.model_checkpoint": digest, "dtl.model_id": model_id})
+    run.set_tags({schema.MODEL_URI: uri, schema.MODEL_CHECKPOINT: digest, schema.MODEL_ID: model_id})
     return uri
 
-
-CHECKPOINT_TAG = "dtl.checkpoint"  # logged-model tag: digest of the checkpoint it was made from
 
 
 def _one_logged_model(run: Run, digest: str, mine: str, wait_s: float = 300) -> str:
     """The logged model of ``run`` for checkpoint ``digest``: two jobs on one study may both have
     logged it; the oldest wins (once READY), and the job whose model lost deletes its own."""
-    flt = f"source_run_id = '{run.id}' AND tags.`{CHECKPOINT_TAG}` = '{digest}'"
+    flt = schema.where({schema.CHECKPOINT: digest}, source_run_id=run.id)
     deadline = time.monotonic() + wait_s
     while True:
         models = [m for m in run.client.search_logged_models([run.t.experiment_id], filter_string=flt)
@@ -217,7 +216,7 @@ def register(tracking: Tracking, name: str, model_uri: str, source_run: str, tag
         return found[0]
     model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/m-") else None
     mv = client.create_model_version(name, model_uri, run_id=source_run, model_id=model_id,
-                                     tags={k: str(v) for k, v in {**tags, "dtl.model_uri": model_uri,
+                                     tags={k: str(v) for k, v in {**tags, schema.MODEL_URI: model_uri,
                                                                   SOURCE_KEY: key}.items()})
     winner = _versions_of(client, name, key, model_uri)[0]  # versions are numbered in commit order: all see the same lowest
     if winner != str(mv.version):
@@ -225,21 +224,21 @@ def register(tracking: Tracking, name: str, model_uri: str, source_run: str, tag
     return winner
 
 
-SOURCE_KEY = "dtl.source"  # version tag: "<study run id>:<checkpoint digest>", one version per value
+SOURCE_KEY = schema.SOURCE  # version tag: "<study run id>:<checkpoint digest>", one version per value
 
 
 def source_key(client, run_id: str, model_uri: str) -> str:
     """What one version stands for: the study run and the checkpoint it logged (another checkpoint
     of the same run, after its study grew, is another version)."""
     tags = client.get_run(run_id).data.tags
-    return f"{run_id}:{tags.get('dtl.model_checkpoint') or model_uri}"
+    return f"{run_id}:{tags.get(schema.MODEL_CHECKPOINT) or model_uri}"
 
 
 def _versions_of(client, name: str, key: str, model_uri: str) -> list[str]:
     """Versions of ``name`` registered for ``key``, lowest first (versions from before the key was
     recorded match on their model URI)."""
     out = [v for v in client.search_model_versions(f"name='{name}'")
-           if v.tags.get(SOURCE_KEY) == key or (SOURCE_KEY not in v.tags and v.tags.get("dtl.model_uri") == model_uri)]
+           if v.tags.get(SOURCE_KEY) == key or (SOURCE_KEY not in v.tags and v.tags.get(schema.MODEL_URI) == model_uri)]
     return [str(v.version) for v in sorted(out, key=lambda v: int(v.version))]
 
 
@@ -301,9 +300,9 @@ def _promote_once(tracking: Tracking, policy: Policy, filter_tags: dict | None, 
     client = tracking.client
     if d.moved and d.champion:
         if current is not None:
-            client.set_model_version_tag(name, d.champion, "dtl.previous_champion", current.version)
+            client.set_model_version_tag(name, d.champion, schema.PREVIOUS_CHAMPION, current.version)
         client.set_registered_model_alias(name, "champion", d.champion)
-        client.set_model_version_tag(name, d.champion, "dtl.promotion_reason", d.reason)
+        client.set_model_version_tag(name, d.champion, schema.PROMOTION_REASON, d.reason)
     if d.challenger and d.challenger != d.champion:
         client.set_registered_model_alias(name, "challenger", d.challenger)
     return d
@@ -335,9 +334,9 @@ def write_card(tracking: Tracking, name: str, version: str, policy: Policy, card
         "metrics": metrics,
         "probabilities": _calibration(client, mv),
         "policy": {"metric": policy.metric, "direction": policy.direction, "min_value": policy.min_value},
-        "lineage": {"phase1_run": mv.tags.get("phase1_run"), "phase2_run": mv.run_id, "study": t.get("dtl.study"),
-                    "git_commit": t.get("mlflow.source.git.commit"), "init": t.get("init"),
-                    "strategy": t.get("strategy"), "previous_champion": mv.tags.get("dtl.previous_champion"),
+        "lineage": {"phase1_run": mv.tags.get("phase1_run"), "phase2_run": mv.run_id, "study": t.get(schema.STUDY),
+                    "git_commit": t.get(schema.GIT_COMMIT), "init": t.get("init"),
+                    "strategy": t.get("strategy"), "previous_champion": mv.tags.get(schema.PREVIOUS_CHAMPION),
                     "model_uri": mv.source},
         "limitations": _limitations(t),
     }

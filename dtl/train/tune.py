@@ -34,6 +34,7 @@ from dtl.evaluation.metrics import direction
 from dtl.model.mask import mask_state
 from dtl.model.net import DTLNet, ModelSpec
 from dtl.progress import StudyProgress
+from dtl.tracking import schema
 from dtl.tracking.adapter import (
     Run,
     Tracking,
@@ -238,12 +239,12 @@ def open_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, paren
         optuna.storages.fail_stale_trials(study)
     _fail_dead_trials(study, tracking)
     init = init_label or pc.init
-    tags = {"dtl.role": "study", "dtl.study": name, "phase": phase, "backbone": backbone, "strategy": strategy,
-            "init": init, "init_digest": start, "dtl.study_identity": identity, "monitor": pc.monitor,
+    tags = {schema.ROLE: schema.Role.STUDY, schema.STUDY: name, "phase": phase, "backbone": backbone, "strategy": strategy,
+            "init": init, "init_digest": start, schema.STUDY_IDENTITY: identity, "monitor": pc.monitor,
             "direction": direction(pc.monitor), "data_digest": ds.digest, "data_kind": ds.kind,
             "split_protocol": ds.protocol, "annotation_mask": mask_state(pc.data.mask_annotation, ds.kind, pc.data.variant),
-            "precision": cfg.precision, "optuna.storage": redact(storage_url),
-            "dtl.pinned": ",".join(f"{k}={getattr(pc, k)}" for k in pc.pinned) or "-"}
+            "precision": cfg.precision, schema.OPTUNA_STORAGE: redact(storage_url),
+            schema.PINNED: ",".join(f"{k}={getattr(pc, k)}" for k in pc.pinned) or "-"}
     run = _study_run(cfg, tracking, tags, ds, parent_run)
     link_study(study, run.id, tags)
     alive = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
@@ -286,8 +287,8 @@ class Objective:
         tcfg = with_phase(s.cfg, s.phase, **overrides)
         frozen = _frozen(trial.study, trial.number)
         trun = start_run(self.tracking, f"trial-{trial.number}",
-                         {**s.tags, "dtl.role": "trial", "optuna.trial": trial.number, "optuna.state": "RUNNING",
-                          "optuna.retry_of": RetryCallback.retried_trial_number(frozen),
+                         {**s.tags, schema.ROLE: schema.Role.TRIAL, schema.OPTUNA_TRIAL: trial.number, schema.OPTUNA_STATE: "RUNNING",
+                          schema.OPTUNA_RETRY_OF: RetryCallback.retried_trial_number(frozen),
                           "world_size": distributed.world_size()}, parent=s.run.id)
         trial.set_user_attr("mlflow_run_id", trun.id)
         trun.log_params({**flatten(tcfg), **{f"trial.{k}": v for k, v in overrides.items()}})
@@ -303,12 +304,12 @@ class Objective:
             # the tracking server may be what failed: record what we can, never mask the cause
             if isinstance(e, TRIAL_ERRORS):
                 _free_memory()
-            _quietly(trun.set_tags, {"optuna.state": "FAIL", "dtl.fail_reason": f"{type(e).__name__}: {str(e)[:500]}"})
+            _quietly(trun.set_tags, {schema.OPTUNA_STATE: "FAIL", schema.FAIL_REASON: f"{type(e).__name__}: {str(e)[:500]}"})
             _quietly(trun.end, "FAILED" if isinstance(e, Exception) else "KILLED")
             raise
         trial.set_user_attr("checkpoint", str(res.checkpoint))
         trial.set_user_attr("best_epoch", res.best_epoch)
-        trun.set_tags({"optuna.state": "COMPLETE", "precision": res.precision, "device": res.device,
+        trun.set_tags({schema.OPTUNA_STATE: "COMPLETE", "precision": res.precision, "device": res.device,
                        "skipped_steps": res.skipped_steps})
         trun.log_metrics({f"best_{self.monitor}": res.best_value, "best_epoch": res.best_epoch})
         trun.end("FINISHED")
@@ -320,7 +321,7 @@ class Objective:
         faults.kill_point(f"{self.s.phase}:trial{trial.number}:epoch{epoch}")
         trial.report(row[self.monitor], epoch)
         if trial.should_prune():
-            trun.set_tags({"optuna.state": "PRUNED", "optuna.pruned_epoch": epoch})
+            trun.set_tags({schema.OPTUNA_STATE: "PRUNED", "optuna.pruned_epoch": epoch})
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
 
@@ -350,7 +351,7 @@ def run_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, parent
         keep_best_only(s.optuna, s.workroot)
         result = summarise(s, time.time() - t0)
     except BaseException as e:
-        _quietly(s.run.set_tags, {"dtl.fail_reason": f"{type(e).__name__}: {str(e)[:400]}"})
+        _quietly(s.run.set_tags, {schema.FAIL_REASON: f"{type(e).__name__}: {str(e)[:400]}"})
         _quietly(s.run.end, "FAILED" if isinstance(e, Exception) else "KILLED")
         raise
     finally:
@@ -405,21 +406,21 @@ def _show(bar: StudyProgress, study: optuna.Study, t: optuna.trial.FrozenTrial) 
 def _study_run(cfg: Config, tracking: Tracking, tags: dict, ds, parent_run: str | None) -> Run:
     """The study's MLflow parent run: found again by its ``dtl.study`` tag and reopened, or created
     (with the config params and the data) when two workers race, the oldest run wins."""
-    name, phase, strategy, backbone = tags["dtl.study"], tags["phase"], tags["strategy"], tags["backbone"]
-    run = find_run(tracking, {"dtl.study": name})
+    name, phase, strategy, backbone = tags[schema.STUDY], tags["phase"], tags["strategy"], tags["backbone"]
+    run = find_run(tracking, {schema.STUDY: name})
     if run is not None:
         run.reopen()
-        run.set_tags({"dtl.pid": os.getpid()})
+        run.set_tags({schema.PID: os.getpid()})
         return run
     # a top-level run: the MLflow runs table shows nested runs only under an expanded parent, so a
     # study nested under its pipeline (or `mlflow run`'s launcher) would hide every row of the comparison;
     # the pipeline run stays one click away through the tag and the run's description
-    link = {"dtl.pipeline_run": parent_run or "",
-            "mlflow.note.content": f"Study `{name}`; started by pipeline run [{parent_run}]"
+    link = {schema.PIPELINE_RUN: parent_run or "",
+            schema.NOTE: f"Study `{name}`; started by pipeline run [{parent_run}]"
                                    f"(#/experiments/{tracking.experiment_id}/runs/{parent_run})" if parent_run else ""}
     run = start_run(tracking, f"{phase}-{strategy}-{backbone}" if phase == "phase2" else f"{phase}-{backbone}",
                     {**tags, **{k: v for k, v in link.items() if v}})
-    winner = find_run(tracking, {"dtl.study": name})  # two workers may have raced: the oldest wins
+    winner = find_run(tracking, {schema.STUDY: name})  # two workers may have raced: the oldest wins
     if winner.id != run.id:
         tracking.client.delete_run(run.id)
         return winner
@@ -438,7 +439,7 @@ def _fail_dead_trials(study: optuna.Study, tracking: Tracking) -> int:
         if not run_id:
             continue  # killed before its run existed: the heartbeat (RDB) is the only witness
         tags = tracking.client.get_run(run_id).data.tags
-        if tags.get("dtl.host") != socket.gethostname() or pid_alive(int(tags.get("dtl.pid", "0") or 0)):
+        if tags.get(schema.HOST) != socket.gethostname() or pid_alive(int(tags.get(schema.PID, "0") or 0)):
             continue
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         RetryCallback(max_retry=2)(study, _frozen(study, t.number))
@@ -472,15 +473,15 @@ def summarise(s: Study, wall: float) -> StudyResult:
     # by the model of the objective, so its "best parameters" are one lucky draw, not a tuning result.
     startup_best = best.number < startup_trials(s.cfg, s.phase) and bool(best.params)  # nothing tuned: nothing to flag
     run.set_tags({"best_trial": best.number, "best_trial_run_id": best.user_attrs.get("mlflow_run_id", ""),
-                  "dtl.best_is_startup_draw": str(startup_best).lower(),
+                  schema.BEST_IS_STARTUP_DRAW: str(startup_best).lower(),
                   **{f"best.{k}": v for k, v in best.params.items()}})
     run.log_dict({"best_trial": best.number, "best_value": best.value, "params": best.params, "counts": counts,
                   "best_is_startup_draw": startup_best, "direction": s.optuna.direction.name.lower()},
                  "study/best.json")
     _log_plots(s.optuna, run)
-    if run.client.get_run(run.id).data.tags.get("dtl.checkpoint_trial") != str(best.number):
+    if run.client.get_run(run.id).data.tags.get(schema.CHECKPOINT_TRIAL) != str(best.number):
         run.log_artifact(ckpt, "checkpoint")
-        run.set_tags({"dtl.checkpoint_trial": best.number})
+        run.set_tags({schema.CHECKPOINT_TRIAL: best.number})
     return StudyResult(s.name, run.id, s.phase, s.backbone, s.strategy, best.number, float(best.value),
                        dict(best.params), ckpt, best.user_attrs.get("mlflow_run_id", ""), counts,
                        s.init_from, s.init_label)
