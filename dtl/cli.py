@@ -164,9 +164,10 @@ def cmd_promote(args) -> int:
     from dtl import pipeline
     from dtl.tracking import adapter as tracking
     from dtl.tracking import registry
+    from dtl.tracking.policy import load_policy
 
     cfg = load_config(args)
-    pol = registry.load_policy(args.policy or cfg.policy, args.model or cfg.registered_model)
+    pol = load_policy(args.policy or cfg.policy, args.model or cfg.registered_model)
     t = tracking.connect(cfg.tracking_uri, cfg.experiment)
     if args.any_data:
         flt = None

@@ -37,7 +37,9 @@ from dtl.tracking.adapter import (
     log_evaluation,
     start_run,
 )
-from dtl.tracking.registry import log_model, phase1_source, register
+from dtl.tracking.policy import load_policy
+from dtl.tracking.registry import log_model, register
+from dtl.tracking.resolve import phase1_source
 from dtl.train import faults
 from dtl.train.engine import resolve_device
 from dtl.train.phases import dataset, evaluate_checkpoint, run_phase
@@ -327,7 +329,7 @@ def _main(cfg: Config, data: store.DataStore, report: bool, promote: bool) -> Pi
 
                     run_fuzzy(cfg, tracking, s.run_id)
         if promote and result.versions:
-            policy = registry.load_policy(cfg.policy, cfg.registered_model)
+            policy = load_policy(cfg.policy, cfg.registered_model)
             d = registry.promote(tracking, policy, promotion_filter(cfg), cards_dir=Path(cfg.cards_dir))
             result.champion = d.champion
             root.set_tags({schema.CHAMPION: d.champion, schema.PROMOTION: d.reason})
@@ -403,7 +405,7 @@ def _single_phase(cfg: Config, tracking: Tracking, data: store.DataStore, phase:
                 if STRATEGIES[strategy].from_phase1 and not source:  # the defaults: this experiment's latest phase 1
                     p1 = latest_phase1_study(cfg, tracking, backbone)
                     src_id = p1.run_id
-                    root.set_tags({f"dtl.phase1_source.{backbone}": p1.run_id})
+                    root.set_tags({schema.phase1_source_key(backbone): p1.run_id})
                     print(f"phase 2 {backbone}: double transfer from phase-1 study run {p1.run_id} "
                           f"({p1.study_name}, best trial {p1.best_trial}, {p1.best_value:.4f})", flush=True)
                 src = phase1_source(src_id, cfg) if STRATEGIES[strategy].from_phase1 else None

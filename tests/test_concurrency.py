@@ -15,7 +15,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from dtl.tracking.registry import Policy, _candidate, select
+from dtl.tracking.policy import Policy
+from dtl.tracking.registry import _candidate, select
 from dtl.train.tune import make_storage
 from tests.conftest import PYTHON, demo_overrides
 

@@ -161,7 +161,8 @@ def test_mlflow_models_serve_answers_a_rest_request_with_an_image(done):
 def test_promotion_never_downgrades_unless_forced_and_records_the_previous_champion(done):
     """On a registered model of its own (a copy of the champion, then a worse version on the same
     data): the module's `all-dtl` registry, which the other tests read, is never touched."""
-    from dtl.tracking.registry import load_policy, promote
+    from dtl.tracking.policy import load_policy
+    from dtl.tracking.registry import promote
 
     tmp, cfg, res = done
     t = connect(cfg.tracking_uri, cfg.experiment)

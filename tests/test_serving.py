@@ -26,7 +26,8 @@ from PIL import Image
 from dtl.model.decode import InputPolicy, InvalidInput, decode_image_bytes
 from dtl.model.net import DTLNet, ModelSpec
 from dtl.tracking.adapter import connect, start_run
-from dtl.tracking.registry import log_model, model_artifacts, register
+from dtl.tracking.registry import log_model, register
+from dtl.tracking.resolve import model_artifacts
 from dtl.train.weights import resolve_input_spec, save_checkpoint
 from tests.conftest import ROOT, SHARED, mlflow_serve, module_workspace, require_real_data
 

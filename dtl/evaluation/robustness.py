@@ -37,6 +37,15 @@ LABELS = {"blur": "Gaussian blur (defocus)", "jpeg": "JPEG re-compression", "bri
           "brightness/contrast", "stain": "stain shift (hue/saturation)", "noise": "Gaussian noise"}
 
 
+def describe(kind: str, severity: int) -> str:
+    """A short name of one corruption with its parameter, e.g. ``Gaussian blur r=2``."""
+    s = severity - 1
+    return {"blur": lambda: f"Gaussian blur r={BLUR_RADIUS[s]:g}", "jpeg": lambda: f"JPEG q={JPEG_QUALITY[s]}",
+            "brightness_contrast": lambda: "contrast x{:g}, brightness +{:g}".format(*CONTRAST_BRIGHTNESS[s]),
+            "stain": lambda: "hue +{:g}, saturation x{:g}".format(*STAIN_HUE_SAT[s]),
+            "noise": lambda: f"Gaussian noise sd={NOISE_SIGMA[s]:g}"}[kind]()
+
+
 def gaussian_blur(img: np.ndarray, radius: float) -> np.ndarray:
     """Gaussian blur of one uint8 RGB image with ``radius`` in its own pixels."""
     return np.asarray(Image.fromarray(np.asarray(img)).filter(ImageFilter.GaussianBlur(radius)))

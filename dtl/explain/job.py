@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -27,80 +27,18 @@ from dtl.evaluation.metrics import expected_calibration_error
 from dtl.evaluation.stats import bootstrap_ci
 from dtl.explain import core as explain
 from dtl.model.mask import annotation_mask, apply_mask
-from dtl.model.preprocess import InputSpec, resize_rgb
-from dtl.model.pyfunc import CALIBRATION_FILE, ImageClassifier, load_classifier
+from dtl.model.preprocess import resize_rgb
+from dtl.model.pyfunc import CALIBRATION_FILE, ImageClassifier
 from dtl.report.tables import html_page, markdown_table
 from dtl.tracking import schema
-from dtl.tracking.adapter import Run, Tracking, redact, start_run
-from dtl.tracking.registry import load_policy, model_artifacts, phase1_source, write_card
-from dtl.train.engine import resolve_device
+from dtl.tracking.adapter import Run, Tracking, start_run
+from dtl.tracking.cards import write_card
+from dtl.tracking.policy import load_policy
+from dtl.tracking.resolve import Resolved, resolve
 from dtl.train.phases import bootstrap_units, dataset
-from dtl.train.weights import model_from_checkpoint
 
 
-@dataclass
-class Target:
-    """The model under examination: where it came from and its classifier (raw logits, T = 1)."""
-
-    label: str
-    run_id: str  # its study run
-    phase: str
-    classifier: ImageClassifier
-    tags: dict  # the study run's tags
-    version: object | None = None  # the registered ModelVersion, when given as models:/<name>@|/...
-    model_id: str | None = None  # the logged model (where a temperature is stored)
-
-
-def resolve_target(tracking: Tracking, cfg: Config, source: str) -> Target:
-    """A ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` URI or a study run id."""
-    client, device = tracking.client, str(resolve_device(cfg.device))
-    if not source.startswith("models:/"):
-        return _study_target(tracking, cfg, source)
-    mv = _model_version(client, source)
-    dst = Path(tempfile.mkdtemp(prefix="dtl-explain-"))
-    folder = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_artifacts(client, source)}/dtl",
-                                                 dst_path=str(dst))
-    clf = load_classifier(folder, device, apply_temperature=False)  # explain fits its own T on raw logits
-    tags = client.get_run(mv.run_id).data.tags
-    model_id = getattr(mv, "model_id", None) or (mv.source[len("models:/"):] if mv.source.startswith("models:/m-")
-                                                 else None)
-    return Target(source, mv.run_id, tags.get("phase", "phase2"), clf, tags, mv, model_id)
-
-
-def _model_version(client, source: str):
-    rest = source[len("models:/"):]
-    name, sep, ref = rest.partition("@") if "@" in rest else rest.rpartition("/")
-    if not name or not ref:
-        raise DTLError(f"--model {source!r}: give models:/<name>@<alias>, models:/<name>/<version> or a study run id")
-    try:
-        mv = client.get_model_version_by_alias(name, ref) if sep == "@" else client.get_model_version(name, ref)
-        return client.get_model_version(mv.name, mv.version)  # aliases are filled in on a direct read
-    except Exception:  # noqa: BLE001 - unknown name, alias or version: say what exists
-        known = []
-        for m in client.search_registered_models():
-            known.append(f"{m.name} (aliases: {', '.join(sorted(m.aliases)) or 'none'})")
-        raise DTLError(f"--model {source!r} does not resolve in {redact(client.tracking_uri)}. Registered models: "
-                       f"{'; '.join(known) or 'none'}") from None
-
-
-def _study_target(tracking: Tracking, cfg: Config, run_id: str) -> Target:
-    try:
-        tags = tracking.client.get_run(run_id).data.tags
-    except Exception:  # noqa: BLE001 - not a run id of this store
-        raise DTLError(f"--model {run_id!r} is neither models:/<name>@<alias> | models:/<name>/<version> nor a run "
-                       f"of {redact(tracking.uri)}") from None
-    if tags.get(schema.ROLE) != schema.Role.STUDY or tags.get("phase") not in ("phase1", "phase2"):
-        raise DTLError(f"run {run_id} is not a phase-1 or phase-2 study run (dtl.role={tags.get(schema.ROLE)!r}); "
-                       "give a study run id or a registered model")
-    phase = tags["phase"]
-    net, meta = model_from_checkpoint(phase1_source(run_id, cfg))  # the study's checkpoint/best.pt
-    net.to(resolve_device(cfg.device))
-    clf = ImageClassifier(net, list(net.spec.classes), InputSpec.from_dict(meta["input"]),
-                          cfg.phase(phase).data.hsv_segment)
-    return Target(f"run:{run_id}", run_id, phase, clf, tags)
-
-
-def check_data(target: Target, ds, split: str) -> None:
+def check_data(target: Resolved, ds, split: str) -> None:
     """The config's data must be the model's (same manifest digest) and hold ``split``."""
     digest = target.tags.get("data_digest", "")
     if digest and digest != ds.digest:
@@ -298,7 +236,7 @@ def write_pages(out: Path, s: dict, frame: pd.DataFrame, shortcut: pd.DataFrame)
     (out / "robustness.html").write_text(html_page(f"explain {s['label']}", head + "\n".join(body), figs))
 
 
-def store_temperature(tracking: Tracking, cfg: Config, target: Target, calib: dict, split: str) -> tuple[bool, str]:
+def store_temperature(tracking: Tracking, cfg: Config, target: Resolved, calib: dict, split: str) -> tuple[bool, str]:
     """Write ``dtl/calibration.json`` into the logged model (served probabilities then use T),
     tag the version, and rewrite its model card when it has one; returns (stored, why not). Only
     for registered versions (``explain.store_temperature`` on, or auto and the version is the
@@ -354,7 +292,7 @@ def log_results(run: Run, s: dict, out: Path) -> None:
 
 def run_explain(cfg: Config, tracking: Tracking, source: str, split: str, out_root: Path, command: str = "") -> dict:
     """Explain and stress one model (see module docstring); returns the summary dict."""
-    target = resolve_target(tracking, cfg, source)
+    target = resolve(tracking, cfg, source, apply_temperature=False)  # explain fits its own T on raw logits
     ds = dataset(cfg, target.phase)
     check_data(target, ds, split)
     clf, t = target.classifier, target.tags

@@ -10,11 +10,8 @@ others (``load_if_exists``), so a rerun resumes and adds no trials once ``n_tria
 from __future__ import annotations
 
 import time
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import optuna
 import yaml
@@ -22,74 +19,27 @@ from mlflow.models import Model
 
 from dtl import DTLError
 from dtl.config import EXPERIMENTS_DIR, Config, flatten
-from dtl.data.cache import BatchLoader, split_array
+from dtl.data.cache import BatchLoader
+from dtl.evaluation import robustness
 from dtl.evaluation.metrics import accuracy_macro_f1, point_metrics
-from dtl.evaluation.robustness import gaussian_blur, jpeg, other_variant
 from dtl.evaluation.stats import paired_difference
 from dtl.fuzzy import core as fuzzy
-from dtl.fuzzy.report import risk_coverage_figure, verdict
+from dtl.fuzzy.report import CORRUPTIONS, risk_coverage_figure
 from dtl.model.fuzzy import FuzzySystem, features_and_probs
-from dtl.model.preprocess import InputSpec, decode, eval_transform
-from dtl.model.pyfunc import ImageClassifier, load_classifier
+from dtl.model.preprocess import InputSpec, eval_transform, resize_rgb
+from dtl.model.pyfunc import ImageClassifier
 from dtl.tracking import schema
 from dtl.tracking.adapter import Run, Tracking, end_orphans, find_run, find_runs, redact, start_run
+from dtl.tracking.cards import fuzzy_card
 from dtl.tracking.logged import FUZZY_FLAVOR
-from dtl.tracking.registry import model_artifacts, phase1_source, register
+from dtl.tracking.registry import register
+from dtl.tracking.resolve import Resolved, resolve
 from dtl.train.engine import resolve_device
 from dtl.train.phases import dataset, loader
-from dtl.train.tune import DEFAULT_STORAGE, make_storage, suggest
-from dtl.train.weights import model_from_checkpoint
+from dtl.train.tune import DEFAULT_STORAGE, create_or_load, make_storage, suggest
 
-# Corruptions of the uint8 test images: (name, kind, severity). Deterministic, so "seeded" trivially.
-CORRUPTIONS = (("blur1", "blur", 1.0), ("blur2", "blur", 2.0), ("jpeg1", "jpeg", 30), ("jpeg2", "jpeg", 10))
 SPACE_KEYS = ("k", "n_clusters", "m", "tnorm")
 COMPLETE = (optuna.trial.TrialState.COMPLETE,)  # the fuzzy study never prunes: completed trials count
-
-
-@dataclass
-class Source:
-    """The phase-2 model the fuzzy head sits on: its study run and the classifier itself."""
-
-    run_id: str
-    label: str
-    classifier: ImageClassifier
-
-
-def resolve_source(tracking: Tracking, cfg: Config, source: str) -> Source:
-    """A phase-2 study run id (its best checkpoint) or a registered/logged ``models:/`` URI."""
-    device = resolve_device(cfg.device)
-    seg = cfg.phase2.data.hsv_segment
-    if source.startswith("models:/"):
-        rest = source[len("models:/"):]
-        client = tracking.client
-        if "@" in rest:
-            mv = client.get_model_version_by_alias(*rest.split("@", 1))
-        elif "/" in rest:
-            mv = client.get_model_version(*rest.rsplit("/", 1))
-        else:
-            raise DTLError(f"{source!r}: give models:/<name>@<alias> or models:/<name>/<version>")
-        _check_phase2_run(tracking, mv.run_id, source)
-        dst = Path(cfg.work_dir) / "fuzzy-sources" / rest.replace("/", "_").replace("@", "_")
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_artifacts(client, source)}/dtl",
-                                                     dst_path=str(dst))
-        return Source(mv.run_id, source, load_classifier(folder, str(device)))
-    _check_phase2_run(tracking, source, f"run {source}")
-    net, meta = model_from_checkpoint(phase1_source(source, cfg))  # a study run's checkpoint/best.pt
-    net.to(device)
-    return Source(source, f"run:{source}", ImageClassifier(net, list(net.spec.classes),
-                                                           InputSpec.from_dict(meta["input"]), seg))
-
-
-def _check_phase2_run(tracking: Tracking, run_id: str, label: str) -> None:
-    try:
-        tags = tracking.client.get_run(run_id).data.tags
-    except Exception:  # noqa: BLE001 - not a run id of this store
-        raise DTLError(f"{label!r} is not a run of {redact(tracking.uri)}: give a phase-2 study run id or "
-                       "models:/<name>@<alias> | models:/<name>/<version> of a model registered from one") from None
-    if tags.get(schema.ROLE) != schema.Role.STUDY or tags.get("phase") != "phase2":
-        raise DTLError(f"{label} does not lead to a phase-2 study run (run {run_id} has dtl.role="
-                       f"{tags.get(schema.ROLE)!r}, phase={tags.get('phase')!r}); give a phase-2 study run id "
-                       "or a model registered from one")
 
 
 def embed(net, images: np.ndarray | BatchLoader, spec: InputSpec, device, batch_size: int = 128):
@@ -103,23 +53,6 @@ def embed(net, images: np.ndarray | BatchLoader, spec: InputSpec, device, batch_
         feats.append(f)
         probs.append(p)
     return np.concatenate(feats), np.concatenate(probs)
-
-
-def corrupt(images: np.ndarray, kind: str, severity: float) -> np.ndarray:
-    """Gaussian blur (radius in px) or JPEG re-encoding (quality) of uint8 RGB images."""
-    fn = gaussian_blur if kind == "blur" else jpeg
-    return np.stack([fn(im, severity) for im in images]) if len(images) else np.empty_like(images)
-
-
-def cross_variant(ds, spec: InputSpec, segment: bool) -> tuple[np.ndarray, np.ndarray] | None:
-    """Aria's ``Segmented`` images of the test items (same relative paths), or None when the
-    data has no Segmented folder beside Original. Returns (images, index into the test split)."""
-    ov = other_variant(ds, "test")
-    if ov.variant != "segmented" or ov.reason:
-        return None
-    paths = list(ds.split("test")["path"])
-    arr = np.stack([decode(ov.root / paths[i], spec.cache_size, spec.interpolation, segment) for i in ov.index])
-    return arr, ov.index
 
 
 def macro_f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
@@ -211,7 +144,7 @@ def _objective(cfg: Config, tracking: Tracking, run: Run, tags: dict, space: dic
     return objective
 
 
-def _open_study(cfg: Config, tracking: Tracking, src: Source, ds, backbone: str) -> tuple:
+def _open_study(cfg: Config, tracking: Tracking, src: Resolved, ds, backbone: str) -> tuple:
     """The Optuna study (same storage as the phase studies) and its MLflow run, nested under
     the phase-2 study run; both found again on a rerun."""
     ptags = tracking.client.get_run(src.run_id).data.tags
@@ -221,9 +154,8 @@ def _open_study(cfg: Config, tracking: Tracking, src: Source, ds, backbone: str)
                        "--config / --phase2-root as the run")
     name = study_name(ptags)
     url = cfg.tune.storage or DEFAULT_STORAGE
-    study = optuna.create_study(study_name=name, storage=make_storage(url, cfg.tune.heartbeat_s), load_if_exists=True,
-                                direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=cfg.tune.sampler_seed + zlib.crc32(name.encode()) % 10**6))
+    study = create_or_load(name, make_storage(url, cfg.tune.heartbeat_s), "maximize", cfg.tune.sampler_seed,
+                           "validation macro-F1 of the fuzzy head")
     tags = {schema.ROLE: schema.Role.FUZZY_STUDY, schema.STUDY: name, "phase": "fuzzy", "head": "fuzzy", "backbone": backbone,
             "strategy": ptags.get("strategy"), "init": ptags.get("init"), "data_digest": ds.digest,
             "data_kind": ds.kind, "split_protocol": ds.protocol, "phase2_run": src.run_id,
@@ -240,57 +172,31 @@ def _open_study(cfg: Config, tracking: Tracking, src: Source, ds, backbone: str)
 
 
 def evaluate_sets(cfg: Config, ds, clf: ImageClassifier, fs: FuzzySystem, device) -> dict:
-    """Fuzzy vs softmax on the test split, on the Segmented images of the same test items
-    (cross-variant) and on blurred / JPEG-compressed copies of the test images."""
-    seg = cfg.phase2.data.hsv_segment
-    y = ds.label_ids("test")
+    """Fuzzy vs softmax on the test split, on the other Aria variant's images of the same test
+    items (cross-variant) and on blurred / JPEG-compressed copies of the test images."""
+    y, paths = ds.label_ids("test"), ds.split("test")["path"]
     ft, pt = embed(clf.net, loader(cfg, "phase2", "test", clf.spec, device, cfg.eval_batch_size, False), clf.spec, device)
     results = {"test": compare(y, fs.predict_proba(ft), pt, cfg.bootstrap, cfg.seed)}
-    cv = cross_variant(ds, clf.spec, seg) if cfg.fuzzy.cross_variant else None
-    if cv is not None:
-        f, p = embed(clf.net, cv[0], clf.spec, device)
-        results["segmented"] = compare(y[cv[1]], fs.predict_proba(f), p, cfg.bootstrap, cfg.seed)
-    if cfg.fuzzy.corruptions:
-        base = np.asarray(split_array(ds, "test", clf.spec, seg, cfg.cache_dir))
-        for name, kind, severity in CORRUPTIONS:
-            f, p = embed(clf.net, corrupt(base, kind, severity), clf.spec, device)
-            results[name] = compare(y, fs.predict_proba(f), p, cfg.bootstrap, cfg.seed)
+    ov = robustness.other_variant(ds, "test") if cfg.fuzzy.cross_variant else None
+    if ov is not None and not ov.reason:  # the same items in the other variant, raw, then the model's preprocessing
+        f, p = embed(clf.net, _preprocessed(clf, robustness.read_images(ov.root, paths.iloc[ov.index])), clf.spec, device)
+        results[ov.variant] = compare(y[ov.index], fs.predict_proba(f), p, cfg.bootstrap, cfg.seed)
+    if cfg.fuzzy.corruptions:  # robustness' corruptions of the raw test images, as `dtl explain` applies them
+        raw = robustness.read_images(ds.root, paths)
+        for kind, severity in CORRUPTIONS:
+            f, p = embed(clf.net, _preprocessed(clf, robustness.corrupt_all(raw, kind, severity, cfg.seed)), clf.spec,
+                         device)
+            results[f"{kind}{severity}"] = compare(y, fs.predict_proba(f), p, cfg.bootstrap, cfg.seed)
     return results
 
 
-def model_card(name: str, backbone: str, src: Source, params: dict, results: dict, ds, coverage: float,
-               floor: float) -> str:
-    """What the registered fuzzy model is, in plain words, with its test comparison."""
-    t = results["test"]
-    d = t["diff"]["macro_f1"]
-    return f"""# {name}: fuzzy Mamdani head on {backbone} (research use only, NOT for diagnosis)
-
-**What it is.** The phase-2 double-transfer network `{backbone}` ({src.label}, phase-2 study run
-`{src.run_id}`) up to the pooled output of its head block, followed by a Mamdani fuzzy inference
-system instead of the last linear layer: PCA to k={params['k']} dims (fitted on train
-only), fuzzy c-means with {params['n_clusters']} clusters (fuzzifier m={params['m']:.2f}), one
-Gaussian membership function per cluster and dimension, one rule per cluster
-("IF z1 is A_1j AND ... THEN class c is HIGH/LOW" with weights from the cluster/class
-co-occurrence on train), {params['tnorm']} t-norm, max aggregation, centroid defuzzification.
-Hyperparameters tuned by Optuna on the validation macro-F1.
-
-**Input / output.** Column `image` (path, base64 bytes, raw bytes or H×W×3 uint8 RGB, any size;
-the backbone's own preprocessing inside). Out: `class`, `p_<class>` (normalised crisp outputs,
-not calibrated probabilities), `firing_strength` (strongest rule activation, 0–1; low means the
-input is unlike the training data: abstain). {coverage:.1%} of the training images fire a rule at ≥ {floor:.3g}.
-
-**Test ({ds.kind}, {ds.protocol} split, n={t['n']}).** accuracy fuzzy {t['fuzzy']['accuracy']:.4f} vs softmax
-{t['softmax']['accuracy']:.4f}; macro-F1 {t['fuzzy']['macro_f1']:.4f} vs {t['softmax']['macro_f1']:.4f}
-(difference {d['diff']:+.4f}, paired bootstrap 95% CI {d['ci_low']:+.4f} to {d['ci_high']:+.4f}: {verdict(d)}).
-AUROC for detecting errors: firing strength {t['fuzzy']['abstain_auroc']:.3f}, softmax max-probability
-{t['softmax']['abstain_auroc']:.3f}.
-
-**Limitations.** Aria has no patient IDs (image-level split: optimistic). The fuzzy head is
-only as good as the features of the network below it.
-"""
+def _preprocessed(clf: ImageClassifier, raw: list[np.ndarray]) -> np.ndarray:
+    """Raw RGB images as the model's cache holds them: annotation mask, segmentation, resize."""
+    s = clf.spec
+    return np.stack([resize_rgb(im, s.cache_size, s.interpolation, clf.segment, s.mask) for im in raw])
 
 
-def _finish(cfg: Config, tracking: Tracking, run: Run, src: Source, ds, best, data: dict, device) -> dict:
+def _finish(cfg: Config, tracking: Tracking, run: Run, src: Resolved, ds, best, data: dict, device) -> dict:
     """Refit the best system, evaluate it once against softmax, log and register the model."""
     clf, backbone = src.classifier, src.classifier.net.spec.backbone
     fs = fuzzy.fit(*data["train"], ds.classes, seed=cfg.seed, **best.params)
@@ -302,7 +208,7 @@ def _finish(cfg: Config, tracking: Tracking, run: Run, src: Source, ds, best, da
     run.log_text(fs.rules_text(), "fuzzy/rules.txt")
     run.log_figure(risk_coverage_figure(results, backbone), "fuzzy/risk_coverage.png")
     name = cfg.fuzzy.registered_model or f"{cfg.registered_model}-fuzzy"
-    card = model_card(name, backbone, src, best.params, results, ds, coverage, fs.cover_floor)
+    card = fuzzy_card(name, backbone, src, best.params, results, ds, coverage, fs.cover_floor)
     run.log_text(card, "fuzzy/model_card.md")
     meta = {"spec": clf.net.spec.to_dict(), "input": clf.spec.to_dict(), "hsv_segment": clf.segment,
             "head": "fuzzy", "fuzzy": best.params, "phase2_run": src.run_id}
@@ -326,7 +232,7 @@ def _finish(cfg: Config, tracking: Tracking, run: Run, src: Source, ds, best, da
 
 def run_fuzzy(cfg: Config, tracking: Tracking, source: str) -> dict:
     """Tune, evaluate, log and register the fuzzy head of one phase-2 model (resumable)."""
-    src = resolve_source(tracking, cfg, source)
+    src = resolve(tracking, cfg, source, phases=("phase2",))
     ds = dataset(cfg, "phase2")
     clf = src.classifier
     if list(clf.classes) != ds.classes:

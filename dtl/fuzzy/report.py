@@ -5,12 +5,15 @@ from __future__ import annotations
 import mlflow
 import pandas as pd
 
+from dtl.evaluation import robustness
 from dtl.report.tables import markdown_table, png_bytes
 from dtl.tracking import schema
 from dtl.tracking.adapter import Tracking, find_runs
 
+CORRUPTIONS = (("blur", 1), ("blur", 2), ("jpeg", 1), ("jpeg", 2))  # of dtl.evaluation.robustness: kind, severity
 SET_NAMES = {"test": "test (in-distribution)", "segmented": "cross-variant (Segmented)",
-             "blur1": "Gaussian blur r=1", "blur2": "Gaussian blur r=2", "jpeg1": "JPEG q=30", "jpeg2": "JPEG q=10"}
+             "original": "cross-variant (Original)",
+             **{f"{k}{s}": robustness.describe(k, s) for k, s in CORRUPTIONS}}
 
 
 def verdict(d: dict) -> str:

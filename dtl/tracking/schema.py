@@ -69,6 +69,8 @@ OPTUNA_STATE = "optuna.state"
 OPTUNA_STORAGE = "optuna.storage"
 OPTUNA_RETRY_OF = "optuna.retry_of"
 
+PHASE1_SOURCE_PREFIX = "dtl.phase1_source."  # + backbone, on a root run: the phase-1 study phase 2 started from
+
 KEYS = frozenset(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str))
 
 
@@ -87,6 +89,10 @@ class Role:
     FUZZY_JOB = "fuzzy-job"
     FUZZY_STUDY = "fuzzy-study"
     FUZZY_TRIAL = "fuzzy-trial"
+
+
+def phase1_source_key(backbone: str) -> str:
+    return PHASE1_SOURCE_PREFIX + backbone
 
 
 def _quote(value) -> str:

@@ -187,18 +187,24 @@ def study_name(phase: str, backbone: str, strategy: str, identity: str, experime
     return ".".join(parts)
 
 
-def open_optuna_study(cfg: Config, name: str, phase: str, storage) -> optuna.Study:
-    """Create or reopen the study; its direction follows the monitored metric."""
-    want = direction(cfg.phase(phase).monitor)
-    # seeded per study: reproducible, yet backbones do not all start from the same draws
-    sampler = optuna.samplers.TPESampler(seed=cfg.tune.sampler_seed + zlib.crc32(name.encode()) % 10**6,
-                                         n_startup_trials=startup_trials(cfg, phase))
+def create_or_load(name: str, storage, direction: str, sampler_seed: int, what: str, **sampler_kw) -> optuna.Study:
+    """Create or reopen an Optuna study (phase, fuzzy) with a TPE sampler seeded per study name:
+    reproducible, yet backbones do not all start from the same draws. ``sampler_kw`` go to the
+    sampler, ``pruner`` to the study; ``what`` names the objective in the direction error."""
+    pruner = sampler_kw.pop("pruner", None)
+    sampler = optuna.samplers.TPESampler(seed=sampler_seed + zlib.crc32(name.encode()) % 10**6, **sampler_kw)
     try:
-        return optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction=want,
-                                   sampler=sampler, pruner=make_pruner(cfg, phase))
+        return optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction=direction,
+                                   sampler=sampler, pruner=pruner)
     except ValueError as e:  # an existing study with the other direction
-        raise DTLError(f"Optuna study {name} exists with another direction than {want} "
-                       f"({cfg.phase(phase).monitor}): {e}") from None
+        raise DTLError(f"Optuna study {name} exists with another direction than {direction} ({what}): {e}") from None
+
+
+def open_optuna_study(cfg: Config, name: str, phase: str, storage) -> optuna.Study:
+    """Create or reopen a phase study; its direction follows the monitored metric."""
+    return create_or_load(name, storage, direction(cfg.phase(phase).monitor), cfg.tune.sampler_seed,
+                          cfg.phase(phase).monitor, n_startup_trials=startup_trials(cfg, phase),
+                          pruner=make_pruner(cfg, phase))
 
 
 # A trial that fails with one of these is recorded FAIL and the study goes on with the next.
