@@ -2,29 +2,30 @@
 # Mutation testing of the pure logic under the fast tier: mutmut 3 (configured in pyproject.toml,
 # [tool.mutmut]) mutates evaluation, splits/groups/mask, promotion selection, config validation
 # and the serving input policy, one module at a time; the summary goes to bench/results/mutation.md.
-#   bench/mutation.sh                     all nine modules (hours on 2 shared cores)
+#   bench/mutation.sh                     all ten modules (hours on 2 shared cores)
 #   (the summary counts the in-scope mutants only; "not checked" = not run yet)
-#   bench/mutation.sh dtl.stats dtl.metrics   only these (the cached verdicts of others are kept)
+#   bench/mutation.sh dtl.evaluation.stats dtl.evaluation.metrics   only these (the cached verdicts of others are kept)
 # JOBS (default 1) is mutmut's --max-children; FRESH=1 deletes mutants/ first (a clean run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v mutmut >/dev/null || { echo "mutmut not found: pip install -e '.[mutation]'" >&2; exit 2; }
 # Mutant names are module.x_function__mutmut_N (methods: module.xǁClassǁmethod__mutmut_N).
-# Whole modules, except plotting; of registry.py promotion selection only; of serving.py the input policy.
+# Whole modules, except plotting; of tracking/registry.py promotion selection only; of model/decode.py the input policy.
 declare -A SCOPE=(
-  [dtl.stats]="dtl.stats.*"
-  [dtl.metrics]="$(printf 'dtl.metrics.x_%s__* ' direction expected_calibration_error _binary_auc _confusion_counts \
+  [dtl.evaluation.stats]="dtl.evaluation.stats.*"
+  [dtl.evaluation.metrics]="$(printf 'dtl.evaluation.metrics.x_%s__* ' direction expected_calibration_error _binary_auc _confusion_counts \
                  accuracy_macro_f1 point_metrics evaluate_predictions confusion)"
-  [dtl.calibration]="$(printf 'dtl.calibration.x_%s__* ' softmax nll fit_temperature supported reliability)"
+  [dtl.evaluation.calibration]="$(printf 'dtl.evaluation.calibration.x_%s__* ' softmax nll fit_temperature supported reliability)"
   [dtl.data.splits]="dtl.data.splits.*"
   [dtl.data.groups]="dtl.data.groups.*"
-  [dtl.data.mask]="dtl.data.mask.*"
-  [dtl.registry]="dtl.registry.x_load_policy__* dtl.registry.x__key__* dtl.registry.x_select__*"
+  [dtl.model.mask]="dtl.model.mask.*"
+  [dtl.tracking.policy]="dtl.tracking.policy.x_load_policy__*"
+  [dtl.tracking.registry]="dtl.tracking.registry.x__key__* dtl.tracking.registry.x_select__*"
   [dtl.config]="dtl.config.*"
-  [dtl.serving]="$(printf 'dtl.serving.x_%s__* ' truthy image_from_value _array_image _read_path _b64 decode_image_bytes \
-                 _rows read_images) dtl.serving.xǁInputPolicyǁ* dtl.serving.xǁInvalidInputǁ*"
+  [dtl.model.decode]="$(printf 'dtl.model.decode.x_%s__* ' truthy image_from_value _array_image _read_path _b64 decode_image_bytes \
+                 _rows read_images) dtl.model.decode.xǁInputPolicyǁ* dtl.model.decode.xǁInvalidInputǁ*"
 )
-ORDER="dtl.stats dtl.metrics dtl.calibration dtl.data.splits dtl.data.mask dtl.data.groups dtl.registry dtl.config dtl.serving"
+ORDER="dtl.evaluation.stats dtl.evaluation.metrics dtl.evaluation.calibration dtl.data.splits dtl.model.mask dtl.data.groups dtl.tracking.policy dtl.tracking.registry dtl.config dtl.model.decode"
 MODULES=${*:-$ORDER}
 unset PYTHONPATH  # the tests must import the mutated copy in mutants/, not this checkout
 export DTL_SHARED_DATASETS=${DTL_SHARED_DATASETS:-$(cd .. && pwd)/shared/datasets}  # mutants/ has no ../shared

@@ -335,3 +335,29 @@ def test_the_schema_refuses_a_key_it_does_not_know():
         "tags.`dtl.role` = 'study' and tags.`phase` = 'phase1' and attributes.status = 'FINISHED'"
     with pytest.raises(ValueError, match="dtl.rol"):
         schema.where({"dtl.rol": "study"})
+
+
+def _broken_links(md: Path) -> list[str]:
+    """Relative Markdown links of ``md`` whose target does not exist (anchors ignored)."""
+    bad = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", md.read_text()):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        if not (md.parent / target.split("#")[0]).exists():
+            bad.append(f"{md.name}: {target}")
+    return bad
+
+
+def test_the_readme_is_a_short_guide_and_every_link_works():
+    """Issue 21: the README is read in ten minutes; the reference lives in docs/, one page per topic."""
+    readme = ROOT / "README.md"
+    assert len(readme.read_text().splitlines()) < 200
+    pages = [readme, *sorted((ROOT / "docs").glob("*.md"))]
+    assert not [b for p in pages for b in _broken_links(p)]
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)\)", readme.read_text()))
+    assert linked == {p.name for p in (ROOT / "docs").glob("*.md")}, "every docs page is linked from the README"
+
+
+def test_the_link_check_can_fail(tmp_path):
+    (tmp_path / "a.md").write_text("[ok](a.md) [web](https://x.org) [gone](docs/nope.md#x) [anchor](#top)")
+    assert _broken_links(tmp_path / "a.md") == ["a.md: docs/nope.md#x"]
