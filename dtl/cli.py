@@ -137,26 +137,15 @@ def cmd_phase(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from dtl import pipeline
-    from dtl.tracking import adapter as tracking
-    from dtl.train.phases import evaluate_checkpoint
 
-    cfg = load_config(args)
-    if not args.checkpoint and not args.run:
-        raise DTLError("evaluate needs --checkpoint FILE or --run <study run id>")
-    ckpt = Path(args.checkpoint) if args.checkpoint else pipeline.phase1_source(args.run, cfg)
-    ev = evaluate_checkpoint(cfg, args.phase, ckpt, tuple(args.splits.split(",")))
-    t = tracking.connect(cfg.tracking_uri, cfg.experiment)
-    run = tracking.Run(t, t.outer_run_id) if t.outer_run_id else tracking.start_run(
-        t, f"evaluate-{args.phase}", {schema.ROLE: schema.Role.EVALUATE, "phase": args.phase, "checkpoint": str(ckpt)})
-    tracking.log_evaluation(run, ev)
-    if not t.outer_run_id:
-        run.end()
-    keys = [k for k in ev["metrics"] if k.split("_", 1)[1] in ("accuracy", "balanced_accuracy", "macro_f1",
+    ev, run_id = pipeline.evaluate_job(load_config(args), args.phase, args.checkpoint, args.run,
+                                       tuple(args.splits.split(",")))
+    keys = [k for k in ev.metrics if k.split("_", 1)[1] in ("accuracy", "balanced_accuracy", "macro_f1",
                                                                    "weighted_f1", "roc_auc", "ece")]
     for k in keys:
-        lo, hi = ev["metrics"].get(f"{k}_ci_low"), ev["metrics"].get(f"{k}_ci_high")
+        lo, hi = ev.metrics.get(f"{k}_ci_low"), ev.metrics.get(f"{k}_ci_high")
         print(f"{k:28s} {ev['metrics'][k]:.4f}" + (f"  (95% CI {lo:.4f}–{hi:.4f})" if lo is not None else ""))
-    print(f"logged to run {run.id}")
+    print(f"logged to run {run_id}")
     return 0
 
 
@@ -185,19 +174,9 @@ def cmd_promote(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from dtl.report import results as report
-    from dtl.tracking import adapter as tracking
+    from dtl import pipeline
 
-    cfg = load_config(args)
-    t = tracking.connect(cfg.tracking_uri, cfg.experiment)
-    prov = {**report.last_provenance(t), "report_command": tracking.command_line()}
-    out = report.build(t, args.out or cfg.report_dir, cfg.registered_model, args.data_digest or None,
-                       provenance=prov, description=cfg.description)
-    r = tracking.Run(t, t.outer_run_id) if t.outer_run_id else tracking.start_run(t, "report", {schema.ROLE: schema.Role.REPORT})
-    for f in ("results.md", "results.csv", "seed_table.csv", "report.html", "provenance.json"):
-        r.log_artifact(out / f, "report")
-    if not t.outer_run_id:
-        r.end()
+    out = pipeline.report_job(load_config(args), args.out, args.data_digest or None)
     print((out / "results.md").read_text())
     print(f"written to {out}/ (results.md, results.csv, seed_table.csv, report.html)")
     return 0

@@ -29,8 +29,10 @@ from dtl.tracking.adapter import (
     Tracking,
     base_tags,
     command_line,
+    command_run,
     connect,
     end_orphans,
+    ended,
     find_runs,
     git_commit,
     log_dataset,
@@ -96,7 +98,7 @@ def evaluate_study(cfg: Config, study: StudyResult, tracking: Tracking, model_id
     ev = evaluate_checkpoint(cfg, study.phase, study.checkpoint)
     log_evaluation(run, ev, model_id=model_id, data=(dataset(cfg, study.phase), study.phase))
     run.set_tags({schema.EVALUATED_TRIAL: study.best_trial})
-    return ev["metrics"]
+    return ev.metrics
 
 
 def latest_phase1_study(cfg: Config, tracking: Tracking, backbone: str) -> StudyResult:
@@ -188,7 +190,7 @@ def _retrain(cfg: Config, study: StudyResult, tracking: Tracking, name: str, tag
         ev = evaluate_checkpoint(cfg, study.phase, res.checkpoint, splits=("val", "test"))
         ds = dataset(cfg, study.phase)
         sizes = ds.manifest["split"].value_counts()
-        rrun.log_metrics({**{k: v for k, v in ev["metrics"].items() if "_ci_" not in k},
+        rrun.log_metrics({**{k: v for k, v in ev.metrics.items() if "_ci_" not in k},
                           "n_train": int(sizes.get("train", 0)), "n_test": int(sizes.get("test", 0))})
         if log_inputs:  # the fold's manifest, as MLflow dataset inputs (train / val / test)
             for ctx in ("training", "validation", "test"):
@@ -368,19 +370,34 @@ def _provenance(cfg: Config, tracking: Tracking, wall: float, run_id: str) -> di
 def root_run(tracking: Tracking, cfg: Config, job: str):
     """The job's root run, ended FINISHED, FAILED (with the reason) or KILLED; under
     ``mlflow run`` MLflow ends its own run."""
-    root = open_root_run(tracking, cfg, job)
-    try:
+    with ended(tracking, open_root_run(tracking, cfg, job)) as root:
         yield root
-    except BaseException as e:
-        try:
-            root.set_tags({schema.FAIL_REASON: f"{type(e).__name__}: {str(e)[:400]}"})
-            if not tracking.outer_run_id:
-                root.end("FAILED" if isinstance(e, Exception) else "KILLED")
-        except Exception:  # noqa: BLE001 - the tracking server itself may be gone
-            pass
-        raise
-    if not tracking.outer_run_id:
-        root.end("FINISHED")
+
+
+def evaluate_job(cfg: Config, phase: str, checkpoint: str, study_run: str, splits: tuple[str, ...]):
+    """``dtl evaluate``: a checkpoint file or a study run's best checkpoint on ``splits``, logged
+    as one ``evaluate`` run. Returns the evaluation and the run id."""
+    if not checkpoint and not study_run:
+        raise DTLError("evaluate needs --checkpoint FILE or --run <study run id>")
+    ckpt = Path(checkpoint) if checkpoint else phase1_source(study_run, cfg)
+    ev = evaluate_checkpoint(cfg, phase, ckpt, splits)
+    tracking = connect(cfg.tracking_uri, cfg.experiment)
+    tags = {schema.ROLE: schema.Role.EVALUATE, schema.PHASE: phase, "checkpoint": str(ckpt)}
+    with command_run(tracking, f"evaluate-{phase}", tags) as run:
+        log_evaluation(run, ev)
+    return ev, run.id
+
+
+def report_job(cfg: Config, out: str, data_digest: str | None) -> Path:
+    """``dtl report``: the results table from the store, its files logged on one ``report`` run."""
+    tracking = connect(cfg.tracking_uri, cfg.experiment)
+    prov = {**report_mod.last_provenance(tracking), "report_command": command_line()}
+    path = report_mod.build(tracking, out or cfg.report_dir, cfg.registered_model, data_digest,
+                            provenance=prov, description=cfg.description)
+    with command_run(tracking, "report", {schema.ROLE: schema.Role.REPORT}) as run:
+        for f in ("results.md", "results.csv", "seed_table.csv", "report.html", "provenance.json"):
+            run.log_artifact(path / f, "report")
+    return path
 
 
 def single_phase(cfg: Config, phase: str, source: str = "", strategy: str = "double") -> dict:

@@ -151,14 +151,14 @@ def test_final_evaluation_with_tta(workspace, cache_dir):
     cfg = _cfg(cache_dir, workspace, **{"phase1.epochs": 1, "phase1.tta": True})
     res = run_phase(cfg, "phase1", "test_resnet", workspace / "e", resume=False)
     ev = evaluate_checkpoint(cfg, "phase1", res.checkpoint)
-    m = ev["metrics"]
+    m = ev.metrics
     for split in ("val", "test"):
         for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece"):
             assert f"{split}_{k}" in m and f"{split}_{k}_ci_low" in m
-        assert ev["confusion"][split]["classes"] == ["all", "hem"]
-    assert list(ev["predictions"]["test"].columns) == ["path", "label", "bootstrap_unit", "predicted", "p_all", "p_hem"]
+        assert ev.confusion[split]["classes"] == ["all", "hem"]
+    assert list(ev.predictions["test"].columns) == ["path", "label", "bootstrap_unit", "predicted", "p_all", "p_hem"]
     # C-NMC has patient IDs: the intervals resample patients, not cells
-    assert ev["ci_unit"] == {"val": "patient", "test": "patient"}
+    assert ev.ci_unit == {"val": "patient", "test": "patient"}
     # with TTA, the value Optuna saw (validation during training) is the value promotion reads
     assert res.best_value == pytest.approx(m["val_macro_f1"], abs=1e-9)
 

@@ -3,7 +3,10 @@ confusion-matrix figures. Pure functions of (labels, probabilities)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
+import pandas as pd
 from sklearn import metrics as skm
 
 from dtl.evaluation.stats import bootstrap_ci
@@ -130,3 +133,14 @@ def confusion_figure(cm: dict, title: str, ax=None):
     if fig is not None:
         fig.tight_layout()
     return fig or ax.figure
+
+
+@dataclass
+class Evaluation:
+    """A final evaluation of one checkpoint, per split: metrics (``<split>_<metric>`` with CI keys),
+    confusion matrices, predictions tables (one row per item) and the bootstrap unit of the CIs."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    confusion: dict[str, dict] = field(default_factory=dict)
+    predictions: dict[str, pd.DataFrame] = field(default_factory=dict)
+    ci_unit: dict[str, str] = field(default_factory=dict)

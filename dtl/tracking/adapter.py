@@ -8,6 +8,7 @@ pipeline's root run and its experiment is used: ``set_experiment`` is never call
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -31,7 +32,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
 from dtl import DTLError
-from dtl.evaluation.metrics import confusion_figure
+from dtl.evaluation.metrics import Evaluation, confusion_figure
 from dtl.tracking import schema
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -322,25 +323,25 @@ def log_data(run: Run, ds, name: str) -> None:
         log_dataset(run, ds, ctx, name)
 
 
-def log_evaluation(run: Run, ev: dict, prefix: str = "", model_id: str | None = None, data=None) -> None:
+def log_evaluation(run: Run, ev: Evaluation, prefix: str = "", model_id: str | None = None, data=None) -> None:
     """Metrics with CIs, confusion matrices (JSON + PNG) and predictions of a final evaluation.
 
     With ``model_id`` and ``data`` (the dataset and the name it was logged under), each
     split's metrics are linked to the logged model and to that split's dataset, so MLflow's
     model views compare models by them."""
     if model_id is None or data is None:
-        run.log_metrics(ev["metrics"])
+        run.log_metrics(ev.metrics)
     else:
         ds, name = data
-        for split in {k.split("_", 1)[0] for k in ev["metrics"]}:
-            run.log_metrics({k: v for k, v in ev["metrics"].items() if k.startswith(f"{split}_")},
+        for split in {k.split("_", 1)[0] for k in ev.metrics}:
+            run.log_metrics({k: v for k, v in ev.metrics.items() if k.startswith(f"{split}_")},
                             model_id=model_id, dataset=dataset_ref(ds, split, name))
-    if ev.get("ci_unit"):
-        run.set_tags({f"ci_unit.{split}": unit for split, unit in ev["ci_unit"].items()})
-    for split, cm in ev["confusion"].items():
+    if ev.ci_unit:
+        run.set_tags({f"ci_unit.{split}": unit for split, unit in ev.ci_unit.items()})
+    for split, cm in ev.confusion.items():
         run.log_dict(cm, f"evaluation/{prefix}confusion_{split}.json")
         run.log_figure(confusion_figure(cm, f"{prefix}{split}"), f"evaluation/{prefix}confusion_{split}.png")
-    for split, table in ev["predictions"].items():
+    for split, table in ev.predictions.items():
         run.log_table(table, f"evaluation/{prefix}predictions_{split}.csv")
 
 
@@ -359,3 +360,32 @@ def system_metrics(run_id: str):
     monitor = SystemMetricsMonitor(run_id, resume_logging=True)  # to the URI connect() set
     monitor.start()
     return monitor
+
+
+@contextlib.contextmanager
+def ended(tracking: Tracking, run: Run):
+    """Yield ``run``; end it FINISHED, or FAILED (KILLED on an interrupt) with the reason as a tag.
+    Under ``mlflow run`` (the run is MLflow's own) MLflow ends it."""
+    try:
+        yield run
+    except BaseException as e:
+        try:
+            run.set_tags({schema.FAIL_REASON: f"{type(e).__name__}: {str(e)[:400]}"})
+            if not tracking.outer_run_id:
+                run.end("FAILED" if isinstance(e, Exception) else "KILLED")
+        except Exception:  # noqa: BLE001 - the tracking server itself may be gone
+            pass
+        raise
+    if not tracking.outer_run_id:
+        run.end("FINISHED")
+
+
+def command_run(tracking: Tracking, name: str, tags: dict):
+    """The run of one command (``evaluate``, ``report``): ``mlflow run``'s own run when there is
+    one, tagged, else a new run; a context manager that ends it (:func:`ended`)."""
+    if tracking.outer_run_id:
+        run = Run(tracking, tracking.outer_run_id)
+        run.set_tags(tags)
+    else:
+        run = start_run(tracking, name, tags)
+    return ended(tracking, run)

@@ -25,7 +25,7 @@ from dtl.data import store
 from dtl.data.cache import BatchLoader
 from dtl.data.datasets import Dataset
 from dtl.data.splits import resampling_units
-from dtl.evaluation.metrics import confusion, direction, evaluate_predictions
+from dtl.evaluation.metrics import Evaluation, confusion, direction, evaluate_predictions
 from dtl.model.mask import annotation_mask
 from dtl.model.net import DTLNet, ModelSpec
 from dtl.model.preprocess import InputSpec
@@ -360,21 +360,21 @@ def evaluate_checkpoint(cfg: Config, phase: str, checkpoint: Path, splits=("val"
                        f"the {phase} data has {ds.classes}")
     ispec = InputSpec.from_dict(meta["input"])
     net.to(device)
-    out = {"metrics": {}, "confusion": {}, "predictions": {}, "ci_unit": {}}
+    out = Evaluation()
     for split in splits:
         if not (ds.manifest["split"] == split).any():
             continue
         ld = loader(cfg, phase, split, ispec, device, cfg.eval_batch_size, train=False)
         probs, y = predict(net, ld, precision, ispec, tta=pc.tta)
         unit, groups = bootstrap_units(ds.split(split))
-        out["ci_unit"][split] = unit
-        out["metrics"].update(evaluate_predictions(y, probs, ds.classes, split, cfg.bootstrap, cfg.seed, groups))
-        out["confusion"][split] = confusion(y, probs.argmax(1), ds.classes)
+        out.ci_unit[split] = unit
+        out.metrics.update(evaluate_predictions(y, probs, ds.classes, split, cfg.bootstrap, cfg.seed, groups))
+        out.confusion[split] = confusion(y, probs.argmax(1), ds.classes)
         table = ds.split(split)[["path", "label"]].copy()
         table["bootstrap_unit"] = groups if groups is not None else table["path"]  # for paired comparisons
         table["predicted"] = [ds.classes[i] for i in probs.argmax(1)]
         for i, c in enumerate(ds.classes):
             table[f"p_{c}"] = probs[:, i].round(5)
-        out["predictions"][split] = table
+        out.predictions[split] = table
     return out
 
