@@ -108,7 +108,8 @@ def study_tags(tracking: Tracking, run_id: str, label: str, phases: tuple[str, .
     except Exception:  # noqa: BLE001 - not a run id of this store
         raise DTLError(f"{label!r} is not a run of {redact(tracking.uri)}: give {REFERENCE_FORMS}") from None
     if tags.get(schema.ROLE) != schema.Role.STUDY or tags.get(schema.PHASE) not in phases:
-        raise DTLError(f"{label} does not lead to a {' or '.join(phases)} study run (run {run_id} has dtl.role="
+        wanted = " or ".join(p.replace("phase", "phase-") for p in phases)
+        raise DTLError(f"{label} does not lead to a {wanted} study run (run {run_id} has dtl.role="
                        f"{tags.get(schema.ROLE)!r}, phase={tags.get(schema.PHASE)!r}); give a study run id or a "
                        "model registered from one")
     return tags
