@@ -244,6 +244,7 @@ def cmd_data(args) -> int:
         return _preview(ds, args)
     a = ds.audit()
     a["shortcut_probe"] = _probe(ds, dc, args, cache_dir)
+    a["shortcut_baselines"] = _baselines(ds, dc, args, cache_dir)
     if args.manifest_out:
         ds.manifest[["path", "label", "group", "split", "sha256"]].to_csv(args.manifest_out, index=False)
     if args.json:
@@ -274,6 +275,12 @@ def _print_audit(ds, a: dict) -> None:
               f"rows {p['region']['rows']} cols {p['region']['cols']}: {p['annotation']:.3f} unmasked, "
               f"{p['annotation_masked']:.3f} masked; central box {p['centre']:.3f}; field colour "
               f"{p['field_colour']:.3f}; majority class {p['majority']:.3f}")
+    if a["shortcut_baselines"]:
+        b0 = a["shortcut_baselines"][0]
+        print(f"shortcut baselines ({b0['folds']}-fold CV grouped by {b0['grouping']}; majority class "
+              f"{b0['majority']:.3f}): what a model could score without looking at the cells")
+        for b in a["shortcut_baselines"]:
+            print(f"  {b['name']:18s} {b['model']:9s} accuracy {b['accuracy']:.3f}  macro-F1 {b['macro_f1']:.3f}")
 
 
 def _probe(ds, dc, args, cache_dir: str) -> dict | None:
@@ -285,6 +292,16 @@ def _probe(ds, dc, args, cache_dir: str) -> dict | None:
     if not (args.probe or (args.probe is None and mask is not None)):
         return None
     return shortcut_probe(ds, mask, cache_dir, seed=dc.split_seed)
+
+
+def _baselines(ds, dc, args, cache_dir: str) -> list[dict]:
+    """The shortcut baselines, unless --no-probe."""
+    from dtl.data.probe import audit_baselines
+    from dtl.model.mask import annotation_mask
+
+    if args.probe is False:
+        return []
+    return audit_baselines(ds, annotation_mask(dc.mask_annotation, ds.kind, dc.variant), cache_dir, seed=dc.split_seed)
 
 
 def _preview(ds, args) -> int:
@@ -429,7 +446,8 @@ def _data_parser(sub) -> None:
     d.add_argument("--manifest-out", default="", help="write the per-image split manifest (CSV: path, label, "
                    "group, split, sha256) here")
     d.add_argument("--probe", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the annotation shortcut probe (default: where the annotation mask is on)")
+                   help="run the annotation shortcut probe (default: where the annotation mask is on); "
+                        "--no-probe also skips the shortcut baselines (colour, size, annotation, border)")
     d.add_argument("--out", default="preview.png")
     d.add_argument("--size", type=int, default=160)
     d.add_argument("--per-class", type=int, default=8)

@@ -272,9 +272,20 @@ def test_audit_writes_the_manifest_and_reports_groups_and_the_probe(cache_dir, t
     assert list(man.columns) == ["path", "label", "group", "split", "sha256"] and len(man) == 238
     assert (man.groupby("group")["split"].nunique() == 1).all() and man["sha256"].str.len().eq(64).all()
     assert main(["data", "audit", "--kind", "demo-aria", "--cache-dir", str(cache_dir), "--json"]) == 0
-    probe = json.loads(capsys.readouterr().out)["shortcut_probe"]
+    audit = json.loads(capsys.readouterr().out)
+    probe = audit["shortcut_probe"]
     # the demo's stamp colour is the class: perfect unmasked, about the majority rate masked
     assert probe["annotation"] > 0.9 and probe["annotation_masked"] <= probe["majority"] + 0.05
+    b = audit["shortcut_baselines"]  # issue 23: the cheap non-morphological baselines, under the split's grouping
+    assert {(e["name"], e["model"]) for e in b} == {(n, m) for n in ("colour", "size", "annotation",
+                                                                      "annotation_masked", "border")
+                                                     for m in ("linear", "boosting")}
+    assert all(set(e) >= {"name", "model", "accuracy", "macro_f1", "majority", "grouping"} for e in b)
+    by = {(e["name"], e["model"]): e for e in b}
+    assert by["annotation", "linear"]["accuracy"] > 0.9 and by["annotation_masked", "linear"]["accuracy"] < 0.35
+    assert {e["grouping"] for e in b} == {"group"} and "shortcut baselines" in text
+    assert main(["data", "audit", "--kind", "demo-aria", "--cache-dir", str(cache_dir), "--no-probe"]) == 0
+    assert "shortcut baselines" not in capsys.readouterr().out
 
 
 def test_mask_travels_in_the_input_spec_and_the_cache_key(cache_dir):
@@ -320,3 +331,45 @@ def test_served_model_applies_the_mask_from_its_spec(tmp_path):
     assert np.array_equal(p[0], p[1])  # the masked corner is the same pixels: the same output, bit for bit
     q = plain.predict({"image": [red, black]}).iloc[:, 1:].to_numpy(float)
     assert np.abs(q[0] - q[1]).max() > 1e-5
+
+
+def _casts(label_cast: bool, n: int = 150, seed: int = 0):
+    """Noise images of 3 classes; with ``label_cast`` each class gets its own colour cast, else
+    every image a random cast drawn independently of its label."""
+    from dtl.data.baselines import colour_features
+
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    imgs = rng.integers(60, 190, (n, 24, 24, 3)).astype(np.int16)
+    cast = y if label_cast else rng.integers(0, 3, n)
+    imgs[np.arange(n), :, :, cast] += 40
+    return colour_features(np.clip(imgs, 0, 255).astype(np.uint8)), y
+
+
+def test_the_colour_baseline_finds_a_label_painted_as_a_colour_cast_and_nothing_without_one():
+    from dtl.data.baselines import fit_baseline
+
+    groups = np.repeat(np.arange(50), 3)  # units of 3 images, one per class, kept in one fold
+    x, y = _casts(True)
+    found = fit_baseline("colour", x, y, groups, "group")
+    assert [b["model"] for b in found] == ["linear", "boosting"] and all(b["grouping"] == "group" for b in found)
+    assert all(b["accuracy"] > 0.95 and b["macro_f1"] > 0.95 for b in found)
+    x, y = _casts(False)
+    for b in fit_baseline("colour", x, y, groups, "group"):
+        assert b["accuracy"] < b["majority"] + 0.15, b  # chance is 1/3: nothing to find
+
+
+def test_colour_features_are_the_seventeen_statistics_of_the_kept_pixels():
+    from dtl.data.baselines import colour_features
+
+    img = np.zeros((1, 4, 4, 3), np.uint8)
+    img[0, :2] = (255, 0, 0)  # top half pure red (hue 0), bottom half black (grey: no hue bin)
+    keep = np.ones((4, 4), bool)
+    f = colour_features(img, keep)[0]
+    assert f.shape == (17,)
+    np.testing.assert_allclose(f[:3], [0.5, 0, 0])  # means
+    np.testing.assert_allclose(f[3:6], [0.5, 0, 0])  # standard deviations
+    np.testing.assert_allclose(f[9:], [0.5, 0, 0, 0, 0, 0, 0, 0])  # half the pixels in the red bin
+    keep[:2] = False  # only the black half: no colour at all
+    np.testing.assert_allclose(colour_features(img, keep)[0], np.zeros(17))
+

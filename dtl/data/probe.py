@@ -9,12 +9,14 @@ keep near-duplicate groups together (a field in train and test would flatter the
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from dtl.data.baselines import feature_sets, file_sizes, shortcut_baselines
 from dtl.data.cache import split_array
 from dtl.data.datasets import Dataset
 from dtl.model.mask import AnnotationMask
@@ -52,17 +54,22 @@ def _images(ds: Dataset, cache_dir, mask: AnnotationMask | None) -> tuple[np.nda
     return x, y, g
 
 
+def _box(ds: Dataset, mask: AnnotationMask) -> tuple[int, int]:
+    """The top-left corner of the annotation box at PROBE_SIZE, inside the edge that resizing to
+    PROBE_SIZE blends with its neighbours."""
+    y0, x0 = mask.box(PROBE_SIZE, PROBE_SIZE)
+    scale = PROBE_SIZE / min(int(ds.manifest["width"].min()), int(ds.manifest["height"].min()))
+    inset = 0 if scale == 1 else int(np.ceil(2 * scale))
+    return y0 + inset, x0 + inset
+
+
 def shortcut_probe(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: int = 0) -> dict:
     """Probe accuracies on the annotation box (raw and masked), a central box of the same size,
     and the field's median colour, beside the majority-class rate."""
     mask = mask or AnnotationMask()  # sets without a configured mask are probed at Aria's box
     x, y, groups = _images(ds, cache_dir, None)
     masked = _images(ds, cache_dir, mask)[0]
-    y0, x0 = mask.box(PROBE_SIZE, PROBE_SIZE)
-    # images resized to PROBE_SIZE blend the box edge with its neighbours: probe inside that edge
-    scale = PROBE_SIZE / min(int(ds.manifest["width"].min()), int(ds.manifest["height"].min()))
-    inset = 0 if scale == 1 else int(np.ceil(2 * scale))
-    y0, x0 = y0 + inset, x0 + inset
+    y0, x0 = _box(ds, mask)
     h, w = PROBE_SIZE - y0, PROBE_SIZE - x0
     cy, cx = (PROBE_SIZE - h) // 2, (PROBE_SIZE - w) // 2
     colour = np.median(x.reshape(len(x), -1, 3), axis=1).astype(np.float32)
@@ -76,3 +83,14 @@ def shortcut_probe(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: in
         "n_images": int(len(y)),
     }
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def audit_baselines(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: int = 0) -> list[dict]:
+    """The shortcut baselines (:mod:`dtl.data.baselines`) of every image of ``ds``, the recipe's
+    ``mask`` applied to the preprocessed images (the box is Aria's where no mask is set)."""
+    raw, y, _ = _images(ds, cache_dir, None)
+    masked = _images(ds, cache_dir, mask)[0]
+    table = pd.concat([ds.split(s) for s in sorted(ds.manifest["split"].unique())])
+    sizes = np.stack([table["width"].to_numpy(), table["height"].to_numpy(), file_sizes(ds.root, table["path"])], 1)
+    box = _box(ds, mask or AnnotationMask())
+    return shortcut_baselines(feature_sets(raw, masked, box, sizes), y, table, seed)
