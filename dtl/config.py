@@ -105,6 +105,8 @@ class AugmentConfig:
     contrast: float = 0.2
     saturation: float = 0.2
     hue: float = 0.0
+    hed: float = 0.0  # stain jitter in HED space (Tellez et al. 2019): per sample and stain, s*U(1-hed,1+hed)+U(-hed,hed); 0.05 light, 0.2 strong
+    grey: float = 0.0  # probability that a training image is turned greyscale (a model that must not lean on colour)
 
 
 @dataclass(frozen=True)
@@ -362,6 +364,7 @@ RANGES = {
     "augment.rotation": "[0, 180]", "augment.hflip": "[0, 1]", "augment.vflip": "[0, 1]",
     "augment.scale_min": "(0, 1]", "augment.ratio": "[0, inf)", "augment.brightness": "[0, inf)",
     "augment.contrast": "[0, inf)", "augment.saturation": "[0, inf)", "augment.hue": "[0, 0.5]",
+    "augment.hed": "[0, 1]", "augment.grey": "[0, 1]",
     "tune.pruner_startup_trials": "[0, inf)", "tune.pruner_warmup_epochs": "[0, inf)",
     "tune.startup_trials": "[-1, inf)", "tune.max_trials": "[0, inf)", "tune.heartbeat_s": "[1, inf)",
     "final.repeats": "[1, inf)", "final.cv_repeats": "[1, inf)", "fuzzy.n_trials": "[1, inf)", "explain.n_per_class": "[1, inf)",

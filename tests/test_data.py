@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -373,3 +374,58 @@ def test_colour_features_are_the_seventeen_statistics_of_the_kept_pixels():
     keep[:2] = False  # only the black half: no colour at all
     np.testing.assert_allclose(colour_features(img, keep)[0], np.zeros(17))
 
+
+
+def test_hed_jitter_matches_scikit_image():
+    """The batched torch HED round trip is scikit-image's rgb2hed / hed2rgb (the oracle), with
+    each stain scaled and shifted in between."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    from dtl.train.augment import hed_jitter
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(20, 250, (2, 16, 16, 3)).astype(np.uint8)
+    x = torch.from_numpy(img).permute(0, 3, 1, 2).float() / 255
+    scale, shift = torch.tensor([[1.2, 0.9, 1.0], [0.8, 1.1, 1.05]]), torch.tensor([[0.02, -0.03, 0.0], [0.0, 0.01, -0.02]])
+    got = hed_jitter(x, scale, shift).permute(0, 2, 3, 1).numpy()
+    for i in range(2):
+        hed = rgb2hed(img[i]) * scale[i].numpy() + shift[i].numpy()
+        np.testing.assert_allclose(got[i], hed2rgb(hed), atol=2e-4)
+    same = hed_jitter(x, torch.ones(2, 3), torch.zeros(2, 3)).permute(0, 2, 3, 1).numpy()
+    for i in range(2):  # no jitter = the plain round trip (colours outside the stains' cone are clipped)
+        np.testing.assert_allclose(same[i], hed2rgb(rgb2hed(img[i])), atol=2e-4)
+
+
+def test_stain_augmentation_is_seeded_keeps_the_range_and_changes_colour_not_geometry():
+    aug = AugmentConfig(rotation=0, hflip=0, vflip=0, scale_min=1.0, ratio=0, brightness=0, contrast=0,
+                        saturation=0, hed=0.05, grey=0.5)
+    spec = InputSpec(32, 32, (0.0,) * 3, (1.0,) * 3)
+    rng = np.random.default_rng(1)
+    img = np.full((8, 32, 32, 3), 230, np.uint8)
+    img[:, 8:24, 8:24] = rng.integers(60, 160, (8, 16, 16, 3))  # a stained blob on a light field
+    u8 = torch.from_numpy(img)
+    a = train_transform(u8, spec, aug, torch.Generator().manual_seed(3))
+    b = train_transform(u8, spec, aug, torch.Generator().manual_seed(3))
+    c = train_transform(u8, spec, aug, torch.Generator().manual_seed(4))
+    plain = train_transform(u8, spec, replace(aug, hed=0.0, grey=0.0), torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.equal(a, c)  # deterministic under a seed, per sample
+    assert a.min() >= 0 and a.max() <= 1  # the value range is kept (mean 0, std 1: no normalisation)
+    assert (a - plain).abs().amax((1, 2, 3)).min() > 0.01  # every image's colour changed
+    grey = (a[:, 0] == a[:, 1]).all(-1).all(-1) & (a[:, 1] == a[:, 2]).all(-1).all(-1)
+    assert 0 < int(grey.sum()) < 8  # some images, not all, turned greyscale
+    # geometry unchanged: the blob's edges are where they were (the field stays brighter than the blob)
+    inside, outside = a[:, :, 10:22, 10:22].mean((1, 2, 3)), a[:, :, :6].mean((1, 2, 3))
+    assert (outside > inside).all()
+    edge = (a.mean(1)[:, :, 1:] - a.mean(1)[:, :, :-1]).abs().mean((0, 1))  # column-to-column change
+    assert edge.argmax().item() in (6, 7, 22, 23)
+
+
+def test_new_augment_keys_at_their_default_leave_study_identities_as_they_were():
+    from dtl.config import Config, to_dict
+    from dtl.train.phases import training_config
+
+    d = to_dict(Config())
+    old = {**d, "augment": {k: v for k, v in d["augment"].items() if k not in ("hed", "grey")}}
+    assert training_config(d) == training_config(old)  # a store made before the keys existed resumes
+    on = {**d, "augment": {**d["augment"], "hed": 0.05}}
+    assert training_config(on) != training_config(d)

@@ -80,6 +80,32 @@ def _hue_shift(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,njhw->nihw", rgb, t)
 
 
+# Ruifrok & Johnston's stain vectors (haematoxylin, eosin, DAB), as scikit-image's ``rgb_from_hed``.
+RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
+_OD_FLOOR = 1e-6  # scikit-image's: the optical density of a black pixel is -log(1e-6)
+
+
+def sample_hed(n: int, aug: AugmentConfig, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-stain scale ``U(1-hed, 1+hed)`` and shift ``U(-hed, hed)``, each N×3."""
+    scale = 1 + (torch.rand(n, 3, generator=gen) * 2 - 1) * aug.hed
+    shift = (torch.rand(n, 3, generator=gen) * 2 - 1) * aug.hed
+    return scale.to(device), shift.to(device)
+
+
+def hed_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] (N×3×H×W) -> stain concentrations (scikit-image's ``rgb2hed``) -> each stain
+    ``s * scale + shift`` -> RGB (``hed2rgb``), clipped to [0, 1]. At scale 1 and shift 0 it is
+    the plain round trip: the identity for colours the three stains can make."""
+    m = torch.tensor(RGB_FROM_HED, device=x.device, dtype=torch.float32)
+    inv = torch.linalg.inv(m)
+    log_floor = math.log(_OD_FLOOR)
+    od = torch.log(x.float().clamp(min=_OD_FLOOR)) / log_floor  # N×3×H×W, >= 0
+    stains = torch.einsum("nchw,cs->nshw", od, inv).clamp(min=0)
+    stains = stains * scale[:, :, None, None] + shift[:, :, None, None]
+    rgb = torch.exp(torch.einsum("nshw,sc->nchw", stains, m) * log_floor)
+    return rgb.clamp(0.0, 1.0).to(x.dtype)
+
+
 def train_transform(batch_u8: torch.Tensor, spec: InputSpec, aug: AugmentConfig,
                     gen: torch.Generator) -> torch.Tensor:
     """Augment a uint8 N×H×W×3 batch into a normalised N×3×size×size float batch."""
@@ -89,4 +115,9 @@ def train_transform(batch_u8: torch.Tensor, spec: InputSpec, aug: AugmentConfig,
     grid = F.affine_grid(theta, [n, 3, spec.size, spec.size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     x = apply_jitter(x, sample_jitter(n, aug, gen, x.device).to(x.dtype))
+    if aug.hed > 0:
+        x = hed_jitter(x, *sample_hed(n, aug, gen, x.device))
+    if aug.grey > 0:
+        grey = (torch.rand(n, generator=gen) < aug.grey).to(x.device).view(-1, 1, 1, 1)
+        x = torch.where(grey, _gray(x).expand_as(x), x)
     return _normalize(x, spec)

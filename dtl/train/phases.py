@@ -120,6 +120,11 @@ NOT_TRAINING = ("name", "description", "experiment", "tracking_uri", "registered
 _PATH_KEYS = ("root", "train_dir", "val_dir", "test_dir", "labels_csv")
 
 
+# Training settings added after stores with study identities existed: left out of the identity
+# while at their default, so a study made before they existed is found again.
+ADDED_AT_DEFAULT = {"augment.hed": 0.0, "augment.grey": 0.0}
+
+
 def training_config(config: dict | None) -> dict:
     """The part of a config dict (:func:`dtl.config.to_dict`) that training computes from: no
     reporting blocks, no paths, no storage URLs. Study identities and the resume check use it."""
@@ -130,6 +135,10 @@ def training_config(config: dict | None) -> dict:
             block.pop("n_trials", None)  # a study may grow its budget without becoming another study
             block["data"] = {k: v for k, v in (block.get("data") or {}).items() if k not in _PATH_KEYS}
             out[phase] = block
+    for key, default in ADDED_AT_DEFAULT.items():  # settings newer than the identity: absent at their default
+        block, leaf = key.split(".")
+        if isinstance(out.get(block), dict) and out[block].get(leaf) == default:
+            out[block] = {k: v for k, v in out[block].items() if k != leaf}
     if isinstance(out.get("tune"), dict):
         out["tune"] = {k: v for k, v in out["tune"].items() if k not in ("storage", "heartbeat_s")}
     return out
