@@ -144,7 +144,7 @@ def cmd_evaluate(args) -> int:
                                                                    "weighted_f1", "roc_auc", "ece")]
     for k in keys:
         lo, hi = ev.metrics.get(f"{k}_ci_low"), ev.metrics.get(f"{k}_ci_high")
-        print(f"{k:28s} {ev['metrics'][k]:.4f}" + (f"  (95% CI {lo:.4f}–{hi:.4f})" if lo is not None else ""))
+        print(f"{k:28s} {ev.metrics[k]:.4f}" + (f"  (95% CI {lo:.4f}–{hi:.4f})" if lo is not None else ""))
     print(f"logged to run {run_id}")
     return 0
 

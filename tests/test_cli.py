@@ -315,10 +315,11 @@ def test_promote_ranks_only_versions_of_the_recipes_data(workspace, cache_dir):
     other = t.client.create_model_version(
         "all-dtl", v1.source, run_id=v1.run_id,
         tags={**v1.tags, "data_digest": "0" * 64, "split_protocol": "image-level", "metric.val_macro_f1": "0.999",
-              "dtl.model_uri": "other"})
+              "dtl.model_uri": "other", "dtl.source": "other-run:other"})  # another source: its own candidate
     unmasked = t.client.create_model_version(  # same data and split, the annotation corner left in
         "all-dtl", v1.source, run_id=v1.run_id,
-        tags={**v1.tags, "annotation_mask": "off", "metric.val_macro_f1": "0.998", "dtl.model_uri": "unmasked"})
+        tags={**v1.tags, "annotation_mask": "off", "metric.val_macro_f1": "0.998", "dtl.model_uri": "unmasked",
+                    "dtl.source": "unmasked-run:unmasked"})
     args = ["promote", "--config", "demo"] + [x for kv in o for x in ("-o", kv)]
     p = dtl(*args, cwd=workspace)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -327,5 +328,6 @@ def test_promote_ranks_only_versions_of_the_recipes_data(workspace, cache_dir):
     assert str(other.version) not in out["ranked"] and str(unmasked.version) not in out["ranked"]
     assert "candidates: versions trained on demo-aria data digest" in p.stdout
     p = dtl(*args, "--any-data", cwd=workspace)
-    assert json.loads(p.stdout[p.stdout.index("{"):])["champion"] == str(other.version)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout[p.stdout.index("{"):])["champion"] == str(other.version), p.stdout
     assert v1.tags["annotation_mask"] == "on"  # the demo Aria carries a class-coloured stamp: masked

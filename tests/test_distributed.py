@@ -103,10 +103,10 @@ def test_training_loaders_are_sharded_only_under_an_active_process_group(tmp_pat
 RANK_SCRIPT = """
 import json, os, sys
 import torch
-from dtl import distributed
+from dtl.train import distributed
 from dtl.data.cache import BatchLoader
 from dtl.model.net import DTLNet, ModelSpec
-from dtl.phases import training_module
+from dtl.train.phases import training_module
 
 distributed.init()
 torch.manual_seed(distributed.rank())  # different initial weights per rank: DDP must broadcast rank 0's
