@@ -224,3 +224,19 @@ def test_study_identity_changes_with_what_trials_depend_on_and_only_that():
     assert same == [base, base]  # more trials extend the study; moved files are the same data
     assert study_name("phase1", "r50", "double", base, "exp") == f"exp.phase1.r50.{base[:10]}"
     assert study_name("phase2", "r50", "single", base, "exp") == f"exp.phase2.single.r50.{base[:10]}"
+
+
+@pytest.mark.parametrize("recipe, phase, expected", [
+    ("", "phase1", "e239b6b191632920d3bb6572afc0a1aecd3aba92bde3b915d5bfc0b2a4dbb850"),
+    ("", "phase2", "a51edf89103725ce6c8b707cbb50c7868b123a874b5150502eff8bf6410d4db4"),
+    ("demo", "phase1", "8a6e0ac3277327ff7f42318e94efe673539a64d7326d04431ef43a443d0ea865"),
+    ("demo", "phase2", "4cb63e4b8120e419e3353bf8c9dcf1d5b4e50d23283c5a0606facb5efbf2da9d"),
+])
+def test_study_identities_are_those_the_landed_main_gave(recipe, phase, expected):
+    """Golden hashes computed with commit a70bc07 (before augment.hed / augment.grey existed): a
+    store made then reopens its studies. A change here orphans every study in every store."""
+    from dtl import config
+    from dtl.train.tune import study_identity
+
+    cfg = config.load([recipe], []) if recipe else config.Config()
+    assert study_identity(cfg, phase, "d" * 64, "scratch") == expected

@@ -176,9 +176,9 @@ def study_identity(cfg: Config, phase: str, data_digest: str, init: str) -> str:
     that holds them) and the training settings of the phase (:func:`dtl.phases.training_config`: no
     paths, no budget, no measured figures). A study is reopened only when all of them are the same;
     n_trials may grow without a new study. Keys pinned on the command line are part of it."""
-    pc = training_config(to_dict(cfg))[phase]
-    ident = {"data": data_digest, "init": init, "phase": pc, "seed": cfg.seed, "image_size": cfg.image_size,
-             "augment": dataclasses.asdict(cfg.augment), "deterministic": cfg.deterministic}
+    training = training_config(to_dict(cfg))
+    ident = {"data": data_digest, "init": init, "phase": training[phase], "seed": cfg.seed, "image_size": cfg.image_size,
+             "augment": training["augment"], "deterministic": cfg.deterministic}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
