@@ -1,6 +1,6 @@
 """Deprecated: moved to :mod:`dtl.model.net` (the network) and :mod:`dtl.train.weights`
 (building and initialising it). Kept so that models pickled before the package redesign
-(``mlflow.pytorch.load_model``) and old imports still work."""
+(``mlflow.pytorch.load_model``) still load: it re-exports the network's classes only."""
 
 import warnings
 

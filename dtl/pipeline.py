@@ -370,7 +370,7 @@ def _provenance(cfg: Config, tracking: Tracking, wall: float, run_id: str) -> di
 def root_run(tracking: Tracking, cfg: Config, job: str):
     """The job's root run, ended FINISHED, FAILED (with the reason) or KILLED; under
     ``mlflow run`` MLflow ends its own run."""
-    with ended(tracking, open_root_run(tracking, cfg, job)) as root:
+    with ended(open_root_run(tracking, cfg, job), end=not tracking.outer_run_id) as root:
         yield root
 
 

@@ -194,7 +194,7 @@ def test_fuzzy_study_is_nested_under_the_phase2_study_and_resumes(fuzzy_done):
     assert len(trials) == 3 and {r.data.tags["dtl.role"] for r in trials} == {"fuzzy-trial"}
     assert all("val_macro_f1" in r.data.metrics for r in trials)
     for k in ("test_fuzzy_accuracy", "test_softmax_accuracy", "test_diff_macro_f1_ci_low", "segmented_fuzzy_macro_f1",
-              "blur2_diff_accuracy", "jpeg1_fuzzy_abstain_auroc", "test_softmax_ece", "train_coverage"):
+              "blur_2_diff_accuracy", "jpeg_1_fuzzy_abstain_auroc", "test_softmax_ece", "train_coverage"):
         assert k in run.data.metrics, k
     assert run.data.metrics["train_coverage"] == 1.0  # every train image fires its own cluster's rule (cover_floor)
     # rerun, this time from the registered softmax model: same phase-2 run, so the same study; nothing new

@@ -136,3 +136,27 @@ def test_tracking_server_going_away_mid_run_then_rerun_resumes(workspace, cache_
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_command_run_ends_failed_with_its_reason_and_leaves_mlflow_runs_own_run_to_mlflow(tmp_path):
+    """dtl evaluate / report / explain end their run FAILED (with dtl.fail_reason) when they fail,
+    FINISHED when they do not; under `mlflow run` they tag MLflow's own run and leave ending it to MLflow."""
+    from dataclasses import replace
+
+    from dtl.tracking.adapter import command_run, connect, start_run
+
+    t = connect(f"sqlite:///{tmp_path}/mlflow.db", "ends")
+    with pytest.raises(ValueError), command_run(t, "evaluate-phase1", {"dtl.role": "evaluate"}) as run:
+        raise ValueError("no such split")
+    info = t.client.get_run(run.id)
+    assert info.info.status == "FAILED" and info.data.tags["dtl.fail_reason"] == "ValueError: no such split"
+    with command_run(t, "report", {"dtl.role": "report"}) as ok:
+        pass
+    assert t.client.get_run(ok.id).info.status == "FINISHED"
+    outer = start_run(t, "mlflow-run", {})
+    inside = replace(t, outer_run_id=outer.id)
+    with pytest.raises(RuntimeError), command_run(inside, "report", {"dtl.role": "report"}) as run:
+        raise RuntimeError("disk full")
+    got = t.client.get_run(outer.id)
+    assert run.id == outer.id and got.info.status == "RUNNING" and got.data.tags["dtl.role"] == "report"
+    assert got.data.tags["dtl.fail_reason"] == "RuntimeError: disk full"

@@ -22,7 +22,7 @@ from dtl import DTLError
 from dtl.model.preprocess import InputSpec, decode
 from dtl.progress import live
 
-if TYPE_CHECKING:  # the serving path imports this module: it must not pull in the dataset scanners
+if TYPE_CHECKING:  # a type only: the cache does not need the dataset scanners at run time
     from dtl.data.datasets import Dataset
 
 CACHE_VERSION = "1"

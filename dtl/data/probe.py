@@ -22,6 +22,7 @@ from dtl.data.datasets import Dataset
 from dtl.model.mask import AnnotationMask
 from dtl.model.preprocess import InputSpec
 
+CHUNK = 256  # images per feature batch: memory stays ~100 MB whatever the dataset's size
 PROBE_SIZE = 224  # images are probed at Aria's native size (others are resized to it)
 
 
@@ -88,9 +89,17 @@ def shortcut_probe(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: in
 def audit_baselines(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: int = 0) -> list[dict]:
     """The shortcut baselines (:mod:`dtl.data.baselines`) of every image of ``ds``, the recipe's
     ``mask`` applied to the preprocessed images (the box is Aria's where no mask is set)."""
-    raw, y, _ = _images(ds, cache_dir, None)
-    masked = _images(ds, cache_dir, mask)[0]
-    table = pd.concat([ds.split(s) for s in sorted(ds.manifest["split"].unique())])
-    sizes = np.stack([table["width"].to_numpy(), table["height"].to_numpy(), file_sizes(ds.root, table["path"])], 1)
     box = _box(ds, mask or AnnotationMask())
-    return shortcut_baselines(feature_sets(raw, masked, box, sizes), y, table, seed)
+    parts, ys, tables = [], [], []
+    for s in sorted(ds.manifest["split"].unique()):  # split by split, in chunks, from the memory-mapped cache
+        raw, masked = (split_array(ds, s, InputSpec(PROBE_SIZE, PROBE_SIZE, (0.0,) * 3, (1.0,) * 3, mask=m), False,
+                                   cache_dir) for m in (None, mask))
+        table = ds.split(s)
+        sizes = np.stack([table["width"].to_numpy(), table["height"].to_numpy(), file_sizes(ds.root, table["path"])], 1)
+        for a in range(0, len(table), CHUNK):
+            parts.append(feature_sets(np.asarray(raw[a:a + CHUNK]), np.asarray(masked[a:a + CHUNK]), box,
+                                      sizes[a:a + CHUNK]))
+        ys.append(ds.label_ids(s))
+        tables.append(table)
+    features = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return shortcut_baselines(features, np.concatenate(ys), pd.concat(tables), seed)

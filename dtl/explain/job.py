@@ -31,7 +31,7 @@ from dtl.model.preprocess import resize_rgb
 from dtl.model.pyfunc import CALIBRATION_FILE, ImageClassifier
 from dtl.report.tables import html_page, markdown_table
 from dtl.tracking import schema
-from dtl.tracking.adapter import Run, Tracking, start_run
+from dtl.tracking.adapter import Run, Tracking, ended, start_run
 from dtl.tracking.cards import write_card
 from dtl.tracking.policy import load_policy
 from dtl.tracking.resolve import Resolved, resolve
@@ -337,8 +337,8 @@ def run_explain(cfg: Config, tracking: Tracking, source: str, split: str, out_ro
                                                    "annotation_mask": s["masked"], "data_digest": ds.digest,
                                                    "split": split, "model": target.label, "model_version": s["version"],
                                                    "shortcut_flagged": str(s["flagged"]).lower()}, parent=target.run_id)
-    log_results(run, s, out)
-    run.end()
+    with ended(run):  # a failure while logging ends the run FAILED, not RUNNING for ever
+        log_results(run, s, out)
     return {**s, "run_id": run.id, "out": str(out)}
 
 

@@ -186,7 +186,7 @@ def evaluate_sets(cfg: Config, ds, clf: ImageClassifier, fs: FuzzySystem, device
         for kind, severity in CORRUPTIONS:
             f, p = embed(clf.net, _preprocessed(clf, robustness.corrupt_all(raw, kind, severity, cfg.seed)), clf.spec,
                          device)
-            results[f"{kind}{severity}"] = compare(y, fs.predict_proba(f), p, cfg.bootstrap, cfg.seed)
+            results[f"{kind}_{severity}"] = compare(y, fs.predict_proba(f), p, cfg.bootstrap, cfg.seed)
     return results
 
 

@@ -13,7 +13,10 @@ from dtl.tracking.adapter import Tracking, find_runs
 CORRUPTIONS = (("blur", 1), ("blur", 2), ("jpeg", 1), ("jpeg", 2))  # of dtl.evaluation.robustness: kind, severity
 SET_NAMES = {"test": "test (in-distribution)", "segmented": "cross-variant (Segmented)",
              "original": "cross-variant (Original)",
-             **{f"{k}{s}": robustness.describe(k, s) for k, s in CORRUPTIONS}}
+             **{f"{k}_{s}": robustness.describe(k, s) for k, s in CORRUPTIONS},
+             # fuzzy studies scored before 2026-12-02 used their own table, on the resized images
+             "blur1": "Gaussian blur r=1 (resized image)", "blur2": "Gaussian blur r=2 (resized image)",
+             "jpeg1": "JPEG q=30", "jpeg2": "JPEG q=10"}
 
 
 def verdict(d: dict) -> str:

@@ -97,7 +97,8 @@ def load_classifier(model_dir: str | Path, device: str = "cpu", policy: InputPol
 
 
 def _load_pyfunc(path: str, model_config: dict | None = None) -> ImageClassifier:
-    """MLflow's pyfunc entry point for this flavor (``loader_module: dtl.serving``);
+    """MLflow's pyfunc entry point for this flavor (``loader_module: dtl.model.pyfunc``;
+    older models name ``dtl.serving``, which re-exports it);
     ``model_config`` (keys of :meth:`InputPolicy.model_config` and ``apply_temperature``) is the
     caller's, at load time."""
     dev = os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")

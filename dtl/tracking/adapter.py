@@ -363,20 +363,20 @@ def system_metrics(run_id: str):
 
 
 @contextlib.contextmanager
-def ended(tracking: Tracking, run: Run):
+def ended(run: Run, end: bool = True):
     """Yield ``run``; end it FINISHED, or FAILED (KILLED on an interrupt) with the reason as a tag.
-    Under ``mlflow run`` (the run is MLflow's own) MLflow ends it."""
+    ``end=False`` for ``mlflow run``'s own run: MLflow ends that one (the reason is tagged all the same)."""
     try:
         yield run
     except BaseException as e:
         try:
             run.set_tags({schema.FAIL_REASON: f"{type(e).__name__}: {str(e)[:400]}"})
-            if not tracking.outer_run_id:
+            if end:
                 run.end("FAILED" if isinstance(e, Exception) else "KILLED")
         except Exception:  # noqa: BLE001 - the tracking server itself may be gone
             pass
         raise
-    if not tracking.outer_run_id:
+    if end:
         run.end("FINISHED")
 
 
@@ -388,4 +388,4 @@ def command_run(tracking: Tracking, name: str, tags: dict):
         run.set_tags(tags)
     else:
         run = start_run(tracking, name, tags)
-    return ended(tracking, run)
+    return ended(run, end=not tracking.outer_run_id)

@@ -186,6 +186,6 @@ input is unlike the training data: abstain). {coverage:.1%} of the training imag
 AUROC for detecting errors: firing strength {t['fuzzy']['abstain_auroc']:.3f}, softmax max-probability
 {t['softmax']['abstain_auroc']:.3f}.
 
-**Limitations.** {" ".join(limitations(src.tags))} The fuzzy head is only as good as the
+**Limitations.** {" ".join(limitations({**src.tags, "ci_unit.test": "image"}))} The fuzzy head is only as good as the
 features of the network below it.
 """

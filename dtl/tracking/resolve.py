@@ -1,11 +1,13 @@
-"""One resolver for every model reference a command takes: ``models:/<name>@<alias>``,
-``models:/<name>/<version>``, ``models:/m-<id>``, ``runs:/<run>/<path>``, a study run id (its
-best checkpoint) or a checkpoint file. ``dtl phase2`` (its phase-1 source), ``dtl evaluate``,
-``dtl explain`` and ``dtl fuzzy`` all resolve through here."""
+"""Model references, resolved in one place. :func:`resolve` gives the classifier that
+``dtl explain`` and ``dtl fuzzy`` examine, from ``models:/<name>@<alias>``,
+``models:/<name>/<version>`` or a study run id; :func:`phase1_source` gives the checkpoint file
+that ``dtl phase2`` starts from and ``dtl evaluate`` scores (also from ``models:/m-<id>``,
+``runs:/<run>/<path>`` or a local file); :func:`model_artifacts` says where a logged model's
+files are."""
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +103,15 @@ class Resolved:
     model_id: str | None = None  # the logged model (where a temperature is stored)
 
 
+def _download_dir(cfg, source: str) -> Path:
+    """One folder per reference under the work dir, emptied first: a rerun downloads into the same
+    place, and an alias that moved (or a temperature stored since) never mixes with old files."""
+    d = Path(cfg.work_dir) / "model-sources" / source.replace("/", "_").replace(":", "_").replace("@", "_")
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    return d
+
+
 def study_tags(tracking: Tracking, run_id: str, label: str, phases: tuple[str, ...]) -> dict:
     """The tags of a study run of one of ``phases``; a DTLError saying what to give otherwise."""
     try:
@@ -124,7 +135,7 @@ def resolve(tracking: Tracking, cfg, source: str, phases: tuple[str, ...] = ("ph
         mv = model_version(tracking.client, source)
         tags = study_tags(tracking, mv.run_id, source, phases)
         folder = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_artifacts(tracking.client, source)}/dtl",
-                                                     dst_path=tempfile.mkdtemp(prefix="dtl-model-"))
+                                                     dst_path=str(_download_dir(cfg, source)))
         clf = load_classifier(folder, device, apply_temperature=apply_temperature)
         return Resolved(source, mv.run_id, tags[schema.PHASE], clf, tags, mv, logged_model_id(mv))
     tags = study_tags(tracking, source, f"run {source}", phases)
