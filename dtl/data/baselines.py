@@ -82,7 +82,7 @@ def fit_baseline(name: str, features: np.ndarray, y: np.ndarray, units, grouping
     return out
 
 
-def _pool(region: np.ndarray, k: int = 4) -> np.ndarray:
+def pool(region: np.ndarray, k: int = 4) -> np.ndarray:
     """k×k average pooling, flattened: the stamp's colours and layout, few enough features for boosting."""
     n, h, w, c = region.shape
     r = region[:, :h // k * k, :w // k * k].astype(np.float32) / 255.0
@@ -107,7 +107,7 @@ def feature_sets(raw: np.ndarray, masked: np.ndarray, box: tuple[int, int], size
     keep = np.ones((h, w), bool)
     keep[y0:, x0:] = False
     return {"colour": colour_features(masked, keep), "size": sizes.astype(np.float32),
-            "annotation": _pool(raw[:, y0:, x0:]), "annotation_masked": _pool(masked[:, y0:, x0:]),
+            "annotation": pool(raw[:, y0:, x0:]), "annotation_masked": pool(masked[:, y0:, x0:]),
             "border": _frame_means(masked)}
 
 

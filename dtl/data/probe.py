@@ -16,7 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from dtl.data.baselines import feature_sets, file_sizes, shortcut_baselines
+from dtl.data.baselines import feature_sets, file_sizes, pool, shortcut_baselines
 from dtl.data.cache import split_array
 from dtl.data.datasets import Dataset
 from dtl.model.mask import AnnotationMask
@@ -24,13 +24,6 @@ from dtl.model.preprocess import InputSpec
 
 CHUNK = 256  # images per feature batch: memory stays ~100 MB whatever the dataset's size
 PROBE_SIZE = 224  # images are probed at Aria's native size (others are resized to it)
-
-
-def _pool(region: np.ndarray) -> np.ndarray:
-    """2×2 average pooling, flattened: fewer features, same colours (the stamp text is 2+ px)."""
-    n, h, w, c = region.shape
-    r = region[:, :h // 2 * 2, :w // 2 * 2].astype(np.float32) / 255.0
-    return r.reshape(n, h // 2, 2, w // 2, 2, c).mean((2, 4)).reshape(n, -1)
 
 
 def probe_accuracy(features: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0,
@@ -76,9 +69,9 @@ def shortcut_probe(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: in
     colour = np.median(x.reshape(len(x), -1, 3), axis=1).astype(np.float32)
     out = {
         "region": {"rows": [y0, PROBE_SIZE], "cols": [x0, PROBE_SIZE], "image_size": PROBE_SIZE},
-        "annotation": probe_accuracy(_pool(x[:, y0:, x0:]), y, groups, seed),
-        "annotation_masked": probe_accuracy(_pool(masked[:, y0:, x0:]), y, groups, seed),
-        "centre": probe_accuracy(_pool(x[:, cy:cy + h, cx:cx + w]), y, groups, seed),
+        "annotation": probe_accuracy(pool(x[:, y0:, x0:], 2), y, groups, seed),
+        "annotation_masked": probe_accuracy(pool(masked[:, y0:, x0:], 2), y, groups, seed),
+        "centre": probe_accuracy(pool(x[:, cy:cy + h, cx:cx + w], 2), y, groups, seed),
         "field_colour": probe_accuracy(colour, y, groups, seed),
         "majority": float(np.bincount(y).max() / len(y)),
         "n_images": int(len(y)),
