@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v mutmut >/dev/null || { echo "mutmut not found: pip install -e '.[mutation]'" >&2; exit 2; }
 # Mutant names are module.x_function__mutmut_N (methods: module.xǁClassǁmethod__mutmut_N).
-# Whole modules, except plotting; of tracking/registry.py promotion selection only; of model/decode.py the input policy.
+# Whole modules, except plotting; of tracking/promotion.py the selection only; of model/decode.py the input policy.
 declare -A SCOPE=(
   [dtl.evaluation.stats]="dtl.evaluation.stats.*"
   [dtl.evaluation.metrics]="$(printf 'dtl.evaluation.metrics.x_%s__* ' direction expected_calibration_error _binary_auc _confusion_counts \
@@ -20,12 +20,12 @@ declare -A SCOPE=(
   [dtl.data.groups]="dtl.data.groups.*"
   [dtl.model.mask]="dtl.model.mask.*"
   [dtl.tracking.policy]="dtl.tracking.policy.x_load_policy__*"
-  [dtl.tracking.registry]="dtl.tracking.registry.x__key__* dtl.tracking.registry.x_select__*"
+  [dtl.tracking.promotion]="dtl.tracking.promotion.x__key__* dtl.tracking.promotion.x_select__*"
   [dtl.config]="dtl.config.*"
   [dtl.model.decode]="$(printf 'dtl.model.decode.x_%s__* ' truthy image_from_value _array_image _read_path _b64 decode_image_bytes \
                  _rows read_images) dtl.model.decode.xǁInputPolicyǁ* dtl.model.decode.xǁInvalidInputǁ*"
 )
-ORDER="dtl.evaluation.stats dtl.evaluation.metrics dtl.evaluation.calibration dtl.data.splits dtl.model.mask dtl.data.groups dtl.tracking.policy dtl.tracking.registry dtl.config dtl.model.decode"
+ORDER="dtl.evaluation.stats dtl.evaluation.metrics dtl.evaluation.calibration dtl.data.splits dtl.model.mask dtl.data.groups dtl.tracking.policy dtl.tracking.promotion dtl.config dtl.model.decode"
 MODULES=${*:-$ORDER}
 unset PYTHONPATH  # the tests must import the mutated copy in mutants/, not this checkout
 export DTL_SHARED_DATASETS=${DTL_SHARED_DATASETS:-$(cd .. && pwd)/shared/datasets}  # mutants/ has no ../shared

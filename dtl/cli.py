@@ -15,11 +15,9 @@ import os
 import sys
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 from dtl import DTLError, config
 from dtl.data import kinds
-from dtl.tracking import schema
 from dtl.train.strategies import STRATEGIES
 
 EPILOG = """Config: a recipe from experiments/ (demo, real, resnet50, ...) or a YAML file; any key can be
@@ -109,29 +107,16 @@ def load_config(args, extra: list[str] | tuple[str, ...] = ()) -> config.Config:
 def cmd_main(args) -> int:
     from dtl import pipeline
 
-    cfg = load_config(args)
-    res = pipeline.main(cfg)
-    if res.report_dir:
-        import pandas as pd
-
-        from dtl.progress import summary_table
-
-        print(summary_table(pd.read_csv(Path(res.report_dir) / "results.csv")))
-    print(f"pipeline run {res.run_id}: registered {res.versions}, champion v{res.champion}")
-    if res.report_dir:
-        print(f"report: {res.report_dir}/results.md")
+    print(pipeline.main(load_config(args)).text())
     return 0
 
 
 def cmd_phase(args) -> int:
     from dtl import pipeline
 
-    cfg = load_config(args)
     phase = args.phase if args.command == "tune" else args.command
-    out = pipeline.single_phase(cfg, phase, getattr(args, "phase1", ""), getattr(args, "strategy", "double"))
-    for b, s in out.items():
-        print(f"{phase} {b}: study {s.study_name} run {s.run_id} best trial {s.best_trial} "
-              f"value {s.best_value:.4f} ({s.counts})")
+    out = pipeline.single_phase(load_config(args), phase, getattr(args, "phase1", ""), getattr(args, "strategy", "double"))
+    print(pipeline.studies_text(phase, out))
     return 0
 
 
@@ -140,36 +125,16 @@ def cmd_evaluate(args) -> int:
 
     ev, run_id = pipeline.evaluate_job(load_config(args), args.phase, args.checkpoint, args.run,
                                        tuple(args.splits.split(",")))
-    keys = [k for k in ev.metrics if k.split("_", 1)[1] in ("accuracy", "balanced_accuracy", "macro_f1",
-                                                                   "weighted_f1", "roc_auc", "ece")]
-    for k in keys:
-        lo, hi = ev.metrics.get(f"{k}_ci_low"), ev.metrics.get(f"{k}_ci_high")
-        print(f"{k:28s} {ev.metrics[k]:.4f}" + (f"  (95% CI {lo:.4f}–{hi:.4f})" if lo is not None else ""))
-    print(f"logged to run {run_id}")
+    print(f"{ev.text()}\nlogged to run {run_id}")
     return 0
 
 
 def cmd_promote(args) -> int:
     from dtl import pipeline
-    from dtl.tracking import adapter as tracking
-    from dtl.tracking import registry
-    from dtl.tracking.policy import load_policy
 
-    cfg = load_config(args)
-    pol = load_policy(args.policy or cfg.policy, args.model or cfg.registered_model)
-    t = tracking.connect(cfg.tracking_uri, cfg.experiment)
-    if args.any_data:
-        flt = None
-    elif args.data_digest:
-        flt = {"data_digest": args.data_digest}
-    else:  # only versions trained on the recipe's phase-2 data, split protocol and masking compete
-        flt = pipeline.promotion_filter(cfg)
-        print(f"candidates: versions trained on {cfg.phase2.data.kind} data digest {flt['data_digest'][:12]} "
-              f"({flt['split_protocol']} split, annotation mask {flt['annotation_mask']}); "
-              "--data-digest D or --any-data to choose otherwise")
-    d = registry.promote(t, pol, flt, force=args.force, cards_dir=Path(cfg.cards_dir))
-    print(json.dumps({"champion": d.champion, "challenger": d.challenger, "moved": d.moved, "reason": d.reason,
-                      "ranked": d.ranked}, indent=2))
+    d, note = pipeline.promote_job(load_config(args), args.policy, args.model, args.data_digest, args.any_data,
+                                   args.force)
+    print("\n".join(filter(None, [note, d.to_json()])))
     return 0
 
 
@@ -183,34 +148,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import mlflow.pyfunc
-
-    from dtl.model.decode import InputPolicy, image_from_value
-    from dtl.tracking.adapter import DEFAULT_TRACKING_URI
+    from dtl.predict import predict_files
 
     cfg = load_config(args)
-    mlflow.set_tracking_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
-    uri = args.model or f"models:/{cfg.registered_model}@champion"
-    files = [f for spec in args.images for f in spec.split()]
-    if not files:
-        raise DTLError("predict needs at least one image file")
-    try:
-        model = mlflow.pyfunc.load_model(uri)
-    except Exception as e:
-        raise DTLError(f"cannot load model {uri}: {str(e)[:300]}") from None
     failed = 0
-    for f in files:
-        try:
-            if not Path(f).exists():
-                raise DTLError("no such file")
-            arr = image_from_value(f, InputPolicy(allow_paths=True))  # the user's own files, read here
-            row = model.predict({"image": [arr]}).iloc[0]
-        except DTLError as e:
-            print(f"{f}: ERROR: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        probs = {k[2:]: round(float(v), 4) for k, v in row.items() if k.startswith("p_")}
-        print(f"{f}: {row['class']} {json.dumps(probs)}")
+    for _, line, ok in predict_files(args.model or f"models:/{cfg.registered_model}@champion",
+                                     [f for spec in args.images for f in spec.split()], cfg.tracking_uri):
+        print(line, file=sys.stdout if ok else sys.stderr)
+        failed += not ok
     return 1 if failed else 0
 
 
@@ -236,137 +181,27 @@ def data_config(args) -> tuple[config.DataConfig, str]:
 
 
 def cmd_data(args) -> int:
-    from dtl.data.datasets import load_dataset
+    from dtl.data import audit
 
     dc, cache_dir = data_config(args)
-    ds = load_dataset(dc, cache_dir)
     if args.action == "preview":
-        return _preview(ds, args)
-    a = ds.audit()
-    a["shortcut_probe"] = _probe(ds, dc, args, cache_dir)
-    a["shortcut_baselines"] = _baselines(ds, dc, args, cache_dir)
-    if args.manifest_out:
-        ds.manifest[["path", "label", "group", "split", "sha256"]].to_csv(args.manifest_out, index=False)
-    if args.json:
-        print(json.dumps(a, indent=2))
+        print(audit.preview(dc, cache_dir, args.size, args.per_class, args.out))
         return 0
-    _print_audit(ds, a)
-    if args.manifest_out:
+    ds, a = audit.audit(dc, cache_dir, args.probe, args.manifest_out)
+    print(json.dumps(a, indent=2) if args.json else audit.audit_text(ds, a))
+    if args.manifest_out and not args.json:
         print(f"manifest written to {args.manifest_out}")
     return 0
 
 
-def _print_audit(ds, a: dict) -> None:
-    print(f"{ds.kind} at {ds.root}  ({ds.protocol} split, digest {ds.digest[:12]})")
-    print(f"{'split':8s}" + "".join(f"{c:>10s}" for c in ds.classes) + f"{'total':>8s}{'patients':>10s}")
-    for s in sorted(a["splits"]):
-        byc = a["class_by_split"].get(s, {})
-        print(f"{s:8s}" + "".join(f"{byc.get(c, 0):>10d}" for c in ds.classes) + f"{a['splits'][s]:>8d}"
-              f"{str(a['n_patients'].get(s)):>10s}")
-    print(f"images {a['n_images']}, duplicates removed {a['duplicates_removed']}, patient overlap "
-          f"{a['patient_overlap']}, unreadable {len(a['unreadable'])}, listed but missing {a['missing_listed']}, "
-          f"near-duplicate pairs across splits {a['near_duplicates']}")
-    print("sizes: " + ", ".join(f"{k} ({v})" for k, v in a["sizes"].items()))
-    print(f"groups {a['groups']} (near-duplicate pairs linked {a['near_duplicates_linked']}); group sizes: "
-          + ", ".join(f"{n}x{size}" for size, n in a["group_sizes"].items()))
-    p = a["shortcut_probe"]
-    if p:
-        print(f"shortcut probe (logistic regression, {p['n_images']} images, grouped 5-fold CV): annotation box "
-              f"rows {p['region']['rows']} cols {p['region']['cols']}: {p['annotation']:.3f} unmasked, "
-              f"{p['annotation_masked']:.3f} masked; central box {p['centre']:.3f}; field colour "
-              f"{p['field_colour']:.3f}; majority class {p['majority']:.3f}")
-    if a["shortcut_baselines"]:
-        b0 = a["shortcut_baselines"][0]
-        print(f"shortcut baselines ({b0['folds']}-fold CV grouped by {b0['grouping']}; majority class "
-              f"{b0['majority']:.3f}): what a model could score without looking at the cells")
-        for b in a["shortcut_baselines"]:
-            print(f"  {b['name']:18s} {b['model']:9s} accuracy {b['accuracy']:.3f}  macro-F1 {b['macro_f1']:.3f}")
-
-
-def _probe(ds, dc, args, cache_dir: str) -> dict | None:
-    """The shortcut probe when asked (--probe), or by default where the annotation mask is on."""
-    from dtl.data.probe import shortcut_probe
-    from dtl.model.mask import annotation_mask
-
-    mask = annotation_mask(dc.mask_annotation, ds.kind, dc.variant)
-    if not (args.probe or (args.probe is None and mask is not None)):
-        return None
-    return shortcut_probe(ds, mask, cache_dir, seed=dc.split_seed)
-
-
-def _baselines(ds, dc, args, cache_dir: str) -> list[dict]:
-    """The shortcut baselines, unless --no-probe."""
-    from dtl.data.probe import audit_baselines
-    from dtl.model.mask import annotation_mask
-
-    if args.probe is False:
-        return []
-    return audit_baselines(ds, annotation_mask(dc.mask_annotation, ds.kind, dc.variant), cache_dir, seed=dc.split_seed)
-
-
-def _preview(ds, args) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    from dtl.config import AugmentConfig
-    from dtl.model.preprocess import InputSpec, decode
-    from dtl.train.augment import train_transform
-
-    spec = InputSpec(args.size, int(round(args.size / 0.875)), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    n = args.per_class
-    fig, axes = plt.subplots(len(ds.classes), n, figsize=(1.6 * n, 1.7 * len(ds.classes)), squeeze=False)
-    gen = torch.Generator().manual_seed(0)
-    train = ds.split("train")
-    for i, c in enumerate(ds.classes):
-        rows = train[train["label"] == c].head(n)
-        imgs = torch.from_numpy(__import__("numpy").stack([decode(ds.root / p, spec.cache_size) for p in rows["path"]]))
-        x = train_transform(imgs, spec, AugmentConfig(), gen).permute(0, 2, 3, 1).clamp(0, 1).numpy()
-        for j in range(n):
-            ax = axes[i][j]
-            ax.set_axis_off()
-            if j < len(x):
-                ax.imshow(x[j])
-            if j == 0:
-                ax.set_title(c, fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
-    print(f"wrote {args.out}")
-    return 0
-
-
 def cmd_fuzzy(args) -> int:
-    from dtl.fuzzy.job import phase2_studies, run_fuzzy
-    from dtl.fuzzy.report import verdict
-    from dtl.model.mask import mask_state
-    from dtl.tracking import adapter as tracking
-    from dtl.train.phases import dataset
+    from dtl.fuzzy.job import fuzzy_job
+    from dtl.fuzzy.report import result_text
 
     if args.fuzzy_trials:
         args.override.append(f"fuzzy.n_trials={args.fuzzy_trials}")
-    cfg = load_config(args)
-    t = tracking.connect(cfg.tracking_uri, cfg.experiment)
-    d2 = dataset(cfg, "phase2")
-    mask = mask_state(cfg.phase2.data.mask_annotation, d2.kind, cfg.phase2.data.variant)
-    sources = [args.source] if args.source else phase2_studies(t, d2.digest, mask=mask)
-    if not sources:
-        raise DTLError("no finished double-transfer phase-2 study on this config's phase-2 data in experiment "
-                       f"{cfg.experiment!r}: run `dtl main` (or `dtl phase2`) first, or pass --source")
-    for src in sources:
-        r = run_fuzzy(cfg, t, src)
-        line = (f"fuzzy {r['backbone']}: study {r['study']} run {r['run_id']} best val macro-F1 "
-                f"{r['best_value']:.4f} {r['best_params']} ({r['counts']}) -> {r['registered']}")
-        print(line)
-        for s, v in (r["results"] or {}).items():
-            d = v["diff"]["macro_f1"]
-            print(f"  {s:10s} n={v['n']:4d} acc {v['fuzzy']['accuracy']:.4f} vs softmax {v['softmax']['accuracy']:.4f}; "
-                  f"macro-F1 {v['fuzzy']['macro_f1']:.4f} vs {v['softmax']['macro_f1']:.4f} "
-                  f"(diff {d['diff']:+.4f}, 95% CI {d['ci_low']:+.4f}..{d['ci_high']:+.4f}: {verdict(d)}); "
-                  f"error AUROC firing {v['fuzzy']['abstain_auroc']:.3f} vs maxprob {v['softmax']['abstain_auroc']:.3f}")
-    if t.outer_run_id:
-        tracking.Run(t, t.outer_run_id).set_tags({schema.ROLE: schema.Role.FUZZY_JOB})
+    for r in fuzzy_job(load_config(args), args.source):
+        print(result_text(r))
     return 0
 
 
@@ -454,19 +289,9 @@ def _data_parser(sub) -> None:
     d.set_defaults(fn=cmd_data)
 
 def cmd_explain(args) -> int:
-    from dtl.explain.job import run_explain, summary_text
-    from dtl.tracking import adapter as tracking
+    from dtl.explain.job import explain_job
 
-    cfg = load_config(args)
-    t = tracking.connect(cfg.tracking_uri, cfg.experiment)
-    model = args.model or f"models:/{cfg.registered_model}@champion"
-    out = Path(args.out or Path(cfg.report_dir) / "explain")
-    r = run_explain(cfg, t, model, args.split, out, command=tracking.command_line())
-    print(f"explain {r['label']} ({r['backbone']}, {r['strategy']}) on {r['split']} (n={r['n']}):")
-    print("\n".join(summary_text(r)))
-    print(f"logged to run {r['run_id']} (under study run {r['model_run']}); written to {r['out']}/")
-    if t.outer_run_id:
-        tracking.Run(t, t.outer_run_id).set_tags({schema.ROLE: schema.Role.EXPLAIN_JOB})
+    print(explain_job(load_config(args), args.model, args.split, args.out).text())
     return 0
 
 
@@ -543,10 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if not _is_tracking_failure(e):
-            raise
-        from dtl.tracking.adapter import redact
+        from dtl.tracking.adapter import is_tracking_failure, redact
 
+        if not is_tracking_failure(e):
+            raise
         uri = redact(os.environ.get("MLFLOW_TRACKING_URI", ""))
         print(f"error: lost the MLflow tracking server {uri} during the run ({type(e).__name__}: "
               f"{redact(str(e))[:300]}). Checkpoints are kept under the work_dir and finished trials in "
@@ -554,17 +379,3 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     finally:
         distributed.release()
-
-
-def _is_tracking_failure(e: BaseException) -> bool:
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, requests.exceptions.ConnectionError) or (
-                isinstance(e, MlflowException) and ("API request" in str(e) or "Max retries" in str(e))):
-            return True
-        e = e.__cause__ or e.__context__
-    return False

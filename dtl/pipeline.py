@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from dtl import DTLError
@@ -22,8 +23,9 @@ from dtl.data import store
 from dtl.evaluation.stats import corrected_t_interval, mean_spread
 from dtl.fuzzy.job import run_fuzzy
 from dtl.model.mask import mask_state as masked
+from dtl.progress import summary_table
 from dtl.report import results as report_mod
-from dtl.tracking import registry, schema
+from dtl.tracking import promotion, schema
 from dtl.tracking.adapter import (
     Run,
     Tracking,
@@ -57,6 +59,16 @@ class PipelineResult:
     versions: dict = field(default_factory=dict)  # backbone -> registered version
     champion: str | None = None
     report_dir: str = ""
+
+    def text(self) -> str:
+        """What ``dtl main`` prints: the results table, the versions and champion, the report's path."""
+        lines = []
+        if self.report_dir:
+            lines.append(summary_table(pd.read_csv(Path(self.report_dir) / "results.csv")))
+        lines.append(f"pipeline run {self.run_id}: registered {self.versions}, champion v{self.champion}")
+        if self.report_dir:
+            lines.append(f"report: {self.report_dir}/results.md")
+        return "\n".join(lines)
 
 
 def _phases(cfg: Config) -> tuple[str, ...]:
@@ -116,9 +128,10 @@ def latest_phase1_study(cfg: Config, tracking: Tracking, backbone: str) -> Study
                        "or pass -P phase1=<study run id | models:/ URI | checkpoint file>.")
     r = max(runs, key=lambda r: (r.info.end_time or 0, r.info.start_time))
     t = r.data.tags
-    return StudyResult(t.get(schema.STUDY, ""), r.info.run_id, "phase1", backbone, "", int(t["best_trial"]),
+    return StudyResult(t.get(schema.STUDY, ""), r.info.run_id, "phase1", backbone, "", int(t[schema.BEST_TRIAL]),
                        float(r.data.metrics.get("best_value", float("nan"))),
-                       {k[5:]: v for k, v in t.items() if k.startswith("best.")}, Path(), t.get("best_trial_run_id", ""))
+                       {k[len(schema.BEST_PARAM_PREFIX):]: v for k, v in t.items() if k.startswith(schema.BEST_PARAM_PREFIX)},
+                       Path(), t.get(schema.BEST_TRIAL_RUN_ID, ""))
 
 
 def run_phase2_strategy(cfg: Config, tracking: Tracking, root: Run, backbone: str, strategy: str,
@@ -182,8 +195,8 @@ def _retrain(cfg: Config, study: StudyResult, tracking: Tracking, name: str, tag
     """Train the study's best parameters once more under ``cfg`` (another seed, another fold) as a
     nested run of the study; evaluate val and test, keep the metrics and drop the weights."""
     workdir = Path(cfg.work_dir) / study.study_name / name
-    rrun = start_run(tracking, name, {**tags, "phase": study.phase, "backbone": study.backbone,
-                                      "strategy": study.strategy, "init": study.init_label}, parent=study.run_id)
+    rrun = start_run(tracking, name, {**tags, schema.PHASE: study.phase, schema.BACKBONE: study.backbone,
+                                      schema.STRATEGY: study.strategy, schema.INIT: study.init_label}, parent=study.run_id)
     try:
         res = run_phase(cfg, study.phase, study.backbone, workdir, init_from=study.init_from,
                         init_label=study.init_label or None)
@@ -265,15 +278,16 @@ def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, register_
     if not register_it:
         return None
     ds2 = dataset(cfg, "phase2")
-    tags = {"backbone": study.backbone, "strategy": study.strategy, "phase2_run": study.run_id,
-            "phase2_trial": study.best_trial, "data_digest": ds2.digest, "data_kind": ds2.kind,
-            "split_protocol": ds2.protocol, "duplicates_removed": ds2.duplicates_removed,
-            "annotation_mask": mask_state(cfg, "phase2"), "pipeline_run": pipeline_run, "study": study.study_name}
+    tags = {schema.BACKBONE: study.backbone, schema.STRATEGY: study.strategy, schema.PHASE2_RUN: study.run_id,
+            schema.PHASE2_TRIAL: study.best_trial, schema.DATA_DIGEST: ds2.digest, schema.DATA_KIND: ds2.kind,
+            schema.SPLIT_PROTOCOL: ds2.protocol, schema.DUPLICATES_REMOVED: ds2.duplicates_removed,
+            schema.ANNOTATION_MASK: mask_state(cfg, "phase2"), schema.VERSION_PIPELINE_RUN: pipeline_run,
+            schema.VERSION_STUDY: study.study_name}
     tags.update(phase1_lineage(run))
     for k in ("val_macro_f1", "val_accuracy", "val_balanced_accuracy", "test_accuracy", "test_macro_f1",
               "test_balanced_accuracy"):
         if k in metrics:
-            tags[f"metric.{k}"] = round(float(metrics[k]), 6)
+            tags[schema.METRIC_PREFIX + k] = round(float(metrics[k]), 6)
     return register(tracking, cfg.registered_model, uri, study.run_id, tags)
 
 
@@ -281,19 +295,19 @@ def phase1_lineage(study_run: Run) -> dict:
     """Lineage of the weights a phase-2 study actually started from, read from the study run itself
     (its ``init`` tag, written when the study was created), never from the job at hand."""
     tags = study_run.client.get_run(study_run.id).data.tags
-    init = tags.get("init", "")
-    out = {"init_digest": tags.get("init_digest", "")}
+    init = tags.get(schema.INIT, "")
+    out = {schema.INIT_DIGEST: tags.get(schema.INIT_DIGEST, "")}
     if not init.startswith("phase1:"):
         return out
     source = init[len("phase1:"):]
-    out["phase1_source"] = source
+    out[schema.PHASE1_SOURCE] = source
     try:
         p1 = study_run.client.get_run(source).data.tags
     except Exception:  # noqa: BLE001 - a models:/ URI or a file: no phase-1 run to read
         return out
-    return {**out, "phase1_run": source, "phase1_trial": p1.get("best_trial", ""),
-            "phase1_data_digest": p1.get("data_digest", ""), "phase1_data_kind": p1.get("data_kind", ""),
-            "phase1_split_protocol": p1.get("split_protocol", ""), "phase1_init": p1.get("init", "")}
+    return {**out, schema.PHASE1_RUN: source, schema.PHASE1_TRIAL: p1.get(schema.BEST_TRIAL, ""),
+            schema.PHASE1_DATA_DIGEST: p1.get(schema.DATA_DIGEST, ""), schema.PHASE1_DATA_KIND: p1.get(schema.DATA_KIND, ""),
+            schema.PHASE1_SPLIT_PROTOCOL: p1.get(schema.SPLIT_PROTOCOL, ""), schema.PHASE1_INIT: p1.get(schema.INIT, "")}
 
 
 def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResult:
@@ -332,7 +346,7 @@ def _main(cfg: Config, data: store.DataStore, report: bool, promote: bool) -> Pi
                     run_fuzzy(cfg, tracking, s.run_id)
         if promote and result.versions:
             policy = load_policy(cfg.policy, cfg.registered_model)
-            d = registry.promote(tracking, policy, promotion_filter(cfg), cards_dir=Path(cfg.cards_dir))
+            d = promotion.promote(tracking, policy, promotion_filter(cfg), cards_dir=Path(cfg.cards_dir))
             result.champion = d.champion
             root.set_tags({schema.CHAMPION: d.champion, schema.PROMOTION: d.reason})
         if report:
@@ -382,7 +396,7 @@ def evaluate_job(cfg: Config, phase: str, checkpoint: str, study_run: str, split
     ckpt = Path(checkpoint) if checkpoint else phase1_source(study_run, cfg)
     ev = evaluate_checkpoint(cfg, phase, ckpt, splits)
     tracking = connect(cfg.tracking_uri, cfg.experiment)
-    tags = {schema.ROLE: schema.Role.EVALUATE, schema.PHASE: phase, "checkpoint": str(ckpt)}
+    tags = {schema.ROLE: schema.Role.EVALUATE, schema.PHASE: phase, schema.CHECKPOINT_FILE: str(ckpt)}
     with command_run(tracking, f"evaluate-{phase}", tags) as run:
         log_evaluation(run, ev)
     return ev, run.id
@@ -439,10 +453,37 @@ def promotion_filter(cfg: Config) -> dict:
     """The registered versions that compete by default: trained on the recipe's phase-2 data (digest),
     split the same way and with the same annotation masking."""
     ds2 = dataset(cfg, "phase2")
-    return {"data_digest": ds2.digest, "split_protocol": ds2.protocol, "annotation_mask": mask_state(cfg, "phase2")}
+    return {schema.DATA_DIGEST: ds2.digest, schema.SPLIT_PROTOCOL: ds2.protocol,
+            schema.ANNOTATION_MASK: mask_state(cfg, "phase2")}
 
 
 def mask_state(cfg: Config, phase: str) -> str:
     """``on`` or ``off``: whether the phase's images have their annotation stamp masked."""
     d = cfg.phase(phase).data
     return masked(d.mask_annotation, dataset(cfg, phase).kind, d.variant)
+
+
+def studies_text(phase: str, studies: dict) -> str:
+    """What ``dtl phase1`` / ``phase2`` / ``tune`` print: one line per backbone's study."""
+    return "\n".join(f"{phase} {b}: study {s.study_name} run {s.run_id} best trial {s.best_trial} "
+                     f"value {s.best_value:.4f} ({s.counts})" for b, s in studies.items())
+
+
+def promote_job(cfg: Config, policy_path: str = "", model: str = "", data_digest: str = "", any_data: bool = False,
+                force: bool = False) -> tuple[promotion.Decision, str]:
+    """``dtl promote``: move the aliases by policy among the versions trained on the recipe's phase-2
+    data, split protocol and masking (or on ``data_digest``, or on any data). Returns the decision
+    and a line saying which versions competed."""
+    policy = load_policy(policy_path or cfg.policy, model or cfg.registered_model)
+    tracking = connect(cfg.tracking_uri, cfg.experiment)
+    note = ""
+    if any_data:
+        flt = None
+    elif data_digest:
+        flt = {schema.DATA_DIGEST: data_digest}
+    else:
+        flt = promotion_filter(cfg)
+        note = (f"candidates: versions trained on {cfg.phase2.data.kind} data digest {flt[schema.DATA_DIGEST][:12]} "
+                f"({flt[schema.SPLIT_PROTOCOL]} split, annotation mask {flt[schema.ANNOTATION_MASK]}); "
+                "--data-digest D or --any-data to choose otherwise")
+    return promotion.promote(tracking, policy, flt, force=force, cards_dir=Path(cfg.cards_dir)), note

@@ -16,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from dtl.tracking.policy import Policy
-from dtl.tracking.registry import _candidate, select
+from dtl.tracking.promotion import _candidate, select
 from dtl.train.tune import make_storage
 from tests.conftest import PYTHON, demo_overrides
 

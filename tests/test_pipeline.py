@@ -162,7 +162,7 @@ def test_promotion_never_downgrades_unless_forced_and_records_the_previous_champ
     """On a registered model of its own (a copy of the champion, then a worse version on the same
     data): the module's `all-dtl` registry, which the other tests read, is never touched."""
     from dtl.tracking.policy import load_policy
-    from dtl.tracking.registry import promote
+    from dtl.tracking.promotion import promote
 
     tmp, cfg, res = done
     t = connect(cfg.tracking_uri, cfg.experiment)

@@ -4,7 +4,7 @@ import pytest
 
 from dtl import DTLError
 from dtl.tracking.policy import Policy, load_policy
-from dtl.tracking.registry import Candidate, select
+from dtl.tracking.promotion import Candidate, select
 
 P = Policy(metric="val_macro_f1", tie_breaks=("val_accuracy",), min_value=0.5)
 

@@ -303,25 +303,103 @@ def test_every_import_is_a_declared_dependency():
 
 
 
+TAG_CALLS = {"set_tags", "set_tag", "start_run", "register", "create_run", "command_run", "create_logged_model",
+             "create_model_version", "set_model_version_tag", "set_registered_model_tag", "set_logged_model_tags"}
+
+
+def _tag_names(tree: ast.Module) -> set[str]:
+    """Variables bound to a tag dict: ``tags``, and any name assigned ``<expr>.tags`` (``t = r.data.tags``,
+    ``t, m = r.data.tags, r.data.metrics``)."""
+    names = {"tags"}
+    for n in (tree.body if isinstance(tree, ast.Module) else ast.walk(tree)):
+        if isinstance(n, ast.Assign):
+            for target in n.targets:
+                pairs = (zip(target.elts, n.value.elts) if isinstance(target, ast.Tuple) and isinstance(n.value, ast.Tuple)
+                         else [(target, n.value)])
+                names |= {t.id for t, v in pairs if isinstance(t, ast.Name) and isinstance(v, ast.Attribute) and v.attr == "tags"}
+    return names
+
+
+def _is_tags(e: ast.AST, names: set[str] = frozenset({"tags"})) -> bool:
+    """``something.tags`` or a variable bound to a tag dict: a run's, version's or model's tags."""
+    return (isinstance(e, ast.Attribute) and e.attr == "tags") or (isinstance(e, ast.Name) and e.id in names)
+
+
+def _tag_keys_used(n: ast.AST, names: set[str] = frozenset({"tags"})) -> list[ast.AST]:
+    """The expressions that ``n`` uses as tag keys: ``tags[K]``, ``tags.get(K)``, the keys of a dict
+    given to a tag-writing call (positionally or as ``tags=``), the key of ``set_tag(K, v)`` and
+    ``set_model_version_tag(name, version, K, v)``."""
+    if isinstance(n, ast.Subscript) and _is_tags(n.value, names):
+        return [n.slice]
+    if isinstance(n, ast.Assign) and isinstance(n.value, ast.Dict) and any(_is_tags(t, names) for t in n.targets):
+        return [k for k in n.value.keys if k is not None]  # tags = {...}
+    if not isinstance(n, ast.Call):
+        return []
+    fn = n.func
+    name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+    if isinstance(fn, ast.Attribute) and _is_tags(fn.value, names) and name in ("get", "pop", "setdefault") and n.args:
+        return [n.args[0]]
+    keys = []
+    if name in ("set_tag", "set_registered_model_tag") and n.args:
+        keys.append(n.args[0] if name == "set_tag" else n.args[1] if len(n.args) > 1 else n.args[0])
+    if name == "set_model_version_tag" and len(n.args) > 2:
+        keys.append(n.args[2])
+    dicts = [k.value for k in n.keywords if k.arg == "tags"] + (list(n.args) if name in TAG_CALLS else [])
+    for d in dicts:
+        if isinstance(d, ast.Dict):
+            keys += [k for k in d.keys if k is not None]
+    return keys
+
+
+def _scopes(tree: ast.Module):
+    """The module's top level and each function, with the names bound to a tag dict in it."""
+    yield tree, _tag_names(tree)
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield fn, _tag_names(fn)
+
+
+def _dict_keys(tree: ast.AST) -> set[int]:
+    """ids of the string constants that are keys of a dict literal or the argument of ``startswith``."""
+    out = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Dict):
+            out |= {id(k) for k in n.keys if isinstance(k, ast.Constant)}
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "startswith":
+            out |= {id(a) for a in n.args if isinstance(a, ast.Constant)}
+    return out
+
+
 def _tag_literals(trees: dict[str, ast.Module], keys: frozenset[str]) -> list[str]:
-    """String literals outside the schema module that are a run-schema tag key, or an MLflow
-    filter on tags or attributes (docstrings excepted)."""
-    bad = []
+    """String literals outside the schema module that are a prefixed run-schema tag key (or, as a
+    dict key, start with a prefix key such as ``metric.``), an MLflow filter on tags or attributes
+    (docstrings excepted), or any literal used as a tag key."""
+    bad, prefixes = [], tuple(k for k in keys if k.endswith("."))
     for name, tree in trees.items():
         if name == "dtl.tracking.schema":
             continue
         docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        as_keys = _dict_keys(tree)
         for n in ast.walk(tree):
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs and (
-                    n.value in keys or re.search(r"(tags|attributes)\.[`\w]+\s*(=|!=|LIKE)", n.value)):
+                    n.value in keys or (id(n) in as_keys and n.value.startswith(prefixes))
+                    or re.search(r"(tags|attributes)\.[`\w]+\s*(=|!=|LIKE)", n.value)):
                 bad.append(f"{name}:{n.lineno} {n.value[:60]!r}")
-    return bad
+        for scope, names in _scopes(tree):
+            for n in ast.walk(scope):
+                for k in _tag_keys_used(n, names):
+                    lit = k if isinstance(k, ast.Constant) else next(
+                        (c for c in ast.walk(k) if isinstance(k, ast.JoinedStr) and isinstance(c, ast.Constant)), None)
+                    if isinstance(lit, ast.Constant) and isinstance(lit.value, str) and lit.value not in keys:
+                        bad.append(f"{name}:{lit.lineno} {lit.value[:60]!r} used as a tag key")
+    return sorted(set(bad), key=lambda b: (b.split(":")[0], int(b.split(":")[1].split()[0])))
 
 
 def test_no_tag_string_outside_the_schema_module():
     """Roles, tag keys and filter strings come from dtl.tracking.schema: a typo there is a NameError
-    or a ValueError from schema.where, not a search that silently finds nothing. (Plain words that
-    are also params, such as "phase" or "backbone", are exempt: they name dict keys everywhere.)"""
+    or a ValueError from schema.where, not a search that silently finds nothing. A literal used as a
+    tag key (``tags.get("phase")``, ``set_tags({"init": ...})``) is an error too, so a new tag is
+    written into the schema before it is written into a store."""
     from dtl.tracking import schema
 
     prefixed = frozenset(k for k in schema.KEYS if "." in k)
@@ -330,9 +408,14 @@ def test_no_tag_string_outside_the_schema_module():
 
 def test_the_tag_literal_check_can_fail():
     trees = {"dtl.x": ast.parse('"""tags.`dtl.role` = \'x\' in a docstring is fine"""\n'
-                                't = {"dtl.role": "study"}\nflt = f"tags.phase = \'{p}\'"\nr.data.tags.get("mlflow.parentRunId")')}
-    assert [b.split()[0] for b in _tag_literals(trees, frozenset({"dtl.role", "mlflow.parentRunId"}))] == \
-        ["dtl.x:2", "dtl.x:3", "dtl.x:4"]
+                                't = {"dtl.role": "study"}\nflt = f"tags.phase = \'{p}\'"\nr.data.tags.get("mlflow.parentRunId")\n'
+                                'run.set_tags({"init": i, schema.PHASE: p})\nv = r.data.tags["phase"]\n'
+                                'c.set_model_version_tag(n, v, "calibration.t", x)\nstart_run(t, "n", {f"best.{k}": 1})\n'
+                                'params = {"phase": p}\nrun.set_tags(tags)\nt, m = r.data.tags, r.data.metrics\n'
+                                'b = t.get("backbone")\nx = m.get("val_accuracy")\ntags = {"metric.val_f1": 1}\n')}
+    assert sorted({b.split()[0] for b in _tag_literals(trees, frozenset({"dtl.role", "mlflow.parentRunId", "metric."}))},
+                  key=lambda b: int(b.split(":")[1])) == \
+        ["dtl.x:2", "dtl.x:3", "dtl.x:4", "dtl.x:5", "dtl.x:6", "dtl.x:7", "dtl.x:8", "dtl.x:12", "dtl.x:14"]
 
 
 def test_the_schema_refuses_a_key_it_does_not_know():
@@ -368,3 +451,16 @@ def test_the_readme_is_a_short_guide_and_every_link_works():
 def test_the_link_check_can_fail(tmp_path):
     (tmp_path / "a.md").write_text("[ok](a.md) [web](https://x.org) [gone](docs/nope.md#x) [anchor](#top)")
     assert _broken_links(tmp_path / "a.md") == ["a.md: docs/nope.md#x"]
+
+
+def test_the_cli_only_parses_and_calls():
+    """cli.py parses arguments and calls one job function per command: every ``cmd_*`` is short,
+    and no tracking, training, data-science or plotting library is used in it directly."""
+    tree = ast.parse((PKG / "cli.py").read_text())
+    long = {f.name: f.end_lineno - f.lineno + 1 for f in tree.body
+            if isinstance(f, ast.FunctionDef) and f.name.startswith("cmd_") and f.end_lineno - f.lineno + 1 > 12}
+    assert not long, f"commands that do more than parse and call: {long}"
+    heavy = {"mlflow", "torch", "timm", "pandas", "numpy", "matplotlib", "optuna", "sklearn"}
+    used = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
+            for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    assert not used & heavy, f"cli.py imports {sorted(used & heavy)}: that belongs in the job modules"

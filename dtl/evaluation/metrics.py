@@ -144,3 +144,13 @@ class Evaluation:
     confusion: dict[str, dict] = field(default_factory=dict)
     predictions: dict[str, pd.DataFrame] = field(default_factory=dict)
     ci_unit: dict[str, str] = field(default_factory=dict)
+
+    HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece")
+
+    def text(self) -> str:
+        """The headline metrics of every split, one line each, with their 95% CIs."""
+        lines = []
+        for k in (k for k in self.metrics if k.split("_", 1)[1] in self.HEADLINE):
+            lo, hi = self.metrics.get(f"{k}_ci_low"), self.metrics.get(f"{k}_ci_high")
+            lines.append(f"{k:28s} {self.metrics[k]:.4f}" + (f"  (95% CI {lo:.4f}–{hi:.4f})" if lo is not None else ""))
+        return "\n".join(lines)

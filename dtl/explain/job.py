@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import mlflow
@@ -31,16 +31,76 @@ from dtl.model.preprocess import resize_rgb
 from dtl.model.pyfunc import CALIBRATION_FILE, ImageClassifier
 from dtl.report.tables import html_page, markdown_table
 from dtl.tracking import schema
-from dtl.tracking.adapter import Run, Tracking, ended, start_run
+from dtl.tracking.adapter import Run, Tracking, command_line, connect, ended, mark_outer, start_run
 from dtl.tracking.cards import write_card
 from dtl.tracking.policy import load_policy
 from dtl.tracking.resolve import Resolved, resolve
 from dtl.train.phases import bootstrap_units, dataset
 
 
+@dataclass
+class Summary:
+    """One model's explain results: what ``summary.json`` holds, what the report section reads
+    back, and what the CLI prints. ``rows`` are the robustness table's rows (one dict per set),
+    ``shortcut`` the Grad-CAM shortcut table's (one per true class, then ``all``)."""
+
+    label: str
+    backbone: str
+    strategy: str
+    split: str
+    n: int
+    rows: list
+    mean_relative: dict
+    shortcut: list
+    calibration: dict
+    classes: list = field(default_factory=list)  # summaries written before the class list: sorted labels
+    phase: str = ""
+    masked: str = "off"
+    split_protocol: str | None = None
+    ci_unit: str = "image"
+    bootstrap: int = 0
+    data: str = ""
+    flagged: bool = False
+    threshold: float = 0.0
+    cam_layer: str = ""
+    temperature_stored: bool = False
+    temperature_not_stored: str = ""
+    command: str = ""
+    model_run: str = ""
+    version: str = ""
+    corruption_note: str = ""
+
+    @property
+    def shortcut_all(self) -> dict:
+        """The shortcut table's row over all classes."""
+        return self.shortcut[-1]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "shortcut_all": self.shortcut_all}  # shortcut_all: kept for readers of older files
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Summary:
+        """A ``summary.json`` of any version (keys it does not know are ignored)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass
+class Result:
+    """What ``dtl explain`` did: the summary, its MLflow run and the folder of its files."""
+
+    summary: Summary
+    run_id: str
+    out: str
+
+    def text(self) -> str:
+        s = self.summary
+        return "\n".join([f"explain {s.label} ({s.backbone}, {s.strategy}) on {s.split} (n={s.n}):", *summary_text(s),
+                          f"logged to run {self.run_id} (under study run {s.model_run}); written to {self.out}/"])
+
+
 def check_data(target: Resolved, ds, split: str) -> None:
     """The config's data must be the model's (same manifest digest) and hold ``split``."""
-    digest = target.tags.get("data_digest", "")
+    digest = target.tags.get(schema.DATA_DIGEST, "")
     if digest and digest != ds.digest:
         raise DTLError(f"{target.label} was trained on {target.phase} data {digest[:12]}; the config's {target.phase} "
                        f"data is {ds.digest[:12]} ({ds.kind} at {ds.root}): use the same --config / data root as "
@@ -186,54 +246,54 @@ def robustness_frame(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def summary_text(s: dict) -> list[str]:
+def summary_text(s: Summary) -> list[str]:
     """Plain-words lines of one model's explain results (the Markdown page and the CLI)."""
-    rows = {r["kind"]: r for r in s["rows"] if r.get("severity", 0) == 0}
+    rows = {r["kind"]: r for r in s.rows if r.get("severity", 0) == 0}
     lines = []
     cv, occ = rows.get("cross-variant", {}), rows.get("occlusion", {})
     lines.append(f"- Cross-variant: {cv['note']}" if cv.get("note") else
                  f"- {cv['set'].capitalize()}: accuracy {cv['accuracy']:.4f}, change vs clean "
-                 f"{_ci(cv, 'd_accuracy', True)} on n={cv['n']} (paired bootstrap over {s['ci_unit']}s).")
-    mr = s["mean_relative"]
+                 f"{_ci(cv, 'd_accuracy', True)} on n={cv['n']} (paired bootstrap over {s.ci_unit}s).")
+    mr = s.mean_relative
     if mr:
         worst = min((k for k in mr if k != "mean"), key=mr.get)
-        lines.append(f"- Corruptions (3 severities each{s['corruption_note']}): mean relative accuracy "
+        lines.append(f"- Corruptions (3 severities each{s.corruption_note}): mean relative accuracy "
                      f"{mr['mean']:.3f} (1 = as clean); worst: {robustness.LABELS[worst]} ({mr[worst]:.3f}).")
     lines.append(f"- Occlusion: {occ['note']}" if occ.get("note") else
                  f"- Occlusion (annotation box filled vs raw image, model's own mask off): agreement "
                  f"{occ['agreement']:.3f}, accuracy change {_ci(occ, 'd_accuracy', True)}.")
-    sc = next(r for r in s["shortcut"] if r["class"] == "all")
-    flagged = [r["class"] for r in s["shortcut"] if r["flagged"]]
-    lines.append(f"- Grad-CAM mass ({s['cam_layer']}, {sc['n']} images): {sc['foreground']:.1%} on the cells "
+    sc = next(r for r in s.shortcut if r["class"] == "all")
+    flagged = [r["class"] for r in s.shortcut if r["flagged"]]
+    lines.append(f"- Grad-CAM mass ({s.cam_layer}, {sc['n']} images): {sc['foreground']:.1%} on the cells "
                  f"(area {sc['foreground_area']:.1%}), {sc['annotation']:.1%} on the annotation box (area "
                  f"{sc['annotation_area']:.1%}), {sc['corners']:.1%} on the four corners (area {sc['corners_area']:.1%}). "
-                 + (f"FLAGGED: annotation mass above {s['threshold']:g}x its area share for {', '.join(flagged)}."
+                 + (f"FLAGGED: annotation mass above {s.threshold:g}x its area share for {', '.join(flagged)}."
                     if flagged else f"Not flagged (ratio {sc['annotation_ratio']:.2f}; threshold: mass share above "
-                                    f"{s['threshold']:g}x the box's area share)."))
-    c, sp = s["calibration"], s["split"]
+                                    f"{s.threshold:g}x the box's area share)."))
+    c, sp = s.calibration, s.split
     lines.append(f"- Calibration: temperature T={c['temperature']:.3f} fitted on val; ECE val {c['val_ece_before']:.4f} → "
                  f"{c['val_ece_after']:.4f}, {sp} {c[f'{sp}_ece_before']:.4f} → {c[f'{sp}_ece_after']:.4f} "
                  f"(95% CI after {c[f'{sp}_ece_after_ci_low']:.4f}–{c[f'{sp}_ece_after_ci_high']:.4f}); predicted "
-                 f"classes unchanged: {c[f'{sp}_argmax_unchanged']}. Stored with the model: {s['temperature_stored']}"
-                 + (f" ({s['temperature_not_stored']})." if s.get("temperature_not_stored") else "."))
+                 f"classes unchanged: {c[f'{sp}_argmax_unchanged']}. Stored with the model: {s.temperature_stored}"
+                 + (f" ({s.temperature_not_stored})." if s.temperature_not_stored else "."))
     return lines
 
 
-def write_pages(out: Path, s: dict, frame: pd.DataFrame, shortcut: pd.DataFrame) -> None:
+def write_pages(out: Path, s: Summary, frame: pd.DataFrame, shortcut: pd.DataFrame) -> None:
     """robustness.md / robustness.html / robustness.csv and shortcut.csv in ``out``."""
-    head = (f"# Explain and stress: {s['label']} ({s['backbone']}, {s['strategy']}, {s['phase']}, annotation mask "
-            f"{s['masked']})\n\n{s['data']}; split `{s['split']}` (n={s['n']}); 95% CIs are bootstrap intervals "
-            f"resampling {s['ci_unit']}s ({s['bootstrap']} resamples), Δ = set − reference on the same items.\n")
+    head = (f"# Explain and stress: {s.label} ({s.backbone}, {s.strategy}, {s.phase}, annotation mask "
+            f"{s.masked})\n\n{s.data}; split `{s.split}` (n={s.n}); 95% CIs are bootstrap intervals "
+            f"resampling {s.ci_unit}s ({s.bootstrap} resamples), Δ = set − reference on the same items.\n")
     body = ["", *summary_text(s), "", "## Robustness", "", markdown_table(frame), "## Grad-CAM shortcut score", "",
             f"Share of Grad-CAM mass per true class (the `_area` columns: share of the pixels); flagged when the "
-            f"annotation mass share exceeds {s['threshold']:g}× its area share (`annotation_ratio`).", "", markdown_table(shortcut), "## Figures", "",
+            f"annotation mass share exceeds {s.threshold:g}× its area share (`annotation_ratio`).", "", markdown_table(shortcut), "## Figures", "",
             "![CAM grid](cam_grid.png)", "", "![reliability](reliability.png)", "", "## Command", "", "```",
-            s["command"], "```", ""]
+            s.command, "```", ""]
     (out / "robustness.md").write_text(head + "\n".join(body))
     frame.to_csv(out / "robustness.csv", index=False)
     shortcut.to_csv(out / "shortcut.csv", index=False)
     figs = {n: (out / n).read_bytes() for n in ("cam_grid.png", "reliability.png") if (out / n).exists()}
-    (out / "robustness.html").write_text(html_page(f"explain {s['label']}", head + "\n".join(body), figs))
+    (out / "robustness.html").write_text(html_page(f"explain {s.label}", head + "\n".join(body), figs))
 
 
 def store_temperature(tracking: Tracking, cfg: Config, target: Resolved, calib: dict, split: str) -> tuple[bool, str]:
@@ -258,7 +318,7 @@ def store_temperature(tracking: Tracking, cfg: Config, target: Resolved, calib: 
         f = Path(d) / CALIBRATION_FILE
         f.write_text(json.dumps(doc, indent=2))
         tracking.client.log_model_artifact(target.model_id, str(f), "dtl")
-    tracking.client.set_model_version_tag(mv.name, mv.version, "calibration.temperature", f"{calib['temperature']:.6g}")
+    tracking.client.set_model_version_tag(mv.name, mv.version, schema.CALIBRATION_TEMPERATURE, f"{calib['temperature']:.6g}")
     if mv.aliases:  # promoted versions have a card: it must say that the served probabilities are scaled
         write_card(tracking, mv.name, mv.version, load_policy(cfg.policy, mv.name), Path(cfg.cards_dir))
     return True, ""
@@ -273,14 +333,14 @@ def _applies_temperature(tracking: Tracking, model_id: str) -> bool:
     return "apply_temperature" in (mlmodel.get("flavors", {}).get("python_function", {}).get("config") or {})
 
 
-def log_results(run: Run, s: dict, out: Path) -> None:
+def log_results(run: Run, s: Summary, out: Path) -> None:
     """Metrics (``explain_*``, per set) and every file of ``out`` under ``explain/`` of the run."""
-    m = {"temperature": s["calibration"]["temperature"], "cam_annotation_share": s["shortcut_all"]["annotation"],
-         "cam_foreground_share": s["shortcut_all"]["foreground"], "cam_corners_share": s["shortcut_all"]["corners"],
-         "shortcut_flagged": float(s["flagged"]), **{f"mean_relative_accuracy_{k}": v
-                                                      for k, v in s["mean_relative"].items()}}
-    m.update({k: v for k, v in s["calibration"].items() if "_ece_" in k})
-    for r in s["rows"]:
+    m = {"temperature": s.calibration["temperature"], "cam_annotation_share": s.shortcut_all["annotation"],
+         "cam_foreground_share": s.shortcut_all["foreground"], "cam_corners_share": s.shortcut_all["corners"],
+         "shortcut_flagged": float(s.flagged), **{f"mean_relative_accuracy_{k}": v
+                                                      for k, v in s.mean_relative.items()}}
+    m.update({k: v for k, v in s.calibration.items() if "_ece_" in k})
+    for r in s.rows:
         if "accuracy" in r:
             key = r["set"].split(" (")[0].replace(" ", "_").replace("-", "_")
             m.update({f"{key}_{k}": r[k] for k in ("accuracy", "macro_f1", "d_accuracy", "d_accuracy_ci_low",
@@ -290,8 +350,18 @@ def log_results(run: Run, s: dict, out: Path) -> None:
         run.log_artifact(f, "explain")
 
 
-def run_explain(cfg: Config, tracking: Tracking, source: str, split: str, out_root: Path, command: str = "") -> dict:
-    """Explain and stress one model (see module docstring); returns the summary dict."""
+def explain_job(cfg: Config, model: str = "", split: str = "test", out: str = "") -> Result:
+    """``dtl explain``: ``model`` (default: the registered champion) on ``split``, files under ``out``
+    (default: ``<report_dir>/explain``)."""
+    tracking = connect(cfg.tracking_uri, cfg.experiment)
+    r = run_explain(cfg, tracking, model or f"models:/{cfg.registered_model}@champion", split,
+                    Path(out or Path(cfg.report_dir) / "explain"), command=command_line())
+    mark_outer(tracking, schema.Role.EXPLAIN_JOB)
+    return r
+
+
+def run_explain(cfg: Config, tracking: Tracking, source: str, split: str, out_root: Path, command: str = "") -> Result:
+    """Explain and stress one model (see module docstring)."""
     target = resolve(tracking, cfg, source, apply_temperature=False)  # explain fits its own T on raw logits
     ds = dataset(cfg, target.phase)
     check_data(target, ds, split)
@@ -307,7 +377,7 @@ def run_explain(cfg: Config, tracking: Tracking, source: str, split: str, out_ro
     out = Path(out_root) / name
     out.mkdir(parents=True, exist_ok=True)
     layer = explain.target_layer(clf.net)[0]
-    title = f"{target.label}: {clf.net.spec.backbone} ({t.get('strategy', '?')}), Grad-CAM at {layer}, {split} split"
+    title = f"{target.label}: {clf.net.spec.backbone} ({t.get(schema.STRATEGY, '?')}), Grad-CAM at {layer}, {split} split"
     shortcut, per_image, fig = cams(cfg, clf, ds, split, raw, probs, title)
     _save(fig, out / "cam_grid.png")
     _save(calibration.reliability_figure({k: {"before scaling": v["before"], f"T={calib['temperature']:.2f}": v["after"]}
@@ -318,28 +388,28 @@ def run_explain(cfg: Config, tracking: Tracking, source: str, split: str, out_ro
     items.to_csv(out / "predictions.csv", index=False)
     per_image.to_csv(out / "cam_shares.csv", index=False)
     stored, why_not = store_temperature(tracking, cfg, target, calib, split)
-    s = {"label": target.label, "backbone": clf.net.spec.backbone, "strategy": t.get("strategy", ""),
-         "classes": list(clf.classes),
-         "phase": target.phase, "masked": t.get("annotation_mask", "off"), "split_protocol": t.get("split_protocol"),
-         "split": split, "n": len(raw), "ci_unit": unit, "bootstrap": cfg.bootstrap, "rows": rows,
-         "data": f"{ds.kind} data at {ds.root} ({ds.protocol} split, digest {ds.digest[:12]})",
-         "mean_relative": robustness.mean_relative(rows), "shortcut": shortcut, "shortcut_all": shortcut[-1],
-         "flagged": any(r["flagged"] for r in shortcut), "threshold": cfg.explain.annotation_threshold,
-         "cam_layer": layer, "calibration": {k: v for k, v in calib.items() if k != "curves"},
-         "temperature_stored": stored, "temperature_not_stored": why_not, "command": command, "model_run": target.run_id,
-         "version": f"{target.version.name}/{target.version.version}" if target.version else "",
-         "corruption_note": (f"; on a seeded subsample of {cfg.explain.corruption_images} images"
-                             if 0 < cfg.explain.corruption_images < len(raw) else "")}
+    s = Summary(label=target.label, backbone=clf.net.spec.backbone, strategy=t.get(schema.STRATEGY, ""),
+                classes=list(clf.classes), phase=target.phase, masked=t.get(schema.ANNOTATION_MASK, "off"),
+                split_protocol=t.get(schema.SPLIT_PROTOCOL), split=split, n=len(raw), ci_unit=unit,
+                bootstrap=cfg.bootstrap, rows=rows,
+                data=f"{ds.kind} data at {ds.root} ({ds.protocol} split, digest {ds.digest[:12]})",
+                mean_relative=robustness.mean_relative(rows), shortcut=shortcut,
+                flagged=any(r["flagged"] for r in shortcut), threshold=cfg.explain.annotation_threshold,
+                cam_layer=layer, calibration={k: v for k, v in calib.items() if k != "curves"},
+                temperature_stored=stored, temperature_not_stored=why_not, command=command, model_run=target.run_id,
+                version=f"{target.version.name}/{target.version.version}" if target.version else "",
+                corruption_note=(f"; on a seeded subsample of {cfg.explain.corruption_images} images"
+                                 if 0 < cfg.explain.corruption_images < len(raw) else ""))
     write_pages(out, s, robustness_frame(rows), pd.DataFrame(shortcut))
-    (out / "summary.json").write_text(json.dumps(s, indent=2, default=str))
-    run = start_run(tracking, f"explain-{split}", {schema.ROLE: schema.Role.EXPLAIN, "phase": target.phase,
-                                                   "backbone": s["backbone"], "strategy": s["strategy"],
-                                                   "annotation_mask": s["masked"], "data_digest": ds.digest,
-                                                   "split": split, "model": target.label, "model_version": s["version"],
-                                                   "shortcut_flagged": str(s["flagged"]).lower()}, parent=target.run_id)
+    (out / "summary.json").write_text(json.dumps(s.to_dict(), indent=2, default=str))
+    run = start_run(tracking, f"explain-{split}", {
+        schema.ROLE: schema.Role.EXPLAIN, schema.PHASE: target.phase, schema.BACKBONE: s.backbone,
+        schema.STRATEGY: s.strategy, schema.ANNOTATION_MASK: s.masked, schema.DATA_DIGEST: ds.digest,
+        schema.SPLIT: split, schema.MODEL: target.label, schema.MODEL_VERSION: s.version,
+        schema.SHORTCUT_FLAGGED: str(s.flagged).lower()}, parent=target.run_id)
     with ended(run):  # a failure while logging ends the run FAILED, not RUNNING for ever
         log_results(run, s, out)
-    return {**s, "run_id": run.id, "out": str(out)}
+    return Result(s, run.id, str(out))
 
 
 def _save(fig, path: Path) -> None:

@@ -3,12 +3,15 @@ one row per explained model, paired strategy comparisons on the same test items,
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import mlflow
 import numpy as np
 import pandas as pd
 
 from dtl.evaluation.robustness import KINDS, LABELS
 from dtl.evaluation.stats import paired_difference
+from dtl.explain.job import Summary
 from dtl.report.tables import markdown_table, png_bytes
 from dtl.tracking import schema
 from dtl.tracking.adapter import Tracking, find_runs
@@ -16,13 +19,21 @@ from dtl.tracking.adapter import Tracking, find_runs
 CORRUPTED = tuple(f"{k}{s}" for k in KINDS for s in (1, 2, 3))
 
 
-def collect(tracking: Tracking, data_digest: str | None = None) -> list[dict]:
+@dataclass
+class Explained(Summary):
+    """One explain run as the section reads it back: its summary, run id and per-item predictions."""
+
+    run_id: str = ""
+    items: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def collect(tracking: Tracking, data_digest: str | None = None) -> list[Explained]:
     """The latest finished explain run per (model, split): its summary and per-item predictions."""
     flt = schema.where({schema.ROLE: schema.Role.EXPLAIN, **({schema.DATA_DIGEST: data_digest} if data_digest else {})},
                        status="FINISHED")
     latest = {}
     for r in find_runs(tracking, flt):  # oldest first: the last one wins
-        latest[(r.data.tags.get("model"), r.data.tags.get("split"))] = r
+        latest[(r.data.tags.get(schema.MODEL), r.data.tags.get(schema.SPLIT))] = r
     out = []
     for key in sorted(latest, key=str):
         rid = latest[key].info.run_id
@@ -31,7 +42,7 @@ def collect(tracking: Tracking, data_digest: str | None = None) -> list[dict]:
             items = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{rid}/explain/predictions.csv"))
         except Exception:  # noqa: BLE001 - an explain run without its files (killed mid-way)
             continue
-        out.append({**s, "run_id": rid, "items": items})
+        out.append(Explained(**vars(Summary.from_dict(s)), run_id=rid, items=items))
     return out
 
 
@@ -41,26 +52,26 @@ def _cell(r: dict | None, m: str) -> str:
     return f"{r[m]:+.4f} [{r[f'{m}_ci_low']:+.4f}, {r[f'{m}_ci_high']:+.4f}]"
 
 
-def table(rows: list[dict]) -> pd.DataFrame:
+def table(rows: list[Explained]) -> pd.DataFrame:
     """One row per explained model: clean accuracy, cross-variant and occlusion changes with CIs,
     mean relative accuracy under corruption, CAM annotation share, ECE before/after, T."""
     out = []
     for s in rows:
-        by = {r["kind"]: r for r in s["rows"] if r.get("severity", 0) == 0 and "accuracy" in r}
-        mr, c, sp = s["mean_relative"], s["calibration"], s["split"]
+        by = {r["kind"]: r for r in s.rows if r.get("severity", 0) == 0 and "accuracy" in r}
+        mr, c, sp = s.mean_relative, s.calibration, s.split
         worst = min((k for k in mr if k != "mean"), key=mr.get) if mr else ""
-        out.append({"model": s["label"], "version": s.get("version") or "(study run)", "backbone": s["backbone"], "strategy": s["strategy"], "masked": s["masked"],
-                    "split": sp, "n": s["n"], "clean accuracy": f"{by['clean']['accuracy']:.4f}",
+        out.append({"model": s.label, "version": s.version or "(study run)", "backbone": s.backbone, "strategy": s.strategy, "masked": s.masked,
+                    "split": sp, "n": s.n, "clean accuracy": f"{by['clean']['accuracy']:.4f}",
                     "cross-variant Δacc [95% CI]": _cell(by.get("cross-variant"), "d_accuracy"),
                     "corruptions: mean relative acc": f"{mr.get('mean', float('nan')):.3f}",
                     "worst corruption": f"{LABELS.get(worst, worst)} ({mr[worst]:.3f})" if worst else "",
                     "masked − unmasked annotation Δacc [95% CI]": _cell(by.get("occlusion"), "d_accuracy"),
-                    "CAM on annotation (share, × area)": f"{s['shortcut_all']['annotation']:.1%}, "
-                                                         f"{s['shortcut_all']['annotation_ratio']:.2f}×"
-                                                         + (" FLAGGED" if s["flagged"] else ""),
-                    "CAM share on cells": f"{s['shortcut_all']['foreground']:.1%}",
+                    "CAM on annotation (share, × area)": f"{s.shortcut_all['annotation']:.1%}, "
+                                                         f"{s.shortcut_all['annotation_ratio']:.2f}×"
+                                                         + (" FLAGGED" if s.flagged else ""),
+                    "CAM share on cells": f"{s.shortcut_all['foreground']:.1%}",
                     f"ECE {sp} before → after": f"{c[f'{sp}_ece_before']:.4f} → {c[f'{sp}_ece_after']:.4f}",
-                    "T": f"{c['temperature']:.3f}", "T stored": s["temperature_stored"]})
+                    "T": f"{c['temperature']:.3f}", "T stored": s.temperature_stored})
     return pd.DataFrame(out)
 
 
@@ -78,23 +89,23 @@ def _item_scores(items: pd.DataFrame, classes_index: dict) -> pd.DataFrame:
     return out
 
 
-def _classes(s: dict) -> dict:
+def _classes(s: Explained) -> dict:
     """Class name -> index as the row's model predicts them (its own class list, in its order)."""
-    names = s.get("classes") or sorted(s["items"]["label"].unique())  # older summaries: the sorted labels
+    names = s.classes or sorted(s.items["label"].unique())  # older summaries: the sorted labels
     return {c: i for i, c in enumerate(names)}
 
 
-def strategy_gains(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def strategy_gains(rows: list[Explained], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Double transfer − each other strategy of the same backbone (same phase, data, masking and
     split), on the same items: mean accuracy over all corrupted sets, and cross-variant accuracy,
     with paired bootstrap CIs over the items' bootstrap units."""
     out = []
     for a in rows:
         for b in rows:
-            same = all(a.get(k) == b.get(k) for k in ("backbone", "phase", "data", "masked", "split"))
-            if not (same and a["strategy"] == "double" and b["strategy"] != "double"):
+            same = all(getattr(a, k) == getattr(b, k) for k in ("backbone", "phase", "data", "masked", "split"))
+            if not (same and a.strategy == "double" and b.strategy != "double"):
                 continue
-            m = _item_scores(a["items"], _classes(a)).merge(_item_scores(b["items"], _classes(b)), on="path",
+            m = _item_scores(a.items, _classes(a)).merge(_item_scores(b.items, _classes(b)), on="path",
                                                             suffixes=("_a", "_b"))
             for metric in ("corrupted", "cross_variant"):
                 if f"{metric}_a" not in m:
@@ -105,7 +116,7 @@ def strategy_gains(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> pd.Da
                 d = paired_difference(np.zeros(int(ok.sum())), m.loc[ok, f"{metric}_a"].to_numpy(float),
                                       m.loc[ok, f"{metric}_b"].to_numpy(float), lambda t, q: float(q.mean()), n_boot,
                                       seed, m.loc[ok, "unit_a"].to_numpy())
-                out.append({"backbone": a["backbone"], "comparison": f"double − {b['strategy']}",
+                out.append({"backbone": a.backbone, "comparison": f"double − {b.strategy}",
                             "metric": {"corrupted": "accuracy over all 15 corrupted sets",
                                        "cross_variant": "cross-variant accuracy"}[metric],
                             "gain": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
@@ -115,7 +126,7 @@ def strategy_gains(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> pd.Da
                                       "ci_excludes_0", "items"])
 
 
-def figure(rows: list[dict]):
+def figure(rows: list[Explained]):
     """Accuracy per corruption (mean over its 3 severities) and clean, one group of bars per model."""
     import matplotlib  # deferred: plotting, only when a figure is drawn
 
@@ -126,10 +137,10 @@ def figure(rows: list[dict]):
     fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(sets) * max(1, len(rows)) / 2.5), 4.2))
     width = 0.8 / max(len(rows), 1)
     for j, s in enumerate(rows):
-        acc = {k: np.mean([r["accuracy"] for r in s["rows"] if r.get("kind") == k and "accuracy" in r] or [np.nan])
+        acc = {k: np.mean([r["accuracy"] for r in s.rows if r.get("kind") == k and "accuracy" in r] or [np.nan])
                for k in sets}
         ax.bar(np.arange(len(sets)) + (j - (len(rows) - 1) / 2) * width, [acc[k] for k in sets], width,
-               label=f"{s['backbone']} ({s['strategy']}, mask {s['masked']})")
+               label=f"{s.backbone} ({s.strategy}, mask {s.masked})")
     ax.set_xticks(range(len(sets)), ["clean", *(LABELS[k] for k in KINDS)], rotation=15, ha="right", fontsize=8)
     ax.set(ylim=(0, 1), ylabel="test accuracy (mean over 3 severities)", title="Accuracy under corruption per model")
     ax.legend(fontsize=7, loc="lower left", ncol=2)
@@ -143,14 +154,14 @@ def section(tracking: Tracking, data_digest: str | None = None, n_boot: int = 10
     if not rows:
         return [], {}
     gains = strategy_gains(rows, n_boot)
-    best = max(rows, key=lambda s: s["mean_relative"].get("mean", -1))
-    flagged = [s["label"] for s in rows if s["flagged"]]
+    best = max(rows, key=lambda s: s.mean_relative.get("mean", -1))
+    flagged = [s.label for s in rows if s.flagged]
     lines = ["## Explain and stress", "",
              "From `dtl explain` runs (per model: `explain/<model>/robustness.md` beside this report). Δ = set − "
              "reference on the same items with 95% paired bootstrap CIs; relative accuracy = corrupted / clean on the "
              "same items (ImageNet-C style); ECE with 15 bins, T fitted on val only.", "",
-             f"Most robust to corruption by mean relative accuracy: {best['label']} ({best['backbone']}, "
-             f"{best['strategy']}: {best['mean_relative'].get('mean', float('nan')):.3f}). "
+             f"Most robust to corruption by mean relative accuracy: {best.label} ({best.backbone}, "
+             f"{best.strategy}: {best.mean_relative.get('mean', float('nan')):.3f}). "
              + (f"Flagged for CAM mass on the annotation box: {', '.join(flagged)}." if flagged else
                 "No model puts more CAM mass on the annotation box than the threshold."), "",
              markdown_table(table(rows)), "Double transfer against the other strategies on the same items:", "",

@@ -26,10 +26,11 @@ from dtl.evaluation.stats import paired_difference
 from dtl.fuzzy import core as fuzzy
 from dtl.fuzzy.report import CORRUPTIONS, risk_coverage_figure
 from dtl.model.fuzzy import FuzzySystem, features_and_probs
+from dtl.model.mask import mask_state
 from dtl.model.preprocess import InputSpec, eval_transform, resize_rgb
 from dtl.model.pyfunc import ImageClassifier
 from dtl.tracking import schema
-from dtl.tracking.adapter import Run, Tracking, end_orphans, find_run, find_runs, redact, start_run
+from dtl.tracking.adapter import Run, Tracking, connect, end_orphans, find_run, find_runs, mark_outer, redact, start_run
 from dtl.tracking.cards import fuzzy_card
 from dtl.tracking.logged import FUZZY_FLAVOR
 from dtl.tracking.registry import register
@@ -148,17 +149,18 @@ def _open_study(cfg: Config, tracking: Tracking, src: Resolved, ds, backbone: st
     """The Optuna study (same storage as the phase studies) and its MLflow run, nested under
     the phase-2 study run; both found again on a rerun."""
     ptags = tracking.client.get_run(src.run_id).data.tags
-    if ptags.get("data_digest") != ds.digest:
-        raise DTLError(f"the phase-2 model of run {src.run_id} was trained on data {ptags.get('data_digest', '')[:12]}, "
+    if ptags.get(schema.DATA_DIGEST) != ds.digest:
+        raise DTLError(f"the phase-2 model of run {src.run_id} was trained on data {ptags.get(schema.DATA_DIGEST, '')[:12]}, "
                        f"the config's phase-2 data is {ds.digest[:12]} ({ds.kind} at {ds.root}): use the same "
                        "--config / --phase2-root as the run")
     name = study_name(ptags)
     url = cfg.tune.storage or DEFAULT_STORAGE
     study = create_or_load(name, make_storage(url, cfg.tune.heartbeat_s), "maximize", cfg.tune.sampler_seed,
                            "validation macro-F1 of the fuzzy head")
-    tags = {schema.ROLE: schema.Role.FUZZY_STUDY, schema.STUDY: name, "phase": "fuzzy", "head": "fuzzy", "backbone": backbone,
-            "strategy": ptags.get("strategy"), "init": ptags.get("init"), "data_digest": ds.digest,
-            "data_kind": ds.kind, "split_protocol": ds.protocol, "phase2_run": src.run_id,
+    tags = {schema.ROLE: schema.Role.FUZZY_STUDY, schema.STUDY: name, schema.PHASE: "fuzzy", schema.HEAD: "fuzzy",
+            schema.BACKBONE: backbone, schema.STRATEGY: ptags.get(schema.STRATEGY), schema.INIT: ptags.get(schema.INIT),
+            schema.DATA_DIGEST: ds.digest, schema.DATA_KIND: ds.kind, schema.SPLIT_PROTOCOL: ds.protocol,
+            schema.PHASE2_RUN: src.run_id,
             schema.OPTUNA_STORAGE: redact(url)}
     run = find_run(tracking, {schema.STUDY: name})
     if run is None:
@@ -218,16 +220,33 @@ def _finish(cfg: Config, tracking: Tracking, run: Run, src: Resolved, ds, best, 
     clf.net.to(device)  # save_model moved it to the CPU
     t = results["test"]
     version = register(tracking, name, info.model_uri, run.id, {
-        "head": "fuzzy", "backbone": backbone, "phase2_run": src.run_id, "data_digest": ds.digest,
-        "data_kind": ds.kind, "split_protocol": ds.protocol, "study": run.client.get_run(run.id).data.tags[schema.STUDY],
-        "metric.val_macro_f1": round(best.value, 6), "metric.test_accuracy": round(t["fuzzy"]["accuracy"], 6),
-        "metric.test_macro_f1": round(t["fuzzy"]["macro_f1"], 6)})
+        schema.HEAD: "fuzzy", schema.BACKBONE: backbone, schema.PHASE2_RUN: src.run_id, schema.DATA_DIGEST: ds.digest,
+        schema.DATA_KIND: ds.kind, schema.SPLIT_PROTOCOL: ds.protocol,
+        schema.VERSION_STUDY: run.client.get_run(run.id).data.tags[schema.STUDY],
+        schema.METRIC_PREFIX + "val_macro_f1": round(best.value, 6),
+        schema.METRIC_PREFIX + "test_accuracy": round(t["fuzzy"]["accuracy"], 6),
+        schema.METRIC_PREFIX + "test_macro_f1": round(t["fuzzy"]["macro_f1"], 6)})
     tracking.client.update_model_version(name, version, description=card)
     tracking.client.update_registered_model(name, description="Fuzzy Mamdani heads on ALL double-transfer features "
                                                               "(research use only, not for diagnosis)")
     run.set_tags({schema.EVALUATED_TRIAL: best.number, schema.MODEL_URI: info.model_uri,
                   schema.REGISTERED: f"{name}/{version}"})
     return {"results": results, "registered": f"{name}/{version}", "model_uri": info.model_uri}
+
+
+def fuzzy_job(cfg: Config, source: str = "") -> list[dict]:
+    """``dtl fuzzy``: the fuzzy study of ``source``, or of the latest double-transfer phase-2 study
+    per backbone on the config's phase-2 data and masking; one result per source."""
+    tracking = connect(cfg.tracking_uri, cfg.experiment)
+    d2 = dataset(cfg, "phase2")
+    mask = mask_state(cfg.phase2.data.mask_annotation, d2.kind, cfg.phase2.data.variant)
+    sources = [source] if source else phase2_studies(tracking, d2.digest, mask=mask)
+    if not sources:
+        raise DTLError("no finished double-transfer phase-2 study on this config's phase-2 data in experiment "
+                       f"{cfg.experiment!r}: run `dtl main` (or `dtl phase2`) first, or pass --source")
+    out = [run_fuzzy(cfg, tracking, src) for src in sources]
+    mark_outer(tracking, schema.Role.FUZZY_JOB)
+    return out
 
 
 def run_fuzzy(cfg: Config, tracking: Tracking, source: str) -> dict:
@@ -261,7 +280,7 @@ def run_fuzzy(cfg: Config, tracking: Tracking, source: str) -> dict:
         counts = {s.name.lower(): sum(t.state == s for t in study.get_trials(deepcopy=False))
                   for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)}
         run.log_metrics({"n_complete": counts["complete"], "n_failed": counts["fail"], "study_wall_s": time.time() - t0})
-        run.set_tags({"best_trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}})
+        run.set_tags({schema.BEST_TRIAL: best.number, **{schema.BEST_PARAM_PREFIX + k: v for k, v in best.params.items()}})
     except BaseException as e:
         run.set_tags({schema.FAIL_REASON: f"{type(e).__name__}: {str(e)[:400]}"})
         run.end("FAILED" if isinstance(e, Exception) else "KILLED")
@@ -278,5 +297,5 @@ def phase2_studies(tracking: Tracking, data_digest: str, strategy: str = "double
     latest: dict = {}
     for r in find_runs(tracking, flt):
         if schema.CHECKPOINT_TRIAL in r.data.tags:  # finished, with its best checkpoint logged
-            latest[r.data.tags.get("backbone")] = r.info.run_id  # runs come oldest first
+            latest[r.data.tags.get(schema.BACKBONE)] = r.info.run_id  # runs come oldest first
     return [latest[b] for b in sorted(latest)]

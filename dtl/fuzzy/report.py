@@ -19,6 +19,19 @@ SET_NAMES = {"test": "test (in-distribution)", "segmented": "cross-variant (Segm
              "jpeg1": "JPEG q=30", "jpeg2": "JPEG q=10"}
 
 
+def result_text(r: dict) -> str:
+    """What ``dtl fuzzy`` prints for one source model: the study, then fuzzy vs softmax per test set."""
+    lines = [f"fuzzy {r['backbone']}: study {r['study']} run {r['run_id']} best val macro-F1 "
+             f"{r['best_value']:.4f} {r['best_params']} ({r['counts']}) -> {r['registered']}"]
+    for s, v in (r["results"] or {}).items():
+        d = v["diff"]["macro_f1"]
+        lines.append(f"  {s:10s} n={v['n']:4d} acc {v['fuzzy']['accuracy']:.4f} vs softmax {v['softmax']['accuracy']:.4f}; "
+                     f"macro-F1 {v['fuzzy']['macro_f1']:.4f} vs {v['softmax']['macro_f1']:.4f} "
+                     f"(diff {d['diff']:+.4f}, 95% CI {d['ci_low']:+.4f}..{d['ci_high']:+.4f}: {verdict(d)}); "
+                     f"error AUROC firing {v['fuzzy']['abstain_auroc']:.3f} vs maxprob {v['softmax']['abstain_auroc']:.3f}")
+    return "\n".join(lines)
+
+
 def verdict(d: dict) -> str:
     """Plain words for a paired difference (fuzzy − softmax) and its 95% CI: a claim only when the CI excludes 0."""
     if d["ci_low"] > 0:
@@ -59,7 +72,7 @@ def collect(tracking: Tracking, data_digest: str | None = None) -> list[dict]:
     latest: dict = {}
     for r in find_runs(tracking, flt):
         if schema.REGISTERED in r.data.tags:
-            latest[(r.data.tags.get("backbone"), r.data.tags.get("strategy"), r.data.tags.get("data_digest"))] = r
+            latest[tuple(r.data.tags.get(k) for k in (schema.BACKBONE, schema.STRATEGY, schema.DATA_DIGEST))] = r
     out = []
     for key in sorted(latest, key=str):
         r = latest[key]

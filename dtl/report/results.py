@@ -54,36 +54,36 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
         pass
     latest: dict = {}
     for r in runs:  # the latest study per (backbone, strategy, data, masking)
-        key = (r.data.tags.get("backbone"), r.data.tags.get("strategy"), r.data.tags.get("data_digest"),
-               _masked(r.data.tags))
+        key = (*(r.data.tags.get(k) for k in (schema.BACKBONE, schema.STRATEGY, schema.DATA_DIGEST)), _masked(r.data.tags))
         if key not in latest or r.info.start_time > latest[key].info.start_time:
             latest[key] = r
     rows = []
     for r in latest.values():
         t, m = r.data.tags, r.data.metrics
-        init = t.get("init", "")
+        init = t.get(schema.INIT, "")
         p1 = p1_runs.get(init.split("phase1:")[-1]) if init.startswith("phase1:") else None
         vs = sorted(versions.get(r.info.run_id, []), key=lambda v: int(v.version))
         v = vs[-1] if vs else None
         rows.append({
-            "backbone": t.get("backbone"), "strategy": t.get("strategy"),
-            "init": (f"phase 1 ({p1.data.tags.get('init', '?')} → {p1.data.tags.get('data_kind', '?')})") if p1 else init,
-            "split_protocol": t.get("split_protocol"), "masked": _masked(t),
+            "backbone": t.get(schema.BACKBONE), "strategy": t.get(schema.STRATEGY),
+            "init": (f"phase 1 ({p1.data.tags.get(schema.INIT, '?')} → {p1.data.tags.get(schema.DATA_KIND, '?')})") if p1 else init,
+            "split_protocol": t.get(schema.SPLIT_PROTOCOL), "masked": _masked(t),
             "phase1_val_macro_f1": p1.data.metrics.get("val_macro_f1") if p1 else None,
             "phase2_val_accuracy": m.get("val_accuracy"), "val_macro_f1": m.get("val_macro_f1"),
             "test_accuracy": m.get("test_accuracy"), "test_accuracy_ci": _ci(m, "test_accuracy"),
             "test_macro_f1": m.get("test_macro_f1"), "test_macro_f1_ci": _ci(m, "test_macro_f1"),
-            "ci_unit": t.get("ci_unit.test", "image"),
+            "ci_unit": t.get(schema.CI_UNIT_PREFIX + "test", "image"),
             "test_accuracy_seeds": _seeds(m, "test_accuracy"), "test_macro_f1_seeds": _seeds(m, "test_macro_f1"),
             "test_accuracy_cv": _cv(m, t, "test_accuracy"), "test_macro_f1_cv": _cv(m, t, "test_macro_f1"),
             "test_balanced_accuracy": m.get("test_balanced_accuracy"),
             "trials": int(m.get("n_complete", 0) + m.get("n_pruned", 0) + m.get("n_failed", 0)),
             "pruned": int(m.get("n_pruned", 0)), "failed": int(m.get("n_failed", 0)),
             "flags": _flags(t),
-            "best_params": json.dumps({k[5:]: _short(val) for k, val in sorted(t.items()) if k.startswith("best.")})
+            "best_params": json.dumps({k[len(schema.BEST_PARAM_PREFIX):]: _short(val) for k, val in sorted(t.items())
+                                        if k.startswith(schema.BEST_PARAM_PREFIX)})
             if _tuned(t) else "none tuned (config values)",
             "registered_version": v.version if v else "", "alias": ",".join(v.aliases) if v else "",
-            "data_digest": (t.get("data_digest") or "")[:12], "phase2_run": r.info.run_id,
+            "data_digest": (t.get(schema.DATA_DIGEST) or "")[:12], "phase2_run": r.info.run_id,
             "cv_id": t.get(schema.CV_ID, ""), "f1_low": m.get("test_macro_f1_ci_low"),
             "f1_high": m.get("test_macro_f1_ci_high"), "cv_f1": m.get("cv_test_macro_f1_mean"),
             "cv_f1_low": m.get("cv_test_macro_f1_ci_low"), "cv_f1_high": m.get("cv_test_macro_f1_ci_high"),
@@ -94,11 +94,11 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
 
 def _masked(tags: dict) -> str:
     """``on``/``off``: whether the annotation corner was masked for this study ('' before masking existed)."""
-    return tags.get("annotation_mask", "")
+    return tags.get(schema.ANNOTATION_MASK, "")
 
 
 def _tuned(tags: dict) -> bool:
-    return any(k.startswith("best.") for k in tags)
+    return any(k.startswith(schema.BEST_PARAM_PREFIX) for k in tags)
 
 
 def _flags(tags: dict) -> str:
@@ -345,7 +345,7 @@ def figures(tracking: Tracking, df: pd.DataFrame) -> dict:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2 + 0.22 * legend_rows))
     for _, r in df.iterrows():
         run = tracking.client.get_run(r["phase2_run"])
-        best = run.data.tags.get("best_trial_run_id")
+        best = run.data.tags.get(schema.BEST_TRIAL_RUN_ID)
         label = _label(r)
         if best:
             hist = tracking.client.get_metric_history(best, "val_macro_f1")

@@ -28,6 +28,7 @@ import mlflow
 import pandas as pd
 import requests
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
@@ -337,7 +338,7 @@ def log_evaluation(run: Run, ev: Evaluation, prefix: str = "", model_id: str | N
             run.log_metrics({k: v for k, v in ev.metrics.items() if k.startswith(f"{split}_")},
                             model_id=model_id, dataset=dataset_ref(ds, split, name))
     if ev.ci_unit:
-        run.set_tags({f"ci_unit.{split}": unit for split, unit in ev.ci_unit.items()})
+        run.set_tags({schema.CI_UNIT_PREFIX + split: unit for split, unit in ev.ci_unit.items()})
     for split, cm in ev.confusion.items():
         run.log_dict(cm, f"evaluation/{prefix}confusion_{split}.json")
         run.log_figure(confusion_figure(cm, f"{prefix}{split}"), f"evaluation/{prefix}confusion_{split}.png")
@@ -380,6 +381,12 @@ def ended(run: Run, end: bool = True):
         run.end("FINISHED")
 
 
+def mark_outer(tracking: Tracking, role: str) -> None:
+    """Give ``mlflow run``'s own run (if this process runs under one) the role of its job."""
+    if tracking.outer_run_id:
+        Run(tracking, tracking.outer_run_id).set_tags({schema.ROLE: role})
+
+
 def command_run(tracking: Tracking, name: str, tags: dict):
     """The run of one command (``evaluate``, ``report``): ``mlflow run``'s own run when there is
     one, tagged, else a new run; a context manager that ends it (:func:`ended`)."""
@@ -389,3 +396,15 @@ def command_run(tracking: Tracking, name: str, tags: dict):
     else:
         run = start_run(tracking, name, tags)
     return ended(run, end=not tracking.outer_run_id)
+
+
+def is_tracking_failure(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is the tracking server going away mid-run."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, requests.exceptions.ConnectionError) or (
+                isinstance(e, MlflowException) and ("API request" in str(e) or "Max retries" in str(e))):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

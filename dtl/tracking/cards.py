@@ -32,21 +32,21 @@ def write_card(tracking: Tracking, name: str, version: str, policy: Policy, card
         "name": name, "version": version, "aliases": list(mv.aliases),
         "intended_use": "Research on acute lymphoblastic leukemia image classification. NOT for diagnosis "
                         "or any clinical decision.",
-        "backbone": t.get("backbone"), "classes": classes, "input": spec.get("input", {}),
+        "backbone": t.get(schema.BACKBONE), "classes": classes, "input": spec.get("input", {}),
         "input_format": "column 'image': base64 image bytes, raw bytes or an H×W×3 uint8 RGB array, any size "
                         "(resized and centre-cropped inside the model); file paths only in local Python with "
                         "model_config={'allow_paths': True}, never over REST",
-        "data": {"phase2": {"kind": t.get("data_kind"), "digest": t.get("data_digest"),
-                            "split_protocol": t.get("split_protocol"),
-                            "duplicates_removed": mv.tags.get("duplicates_removed")},
-                 "phase1": {"digest": mv.tags.get("phase1_data_digest"), "kind": mv.tags.get("phase1_data_kind"),
-                            "split_protocol": mv.tags.get("phase1_split_protocol")}},
+        "data": {"phase2": {"kind": t.get(schema.DATA_KIND), "digest": t.get(schema.DATA_DIGEST),
+                            "split_protocol": t.get(schema.SPLIT_PROTOCOL),
+                            "duplicates_removed": mv.tags.get(schema.DUPLICATES_REMOVED)},
+                 "phase1": {"digest": mv.tags.get(schema.PHASE1_DATA_DIGEST), "kind": mv.tags.get(schema.PHASE1_DATA_KIND),
+                            "split_protocol": mv.tags.get(schema.PHASE1_SPLIT_PROTOCOL)}},
         "metrics": metrics,
         "probabilities": _calibration(client, mv),
         "policy": {"metric": policy.metric, "direction": policy.direction, "min_value": policy.min_value},
-        "lineage": {"phase1_run": mv.tags.get("phase1_run"), "phase2_run": mv.run_id, "study": t.get(schema.STUDY),
-                    "git_commit": t.get(schema.GIT_COMMIT), "init": t.get("init"),
-                    "strategy": t.get("strategy"), "previous_champion": mv.tags.get(schema.PREVIOUS_CHAMPION),
+        "lineage": {"phase1_run": mv.tags.get(schema.PHASE1_RUN), "phase2_run": mv.run_id, "study": t.get(schema.STUDY),
+                    "git_commit": t.get(schema.GIT_COMMIT), "init": t.get(schema.INIT),
+                    "strategy": t.get(schema.STRATEGY), "previous_champion": mv.tags.get(schema.PREVIOUS_CHAMPION),
                     "model_uri": mv.source},
         "limitations": limitations(t),
     }
@@ -75,8 +75,8 @@ CI_UNITS = {"patient": "patients", "group": "near-duplicate groups (one smear fi
 
 def limitations(tags: dict) -> list[str]:
     """What the card must warn about, from the study run's own tags (split protocol, CI unit)."""
-    protocol = tags.get("split_protocol", "unknown")
-    unit = tags.get("ci_unit.test", "image")
+    protocol = tags.get(schema.SPLIT_PROTOCOL, "unknown")
+    unit = tags.get(schema.CI_UNIT_PREFIX + "test", "image")
     out = []
     if protocol != "patient-level":
         out.append(f"The phase-2 data has no patient IDs: the split is {protocol} (images of one patient may be on "
@@ -186,6 +186,6 @@ input is unlike the training data: abstain). {coverage:.1%} of the training imag
 AUROC for detecting errors: firing strength {t['fuzzy']['abstain_auroc']:.3f}, softmax max-probability
 {t['softmax']['abstain_auroc']:.3f}.
 
-**Limitations.** {" ".join(limitations({**src.tags, "ci_unit.test": "image"}))} The fuzzy head is only as good as the
+**Limitations.** {" ".join(limitations({**src.tags, schema.CI_UNIT_PREFIX + "test": "image"}))} The fuzzy head is only as good as the
 features of the network below it.
 """

@@ -57,6 +57,43 @@ STRATEGY = "strategy"
 DATA_DIGEST = "data_digest"
 ANNOTATION_MASK = "annotation_mask"
 HEAD = "head"
+SPLIT_PROTOCOL = "split_protocol"
+DATA_KIND = "data_kind"
+INIT = "init"  # imagenet | scratch | file:<path> | phase1:<study run id>
+INIT_DIGEST = "init_digest"
+MONITOR = "monitor"  # the metric the study optimises
+DIRECTION = "direction"  # maximize | minimize
+
+# --- tag keys: results written on a study, trial or job run ------------------------------------
+BEST_TRIAL = "best_trial"
+BEST_TRIAL_RUN_ID = "best_trial_run_id"
+BEST_PARAM_PREFIX = "best."  # + param name, on a fuzzy study: its best parameters
+PRECISION = "precision"  # on a trial: the precision it really ran in (AMP may fall back)
+DEVICE = "device"
+SKIPPED_STEPS = "skipped_steps"  # AMP steps skipped for inf/nan gradients
+WORLD_SIZE = "world_size"  # on a trial: DDP processes
+CI_UNIT_PREFIX = "ci_unit."  # + split: what the bootstrap resampled (image, group, patient)
+CHECKPOINT_FILE = "checkpoint"  # on an evaluate run: the file evaluated
+MODEL = "model"  # on an explain run: the model reference explained
+MODEL_VERSION = "model_version"
+SPLIT = "split"
+SHORTCUT_FLAGGED = "shortcut_flagged"
+
+# --- tag keys: on registered model versions ------------------------------------------------------
+METRIC_PREFIX = "metric."  # + metric name: the evaluation that promotion compares
+PHASE2_RUN = "phase2_run"  # the study run the version (or a fuzzy study) came from
+PHASE2_TRIAL = "phase2_trial"
+VERSION_STUDY = "study"  # the study's name, on a version
+VERSION_PIPELINE_RUN = "pipeline_run"
+PHASE1_SOURCE = "phase1_source"  # what phase 2 started from: a phase-1 study run id, models:/ URI or file
+PHASE1_RUN = "phase1_run"
+PHASE1_TRIAL = "phase1_trial"
+PHASE1_INIT = "phase1_init"
+PHASE1_DATA_DIGEST = "phase1_data_digest"
+PHASE1_DATA_KIND = "phase1_data_kind"
+PHASE1_SPLIT_PROTOCOL = "phase1_split_protocol"
+DUPLICATES_REMOVED = "duplicates_removed"
+CALIBRATION_TEMPERATURE = "calibration.temperature"
 
 # --- tag keys: MLflow's and Optuna's ----------------------------------------------------------
 PARENT = "mlflow.parentRunId"
@@ -68,6 +105,7 @@ OPTUNA_TRIAL = "optuna.trial"
 OPTUNA_STATE = "optuna.state"
 OPTUNA_STORAGE = "optuna.storage"
 OPTUNA_RETRY_OF = "optuna.retry_of"
+OPTUNA_PRUNED_EPOCH = "optuna.pruned_epoch"
 
 PHASE1_SOURCE_PREFIX = "dtl.phase1_source."  # + backbone, on a root run: the phase-1 study phase 2 started from
 

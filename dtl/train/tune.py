@@ -245,11 +245,12 @@ def open_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, paren
         optuna.storages.fail_stale_trials(study)
     _fail_dead_trials(study, tracking)
     init = init_label or pc.init
-    tags = {schema.ROLE: schema.Role.STUDY, schema.STUDY: name, "phase": phase, "backbone": backbone, "strategy": strategy,
-            "init": init, "init_digest": start, schema.STUDY_IDENTITY: identity, "monitor": pc.monitor,
-            "direction": direction(pc.monitor), "data_digest": ds.digest, "data_kind": ds.kind,
-            "split_protocol": ds.protocol, "annotation_mask": mask_state(pc.data.mask_annotation, ds.kind, pc.data.variant),
-            "precision": cfg.precision, schema.OPTUNA_STORAGE: redact(storage_url),
+    tags = {schema.ROLE: schema.Role.STUDY, schema.STUDY: name, schema.PHASE: phase, schema.BACKBONE: backbone,
+            schema.STRATEGY: strategy, schema.INIT: init, schema.INIT_DIGEST: start, schema.STUDY_IDENTITY: identity,
+            schema.MONITOR: pc.monitor, schema.DIRECTION: direction(pc.monitor), schema.DATA_DIGEST: ds.digest,
+            schema.DATA_KIND: ds.kind, schema.SPLIT_PROTOCOL: ds.protocol,
+            schema.ANNOTATION_MASK: mask_state(pc.data.mask_annotation, ds.kind, pc.data.variant),
+            schema.PRECISION: cfg.precision, schema.OPTUNA_STORAGE: redact(storage_url),
             schema.PINNED: ",".join(f"{k}={getattr(pc, k)}" for k in pc.pinned) or "-"}
     run = _study_run(cfg, tracking, tags, ds, parent_run)
     link_study(study, run.id, tags)
@@ -262,10 +263,10 @@ def open_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, paren
 def link_study(study: optuna.Study, run_id: str, tags: dict) -> None:
     """Name the study's objective (``optuna-dashboard`` shows it) and link the study to its MLflow
     run through user attributes: run id, backbone, phase, strategy, data digest, split protocol."""
-    if study.metric_names != [tags["monitor"]]:
-        study.set_metric_names([tags["monitor"]])
-    want = {"mlflow_run_id": run_id, **{k: tags[k] for k in ("phase", "backbone", "strategy", "data_digest",
-                                                              "split_protocol", "init")}}
+    if study.metric_names != [tags[schema.MONITOR]]:
+        study.set_metric_names([tags[schema.MONITOR]])
+    want = {"mlflow_run_id": run_id, **{k: tags[k] for k in (schema.PHASE, schema.BACKBONE, schema.STRATEGY, schema.DATA_DIGEST,
+                                                              schema.SPLIT_PROTOCOL, schema.INIT)}}
     for k, v in want.items():
         if study.user_attrs.get(k) != v:
             study.set_user_attr(k, v)
@@ -295,7 +296,7 @@ class Objective:
         trun = start_run(self.tracking, f"trial-{trial.number}",
                          {**s.tags, schema.ROLE: schema.Role.TRIAL, schema.OPTUNA_TRIAL: trial.number, schema.OPTUNA_STATE: "RUNNING",
                           schema.OPTUNA_RETRY_OF: RetryCallback.retried_trial_number(frozen),
-                          "world_size": distributed.world_size()}, parent=s.run.id)
+                          schema.WORLD_SIZE: distributed.world_size()}, parent=s.run.id)
         trial.set_user_attr("mlflow_run_id", trun.id)
         trun.log_params({**flatten(tcfg), **{f"trial.{k}": v for k, v in overrides.items()}})
         try:
@@ -315,8 +316,8 @@ class Objective:
             raise
         trial.set_user_attr("checkpoint", str(res.checkpoint))
         trial.set_user_attr("best_epoch", res.best_epoch)
-        trun.set_tags({schema.OPTUNA_STATE: "COMPLETE", "precision": res.precision, "device": res.device,
-                       "skipped_steps": res.skipped_steps})
+        trun.set_tags({schema.OPTUNA_STATE: "COMPLETE", schema.PRECISION: res.precision, schema.DEVICE: res.device,
+                       schema.SKIPPED_STEPS: res.skipped_steps})
         trun.log_metrics({f"best_{self.monitor}": res.best_value, "best_epoch": res.best_epoch})
         trun.end("FINISHED")
         return res.best_value
@@ -327,7 +328,7 @@ class Objective:
         faults.kill_point(f"{self.s.phase}:trial{trial.number}:epoch{epoch}")
         trial.report(row[self.monitor], epoch)
         if trial.should_prune():
-            trun.set_tags({schema.OPTUNA_STATE: "PRUNED", "optuna.pruned_epoch": epoch})
+            trun.set_tags({schema.OPTUNA_STATE: "PRUNED", schema.OPTUNA_PRUNED_EPOCH: epoch})
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
 
@@ -412,7 +413,7 @@ def _show(bar: StudyProgress, study: optuna.Study, t: optuna.trial.FrozenTrial) 
 def _study_run(cfg: Config, tracking: Tracking, tags: dict, ds, parent_run: str | None) -> Run:
     """The study's MLflow parent run: found again by its ``dtl.study`` tag and reopened, or created
     (with the config params and the data) when two workers race, the oldest run wins."""
-    name, phase, strategy, backbone = tags[schema.STUDY], tags["phase"], tags["strategy"], tags["backbone"]
+    name, phase, strategy, backbone = tags[schema.STUDY], tags[schema.PHASE], tags[schema.STRATEGY], tags[schema.BACKBONE]
     run = find_run(tracking, {schema.STUDY: name})
     if run is not None:
         run.reopen()
@@ -478,9 +479,9 @@ def summarise(s: Study, wall: float) -> StudyResult:
     # TPE draws its first ``startup_trials`` at random: a best trial among them was never proposed
     # by the model of the objective, so its "best parameters" are one lucky draw, not a tuning result.
     startup_best = best.number < startup_trials(s.cfg, s.phase) and bool(best.params)  # nothing tuned: nothing to flag
-    run.set_tags({"best_trial": best.number, "best_trial_run_id": best.user_attrs.get("mlflow_run_id", ""),
+    run.set_tags({schema.BEST_TRIAL: best.number, schema.BEST_TRIAL_RUN_ID: best.user_attrs.get("mlflow_run_id", ""),
                   schema.BEST_IS_STARTUP_DRAW: str(startup_best).lower(),
-                  **{f"best.{k}": v for k, v in best.params.items()}})
+                  **{schema.BEST_PARAM_PREFIX + k: v for k, v in best.params.items()}})
     run.log_dict({"best_trial": best.number, "best_value": best.value, "params": best.params, "counts": counts,
                   "best_is_startup_draw": startup_best, "direction": s.optuna.direction.name.lower()},
                  "study/best.json")
