@@ -301,7 +301,8 @@ def _baselines(ds, dc, args, cache_dir: str) -> list[dict]:
 
     if args.probe is False:
         return []
-    return audit_baselines(ds, annotation_mask(dc.mask_annotation, ds.kind, dc.variant), cache_dir, seed=dc.split_seed)
+    return audit_baselines(ds, annotation_mask(dc.mask_annotation, ds.kind, dc.variant), cache_dir, seed=dc.split_seed,
+                           colour=dc.colour)
 
 
 def _preview(ds, args) -> int:
