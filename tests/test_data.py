@@ -523,3 +523,17 @@ def test_colour_travels_in_the_input_spec_and_the_cache_key(cache_dir):
     colour = np.asarray(split_array(ds, "val", raw, False, cache_dir))
     grey = np.asarray(split_array(ds, "val", spec, False, cache_dir))
     assert not (colour[..., 0] == colour[..., 2]).all() and (grey[..., 0] == grey[..., 2]).all()
+
+
+def test_the_audit_colour_baseline_sees_the_recipes_colour(cache_dir, monkeypatch):
+    from dtl.data import probe
+
+    seen = {}
+    monkeypatch.setattr(probe, "shortcut_baselines", lambda features, y, table, seed: seen.update(features) or [])
+    ds = load_dataset(DataConfig(kind="demo-aria"), cache_dir)
+    probe.audit_baselines(ds, AnnotationMask(), cache_dir, colour="greyscale")
+    colour = seen["colour"]
+    assert (colour[:, 0] == colour[:, 1]).all() and (colour[:, 1] == colour[:, 2]).all()  # R = G = B means
+    assert (colour[:, 9:] == 0).all()  # no saturation left: no pixel in a hue bin
+    raw_box = seen["annotation"].reshape(len(colour), -1, 3)  # the unmasked box stays raw, in colour
+    assert (raw_box[..., 0] != raw_box[..., 2]).any()
