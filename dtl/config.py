@@ -21,6 +21,7 @@ import yaml
 
 from dtl import DTLError
 from dtl.data import kinds
+from dtl.model.colour import METHODS as COLOURS
 from dtl.train import strategies
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -52,6 +53,7 @@ class DataConfig:
     protocol: str = "auto"  # split protocol, one of SPLIT_PROTOCOLS; auto = the kind's default
     block_size: int = 20  # acquisition-blocks: consecutive file numbers per class kept together
     mask_annotation: str = "auto"  # on | off | auto (= on for Aria, whose corner stamp leaks the label)
+    colour: str = "raw"  # raw | greyscale | reinhard (stain normalisation to a fixed reference; dtl.model.colour)
     cv_folds: int = 0  # > 0: fold cv_fold of a stratified group K-fold over ALL items is test, the next fold val
     cv_fold: int = 0  # (final.cv sets these three for its fold models; a fold can be rerun by hand with them)
     cv_repeat: int = 0  # repeat r draws its folds with split_seed + r
@@ -431,10 +433,11 @@ def validate(cfg: Config, check_files: bool = True) -> None:
 
 
 def validate_data(d: DataConfig, where: str) -> None:
-    """Split protocol, annotation-mask mode and block size of one phase's data block."""
+    """Split protocol, annotation-mask mode, colour and block size of one phase's data block."""
     _choice(d.kind, DATA_KINDS, f"{where}.kind")
     _choice(d.protocol, ("auto",) + kinds.get(d.kind).protocols, f"{where}.protocol (for kind {d.kind})")
     _choice(d.mask_annotation, MASK_MODES, f"{where}.mask_annotation")
+    _choice(d.colour, COLOURS, f"{where}.colour")
     _choice(d.variant, ("original", "segmented"), f"{where}.variant")
     if d.cv_folds == 1 or d.cv_folds < 0 or not 0 <= d.cv_fold < max(d.cv_folds, 1) or d.cv_repeat < 0:
         raise DTLError(f"{where}.cv_folds must be 0 (off) or >= 2 and 0 <= cv_fold < cv_folds, cv_repeat >= 0; "

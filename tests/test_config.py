@@ -27,6 +27,7 @@ def test_real_backbone_recipes_resolve():
     ("phase2.epochs=abc", "must be a number"),
     ("strategies=[triple]", "double, single, scratch"),
     ("noequals", "key.sub=value"),
+    ("phase2.data.colour=sepia", r"phase2.data.colour='sepia' is not valid; choose one of: raw, greyscale, reinhard"),
 ])
 def test_bad_overrides_name_the_valid_choices(override, needle):
     with pytest.raises(DTLError, match=needle):

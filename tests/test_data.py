@@ -1,3 +1,4 @@
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -429,3 +430,110 @@ def test_new_augment_keys_at_their_default_leave_study_identities_as_they_were()
     assert training_config(d) == training_config(old)  # a store made before the keys existed resumes
     on = {**d, "augment": {**d["augment"], "hed": 0.05}}
     assert training_config(on) != training_config(d)
+
+
+def _stained(seed: int = 0, size: int = 48) -> np.ndarray:
+    """A light field with a purple blob and noise: colours a smear could hold, inside the sRGB gamut."""
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size, 3), (222, 210, 226), np.int16)
+    img[size // 4:3 * size // 4, size // 4:3 * size // 4] = (118, 62, 150)
+    return np.clip(img + rng.integers(-25, 25, img.shape), 0, 255).astype(np.uint8)
+
+
+def test_colour_lab_conversion_is_scikit_images():
+    from skimage.color import lab2rgb, rgb2lab
+
+    from dtl.model.colour import lab_to_rgb, rgb_to_lab
+
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    img[0, :2] = ((0, 0, 0), (255, 255, 255))
+    np.testing.assert_allclose(rgb_to_lab(img), rgb2lab(img), atol=1e-9)
+    np.testing.assert_allclose(lab_to_rgb(rgb2lab(img)), lab2rgb(rgb2lab(img)), atol=1e-9)
+    np.testing.assert_allclose(lab_to_rgb(rgb_to_lab(img)) * 255, img, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["raw", "greyscale", "reinhard"])
+def test_colour_apply_keeps_shape_and_dtype_and_is_deterministic(method):
+    from dtl.data.colour import apply
+
+    img = _stained(0, 40)[:, :36]
+    out = apply(img, method)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert np.array_equal(out, apply(img.copy(), method))
+    assert np.array_equal(img, _stained(0, 40)[:, :36])  # the input is left as it was
+    if method == "raw":
+        assert np.array_equal(out, img)
+    if method == "greyscale":
+        assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+        want = np.rint(img.astype(float) @ [0.299, 0.587, 0.114])  # BT.601 luma, as augment.grey
+        assert np.abs(out[..., 0].astype(float) - want).max() <= 0.5
+
+
+def test_reinhard_moves_each_images_lab_statistics_onto_the_fixed_reference():
+    from skimage.color import rgb2lab
+
+    from dtl.data.colour import REINHARD_MEAN, REINHARD_STD, apply
+
+    for seed, cast in ((0, (0, 0, 0)), (1, (30, -20, 10)), (2, (-35, 5, -30))):  # three "sessions"
+        img = np.clip(_stained(seed).astype(int) + cast, 0, 255).astype(np.uint8)
+        lab = rgb2lab(apply(img, "reinhard")).reshape(-1, 3)  # measured by the oracle
+        np.testing.assert_allclose(lab.mean(0), REINHARD_MEAN, atol=0.5)
+        np.testing.assert_allclose(lab.std(0), REINHARD_STD, rtol=0.03)
+    base = _stained(0)
+    cast = np.clip(base.astype(int) + (15, -10, 5), 0, 255).astype(np.uint8)  # ~10 levels off on average
+    a, b = apply(base, "reinhard"), apply(cast, "reinhard")
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.5  # a global cast is normalised away
+    with pytest.raises(DTLError, match="choose one of: raw, greyscale, reinhard"):
+        apply(a, "sepia")
+
+
+def test_colour_comes_after_the_mask_and_before_segmentation():
+    """The masked box keeps its constant fill under Reinhard (normalised, it would carry the
+    image's own statistics); segmentation decides the foreground on the colours, so greyscale
+    does not blank the whole image."""
+    from dtl.model.preprocess import resize_rgb
+
+    mask = AnnotationMask()
+    for seed in (0, 1):
+        out = resize_rgb(_stained(seed, 64), 64, mask=mask, colour="reinhard")
+        y0, x0 = mask.box(64, 64)
+        assert (out[y0:, x0:] == 230).all() and not (out[:y0] == _stained(seed, 64)[:y0]).all()
+    img = _stained(0, 64)
+    seg = resize_rgb(img, 64, segment=True, colour="greyscale")
+    assert np.array_equal(seg > 0, hsv_segment(img) > 0) and (seg[..., 0] == seg[..., 2]).all()
+    assert np.array_equal(resize_rgb(img, 64, segment=True), hsv_segment(img))  # raw: as before
+
+
+def test_colour_travels_in_the_input_spec_and_the_cache_key(cache_dir):
+    from dtl.data.cache import cache_key
+
+    spec = InputSpec(32, 36, (0.5,) * 3, (0.5,) * 3, colour="greyscale")
+    assert InputSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    old = spec.to_dict()
+    del old["colour"]  # a spec written before data.colour existed: that model saw raw colours
+    assert InputSpec.from_dict(old).colour == "raw"
+    with pytest.raises(DTLError, match="choose one of: raw, greyscale, reinhard"):
+        InputSpec.from_dict({**old, "colour": "sepia"})
+    ds = load_dataset(DataConfig(kind="demo-aria"), cache_dir)
+    raw = replace(spec, colour="raw")
+    keys = {c: cache_key(ds, "val", replace(spec, colour=c), False) for c in ("raw", "greyscale", "reinhard")}
+    assert len(set(keys.values())) == 3
+    old_text = f"1|{ds.digest}|val|36|bicubic|hsv=False"  # the key before data.colour: raw caches stay valid
+    assert keys["raw"] == hashlib.sha256(old_text.encode()).hexdigest()[:24]
+    colour = np.asarray(split_array(ds, "val", raw, False, cache_dir))
+    grey = np.asarray(split_array(ds, "val", spec, False, cache_dir))
+    assert not (colour[..., 0] == colour[..., 2]).all() and (grey[..., 0] == grey[..., 2]).all()
+
+
+def test_the_audit_colour_baseline_sees_the_recipes_colour(cache_dir, monkeypatch):
+    from dtl.data import probe
+
+    seen = {}
+    monkeypatch.setattr(probe, "shortcut_baselines", lambda features, y, table, seed: seen.update(features) or [])
+    ds = load_dataset(DataConfig(kind="demo-aria"), cache_dir)
+    probe.audit_baselines(ds, AnnotationMask(), cache_dir, colour="greyscale")
+    colour = seen["colour"]
+    assert (colour[:, 0] == colour[:, 1]).all() and (colour[:, 1] == colour[:, 2]).all()  # R = G = B means
+    assert (colour[:, 9:] == 0).all()  # no saturation left: no pixel in a hue bin
+    raw_box = seen["annotation"].reshape(len(colour), -1, 3)  # the unmasked box stays raw, in colour
+    assert (raw_box[..., 0] != raw_box[..., 2]).any()

@@ -333,3 +333,73 @@ def test_rgba_palette_and_cmyk_give_the_rgb_image_and_its_probabilities(saved_se
     assert (diff.max() if tol == 0 else diff.mean()) <= tol
     p = _probs(mlflow.pyfunc.load_model(str(saved_segmented[0])), [_b64(_png(img, fmt)), _b64(_png(Image.fromarray(want)))])
     assert np.allclose(p[0], p[1], atol=1e-6 if tol == 0 else 5e-3), p
+
+
+def _colourful(seed: int = 0) -> np.ndarray:
+    """A field of coloured blobs: its greyscale version is another picture to a net that sees colour."""
+    rng = np.random.default_rng(seed)
+    img = np.repeat(np.repeat(rng.integers(0, 256, (14, 14, 3)), 16, 0), 16, 1)
+    return np.clip(img + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def saved_by_colour(tmp_path_factory):
+    """One untrained test_resnet saved twice, its input spec's colour raw and greyscale."""
+    import torch
+
+    from dtl.tracking.logged import save_model
+
+    torch.manual_seed(0)
+    net = DTLNet(ModelSpec("test_resnet", CLASSES)).eval()
+    root = tmp_path_factory.mktemp("colour")
+    for colour in ("raw", "greyscale"):
+        ispec = replace(resolve_input_spec("test_resnet", 64), colour=colour)
+        save_model(root / colour, net, {"spec": net.spec.to_dict(), "input": ispec.to_dict()},
+                   np.zeros((64, 64, 3), np.uint8))
+    return root
+
+
+def test_a_served_model_applies_the_colour_of_its_input_spec(saved_by_colour):
+    """Oracle: with colour=greyscale a colour image and its greyscale version (dtl.data.colour,
+    the training path's own function) are the same input; with raw they are not."""
+    import json
+
+    from dtl.data.colour import apply
+
+    imgs = [_colourful(0), apply(_colourful(0), "greyscale"), _colourful(1), apply(_colourful(1), "greyscale")]
+    rows = [_b64(_png(Image.fromarray(im))) for im in imgs]
+    assert json.loads((saved_by_colour / "greyscale" / "dtl" / "spec.json").read_text())["input"]["colour"] == "greyscale"
+    grey = _probs(mlflow.pyfunc.load_model(str(saved_by_colour / "greyscale")), rows)
+    np.testing.assert_allclose(grey[0], grey[1], atol=1e-6)
+    np.testing.assert_allclose(grey[2], grey[3], atol=1e-6)
+    raw = _probs(mlflow.pyfunc.load_model(str(saved_by_colour / "raw")), rows)
+    assert np.abs(raw[0] - raw[1]).max() > 1e-4 and np.abs(raw[2] - raw[3]).max() > 1e-4
+    assert not np.allclose(raw, grey, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_logged_model_carries_the_colour_of_its_checkpoint(tmp_path):
+    """The checkpoint's input spec (written by run_phase) travels into the logged model: its
+    spec.json and the classifier mlflow.pyfunc loads from the store."""
+    import json
+
+    import torch
+
+    from dtl.data.colour import apply
+
+    with module_workspace(tmp_path) as tmp:
+        t = connect(f"sqlite:///{tmp}/mlflow.db", "colour")
+        torch.manual_seed(0)
+        net = DTLNet(ModelSpec("test_resnet", CLASSES))
+        ispec = replace(resolve_input_spec("test_resnet", 64), colour="greyscale")
+        ckpt = save_checkpoint(tmp / "best.pt", net, {"phase": "phase2", "init": "scratch", "data_digest": "x",
+                                                      "input": ispec.to_dict()})
+        run = start_run(t, "colour-model", {"dtl.role": "study"})
+        uri = log_model(run, ckpt)
+        run.end()
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model_artifacts(t.client, uri)}/dtl",
+                                                          dst_path=str(tmp / "dl")))
+        assert json.loads((folder / "spec.json").read_text())["input"]["colour"] == "greyscale"
+        model = mlflow.pyfunc.load_model(uri)
+        p = _probs(model, [_colourful(0), apply(_colourful(0), "greyscale")])
+        np.testing.assert_allclose(p[0], p[1], atol=1e-6)

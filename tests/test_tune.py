@@ -240,3 +240,23 @@ def test_study_identities_are_those_the_landed_main_gave(recipe, phase, expected
 
     cfg = config.load([recipe], []) if recipe else config.Config()
     assert study_identity(cfg, phase, "d" * 64, "scratch") == expected
+
+
+def test_data_colour_at_raw_leaves_study_identities_as_they_were_and_another_colour_is_another_study():
+    """``data.colour`` came after stores with study identities existed: at ``raw`` it is left
+    out of the identity (the golden hashes above), any other value makes another study."""
+    from dtl.config import to_dict
+    from dtl.train.phases import training_config
+    from dtl.train.tune import study_identity
+
+    cfg = config.load(["demo"])
+    d = to_dict(cfg)
+    old = {**d, "phase2": {**d["phase2"], "data": {k: v for k, v in d["phase2"]["data"].items() if k != "colour"}}}
+    assert training_config(d) == training_config(old)
+    for phase in ("phase1", "phase2"):
+        base = study_identity(cfg, phase, "d" * 64, "scratch")
+        assert study_identity(config.load(["demo"], [f"{phase}.data.colour=raw"]), phase, "d" * 64, "scratch") == base
+        for colour in ("greyscale", "reinhard"):
+            other = config.load(["demo"], [f"{phase}.data.colour={colour}"])
+            assert other.phase(phase).data.colour == colour
+            assert study_identity(other, phase, "d" * 64, "scratch") != base

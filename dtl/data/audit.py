@@ -26,7 +26,7 @@ def audit(dc: DataConfig, cache_dir: str, probe: bool | None = None, manifest_ou
     mask = annotation_mask(dc.mask_annotation, ds.kind, dc.variant)
     run_probe = probe or (probe is None and mask is not None)
     a["shortcut_probe"] = shortcut_probe(ds, mask, cache_dir, seed=dc.split_seed) if run_probe else None
-    a["shortcut_baselines"] = [] if probe is False else audit_baselines(ds, mask, cache_dir, seed=dc.split_seed)
+    a["shortcut_baselines"] = [] if probe is False else audit_baselines(ds, mask, cache_dir, seed=dc.split_seed, colour=dc.colour)
     if manifest_out:
         ds.manifest[["path", "label", "group", "split", "sha256"]].to_csv(manifest_out, index=False)
     return ds, a
@@ -76,7 +76,7 @@ def preview(dc: DataConfig, cache_dir: str, size: int, per_class: int, out: str)
     train = ds.split("train")
     for i, c in enumerate(ds.classes):
         rows = train[train["label"] == c].head(per_class)
-        imgs = torch.from_numpy(np.stack([decode(ds.root / p, spec.cache_size) for p in rows["path"]]))
+        imgs = torch.from_numpy(np.stack([decode(ds.root / p, spec.cache_size, colour=dc.colour) for p in rows["path"]]))
         x = train_transform(imgs, spec, AugmentConfig(), gen).permute(0, 2, 3, 1).clamp(0, 1).numpy()
         for j in range(per_class):
             ax = axes[i][j]

@@ -6,13 +6,13 @@ acquisition session, not the cells. So ``dtl data audit`` fits, under the split'
 baseline with a standardised logistic regression and with gradient boosting, and reports
 accuracy and macro-F1 of the out-of-fold predictions beside the majority rate:
 
-* ``colour``: 17 global statistics of the preprocessed image, annotation mask applied and the
-  masked box left out: per RGB channel the mean, standard deviation and 95th percentile, and an
+* ``colour``: 17 global statistics of the preprocessed image, annotation mask and the recipe's
+  ``data.colour`` (:func:`dtl.data.colour.apply`) applied and the masked box left out: per RGB channel the mean, standard deviation and 95th percentile, and an
   8-bin hue histogram;
 * ``size``: the image's width, height and file size;
 * ``annotation``: the pooled pixels of the annotation box (raw, as a model would see them with
-  the mask off), and ``annotation_masked`` (as the recipe's preprocessing leaves it);
-* ``border``: the pooled 8-pixel frame of the masked image.
+  the mask off and colours raw), and ``annotation_masked`` (as the recipe's preprocessing leaves it);
+* ``border``: the pooled 8-pixel frame of the preprocessed image.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each split is decoded, optionally HSV-segmented and resized **once** into a uint8
 ``N×S×S×3`` ``.npy`` file keyed by the manifest digest, the split, the size and the
-preprocessing; later runs memory-map it. The file is written under a temporary name and
+preprocessing (HSV, annotation mask, colour); later runs memory-map it. The file is written under a temporary name and
 renamed only when complete, so a half-written cache (disk full, kill) is never read back.
 """
 
@@ -32,6 +32,8 @@ def cache_key(ds: Dataset, split: str, spec: InputSpec, segment: bool) -> str:
     text = f"{CACHE_VERSION}|{ds.digest}|{split}|{spec.cache_size}|{spec.interpolation}|hsv={segment}"
     if spec.mask is not None:  # unmasked keys stay as they were, so existing caches remain valid
         text += f"|mask={spec.mask.to_dict()}"
+    if spec.colour != "raw":  # likewise raw keys: a raw decode is never read back as greyscale
+        text += f"|colour={spec.colour}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -49,7 +51,7 @@ def split_array(ds: Dataset, split: str, spec: InputSpec, segment: bool, cache_d
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
 
         def work(i):
-            out[i] = decode(files[i], size, spec.interpolation, segment, spec.mask)
+            out[i] = decode(files[i], size, spec.interpolation, segment, spec.mask, spec.colour)
 
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
             it = pool.map(work, range(len(files)))

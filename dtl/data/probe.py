@@ -79,14 +79,17 @@ def shortcut_probe(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: in
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def audit_baselines(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: int = 0) -> list[dict]:
+def audit_baselines(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: int = 0,
+                    colour: str = "raw") -> list[dict]:
     """The shortcut baselines (:mod:`dtl.data.baselines`) of every image of ``ds``, the recipe's
-    ``mask`` applied to the preprocessed images (the box is Aria's where no mask is set)."""
+    ``mask`` and ``colour`` (``data.colour``) applied to the preprocessed images (the box is
+    Aria's where no mask is set); the unmasked images stay raw."""
     box = _box(ds, mask or AnnotationMask())
     parts, ys, tables = [], [], []
+    specs = [InputSpec(PROBE_SIZE, PROBE_SIZE, (0.0,) * 3, (1.0,) * 3, mask=m, colour=c)
+             for m, c in ((None, "raw"), (mask, colour))]
     for s in sorted(ds.manifest["split"].unique()):  # split by split, in chunks, from the memory-mapped cache
-        raw, masked = (split_array(ds, s, InputSpec(PROBE_SIZE, PROBE_SIZE, (0.0,) * 3, (1.0,) * 3, mask=m), False,
-                                   cache_dir) for m in (None, mask))
+        raw, masked = (split_array(ds, s, spec, False, cache_dir) for spec in specs)
         table = ds.split(s)
         sizes = np.stack([table["width"].to_numpy(), table["height"].to_numpy(), file_sizes(ds.root, table["path"])], 1)
         for a in range(0, len(table), CHUNK):

@@ -27,7 +27,7 @@ from dtl.evaluation.metrics import expected_calibration_error
 from dtl.evaluation.stats import bootstrap_ci
 from dtl.explain import core as explain
 from dtl.model.mask import annotation_mask, apply_mask
-from dtl.model.preprocess import resize_rgb
+from dtl.model.preprocess import prepare
 from dtl.model.pyfunc import CALIBRATION_FILE, ImageClassifier
 from dtl.report.tables import html_page, markdown_table
 from dtl.tracking import schema
@@ -222,7 +222,7 @@ def cams(cfg: Config, clf: ImageClassifier, ds, split: str, raw: list[np.ndarray
 
 
 def _model_input(clf: ImageClassifier, im: np.ndarray) -> np.ndarray:
-    return resize_rgb(im, clf.spec.cache_size, clf.spec.interpolation, clf.segment, clf.spec.mask)
+    return prepare(im, clf.spec, clf.segment)
 
 
 def _ci(r: dict, m: str, signed: bool = False) -> str:

@@ -27,7 +27,7 @@ from dtl.fuzzy import core as fuzzy
 from dtl.fuzzy.report import CORRUPTIONS, risk_coverage_figure
 from dtl.model.fuzzy import FuzzySystem, features_and_probs
 from dtl.model.mask import mask_state
-from dtl.model.preprocess import InputSpec, eval_transform, resize_rgb
+from dtl.model.preprocess import InputSpec, eval_transform, prepare
 from dtl.model.pyfunc import ImageClassifier
 from dtl.tracking import schema
 from dtl.tracking.adapter import Run, Tracking, connect, end_orphans, find_run, find_runs, mark_outer, redact, start_run
@@ -193,9 +193,8 @@ def evaluate_sets(cfg: Config, ds, clf: ImageClassifier, fs: FuzzySystem, device
 
 
 def _preprocessed(clf: ImageClassifier, raw: list[np.ndarray]) -> np.ndarray:
-    """Raw RGB images as the model's cache holds them: annotation mask, segmentation, resize."""
-    s = clf.spec
-    return np.stack([resize_rgb(im, s.cache_size, s.interpolation, clf.segment, s.mask) for im in raw])
+    """Raw RGB images as the model's cache holds them: annotation mask, colour, segmentation, resize."""
+    return np.stack([prepare(im, clf.spec, clf.segment) for im in raw])
 
 
 def _finish(cfg: Config, tracking: Tracking, run: Run, src: Resolved, ds, best, data: dict, device) -> dict:

@@ -1,5 +1,6 @@
 """The preprocessing of training, evaluation and serving alike: decode any image to RGB uint8,
-mask the annotation, HSV-segment if asked, resize to the cache size, then centre-crop and
+mask the annotation, apply the colour setting (:mod:`dtl.model.colour`), HSV-segment if asked,
+resize to the cache size, then centre-crop and
 normalise as timm's data config for the backbone says (:class:`InputSpec`)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dtl.model import colour as colour_ops
 from dtl.model.mask import AnnotationMask, apply_mask
 
 
@@ -34,8 +36,9 @@ def hsv_segment(rgb: np.ndarray, sat_min: float = 0.18, val_max: float = 0.97) -
 @dataclass(frozen=True)
 class InputSpec:
     """What the model expects: square input size, the cached size it is cropped from, and the
-    normalisation, resolved from timm's data config for the backbone; and the annotation mask
-    applied to the raw image first (None = none), so a served model preprocesses as training did."""
+    normalisation, resolved from timm's data config for the backbone; the annotation mask
+    applied to the raw image first (None = none) and the colour setting (``data.colour``, one of
+    :data:`dtl.model.colour.METHODS`), so a served model preprocesses as training did."""
 
     size: int
     cache_size: int
@@ -43,17 +46,20 @@ class InputSpec:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     mask: AnnotationMask | None = None
+    colour: str = "raw"
 
     def to_dict(self) -> dict:
         return {"size": self.size, "cache_size": self.cache_size, "mean": list(self.mean),
                 "std": list(self.std), "interpolation": self.interpolation,
-                "mask": self.mask.to_dict() if self.mask else None}
+                "mask": self.mask.to_dict() if self.mask else None, "colour": self.colour}
 
     @classmethod
     def from_dict(cls, d: dict) -> InputSpec:
-        # specs written before masking existed have no "mask" key: those models never masked
+        # specs written before masking (or colour) existed have no "mask" ("colour") key: those
+        # models never masked (saw raw colours)
         return cls(int(d["size"]), int(d["cache_size"]), tuple(d["mean"]), tuple(d["std"]),
-                   d.get("interpolation", "bicubic"), AnnotationMask.from_dict(d.get("mask")))
+                   d.get("interpolation", "bicubic"), AnnotationMask.from_dict(d.get("mask")),
+                   colour_ops.check_method(d.get("colour", "raw")))
 
 
 def _normalize(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
@@ -83,11 +89,11 @@ _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Im
 
 
 def decode(path: Path, size: int, interpolation: str = "bicubic", segment: bool = False,
-           mask: AnnotationMask | None = None) -> np.ndarray:
+           mask: AnnotationMask | None = None, colour: str = "raw") -> np.ndarray:
     """One image file -> RGB uint8 ``size×size×3`` (the shared decode of training, cache and serving)."""
     with Image.open(path) as im:
         rgb = to_rgb(im)
-    return resize_rgb(rgb, size, interpolation, segment, mask)
+    return resize_rgb(rgb, size, interpolation, segment, mask, colour)
 
 
 def to_rgb(im: Image.Image) -> np.ndarray:
@@ -110,11 +116,33 @@ def to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def resize_rgb(rgb: np.ndarray, size: int, interpolation: str = "bicubic", segment: bool = False,
-               mask: AnnotationMask | None = None) -> np.ndarray:
-    """Mask the annotation (raw pixels), HSV-segment if asked, then resize to ``size``×``size``."""
+               mask: AnnotationMask | None = None, colour: str = "raw") -> np.ndarray:
+    """Mask the annotation (raw pixels), apply ``colour`` (:func:`colour_masked`), HSV-segment if
+    asked (the foreground decided on the colours before the colour step, which may leave no
+    saturation to threshold), then resize to ``size``×``size``."""
     rgb = apply_mask(rgb, mask)
-    if segment:
-        rgb = hsv_segment(rgb)
+    keep = hsv_foreground(rgb) if segment else None
+    rgb = colour_masked(rgb, colour, mask)
+    if keep is not None:
+        rgb = np.where(keep[..., None], rgb, np.uint8(0))
     if rgb.shape[:2] != (size, size):
         rgb = np.asarray(Image.fromarray(rgb).resize((size, size), _RESAMPLE.get(interpolation, Image.BICUBIC)))
     return rgb
+
+
+def prepare(rgb: np.ndarray, spec: InputSpec, segment: bool = False) -> np.ndarray:
+    """:func:`resize_rgb` with everything ``spec`` says (cache size, interpolation, mask, colour):
+    a user's RGB image as the model's image cache would hold it."""
+    return resize_rgb(rgb, spec.cache_size, spec.interpolation, segment, spec.mask, spec.colour)
+
+
+def colour_masked(rgb: np.ndarray, colour: str, mask: AnnotationMask | None = None) -> np.ndarray:
+    """The colour step on an image whose annotation ``mask`` is applied: the Reinhard statistics
+    leave the masked box out, and the box is filled again afterwards, so it keeps its constant
+    colour (normalised, it would carry the image's own colour statistics: a shortcut)."""
+    if colour == "raw" or mask is None:
+        return colour_ops.apply(rgb, colour)
+    where = np.ones(rgb.shape[:2], bool)
+    y0, x0 = mask.box(*rgb.shape[:2])
+    where[y0:, x0:] = False
+    return apply_mask(colour_ops.apply(rgb, colour, where), mask)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from dtl.model.decode import InputPolicy, read_images, truthy
 from dtl.model.errors import DTLError
-from dtl.model.preprocess import InputSpec, eval_transform, resize_rgb
+from dtl.model.preprocess import InputSpec, eval_transform, prepare
 
 DATA_DIR = "dtl"
 
@@ -42,8 +42,7 @@ class ImageClassifier:
         self.device = next(net.parameters()).device
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
-        arr = np.stack([resize_rgb(im, self.spec.cache_size, self.spec.interpolation, self.segment, self.spec.mask)
-                        for im in images])
+        arr = np.stack([prepare(im, self.spec, self.segment) for im in images])
         return eval_transform(torch.from_numpy(arr).to(self.device), self.spec)
 
     @torch.no_grad()

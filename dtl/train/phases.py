@@ -122,7 +122,17 @@ _PATH_KEYS = ("root", "train_dir", "val_dir", "test_dir", "labels_csv")
 
 # Training settings added after stores with study identities existed: left out of the identity
 # while at their default, so a study made before they existed is found again.
-ADDED_AT_DEFAULT = {"augment.hed": 0.0, "augment.grey": 0.0}
+ADDED_AT_DEFAULT = {"augment.hed": 0.0, "augment.grey": 0.0, "phase1.data.colour": "raw", "phase2.data.colour": "raw"}
+
+
+def _drop_at_default(d: dict, path: list[str], default) -> dict:
+    """``d`` without the dotted key ``path`` where it holds ``default`` (a copy; ``d`` as it is otherwise)."""
+    head, rest = path[0], path[1:]
+    if not isinstance(d, dict) or head not in d:
+        return d
+    if rest:
+        return {**d, head: _drop_at_default(d[head], rest, default)}
+    return {k: v for k, v in d.items() if k != head} if d[head] == default else d
 
 
 def training_config(config: dict | None) -> dict:
@@ -136,9 +146,7 @@ def training_config(config: dict | None) -> dict:
             block["data"] = {k: v for k, v in (block.get("data") or {}).items() if k not in _PATH_KEYS}
             out[phase] = block
     for key, default in ADDED_AT_DEFAULT.items():  # settings newer than the identity: absent at their default
-        block, leaf = key.split(".")
-        if isinstance(out.get(block), dict) and out[block].get(leaf) == default:
-            out[block] = {k: v for k, v in out[block].items() if k != leaf}
+        out = _drop_at_default(out, key.split("."), default)
     if isinstance(out.get("tune"), dict):
         out["tune"] = {k: v for k, v in out["tune"].items() if k not in ("storage", "heartbeat_s")}
     return out
@@ -303,7 +311,7 @@ def _setup(cfg: Config, phase: str, backbone: str, init_from: str | Path | None,
     precision = resolve_precision(cfg.precision, device)
     ds = dataset(cfg, phase)
     ispec = replace(resolve_input_spec(backbone, cfg.image_size),
-                    mask=annotation_mask(pc.data.mask_annotation, ds.kind, pc.data.variant))
+                    mask=annotation_mask(pc.data.mask_annotation, ds.kind, pc.data.variant), colour=pc.data.colour)
     train_ld = loader(cfg, phase, "train", ispec, device, pc.batch_size, train=True)
     val_ld = loader(cfg, phase, "val", ispec, device, cfg.eval_batch_size, train=False)
     net = _init_model(cfg, phase, backbone, ds.classes, init_from)
