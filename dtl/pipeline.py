@@ -46,7 +46,7 @@ from dtl.tracking.registry import log_model, register
 from dtl.tracking.resolve import phase1_source
 from dtl.train import faults
 from dtl.train.engine import resolve_device
-from dtl.train.phases import dataset, evaluate_checkpoint, run_phase
+from dtl.train.phases import dataset, evaluate_checkpoint, preprocessing_label, run_phase
 from dtl.train.strategies import STRATEGIES, needs_phase1
 from dtl.train.tune import StudyResult, check_fixed_values, run_study
 from dtl.train.weights import check_backbone
@@ -282,6 +282,7 @@ def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, register_
             schema.PHASE2_TRIAL: study.best_trial, schema.DATA_DIGEST: ds2.digest, schema.DATA_KIND: ds2.kind,
             schema.SPLIT_PROTOCOL: ds2.protocol, schema.DUPLICATES_REMOVED: ds2.duplicates_removed,
             schema.ANNOTATION_MASK: mask_state(cfg, "phase2"), schema.VERSION_PIPELINE_RUN: pipeline_run,
+            schema.PREPROCESSING: preprocessing_label(cfg, "phase2"),
             schema.VERSION_STUDY: study.study_name}
     tags.update(phase1_lineage(run))
     for k in ("val_macro_f1", "val_accuracy", "val_balanced_accuracy", "test_accuracy", "test_macro_f1",

@@ -84,6 +84,10 @@ def test_comparison_pairs_and_paired_gains():
     ])
     assert sorted((w, i, j) for w, i, j in comparison_pairs(df)) == [
         ("double − scratch", 0, 1), ("masked − unmasked", 0, 3), ("near-duplicate-groups − image-level", 0, 2)]
+    stain = pd.concat([df.assign(preprocessing="default"),
+                       df.iloc[[0]].assign(preprocessing="hed=0.05")], ignore_index=True)
+    assert ("hed=0.05 − default", 5, 0) in comparison_pairs(stain)
+    assert not [p for p in comparison_pairs(stain) if p[1] == 5 and p[0] != "hed=0.05 − default"]
     rng = np.random.default_rng(0)
     n = 200
     label = rng.choice(["x", "y"], n)
@@ -103,3 +107,31 @@ def test_comparison_pairs_and_paired_gains():
     assert (same["gain"] == 0).all() and (same["ci_excludes_0"] == "no").all() and (same["test_items"] == 120).all()
     full = df.assign(phase2_val_accuracy=0.5, test_accuracy=0.9, init="scratch", test_accuracy_ci="")
     assert list(seed_table(full).columns) == ["Model", "Phase-2 Accuracy", "Eval Acc", "Notes"]
+
+
+def test_preprocessing_label_names_only_the_stain_settings_off_their_default():
+    from dtl import config
+    from dtl.train.phases import preprocessing_label
+
+    assert preprocessing_label(config.load(["demo"]), "phase2") == "default"
+    cfg = config.load(["demo"], ["phase2.data.colour=greyscale", "augment.hed=0.05"])
+    assert preprocessing_label(cfg, "phase2") == "colour=greyscale, hed=0.05"
+    assert preprocessing_label(cfg, "phase1") == "hed=0.05"
+
+
+def test_studies_that_differ_only_in_stain_settings_are_separate_rows(workspace):
+    """Two phase-2 studies of one backbone, strategy, data and masking, one trained with stain
+    augmentation: both are rows of the results table (the latest of each kind), and a study from
+    before the tag existed reads as ``default``."""
+    from dtl.report.results import collect
+    from dtl.tracking import adapter, schema
+
+    t = adapter.connect(f"sqlite:///{workspace}/mlflow.db", "rows")
+    base = {schema.ROLE: schema.Role.STUDY, schema.PHASE: "phase2", schema.BACKBONE: "test_resnet",
+            schema.STRATEGY: "double", schema.DATA_DIGEST: "d1", schema.ANNOTATION_MASK: "on"}
+    for i, extra in enumerate(({}, {schema.PREPROCESSING: "hed=0.05"}, {schema.PREPROCESSING: "default"})):
+        r = t.client.create_run(t.experiment_id, tags={**base, **extra})
+        t.client.log_metric(r.info.run_id, "test_accuracy", 0.5 + i / 10)
+        t.client.set_terminated(r.info.run_id)
+    df = collect(t, "all-dtl")
+    assert sorted(zip(df["preprocessing"], df["test_accuracy"])) == [("default", 0.7), ("hed=0.05", 0.6)]

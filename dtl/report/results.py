@@ -27,12 +27,12 @@ from dtl.tracking import schema
 from dtl.tracking.adapter import Tracking, find_runs, redact
 
 HIDDEN = ["phase2_run", "cv_id", "f1_low", "f1_high", "cv_f1", "cv_f1_low", "cv_f1_high"]  # for joins and plots
-COLUMNS = ["backbone", "strategy", "init", "split_protocol", "masked", "phase1_val_macro_f1", "phase2_val_accuracy",
+COLUMNS = ["backbone", "strategy", "init", "split_protocol", "masked", "preprocessing", "phase1_val_macro_f1", "phase2_val_accuracy",
            "val_macro_f1", "test_accuracy", "test_accuracy_ci", "test_macro_f1", "test_macro_f1_ci", "ci_unit",
            "test_accuracy_seeds", "test_macro_f1_seeds", "test_accuracy_cv", "test_macro_f1_cv",
            "test_balanced_accuracy", "trials", "pruned", "failed",
            "flags", "best_params", "registered_version", "alias", "data_digest", *HIDDEN]
-ROW_KEY = ("backbone", "strategy", "split_protocol", "masked")  # one row per study of this kind (the latest)
+ROW_KEY = ("backbone", "strategy", "split_protocol", "masked", "preprocessing")  # one row per study of this kind (the latest)
 GAIN_METRICS = ("accuracy", "macro_f1")
 
 
@@ -53,8 +53,9 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
     except Exception:
         pass
     latest: dict = {}
-    for r in runs:  # the latest study per (backbone, strategy, data, masking)
-        key = (*(r.data.tags.get(k) for k in (schema.BACKBONE, schema.STRATEGY, schema.DATA_DIGEST)), _masked(r.data.tags))
+    for r in runs:  # the latest study per (backbone, strategy, data, masking, stain settings)
+        key = (*(r.data.tags.get(k) for k in (schema.BACKBONE, schema.STRATEGY, schema.DATA_DIGEST)), _masked(r.data.tags),
+               r.data.tags.get(schema.PREPROCESSING, "default"))
         if key not in latest or r.info.start_time > latest[key].info.start_time:
             latest[key] = r
     rows = []
@@ -68,6 +69,7 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
             "backbone": t.get(schema.BACKBONE), "strategy": t.get(schema.STRATEGY),
             "init": (f"phase 1 ({p1.data.tags.get(schema.INIT, '?')} → {p1.data.tags.get(schema.DATA_KIND, '?')})") if p1 else init,
             "split_protocol": t.get(schema.SPLIT_PROTOCOL), "masked": _masked(t),
+            "preprocessing": t.get(schema.PREPROCESSING, "default"),
             "phase1_val_macro_f1": p1.data.metrics.get("val_macro_f1") if p1 else None,
             "phase2_val_accuracy": m.get("val_accuracy"), "val_macro_f1": m.get("val_macro_f1"),
             "test_accuracy": m.get("test_accuracy"), "test_accuracy_ci": _ci(m, "test_accuracy"),
@@ -132,10 +134,12 @@ def _short(v: str) -> str:
 
 def comparison_pairs(df: pd.DataFrame) -> list[tuple[str, int, int]]:
     """Pairs of rows that differ in one respect: double vs single/scratch (same protocol and
-    masking), each protocol vs the default grouped one, masked vs unmasked. ``(what, a, b)``
-    with row indices; the gain reported is a − b."""
+    masking), each protocol vs the default grouped one, masked vs unmasked, each stain setting vs
+    the default preprocessing. ``(what, a, b)`` with row indices; the gain reported is a − b."""
     pairs = []
     rows = df.reset_index(drop=True)
+    if "preprocessing" not in rows:  # tables from before the column: every row default
+        rows = rows.assign(preprocessing="default")
     for i, a in rows.iterrows():
         for j, b in rows.iterrows():
             same = {k: a[k] == b[k] for k in ROW_KEY}
@@ -149,6 +153,8 @@ def comparison_pairs(df: pd.DataFrame) -> list[tuple[str, int, int]]:
                 pairs.append((f"{a[k]} − {b[k]}", i, j))
             elif k == "masked" and a[k] == "on" and b[k] == "off":
                 pairs.append(("masked − unmasked", i, j))
+            elif k == "preprocessing" and b[k] == "default":
+                pairs.append((f"{a[k]} − default", i, j))
     return pairs
 
 

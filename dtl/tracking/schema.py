@@ -62,6 +62,7 @@ DATA_KIND = "data_kind"
 INIT = "init"  # imagenet | scratch | file:<path> | phase1:<study run id>
 INIT_DIGEST = "init_digest"
 MONITOR = "monitor"  # the metric the study optimises
+PREPROCESSING = "preprocessing"  # stain settings off their default ("colour=greyscale, hed=0.05"), else "default"
 DIRECTION = "direction"  # maximize | minimize
 
 # --- tag keys: results written on a study, trial or job run ------------------------------------

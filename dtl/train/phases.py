@@ -125,6 +125,15 @@ _PATH_KEYS = ("root", "train_dir", "val_dir", "test_dir", "labels_csv")
 ADDED_AT_DEFAULT = {"augment.hed": 0.0, "augment.grey": 0.0, "phase1.data.colour": "raw", "phase2.data.colour": "raw"}
 
 
+def preprocessing_label(cfg: Config, phase: str) -> str:
+    """The colour and stain-augmentation settings of ``phase`` that differ from their defaults
+    (``"colour=greyscale, hed=0.05"``), or ``"default"``: models trained with and without them are
+    separate rows of the results table."""
+    vals = {"colour": (cfg.phase(phase).data.colour, "raw"), "hed": (cfg.augment.hed, 0.0),
+            "grey": (cfg.augment.grey, 0.0)}
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, (v, d) in vals.items() if v != d) or "default"
+
+
 def _drop_at_default(d: dict, path: list[str], default) -> dict:
     """``d`` without the dotted key ``path`` where it holds ``default`` (a copy; ``d`` as it is otherwise)."""
     head, rest = path[0], path[1:]

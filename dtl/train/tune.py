@@ -49,7 +49,7 @@ from dtl.tracking.adapter import (
 )
 from dtl.train import distributed, faults
 from dtl.train.engine import NonFiniteLoss
-from dtl.train.phases import dataset, init_digest, run_phase, training_config
+from dtl.train.phases import dataset, init_digest, preprocessing_label, run_phase, training_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -250,6 +250,7 @@ def open_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, paren
             schema.MONITOR: pc.monitor, schema.DIRECTION: direction(pc.monitor), schema.DATA_DIGEST: ds.digest,
             schema.DATA_KIND: ds.kind, schema.SPLIT_PROTOCOL: ds.protocol,
             schema.ANNOTATION_MASK: mask_state(pc.data.mask_annotation, ds.kind, pc.data.variant),
+            schema.PREPROCESSING: preprocessing_label(cfg, phase),
             schema.PRECISION: cfg.precision, schema.OPTUNA_STORAGE: redact(storage_url),
             schema.PINNED: ",".join(f"{k}={getattr(pc, k)}" for k in pc.pinned) or "-"}
     run = _study_run(cfg, tracking, tags, ds, parent_run)
