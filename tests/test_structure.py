@@ -464,3 +464,22 @@ def test_the_cli_only_parses_and_calls():
     used = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
             for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     assert not used & heavy, f"cli.py imports {sorted(used & heavy)}: that belongs in the job modules"
+
+
+def test_imports_shown_to_users_resolve():
+    """Every ``from dtl... import ...`` that a user copies (the README, docs/, the reports'
+    reproduce scripts) names a module and attributes that exist."""
+    import importlib
+
+    bad = []
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "reports").rglob("*.sh"))]
+    for f in files:
+        for m in re.finditer(r"^\s*from (dtl[\w.]*) import ([\w, ]+)$", f.read_text(), re.M):
+            try:
+                mod = importlib.import_module(m.group(1))
+            except ImportError as e:
+                bad.append(f"{f.relative_to(ROOT)}: {m.group(0).strip()} ({e})")
+                continue
+            bad += [f"{f.relative_to(ROOT)}: {m.group(1)} has no {a}" for a in (x.strip() for x in m.group(2).split(","))
+                    if a and not hasattr(mod, a) and importlib.util.find_spec(f"{m.group(1)}.{a}") is None]
+    assert not bad, bad

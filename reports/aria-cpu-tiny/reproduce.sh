@@ -20,7 +20,7 @@ set -euo pipefail
 dtl main --config real-cpu-tiny --quiet
 python - <<'PY'
 import subprocess
-from dtl.tracking import connect, find_runs
+from dtl.tracking.adapter import connect, find_runs
 
 t = connect("", "all-dtl-real-cpu-tiny")
 best = {}
