@@ -20,8 +20,11 @@ import torch
 from dtl import DTLError
 from dtl.config import Config, flatten, with_phase
 from dtl.data import store
+from dtl.data.probe import held_out_baseline
+from dtl.evaluation.metrics import Evaluation
 from dtl.evaluation.stats import corrected_t_interval, mean_spread
 from dtl.fuzzy.job import run_fuzzy
+from dtl.model.mask import annotation_mask
 from dtl.model.mask import mask_state as masked
 from dtl.progress import summary_table
 from dtl.report import results as report_mod
@@ -46,7 +49,7 @@ from dtl.tracking.registry import log_model, register
 from dtl.tracking.resolve import phase1_source
 from dtl.train import faults
 from dtl.train.engine import resolve_device
-from dtl.train.phases import dataset, evaluate_checkpoint, preprocessing_label, run_phase
+from dtl.train.phases import add_split, dataset, evaluate_checkpoint, preprocessing_label, run_phase
 from dtl.train.strategies import STRATEGIES, needs_phase1
 from dtl.train.tune import StudyResult, check_fixed_values, run_study
 from dtl.train.weights import check_backbone
@@ -265,6 +268,49 @@ def cv_id(data_digest: str, k: int, repeats: int, split_seed: int) -> str:
     return hashlib.sha256(f"{data_digest}|{k}|{repeats}|{split_seed}".encode()).hexdigest()[:16]
 
 
+def run_baseline(cfg: Config, tracking: Tracking, parent: str) -> str:
+    """The strongest shortcut baseline of the phase-2 data (:func:`dtl.data.probe.held_out_baseline`),
+    scored on val and test like a model and logged as a ``baseline`` run of pipeline run ``parent``; found
+    again (not refitted) when this data, split, masking and colour setting already has one."""
+    ds = dataset(cfg, "phase2")
+    d = cfg.phase2.data
+    tags = {schema.ROLE: schema.Role.BASELINE, schema.PHASE: "phase2", schema.DATA_DIGEST: ds.digest,
+            schema.SPLIT_PROTOCOL: ds.protocol, schema.ANNOTATION_MASK: mask_state(cfg, "phase2"),
+            schema.PREPROCESSING: f"colour={d.colour}" if d.colour != "raw" else "default"}
+    done = find_runs(tracking, schema.where(tags, status="FINISHED"))
+    if done:
+        return done[-1].info.run_id
+    b = held_out_baseline(ds, annotation_mask(d.mask_annotation, ds.kind, d.variant), cfg.cache_dir, d.colour, cfg.seed)
+    ev = Evaluation()
+    for split, probs in b.probs.items():
+        add_split(ev, cfg, ds, split, probs, ds.label_ids(split))
+    # a top-level row of the runs table, like the studies, linked to its pipeline run by a tag
+    run = start_run(tracking, f"baseline-{b.name}-{b.model}", {
+        **tags, schema.BACKBONE: f"baseline:{b.name}", schema.STRATEGY: b.model, schema.PIPELINE_RUN: parent,
+        schema.NOTE: f"Shortcut baseline ({b.name} statistics, {b.model}) of pipeline run [{parent}]"
+                     f"(#/experiments/{tracking.experiment_id}/runs/{parent})"})
+    with ended(run):
+        log_evaluation(run, ev)
+        run.log_dict({"chosen": {"name": b.name, "model": b.model}, "train_cv": b.train_cv}, "baseline/train_cv.json")
+    return run.id
+
+
+def baseline_tags(cfg: Config, tracking: Tracking, study_run: str) -> dict:
+    """The version's gap to the shortcut baseline of its data (test accuracy, model − baseline,
+    paired bootstrap over the same items) and whether it is flagged; {} without a baseline run."""
+    ds = dataset(cfg, "phase2")
+    runs = find_runs(tracking, schema.where({schema.ROLE: schema.Role.BASELINE, schema.DATA_DIGEST: ds.digest,
+                                             schema.ANNOTATION_MASK: mask_state(cfg, "phase2")}, status="FINISHED"))
+    ta = report_mod.test_predictions(study_run)
+    tb = report_mod.test_predictions(runs[-1].info.run_id) if runs else None
+    if ta is None or tb is None:
+        return {}
+    g = report_mod.paired_gains([("model − baseline", {}, ta, tb)], n_boot=cfg.bootstrap, seed=cfg.seed)
+    acc = g[g["metric"] == "test_accuracy"].iloc[0]
+    return {schema.BASELINE_RUN: runs[-1].info.run_id, schema.BASELINE_GAP: report_mod.gap_text(acc),
+            schema.BASELINE_FLAG: str(not acc["ci_low"] > 0).lower()}
+
+
 def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, register_it: bool,
                   pipeline_run: str) -> str | None:
     """Log the model, evaluate (metrics linked to the model) and optionally register it with lineage tags."""
@@ -285,6 +331,7 @@ def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, register_
             schema.PREPROCESSING: preprocessing_label(cfg, "phase2"),
             schema.VERSION_STUDY: study.study_name}
     tags.update(phase1_lineage(run))
+    tags.update(baseline_tags(cfg, tracking, study.run_id))
     for k in ("val_macro_f1", "val_accuracy", "val_balanced_accuracy", "test_accuracy", "test_macro_f1",
               "test_balanced_accuracy"):
         if k in metrics:
@@ -327,6 +374,7 @@ def _main(cfg: Config, data: store.DataStore, report: bool, promote: bool) -> Pi
     t_start = time.time()
     with root_run(tracking, cfg, "main") as root:
         result = PipelineResult(root.id)
+        run_baseline(cfg, tracking, root.id)  # first: each registered version is compared with it
         for backbone in cfg.backbones:
             data.release()  # the previous backbone's split tensors (its input size, on its device)
             p1 = None

@@ -80,11 +80,11 @@ def test_main_registers_promotes_and_reports(done):
     assert mv.tags["annotation_mask"] == "on" and card["input"]["mask"]["corner"] == "bottom-right"
     # report: markdown + csv with one row per backbone
     df = pd.read_csv(tmp / "report" / "results.csv")
-    assert list(df["backbone"]) == ["test_resnet"]
+    assert [b for b in df["backbone"] if not b.startswith("baseline:")] == ["test_resnet"]
     for col in ("phase1_val_macro_f1", "phase2_val_accuracy", "test_accuracy", "test_macro_f1", "trials", "pruned",
                 "best_params", "registered_version", "alias"):
         assert col in df.columns
-    assert df.loc[0, "alias"] == "champion" and (tmp / "report" / "report.html").stat().st_size > 10_000
+    assert df.loc[df["backbone"] == "test_resnet", "alias"].item() == "champion" and (tmp / "report" / "report.html").stat().st_size > 10_000
 
 
 def test_rerun_resumes_without_new_trials_or_versions(done, cache_dir):
@@ -95,6 +95,44 @@ def test_rerun_resumes_without_new_trials_or_versions(done, cache_dir):
     assert len(trials) == 4
     assert again.versions == res.versions
     assert len(t.client.search_model_versions("name='all-dtl'")) == 1
+    assert len(mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'baseline'", output_format="list")) == 1
+
+
+def test_the_shortcut_baseline_is_a_run_a_row_a_gain_and_a_flag(done):
+    """The strongest shortcut baseline is fitted on train and scored on the models' own test items,
+    logged as a top-level ``baseline`` run; it is a row of the table; each model gets its paired gap
+    to it, and is flagged exactly where that gap's CI is not above 0 (table, report text, card)."""
+    from dtl.report.results import SHORTCUT_FLAG
+    from dtl.tracking import schema
+
+    tmp, cfg, res = done
+    t = connect(cfg.tracking_uri, cfg.experiment)
+    (base,) = mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'baseline'", output_format="list")
+    assert base.info.status == "FINISHED" and base.data.tags["backbone"].startswith("baseline:")
+    assert "mlflow.parentRunId" not in base.data.tags and base.data.tags["dtl.pipeline_run"] == res.run_id
+    study = next(r for r in mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'study' and tags.phase = 'phase2'",
+                                               output_format="list"))
+    load = lambda rid: pd.read_csv(mlflow.artifacts.download_artifacts(  # noqa: E731
+        artifact_uri=f"runs:/{rid}/evaluation/predictions_test.csv"))
+    pb, pm = load(base.info.run_id), load(study.info.run_id)
+    assert sorted(pb["path"]) == sorted(pm["path"])  # the same test items
+    assert base.data.metrics["test_accuracy"] == pytest.approx((pb["predicted"] == pb["label"]).mean())
+    df = pd.read_csv(tmp / "report" / "results.csv").fillna("")
+    row = df[df["backbone"] == base.data.tags["backbone"]].iloc[0]
+    assert row["init"].startswith("none") and row["test_accuracy"] == pytest.approx(base.data.metrics["test_accuracy"])
+    mv = t.client.get_model_version_by_alias("all-dtl", "champion")
+    assert mv.tags[schema.BASELINE_RUN] == base.info.run_id
+    gap, lo, hi = (float(x) for x in mv.tags[schema.BASELINE_GAP].replace("[", "").replace("]", "").replace(",", "").split())
+    assert lo <= gap <= hi and gap == pytest.approx(((pm["predicted"] == pm["label"]).mean() - (pb["predicted"] == pb["label"]).mean()), abs=1e-4)
+    flagged = lo <= 0
+    assert flagged  # the demo's 2-epoch model is far below the colour cast the demo paints per class
+    assert mv.tags[schema.BASELINE_FLAG] == str(flagged).lower()
+    model_row = df[df["backbone"] == "test_resnet"].iloc[0]
+    assert (SHORTCUT_FLAG in model_row["flags"]) is flagged
+    md = (tmp / "report" / "results.md").read_text()
+    assert "## Beside the shortcut baseline" in md and (f"are {SHORTCUT_FLAG}" in md) is flagged
+    card = (tmp / "cards" / "all-dtl-v1.md").read_text()
+    assert mv.tags[schema.BASELINE_GAP] in card and ("FLAGGED: not shown" in card) is flagged
 
 
 def test_registered_model_round_trip(done):
@@ -193,7 +231,8 @@ def test_report_command_rebuilds_the_table_from_mlflow_and_logs_it(done):
     p = subprocess.run([PYTHON, "-m", "dtl", "report", "--out", str(out)], capture_output=True, text=True, cwd=tmp,
                        env={**os.environ})
     assert p.returncode == 0, p.stderr[-2000:]
-    assert pd.read_csv(out / "results.csv")["backbone"].tolist() == ["test_resnet"]
+    backbones = pd.read_csv(out / "results.csv")["backbone"].tolist()
+    assert len(backbones) == 2 and backbones[0].startswith("baseline:") and backbones[1] == "test_resnet"
     assert "| Model | Phase-2 Accuracy | Eval Acc | Notes |" in (out / "results.md").read_text()
     prov = __import__("json").loads((out / "provenance.json").read_text())
     t0 = connect(cfg.tracking_uri, cfg.experiment)
@@ -260,7 +299,8 @@ def test_final_repeats_retrain_the_best_parameters_with_other_seeds(workspace, c
     assert m["seeds_n"] == 3 and m["seeds_test_accuracy_mean"] == pytest.approx(np.mean(accs))
     assert m["seeds_test_accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
     assert not list((workspace / "runs" / s.study_name).glob("repeat-*"))  # only metrics are kept
-    row = pd.read_csv(workspace / "report" / "results.csv").iloc[0]
+    df = pd.read_csv(workspace / "report" / "results.csv")
+    row = df[df["backbone"] == "test_resnet"].iloc[0]
     assert row["test_accuracy_seeds"].endswith("(n=3)")
     # rerun: the repeats are found again, not retrained
     pipeline.main(cfg, report=False)

@@ -82,6 +82,19 @@ def fit_baseline(name: str, features: np.ndarray, y: np.ndarray, units, grouping
     return out
 
 
+def predict_proba(model: str, x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """``model`` fitted on (``x_train``, ``y_train``): its (n, n_classes) probabilities on ``x``
+    (a class absent from train gets 0; constant features predict the train class shares)."""
+    out = np.zeros((len(x), n_classes))
+    if len(np.unique(x_train, axis=0)) == 1 or len(np.unique(y_train)) == 1:
+        out[:] = np.bincount(y_train, minlength=n_classes) / len(y_train)
+        return out
+    with threadpool_limits(1):  # BLAS threads only contend on matrices this small
+        clf = _classifier(model).fit(x_train, y_train)
+        out[:, clf.classes_] = clf.predict_proba(x)
+    return out
+
+
 def pool(region: np.ndarray, k: int = 4) -> np.ndarray:
     """k×k average pooling, flattened: the stamp's colours and layout, few enough features for boosting."""
     n, h, w, c = region.shape

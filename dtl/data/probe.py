@@ -8,6 +8,8 @@ keep near-duplicate groups together (a field in train and test would flatter the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
@@ -16,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from dtl.data.baselines import feature_sets, file_sizes, pool, shortcut_baselines
+from dtl.data.baselines import feature_sets, file_sizes, pool, predict_proba, shortcut_baselines
 from dtl.data.cache import split_array
 from dtl.data.datasets import Dataset
 from dtl.model.mask import AnnotationMask
@@ -79,23 +81,58 @@ def shortcut_probe(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: in
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def audit_baselines(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: int = 0,
-                    colour: str = "raw") -> list[dict]:
-    """The shortcut baselines (:mod:`dtl.data.baselines`) of every image of ``ds``, the recipe's
-    ``mask`` and ``colour`` (``data.colour``) applied to the preprocessed images (the box is
-    Aria's where no mask is set); the unmasked images stay raw."""
+def split_features(ds: Dataset, split: str, mask: AnnotationMask | None, cache_dir, colour: str = "raw") -> dict:
+    """The shortcut baselines' features (:func:`dtl.data.baselines.feature_sets`) of one split's
+    images, in chunks from the memory-mapped cache: the recipe's ``mask`` and ``colour`` applied to
+    the preprocessed images (the box is Aria's where no mask is set); the unmasked images stay raw."""
     box = _box(ds, mask or AnnotationMask())
-    parts, ys, tables = [], [], []
     specs = [InputSpec(PROBE_SIZE, PROBE_SIZE, (0.0,) * 3, (1.0,) * 3, mask=m, colour=c)
              for m, c in ((None, "raw"), (mask, colour))]
-    for s in sorted(ds.manifest["split"].unique()):  # split by split, in chunks, from the memory-mapped cache
-        raw, masked = (split_array(ds, s, spec, False, cache_dir) for spec in specs)
-        table = ds.split(s)
-        sizes = np.stack([table["width"].to_numpy(), table["height"].to_numpy(), file_sizes(ds.root, table["path"])], 1)
-        for a in range(0, len(table), CHUNK):
-            parts.append(feature_sets(np.asarray(raw[a:a + CHUNK]), np.asarray(masked[a:a + CHUNK]), box,
-                                      sizes[a:a + CHUNK]))
-        ys.append(ds.label_ids(s))
-        tables.append(table)
+    raw, masked = (split_array(ds, split, spec, False, cache_dir) for spec in specs)
+    table = ds.split(split)
+    sizes = np.stack([table["width"].to_numpy(), table["height"].to_numpy(), file_sizes(ds.root, table["path"])], 1)
+    parts = [feature_sets(np.asarray(raw[a:a + CHUNK]), np.asarray(masked[a:a + CHUNK]), box, sizes[a:a + CHUNK])
+             for a in range(0, len(table), CHUNK)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def audit_baselines(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: int = 0,
+                    colour: str = "raw") -> list[dict]:
+    """The shortcut baselines (:mod:`dtl.data.baselines`) of every image of ``ds``, split by split
+    (:func:`split_features`), cross-validated under the split's grouping."""
+    splits = sorted(ds.manifest["split"].unique())
+    parts = [split_features(ds, s, mask, cache_dir, colour) for s in splits]
     features = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return shortcut_baselines(features, np.concatenate(ys), pd.concat(tables), seed)
+    y = np.concatenate([ds.label_ids(s) for s in splits])
+    return shortcut_baselines(features, y, pd.concat([ds.split(s) for s in splits]), seed)
+
+
+ON_THE_INPUT = ("colour", "annotation_masked", "border")  # what the model's own input shows: the results
+# table's baselines (the audit also fits the file size and the unmasked box, which a masked model never sees)
+
+
+@dataclass
+class HeldOutBaseline:
+    """The strongest shortcut baseline of a dataset, chosen by grouped CV on its train split and
+    refitted on all of it: its class probabilities on the other splits, and the train CV it won."""
+
+    name: str
+    model: str
+    probs: dict  # split -> (n, classes) probabilities
+    train_cv: list
+
+
+def held_out_baseline(ds: Dataset, mask: AnnotationMask | None, cache_dir, colour: str = "raw", seed: int = 0,
+                  splits=("val", "test")) -> HeldOutBaseline:
+    """What a model could score on ``splits`` without looking at the cells: every baseline of
+    :data:`ON_THE_INPUT` is cross-validated on the train split (its own grouping), the best by
+    accuracy (then macro-F1) is refitted on the whole train split and predicts the other splits."""
+    train = {k: v for k, v in split_features(ds, "train", mask, cache_dir, colour).items() if k in ON_THE_INPUT}
+    y = ds.label_ids("train")
+    cv = shortcut_baselines(train, y, ds.split("train"), seed)
+    best = max(cv, key=lambda e: (e["accuracy"], e["macro_f1"]))
+    probs = {}
+    for s in (s for s in splits if (ds.manifest["split"] == s).any()):
+        x = split_features(ds, s, mask, cache_dir, colour)[best["name"]]
+        probs[s] = predict_proba(best["model"], train[best["name"]], y, x, len(ds.classes))
+    return HeldOutBaseline(best["name"], best["model"], probs, cv)

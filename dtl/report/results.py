@@ -90,8 +90,42 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
             "f1_high": m.get("test_macro_f1_ci_high"), "cv_f1": m.get("cv_test_macro_f1_mean"),
             "cv_f1_low": m.get("cv_test_macro_f1_ci_low"), "cv_f1_high": m.get("cv_test_macro_f1_ci_high"),
         })
-    df = pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.DataFrame(rows + baseline_rows(tracking, data_digest), columns=COLUMNS)
     return df.sort_values(["backbone", "strategy"]).reset_index(drop=True) if len(df) else df
+
+
+BASELINE_PREFIX = "baseline:"
+SHORTCUT_FLAG = "not shown to use more than global image statistics"
+
+
+def baseline_rows(tracking: Tracking, data_digest: str | None = None) -> list[dict]:
+    """The shortcut-baseline runs as rows of the table (``backbone`` = ``baseline:<features>``,
+    ``strategy`` = the classifier): the latest per (features, protocol, masking, preprocessing)."""
+    flt = schema.where({schema.ROLE: schema.Role.BASELINE, **({schema.DATA_DIGEST: data_digest} if data_digest else {})},
+                       status="FINISHED")
+    latest: dict = {}
+    for r in find_runs(tracking, flt):  # oldest first: the last one wins
+        t = r.data.tags
+        latest[tuple(t.get(k) for k in (schema.BACKBONE, schema.DATA_DIGEST, schema.SPLIT_PROTOCOL,
+                                        schema.ANNOTATION_MASK, schema.PREPROCESSING))] = r
+    out = []
+    for r in latest.values():
+        t, m = r.data.tags, r.data.metrics
+        out.append({"backbone": t.get(schema.BACKBONE), "strategy": t.get(schema.STRATEGY),
+                    "init": "none: global image statistics", "split_protocol": t.get(schema.SPLIT_PROTOCOL),
+                    "masked": _masked(t), "preprocessing": t.get(schema.PREPROCESSING, "default"),
+                    "val_macro_f1": m.get("val_macro_f1"), "test_accuracy": m.get("test_accuracy"),
+                    "test_accuracy_ci": _ci(m, "test_accuracy"), "test_macro_f1": m.get("test_macro_f1"),
+                    "test_macro_f1_ci": _ci(m, "test_macro_f1"), "ci_unit": t.get(schema.CI_UNIT_PREFIX + "test", "image"),
+                    "test_balanced_accuracy": m.get("test_balanced_accuracy"), "trials": 0, "pruned": 0, "failed": 0,
+                    "flags": "", "best_params": "", "registered_version": "", "alias": "", "cv_id": "",
+                    "data_digest": (t.get(schema.DATA_DIGEST) or "")[:12], "phase2_run": r.info.run_id,
+                    "f1_low": m.get("test_macro_f1_ci_low"), "f1_high": m.get("test_macro_f1_ci_high")})
+    return out
+
+
+def is_baseline(row) -> bool:
+    return str(row["backbone"]).startswith(BASELINE_PREFIX)
 
 
 def _masked(tags: dict) -> str:
@@ -142,6 +176,8 @@ def comparison_pairs(df: pd.DataFrame) -> list[tuple[str, int, int]]:
         rows = rows.assign(preprocessing="default")
     for i, a in rows.iterrows():
         for j, b in rows.iterrows():
+            if is_baseline(a) or is_baseline(b):
+                continue  # baseline pairs: baseline_pairs
             same = {k: a[k] == b[k] for k in ROW_KEY}
             differs = [k for k, v in same.items() if not v]
             if len(differs) != 1:
@@ -159,6 +195,15 @@ def comparison_pairs(df: pd.DataFrame) -> list[tuple[str, int, int]]:
 
 
 DEFAULT_PROTOCOL = "near-duplicate-groups"
+
+
+def baseline_pairs(df: pd.DataFrame) -> list[tuple[str, int, int]]:
+    """Each model row with the baseline row of its split protocol and masking (scored on the same
+    test items): ``(what, model row, baseline row)``, the gain reported is model − baseline."""
+    rows = df.reset_index(drop=True)
+    bases = [(j, b) for j, b in rows.iterrows() if is_baseline(b)]
+    return [(f"model − {b['backbone']} ({b['strategy']})", i, j) for i, a in rows.iterrows() if not is_baseline(a)
+            for j, b in bases if (a["split_protocol"], a["masked"]) == (b["split_protocol"], b["masked"])]
 
 
 def paired_gains(pairs: list[tuple[str, dict, pd.DataFrame, pd.DataFrame]], classes: list[str] | None = None,
@@ -197,26 +242,53 @@ def _units(m: pd.DataFrame):
     return ua if same else joined_units(ua, ub)
 
 
+def test_predictions(run_id: str, cache: dict | None = None) -> pd.DataFrame | None:
+    """The per-item test predictions a study (or baseline) run logged, None without them."""
+    cache = {} if cache is None else cache
+    if run_id not in cache:
+        try:
+            cache[run_id] = pd.read_csv(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"runs:/{run_id}/evaluation/predictions_test.csv"))
+        except Exception:  # noqa: BLE001 - a study without a final evaluation
+            cache[run_id] = None
+    return cache[run_id]
+
+
 def gains(df: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     """Paired gains of the comparable rows of ``df``, from the predictions each study logged."""
     pairs, tables = [], {}
-
-    def table(run_id):
-        if run_id not in tables:
-            try:
-                tables[run_id] = pd.read_csv(mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"runs:/{run_id}/evaluation/predictions_test.csv"))
-            except Exception:  # noqa: BLE001 - a study without a final evaluation
-                tables[run_id] = None
-        return tables[run_id]
-
     for what, i, j in comparison_pairs(df):
         a, b = df.iloc[i], df.iloc[j]
-        ta, tb = table(a["phase2_run"]), table(b["phase2_run"])
+        ta, tb = test_predictions(a["phase2_run"], tables), test_predictions(b["phase2_run"], tables)
         if ta is not None and tb is not None:
             info = {"backbone": a["backbone"]}
             pairs.append((f"{what} ({_context(a, b)})", info, ta, tb))
     return paired_gains(pairs, n_boot=n_boot)
+
+
+def baseline_gains(df: pd.DataFrame, n_boot: int = 1000) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Model − shortcut baseline for every model row (paired bootstrap over the same test items),
+    and ``df`` with :data:`SHORTCUT_FLAG` in the flags of each row whose test-accuracy gain does
+    not have a CI above 0."""
+    out, tables, df = [], {}, df.copy()
+    for what, i, j in baseline_pairs(df):
+        a, b = df.iloc[i], df.iloc[j]
+        ta, tb = test_predictions(a["phase2_run"], tables), test_predictions(b["phase2_run"], tables)
+        if ta is None or tb is None:
+            continue
+        label = ", ".join(x for x in (a["strategy"], a["split_protocol"], f"mask {a['masked']}", a["preprocessing"]) if x)
+        g = paired_gains([(f"{what} ({label})", {"backbone": a["backbone"]}, ta, tb)], n_boot=n_boot)
+        out.append(g)
+        acc = g[g["metric"] == "test_accuracy"]
+        if len(acc) and not acc.iloc[0]["ci_low"] > 0:
+            df.loc[df.index[i], "flags"] = "; ".join(x for x in (df.iloc[i]["flags"], SHORTCUT_FLAG) if x)
+    cols = paired_gains([]).columns
+    return (pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)), df
+
+
+def gap_text(g: pd.Series) -> str:
+    """A gain row as a version tag: ``+0.0120 [-0.0030, +0.0270]``."""
+    return f"{g['gain']:+.4f} [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}]"
 
 
 def cv_gains(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
@@ -296,6 +368,29 @@ GAINS_TEXT = ("Each gain is a − b of a test metric over the test items that bo
               "join of both groupings (items linked by either protocol stay together).")
 
 
+BASELINE_TEXT = " ".join("""
+The `baseline:` rows are the strongest shortcut baseline of this data (`dtl data audit` lists them all):
+a logistic regression or gradient boosting on global statistics of the model's own input that ignore
+the cells' shape (17 colour statistics, the pooled annotation box as preprocessed, the border), chosen by
+grouped cross-validation on the train split, refitted on it and scored on the same test items as the
+models. Each model's gain over it is a paired bootstrap over those items; a model whose test-accuracy
+gain does not have a CI above 0 is flagged "not shown to use more than global image statistics".
+""".split())
+
+
+def baseline_section(base: pd.DataFrame) -> list[str]:
+    """The report's lines on the models beside the shortcut baseline (none without a baseline run)."""
+    if base.empty:
+        return []
+    acc = base[base["metric"] == "test_accuracy"]
+    flagged = acc[~(acc["ci_low"] > 0)]
+    verdict = (f"{len(flagged)} of {len(acc)} models are {SHORTCUT_FLAG}: "
+               + "; ".join(f"{r.backbone} {r.comparison} {r.gain:+.4f} ({r.ci_low:+.4f} to {r.ci_high:+.4f})"
+                           for r in flagged.itertuples()) + "." if len(flagged) else
+               f"All {len(acc)} models beat the baseline with a test-accuracy CI above 0.")
+    return ["## Beside the shortcut baseline", "", BASELINE_TEXT, "", verdict, "", markdown_table(base)]
+
+
 def _gain_summary(gain: pd.DataFrame) -> str:
     if gain.empty:
         return "No comparable pairs of rows (one strategy, protocol and masking setting only)."
@@ -310,6 +405,8 @@ def seed_table(df: pd.DataFrame) -> pd.DataFrame:
     """The seed project's format: Model | Phase-2 Accuracy | Eval Acc | Notes."""
     rows = []
     for _, r in df.iterrows():
+        if is_baseline(r):
+            continue
         note = f"{r['strategy']} transfer, init {r['init']}, {r['split_protocol']} split"
         if r["test_accuracy_ci"]:
             note += f", test 95% CI {r['test_accuracy_ci']}"
@@ -431,6 +528,7 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = collect(tracking, registered_model, data_digest)
+    base, df = baseline_gains(df)
     gain = gains(df)
     cv = cv_gains(df)
     seed = seed_table(df)
@@ -462,7 +560,7 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
           "numbers (`acquisition-blocks:N`, stricter), or single images (`image-level`, leaks near-duplicates "
           "across splits: optimistic). `masked` = the Aria corner annotation (its colour differs by class) "
           "blanked before training and in the served model.", "",
-          markdown_table(shown), "## Cross-validated gains", "", CV_TEXT, "", _cv_summary(cv), "",
+          markdown_table(shown), *baseline_section(base), "## Cross-validated gains", "", CV_TEXT, "", _cv_summary(cv), "",
           *([markdown_table(cv)] if len(cv) else []),
           "## Paired gains (one model each, test items resampled)", "", GAINS_TEXT, "", _gain_summary(gain), "",
           markdown_table(gain),

@@ -249,8 +249,7 @@ def find_runs(tracking: Tracking, filter_string: str, max_results: int | None = 
 
 
 def find_run(tracking: Tracking, tags: dict[str, str]) -> Run | None:
-    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = find_runs(tracking, flt, 50)
+    runs = find_runs(tracking, schema.where(tags), 50)
     if not runs:
         return None
     oldest = min(runs, key=lambda r: (r.info.start_time, r.info.run_id))  # the same answer in every process

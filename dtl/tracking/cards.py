@@ -48,7 +48,7 @@ def write_card(tracking: Tracking, name: str, version: str, policy: Policy, card
                     "git_commit": t.get(schema.GIT_COMMIT), "init": t.get(schema.INIT),
                     "strategy": t.get(schema.STRATEGY), "previous_champion": mv.tags.get(schema.PREVIOUS_CHAMPION),
                     "model_uri": mv.source},
-        "limitations": limitations(t),
+        "limitations": limitations(t) + baseline_limitation(mv.tags),
     }
     md = _card_markdown(card)
     cards_dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +85,19 @@ def limitations(tags: dict) -> list[str]:
     out.append(f"Confidence intervals are bootstrap intervals resampling {CI_UNITS.get(unit, unit)}"
                + ("." if unit == "patient" else ", not patients."))
     return out
+
+
+def baseline_limitation(version_tags: dict) -> list[str]:
+    """The card's line on the shortcut baseline (from the version's tags; none for versions from
+    before the baseline): the gap, and the flag where the gap's CI is not above 0."""
+    gap = version_tags.get(schema.BASELINE_GAP)
+    if not gap:
+        return []
+    flagged = version_tags.get(schema.BASELINE_FLAG) == "true"
+    return [("FLAGGED: not shown to use more than global image statistics. " if flagged else "")
+            + f"Test accuracy minus that of the strongest shortcut baseline of its data (global colour, "
+              f"annotation-box or border statistics of the same input; run {version_tags.get(schema.BASELINE_RUN, '?')}): {gap} "
+              "(paired bootstrap 95% CI)" + ("." if not flagged else ": the CI is not above 0.")]
 
 
 def _calibration(client, mv) -> dict | None:

@@ -13,6 +13,8 @@ Runs of one pipeline job, by role (``tags.dtl.role``):
 * ``study``: one Optuna study (phase 1 or phase 2, one backbone and strategy), nested under
   the root; its ``trial`` runs are nested under it, and so are the final ``repeat`` (another
   seed) and ``fold`` (cross-validation) retrainings of its best trial.
+* ``baseline``: the strongest shortcut baseline of the job's phase-2 data (global colour, size,
+  annotation or border statistics), nested under the root, scored on the same items as the models.
 * ``evaluate``, ``report``, ``explain-job``/``explain``, ``fuzzy-job``/``fuzzy-study``/
   ``fuzzy-trial``: the other commands' runs.
 """
@@ -95,6 +97,9 @@ PHASE1_DATA_KIND = "phase1_data_kind"
 PHASE1_SPLIT_PROTOCOL = "phase1_split_protocol"
 DUPLICATES_REMOVED = "duplicates_removed"
 CALIBRATION_TEMPERATURE = "calibration.temperature"
+BASELINE_RUN = "dtl.baseline_run"  # the shortcut-baseline run the version was compared with
+BASELINE_GAP = "dtl.baseline_gap"  # "+0.0120 [-0.0030, +0.0270]": test accuracy, model - baseline, paired CI
+BASELINE_FLAG = "dtl.baseline_flag"  # "true": the gap's CI does not exclude 0 (or the model is worse)
 
 # --- tag keys: MLflow's and Optuna's ----------------------------------------------------------
 PARENT = "mlflow.parentRunId"
@@ -128,6 +133,7 @@ class Role:
     FUZZY_JOB = "fuzzy-job"
     FUZZY_STUDY = "fuzzy-study"
     FUZZY_TRIAL = "fuzzy-trial"
+    BASELINE = "baseline"  # the strongest shortcut baseline, fitted on train, scored on val and test
 
 
 def phase1_source_key(backbone: str) -> str:

@@ -392,15 +392,21 @@ def evaluate_checkpoint(cfg: Config, phase: str, checkpoint: Path, splits=("val"
             continue
         ld = loader(cfg, phase, split, ispec, device, cfg.eval_batch_size, train=False)
         probs, y = predict(net, ld, precision, ispec, tta=pc.tta)
-        unit, groups = bootstrap_units(ds.split(split))
-        out.ci_unit[split] = unit
-        out.metrics.update(evaluate_predictions(y, probs, ds.classes, split, cfg.bootstrap, cfg.seed, groups))
-        out.confusion[split] = confusion(y, probs.argmax(1), ds.classes)
-        table = ds.split(split)[["path", "label"]].copy()
-        table["bootstrap_unit"] = groups if groups is not None else table["path"]  # for paired comparisons
-        table["predicted"] = [ds.classes[i] for i in probs.argmax(1)]
-        for i, c in enumerate(ds.classes):
-            table[f"p_{c}"] = probs[:, i].round(5)
-        out.predictions[split] = table
+        add_split(out, cfg, ds, split, probs, y)
     return out
+
+
+def add_split(out: Evaluation, cfg: Config, ds, split: str, probs: np.ndarray, y: np.ndarray) -> None:
+    """One split's metrics with bootstrap CIs over its units, confusion matrix and per-item
+    predictions table (for paired comparisons) into ``out``."""
+    unit, groups = bootstrap_units(ds.split(split))
+    out.ci_unit[split] = unit
+    out.metrics.update(evaluate_predictions(y, probs, ds.classes, split, cfg.bootstrap, cfg.seed, groups))
+    out.confusion[split] = confusion(y, probs.argmax(1), ds.classes)
+    table = ds.split(split)[["path", "label"]].copy()
+    table["bootstrap_unit"] = groups if groups is not None else table["path"]  # for paired comparisons
+    table["predicted"] = [ds.classes[i] for i in probs.argmax(1)]
+    for i, c in enumerate(ds.classes):
+        table[f"p_{c}"] = probs[:, i].round(5)
+    out.predictions[split] = table
 
