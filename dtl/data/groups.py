@@ -112,7 +112,7 @@ def _window_sums(t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def shifted_ncc(t: np.ndarray, pairs: np.ndarray, batch: int = 2048) -> np.ndarray:
     """Best normalised cross-correlation of each pair's thumbnails over the allowed shifts."""
-    n2 = 2 * THUMB
+    n2 = 16 * -(-(THUMB + MAX_SHIFT) // 16)  # zero padding: no shift up to MAX_SHIFT wraps around
     spec = np.fft.rfft2(t, s=(n2, n2))
     area, s1, s2 = _window_sums(t)
     ok = area >= MIN_OVERLAP * THUMB * THUMB
