@@ -267,8 +267,11 @@ def _print_audit(ds, a: dict) -> None:
           f"{a['patient_overlap']}, unreadable {len(a['unreadable'])}, listed but missing {a['missing_listed']}, "
           f"near-duplicate pairs across splits {a['near_duplicates']}")
     print("sizes: " + ", ".join(f"{k} ({v})" for k, v in a["sizes"].items()))
-    print(f"groups {a['groups']} (near-duplicate pairs linked {a['near_duplicates_linked']}); group sizes: "
+    turned = ", ".join(f"{name} {n}" for name, n in a["near_duplicates_linked_turned"].items())
+    turned = f"; of them turned or mirrored: {turned}" if turned else ""
+    print(f"groups {a['groups']} (near-duplicate pairs linked {a['near_duplicates_linked']}{turned}); group sizes: "
           + ", ".join(f"{n}x{size}" for size, n in a["group_sizes"].items()))
+    _print_pairs(a)
     p = a["shortcut_probe"]
     if p:
         print(f"shortcut probe (logistic regression, {p['n_images']} images, grouped 5-fold CV): annotation box "
@@ -281,6 +284,15 @@ def _print_audit(ds, a: dict) -> None:
               f"{b0['majority']:.3f}): what a model could score without looking at the cells")
         for b in a["shortcut_baselines"]:
             print(f"  {b['name']:18s} {b['model']:9s} accuracy {b['accuracy']:.3f}  macro-F1 {b['macro_f1']:.3f}")
+
+
+def _print_pairs(a: dict, most: int = 10) -> None:
+    """The first near-duplicate pairs across splits, each with how the second image was made from
+    the first where it is a turned or mirrored copy."""
+    for first, second, split_a, split_b, ncc, _, transform in a["near_duplicate_pairs"][:most]:
+        print(f"  {first} ({split_a}) ~ {second} ({split_b}): ncc {ncc:.2f}" + (f", {transform}" if transform else ""))
+    if a["near_duplicates"] > most:
+        print(f"  ... and {a['near_duplicates'] - most} more near-duplicate pairs across splits")
 
 
 def _probe(ds, dc, args, cache_dir: str) -> dict | None:
