@@ -182,7 +182,7 @@ def test_presplit_folders_are_used_as_given(tmp_path):
     shutil.copy(tr / "a" / "a0.png", va / "a" / "copy.png")  # a leak the audit must report
     ds = load_dataset(DataConfig(kind="presplit", train_dir=str(tr), val_dir=str(va)), tmp_path / "cache")
     assert ds.protocol == "given" and ds.audit()["splits"] == {"train": 12, "val": 7}
-    assert any(pair[-1] == 0 for pair in ds.near_duplicates)  # (a, b, splits, ncc, hash bits)
+    assert any(pair[5] == 0 for pair in ds.near_duplicates)  # (a, b, splits, ncc, hash bits, transform)
 
 
 def test_augmentation_shapes_range_and_determinism():

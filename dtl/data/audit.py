@@ -44,8 +44,8 @@ def audit_text(ds: Dataset, a: dict) -> str:
               f"{a['patient_overlap']}, unreadable {len(a['unreadable'])}, listed but missing {a['missing_listed']}, "
               f"near-duplicate pairs across splits {a['near_duplicates']}",
               "sizes: " + ", ".join(f"{k} ({v})" for k, v in a["sizes"].items()),
-              f"groups {a['groups']} (near-duplicate pairs linked {a['near_duplicates_linked']}); group sizes: "
-              + ", ".join(f"{n}x{size}" for size, n in a["group_sizes"].items())]
+              f"groups {a['groups']} (near-duplicate pairs linked {a['near_duplicates_linked']}{_turned(a)}); "
+              "group sizes: " + ", ".join(f"{n}x{size}" for size, n in a["group_sizes"].items()), *pairs_text(a)]
     p = a["shortcut_probe"]
     if p:
         lines.append(f"shortcut probe (logistic regression, {p['n_images']} images, grouped 5-fold CV): annotation box "
@@ -59,6 +59,21 @@ def audit_text(ds: Dataset, a: dict) -> str:
         lines += [f"  {b['name']:18s} {b['model']:9s} accuracy {b['accuracy']:.3f}  macro-F1 {b['macro_f1']:.3f}"
                   for b in a["shortcut_baselines"]]
     return "\n".join(lines)
+
+
+def _turned(a: dict) -> str:
+    turned = ", ".join(f"{name} {n}" for name, n in a.get("near_duplicates_linked_turned", {}).items())
+    return f"; of them turned or mirrored: {turned}" if turned else ""
+
+
+def pairs_text(a: dict, most: int = 10) -> list[str]:
+    """The first near-duplicate pairs across splits, each with how the second image was made from
+    the first where it is a turned or mirrored copy."""
+    out = [f"  {first} ({split_a}) ~ {second} ({split_b}): ncc {ncc:.2f}" + (f", {transform}" if transform else "")
+           for first, second, split_a, split_b, ncc, _, transform in a["near_duplicate_pairs"][:most]]
+    if a["near_duplicates"] > most:
+        out.append(f"  ... and {a['near_duplicates'] - most} more near-duplicate pairs across splits")
+    return out
 
 
 def preview(dc: DataConfig, cache_dir: str, size: int, per_class: int, out: str) -> str:

@@ -25,7 +25,7 @@ from dtl import DTLError
 from dtl.config import DataConfig, split_protocol
 from dtl.data import demo, kinds
 from dtl.data.groups import PARAMS as GROUP_PARAMS
-from dtl.data.groups import assign_groups, cluster_sizes, cross_split_pairs, similar_pairs, thumbnail
+from dtl.data.groups import assign_groups, cluster_sizes, cross_split_pairs, similar_pairs, thumbnail, turned_counts
 from dtl.data.splits import fold_split, group_split, patient_overlap, patient_split, resampling_units
 
 IMAGE_EXTS = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff"}
@@ -59,8 +59,10 @@ class Dataset:
     duplicate_pairs: list[tuple[str, str]] = field(default_factory=list)
     missing_listed: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
-    near_duplicates: list[tuple] = field(default_factory=list)  # linked pairs across splits (a, b, splits, ncc, bits)
+    # linked pairs across splits: (a, b, split a, split b, ncc, hash bits, transform: "" or e.g. "rotated 90°")
+    near_duplicates: list[tuple] = field(default_factory=list)
     n_linked: int = 0  # near-duplicate pairs found in the whole set
+    linked_turned: dict[str, int] = field(default_factory=dict)  # of those, turned/mirrored copies by transform
 
     @property
     def digest(self) -> str:
@@ -99,6 +101,7 @@ class Dataset:
             "near_duplicates": len(self.near_duplicates),
             "near_duplicate_pairs": [list(p) for p in self.near_duplicates[:20]],
             "near_duplicates_linked": self.n_linked,
+            "near_duplicates_linked_turned": self.linked_turned,
             "groups": int(m["group"].nunique()),
             "group_sizes": cluster_sizes(m["group"]),
             "sizes": {f"{w}x{h}": int(n) for (w, h), n in m.groupby(["width", "height"]).size().items()},
@@ -322,7 +325,7 @@ def _linked_pairs(src: pd.DataFrame, cache_dir) -> pd.DataFrame:
     text = GROUP_PARAMS + "\n" + "\n".join(src["thumb"] + "|" + src["phash"])
     cache = Path(cache_dir) / "groups" / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.csv"
     if cache.exists():
-        return pd.read_csv(cache).astype({"i": int, "j": int, "ncc": float, "hash_bits": int})
+        return pd.read_csv(cache).astype({"i": int, "j": int, "ncc": float, "hash_bits": int, "transform": int})
     linked = similar_pairs(src["thumb"], src["phash"])
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
@@ -421,7 +424,8 @@ def _finish(kind, root, df, classes, protocol, cfg, cache_dir, missing=(), dedup
     manifest["width"] = manifest["width"].astype(int)
     manifest["height"] = manifest["height"].astype(int)
     return Dataset(kind, root, list(classes), manifest, protocol, len(pairs), pairs, list(missing),
-                   unreadable, list(cross.itertuples(index=False, name=None)), len(linked))
+                   unreadable, list(cross.itertuples(index=False, name=None)), len(linked),
+                   turned_counts(linked))
 
 
 def _check_classes(cfg: DataConfig, found: list[str], root: Path) -> None:
