@@ -268,19 +268,35 @@ def cv_id(data_digest: str, k: int, repeats: int, split_seed: int) -> str:
     return hashlib.sha256(f"{data_digest}|{k}|{repeats}|{split_seed}".encode()).hexdigest()[:16]
 
 
-def run_baseline(cfg: Config, tracking: Tracking, parent: str) -> str:
-    """The strongest shortcut baseline of the phase-2 data (:func:`dtl.data.probe.held_out_baseline`),
-    scored on val and test like a model and logged as a ``baseline`` run of pipeline run ``parent``; found
-    again (not refitted) when this data, split, masking and colour setting already has one."""
+BASELINE_VERSION = "2"  # part of a baseline run's key: a change of what is fitted refits stored baselines
+
+
+def baseline_key(cfg: Config) -> dict:
+    """What a baseline run is found again by: the phase-2 data, split, masking and the input
+    preprocessing the models see (colour, HSV segmentation), and the baseline's own version."""
     ds = dataset(cfg, "phase2")
-    d = cfg.phase2.data
-    tags = {schema.ROLE: schema.Role.BASELINE, schema.PHASE: "phase2", schema.DATA_DIGEST: ds.digest,
+    return {schema.ROLE: schema.Role.BASELINE, schema.PHASE: "phase2", schema.DATA_DIGEST: ds.digest,
             schema.SPLIT_PROTOCOL: ds.protocol, schema.ANNOTATION_MASK: mask_state(cfg, "phase2"),
-            schema.PREPROCESSING: f"colour={d.colour}" if d.colour != "raw" else "default"}
+            schema.PREPROCESSING: preprocessing_label(cfg, "phase2", augment=False),
+            schema.BASELINE_VERSION: BASELINE_VERSION}
+
+
+def run_baseline(cfg: Config, tracking: Tracking, parent: str) -> str | None:
+    """The strongest shortcut baseline of the phase-2 data (:func:`dtl.data.probe.held_out_baseline`),
+    scored on val and test like a model and logged as a top-level ``baseline`` run of pipeline run
+    ``parent``; found again (not refitted) by :func:`baseline_key`. A baseline that cannot be fitted
+    (e.g. too few groups per class for its folds) is skipped with a warning, never the job."""
+    tags = baseline_key(cfg)
     done = find_runs(tracking, schema.where(tags, status="FINISHED"))
     if done:
         return done[-1].info.run_id
-    b = held_out_baseline(ds, annotation_mask(d.mask_annotation, ds.kind, d.variant), cfg.cache_dir, d.colour, cfg.seed)
+    ds, d = dataset(cfg, "phase2"), cfg.phase2.data
+    try:
+        b = held_out_baseline(ds, annotation_mask(d.mask_annotation, ds.kind, d.variant), cfg.cache_dir, d.colour,
+                              cfg.seed, segment=d.hsv_segment)
+    except ValueError as e:
+        print(f"warning: no shortcut baseline for this data ({e}); the table has no baseline row", flush=True)
+        return None
     ev = Evaluation()
     for split, probs in b.probs.items():
         add_split(ev, cfg, ds, split, probs, ds.label_ids(split))
@@ -296,19 +312,20 @@ def run_baseline(cfg: Config, tracking: Tracking, parent: str) -> str:
 
 
 def baseline_tags(cfg: Config, tracking: Tracking, study_run: str) -> dict:
-    """The version's gap to the shortcut baseline of its data (test accuracy, model − baseline,
-    paired bootstrap over the same items) and whether it is flagged; {} without a baseline run."""
-    ds = dataset(cfg, "phase2")
-    runs = find_runs(tracking, schema.where({schema.ROLE: schema.Role.BASELINE, schema.DATA_DIGEST: ds.digest,
-                                             schema.ANNOTATION_MASK: mask_state(cfg, "phase2")}, status="FINISHED"))
+    """The version's gap to the shortcut baseline of its data and input (:func:`baseline_key`):
+    test accuracy, model − baseline, paired bootstrap over the same items as the report's (same
+    resamples), and whether it is flagged; {} without a baseline run or without a defined CI."""
+    runs = find_runs(tracking, schema.where(baseline_key(cfg), status="FINISHED"))
     ta = report_mod.test_predictions(study_run)
     tb = report_mod.test_predictions(runs[-1].info.run_id) if runs else None
     if ta is None or tb is None:
         return {}
-    g = report_mod.paired_gains([("model − baseline", {}, ta, tb)], n_boot=cfg.bootstrap, seed=cfg.seed)
+    g = report_mod.paired_gains([("model − baseline", {}, ta, tb)])
     acc = g[g["metric"] == "test_accuracy"].iloc[0]
+    if acc["ci_low"] != acc["ci_low"]:
+        return {}
     return {schema.BASELINE_RUN: runs[-1].info.run_id, schema.BASELINE_GAP: report_mod.gap_text(acc),
-            schema.BASELINE_FLAG: str(not acc["ci_low"] > 0).lower()}
+            schema.BASELINE_FLAG: str(report_mod.is_flagged(acc)).lower()}
 
 
 def finish_phase2(cfg: Config, tracking: Tracking, study: StudyResult, register_it: bool,

@@ -135,3 +135,62 @@ def test_studies_that_differ_only_in_stain_settings_are_separate_rows(workspace)
         t.client.set_terminated(r.info.run_id)
     df = collect(t, "all-dtl")
     assert sorted(zip(df["preprocessing"], df["test_accuracy"])) == [("default", 0.7), ("hed=0.05", 0.6)]
+
+
+def test_a_class_in_fewer_groups_than_folds_gives_fewer_folds_not_a_crash():
+    import numpy as np
+
+    from dtl.data.baselines import fit_baseline
+
+    y = np.array([0] * 30 + [1] * 6)
+    groups = np.array(list(range(30)) + [99] * 6)  # class 1: one near-duplicate cluster (or one patient)
+    out = fit_baseline("colour", np.random.default_rng(0).normal(size=(36, 3)), y, groups, "group")
+    assert [e["folds"] for e in out] == [1, 1] and all(e["accuracy"] == e["majority"] for e in out)
+
+
+def test_each_model_is_compared_with_the_baseline_of_its_own_data_and_input_and_flagged_only_below_it(workspace):
+    """Two datasets and a greyscale input: each model row is paired with exactly the baseline of
+    its digest, split, masking and input colour (stain augmentation is not input); a model that
+    beats its baseline is not flagged, one that equals it is; a study from before the
+    preprocessing tag reads its label from its params."""
+    import numpy as np
+    import pandas as pd
+
+    from dtl.report.results import SHORTCUT_FLAG, baseline_gains, baseline_pairs, collect
+    from dtl.tracking import adapter, schema
+
+    t = adapter.connect(f"sqlite:///{workspace}/mlflow.db", "pairs")
+    rng = np.random.default_rng(0)
+    labels = rng.choice(["a", "b"], 300)
+    paths = [f"x/{i}.png" for i in range(300)]
+
+    def run(tags, correct, params=None):
+        r = t.client.create_run(t.experiment_id, tags={schema.PHASE: "phase2", schema.ANNOTATION_MASK: "on",
+                                                       schema.SPLIT_PROTOCOL: "near-duplicate-groups", **tags})
+        ok = rng.random(300) < correct
+        p_a = np.where((labels == "a") == ok, 0.9, 0.1)
+        table = pd.DataFrame({"path": paths, "label": labels, "bootstrap_unit": paths, "p_a": p_a, "p_b": 1 - p_a})
+        adapter.Run(t, r.info.run_id).log_table(table, "evaluation/predictions_test.csv")
+        t.client.log_metric(r.info.run_id, "test_accuracy", float(ok.mean()))
+        for k, v in (params or {}).items():
+            t.client.log_param(r.info.run_id, k, v)
+        t.client.set_terminated(r.info.run_id)
+        return r.info.run_id
+
+    study = {schema.ROLE: schema.Role.STUDY, schema.STRATEGY: "double"}
+    base = {schema.ROLE: schema.Role.BASELINE, schema.STRATEGY: "linear", schema.BACKBONE: "baseline:colour"}
+    b1 = run({**base, schema.DATA_DIGEST: "d1", schema.PREPROCESSING: "default"}, 0.7)
+    run({**base, schema.DATA_DIGEST: "d2", schema.PREPROCESSING: "default"}, 0.99)
+    bg = run({**base, schema.DATA_DIGEST: "d1", schema.PREPROCESSING: "colour=greyscale"}, 0.6)
+    good = run({**study, schema.BACKBONE: "good", schema.DATA_DIGEST: "d1", schema.PREPROCESSING: "default"}, 0.97)
+    same = run({**study, schema.BACKBONE: "same", schema.DATA_DIGEST: "d1"}, 0.7, {"augment.hed": "0.05"})
+    grey = run({**study, schema.BACKBONE: "grey", schema.DATA_DIGEST: "d1",
+                schema.PREPROCESSING: "colour=greyscale, hed=0.05"}, 0.97)
+    df = collect(t, "all-dtl")
+    assert df.set_index("backbone").loc["same", "preprocessing"] == "hed=0.05"  # from its params
+    paired = {df.loc[i, "phase2_run"]: df.loc[j, "phase2_run"] for _, i, j in baseline_pairs(df)}
+    assert paired == {good: b1, same: b1, grey: bg}
+    gains, flagged = baseline_gains(df, n_boot=200)
+    flags = flagged.set_index("backbone")["flags"].fillna("")
+    assert SHORTCUT_FLAG in flags["same"] and SHORTCUT_FLAG not in flags["good"] and SHORTCUT_FLAG not in flags["grey"]
+    assert len(gains[gains["metric"] == "test_accuracy"]) == 3

@@ -67,7 +67,9 @@ def fit_baseline(name: str, features: np.ndarray, y: np.ndarray, units, grouping
     (patients, groups; None = images) together. One entry per model."""
     majority = float(np.bincount(y).max() / len(y))
     groups = units if units is not None else np.arange(len(y))
-    k = min(folds, int(np.bincount(y)[np.bincount(y) > 0].min()), len(np.unique(groups)))
+    # every training fold must hold every class: at most as many folds as the class with the fewest groups has groups
+    per_class = [len(np.unique(np.asarray(groups)[y == c])) for c in np.unique(y)]
+    k = min(folds, min(per_class))
     out = []
     for model in MODELS:
         if k < 2 or len(np.unique(features, axis=0)) == 1:  # nothing to learn from: the majority class

@@ -81,14 +81,16 @@ def shortcut_probe(ds: Dataset, mask: AnnotationMask | None, cache_dir, seed: in
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def split_features(ds: Dataset, split: str, mask: AnnotationMask | None, cache_dir, colour: str = "raw") -> dict:
+def split_features(ds: Dataset, split: str, mask: AnnotationMask | None, cache_dir, colour: str = "raw",
+                   segment: bool = False) -> dict:
     """The shortcut baselines' features (:func:`dtl.data.baselines.feature_sets`) of one split's
     images, in chunks from the memory-mapped cache: the recipe's ``mask`` and ``colour`` applied to
     the preprocessed images (the box is Aria's where no mask is set); the unmasked images stay raw."""
     box = _box(ds, mask or AnnotationMask())
     specs = [InputSpec(PROBE_SIZE, PROBE_SIZE, (0.0,) * 3, (1.0,) * 3, mask=m, colour=c)
              for m, c in ((None, "raw"), (mask, colour))]
-    raw, masked = (split_array(ds, split, spec, False, cache_dir) for spec in specs)
+    raw = split_array(ds, split, specs[0], False, cache_dir)
+    masked = split_array(ds, split, specs[1], segment, cache_dir)  # the model's input (HSV-segmented if it is)
     table = ds.split(split)
     sizes = np.stack([table["width"].to_numpy(), table["height"].to_numpy(), file_sizes(ds.root, table["path"])], 1)
     parts = [feature_sets(np.asarray(raw[a:a + CHUNK]), np.asarray(masked[a:a + CHUNK]), box, sizes[a:a + CHUNK])
@@ -123,16 +125,16 @@ class HeldOutBaseline:
 
 
 def held_out_baseline(ds: Dataset, mask: AnnotationMask | None, cache_dir, colour: str = "raw", seed: int = 0,
-                  splits=("val", "test")) -> HeldOutBaseline:
+                      splits=("val", "test"), segment: bool = False) -> HeldOutBaseline:
     """What a model could score on ``splits`` without looking at the cells: every baseline of
     :data:`ON_THE_INPUT` is cross-validated on the train split (its own grouping), the best by
     accuracy (then macro-F1) is refitted on the whole train split and predicts the other splits."""
-    train = {k: v for k, v in split_features(ds, "train", mask, cache_dir, colour).items() if k in ON_THE_INPUT}
+    train = {k: v for k, v in split_features(ds, "train", mask, cache_dir, colour, segment).items() if k in ON_THE_INPUT}
     y = ds.label_ids("train")
     cv = shortcut_baselines(train, y, ds.split("train"), seed)
     best = max(cv, key=lambda e: (e["accuracy"], e["macro_f1"]))
     probs = {}
     for s in (s for s in splits if (ds.manifest["split"] == s).any()):
-        x = split_features(ds, s, mask, cache_dir, colour)[best["name"]]
+        x = split_features(ds, s, mask, cache_dir, colour, segment)[best["name"]]
         probs[s] = predict_proba(best["model"], train[best["name"]], y, x, len(ds.classes))
     return HeldOutBaseline(best["name"], best["model"], probs, cv)

@@ -25,6 +25,7 @@ from dtl.fuzzy.report import section as fuzzy_section
 from dtl.report.tables import html_page, markdown_table, png_bytes
 from dtl.tracking import schema
 from dtl.tracking.adapter import Tracking, find_runs, redact
+from dtl.train.phases import input_part, label_of
 
 HIDDEN = ["phase2_run", "cv_id", "f1_low", "f1_high", "cv_f1", "cv_f1_low", "cv_f1_high"]  # for joins and plots
 COLUMNS = ["backbone", "strategy", "init", "split_protocol", "masked", "preprocessing", "phase1_val_macro_f1", "phase2_val_accuracy",
@@ -55,7 +56,7 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
     latest: dict = {}
     for r in runs:  # the latest study per (backbone, strategy, data, masking, stain settings)
         key = (*(r.data.tags.get(k) for k in (schema.BACKBONE, schema.STRATEGY, schema.DATA_DIGEST)), _masked(r.data.tags),
-               r.data.tags.get(schema.PREPROCESSING, "default"))
+               preprocessing_of(r))
         if key not in latest or r.info.start_time > latest[key].info.start_time:
             latest[key] = r
     rows = []
@@ -69,7 +70,7 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
             "backbone": t.get(schema.BACKBONE), "strategy": t.get(schema.STRATEGY),
             "init": (f"phase 1 ({p1.data.tags.get(schema.INIT, '?')} → {p1.data.tags.get(schema.DATA_KIND, '?')})") if p1 else init,
             "split_protocol": t.get(schema.SPLIT_PROTOCOL), "masked": _masked(t),
-            "preprocessing": t.get(schema.PREPROCESSING, "default"),
+            "preprocessing": preprocessing_of(r),
             "phase1_val_macro_f1": p1.data.metrics.get("val_macro_f1") if p1 else None,
             "phase2_val_accuracy": m.get("val_accuracy"), "val_macro_f1": m.get("val_macro_f1"),
             "test_accuracy": m.get("test_accuracy"), "test_accuracy_ci": _ci(m, "test_accuracy"),
@@ -106,8 +107,8 @@ def baseline_rows(tracking: Tracking, data_digest: str | None = None) -> list[di
     latest: dict = {}
     for r in find_runs(tracking, flt):  # oldest first: the last one wins
         t = r.data.tags
-        latest[tuple(t.get(k) for k in (schema.BACKBONE, schema.DATA_DIGEST, schema.SPLIT_PROTOCOL,
-                                        schema.ANNOTATION_MASK, schema.PREPROCESSING))] = r
+        latest[tuple(t.get(k) for k in (schema.DATA_DIGEST, schema.SPLIT_PROTOCOL, schema.ANNOTATION_MASK,
+                                        schema.PREPROCESSING))] = r  # one baseline per input the models see
     out = []
     for r in latest.values():
         t, m = r.data.tags, r.data.metrics
@@ -126,6 +127,17 @@ def baseline_rows(tracking: Tracking, data_digest: str | None = None) -> list[di
 
 def is_baseline(row) -> bool:
     return str(row["backbone"]).startswith(BASELINE_PREFIX)
+
+
+def preprocessing_of(run) -> str:
+    """A study's ``preprocessing`` tag, or for studies from before it, the same label built from the
+    config params it logged (colour, HSV segmentation, stain augmentation)."""
+    t, p = run.data.tags, run.data.params
+    if schema.PREPROCESSING in t:
+        return t[schema.PREPROCESSING]
+    ph = t.get(schema.PHASE, "phase2")
+    return label_of(p.get(f"{ph}.data.colour", "raw"), p.get(f"{ph}.data.hsv_segment") == "True",
+                    p.get("augment.hed", 0.0), p.get("augment.grey", 0.0))
 
 
 def _masked(tags: dict) -> str:
@@ -198,12 +210,14 @@ DEFAULT_PROTOCOL = "near-duplicate-groups"
 
 
 def baseline_pairs(df: pd.DataFrame) -> list[tuple[str, int, int]]:
-    """Each model row with the baseline row of its split protocol and masking (scored on the same
-    test items): ``(what, model row, baseline row)``, the gain reported is model − baseline."""
+    """Each model row with the baseline row of its data, split protocol, masking and input
+    preprocessing (scored on the same test items, on the input the model sees): ``(what, model
+    row, baseline row)``, the gain reported is model − baseline."""
     rows = df.reset_index(drop=True)
-    bases = [(j, b) for j, b in rows.iterrows() if is_baseline(b)]
-    return [(f"model − {b['backbone']} ({b['strategy']})", i, j) for i, a in rows.iterrows() if not is_baseline(a)
-            for j, b in bases if (a["split_protocol"], a["masked"]) == (b["split_protocol"], b["masked"])]
+    key = lambda r: (r["data_digest"], r["split_protocol"], r["masked"], input_part(r["preprocessing"]))  # noqa: E731
+    bases = {key(b): (j, b) for j, b in rows.iterrows() if is_baseline(b)}
+    return [(f"model − {bases[key(a)][1]['backbone']} ({bases[key(a)][1]['strategy']})", i, bases[key(a)][0])
+            for i, a in rows.iterrows() if not is_baseline(a) and key(a) in bases]
 
 
 def paired_gains(pairs: list[tuple[str, dict, pd.DataFrame, pd.DataFrame]], classes: list[str] | None = None,
@@ -280,10 +294,15 @@ def baseline_gains(df: pd.DataFrame, n_boot: int = 1000) -> tuple[pd.DataFrame, 
         g = paired_gains([(f"{what} ({label})", {"backbone": a["backbone"]}, ta, tb)], n_boot=n_boot)
         out.append(g)
         acc = g[g["metric"] == "test_accuracy"]
-        if len(acc) and not acc.iloc[0]["ci_low"] > 0:
+        if len(acc) and is_flagged(acc.iloc[0]):
             df.loc[df.index[i], "flags"] = "; ".join(x for x in (df.iloc[i]["flags"], SHORTCUT_FLAG) if x)
     cols = paired_gains([]).columns
     return (pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)), df
+
+
+def is_flagged(g) -> bool:
+    """A model − baseline gain whose CI is not above 0 (no verdict, False, where the CI is undefined)."""
+    return bool(g["ci_low"] == g["ci_low"] and not g["ci_low"] > 0)
 
 
 def gap_text(g: pd.Series) -> str:
@@ -383,7 +402,7 @@ def baseline_section(base: pd.DataFrame) -> list[str]:
     if base.empty:
         return []
     acc = base[base["metric"] == "test_accuracy"]
-    flagged = acc[~(acc["ci_low"] > 0)]
+    flagged = acc[[is_flagged(r) for _, r in acc.iterrows()]]
     verdict = (f"{len(flagged)} of {len(acc)} models are {SHORTCUT_FLAG}: "
                + "; ".join(f"{r.backbone} {r.comparison} {r.gain:+.4f} ({r.ci_low:+.4f} to {r.ci_high:+.4f})"
                            for r in flagged.itertuples()) + "." if len(flagged) else
@@ -517,8 +536,9 @@ def forest(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame) -> bytes | No
 
 
 def _label(r) -> str:
-    """A row's name in figures: backbone and strategy, with protocol and masking where they vary."""
+    """A row's name in figures: backbone and strategy, with protocol, masking and stain settings."""
     extra = [str(r[k]) for k in ("split_protocol",) if r.get(k)] + ([f"mask {r['masked']}"] if r.get("masked") else [])
+    extra += [str(r["preprocessing"])] if r.get("preprocessing") not in (None, "", "default") else []
     return f"{r['backbone']} ({r['strategy']})" + (", " + ", ".join(extra) if extra else "")
 
 

@@ -13,8 +13,9 @@ Runs of one pipeline job, by role (``tags.dtl.role``):
 * ``study``: one Optuna study (phase 1 or phase 2, one backbone and strategy), nested under
   the root; its ``trial`` runs are nested under it, and so are the final ``repeat`` (another
   seed) and ``fold`` (cross-validation) retrainings of its best trial.
-* ``baseline``: the strongest shortcut baseline of the job's phase-2 data (global colour, size,
-  annotation or border statistics), nested under the root, scored on the same items as the models.
+* ``baseline``: the strongest shortcut baseline of the job's phase-2 data (global colour,
+  annotation-box or border statistics of the models' input), a top-level run linked to its root by
+  ``dtl.pipeline_run``, scored on the same items as the models.
 * ``evaluate``, ``report``, ``explain-job``/``explain``, ``fuzzy-job``/``fuzzy-study``/
   ``fuzzy-trial``: the other commands' runs.
 """
@@ -97,6 +98,7 @@ PHASE1_DATA_KIND = "phase1_data_kind"
 PHASE1_SPLIT_PROTOCOL = "phase1_split_protocol"
 DUPLICATES_REMOVED = "duplicates_removed"
 CALIBRATION_TEMPERATURE = "calibration.temperature"
+BASELINE_VERSION = "dtl.baseline_version"  # on a baseline run: the version of what it fits
 BASELINE_RUN = "dtl.baseline_run"  # the shortcut-baseline run the version was compared with
 BASELINE_GAP = "dtl.baseline_gap"  # "+0.0120 [-0.0030, +0.0270]": test accuracy, model - baseline, paired CI
 BASELINE_FLAG = "dtl.baseline_flag"  # "true": the gap's CI does not exclude 0 (or the model is worse)

@@ -125,13 +125,24 @@ _PATH_KEYS = ("root", "train_dir", "val_dir", "test_dir", "labels_csv")
 ADDED_AT_DEFAULT = {"augment.hed": 0.0, "augment.grey": 0.0, "phase1.data.colour": "raw", "phase2.data.colour": "raw"}
 
 
-def preprocessing_label(cfg: Config, phase: str) -> str:
-    """The colour and stain-augmentation settings of ``phase`` that differ from their defaults
-    (``"colour=greyscale, hed=0.05"``), or ``"default"``: models trained with and without them are
-    separate rows of the results table."""
-    vals = {"colour": (cfg.phase(phase).data.colour, "raw"), "hed": (cfg.augment.hed, 0.0),
-            "grey": (cfg.augment.grey, 0.0)}
+def label_of(colour: str = "raw", segment: bool = False, hed: float = 0.0, grey: float = 0.0) -> str:
+    """``"colour=greyscale, segment=hsv, hed=0.05"``: the settings off their default, or ``"default"``."""
+    vals = {"colour": (colour, "raw"), "segment": ("hsv" if segment else "", ""), "hed": (float(hed), 0.0),
+            "grey": (float(grey), 0.0)}
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, (v, d) in vals.items() if v != d) or "default"
+
+
+def preprocessing_label(cfg: Config, phase: str, augment: bool = True) -> str:
+    """The colour, HSV-segmentation and (with ``augment``) stain-augmentation settings of ``phase``
+    off their defaults (:func:`label_of`): models trained with and without them are separate rows
+    of the results table. Without ``augment``: what the model's input is, as a baseline sees it."""
+    d = cfg.phase(phase).data
+    return label_of(d.colour, d.hsv_segment, cfg.augment.hed if augment else 0.0, cfg.augment.grey if augment else 0.0)
+
+
+def input_part(label: str) -> str:
+    """The input-preprocessing part of a :func:`label_of` label (augmentation items dropped)."""
+    return ", ".join(x for x in label.split(", ") if x.split("=")[0] in ("colour", "segment")) or "default"
 
 
 def _drop_at_default(d: dict, path: list[str], default) -> dict:
