@@ -114,7 +114,7 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> Non
         try:
             if requests.get(url, timeout=2).ok:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting up
             pass
         if proc.poll() is not None:
             raise AssertionError(f"{url}: the server exited ({proc.returncode}) "
@@ -139,3 +139,33 @@ def mlflow_serve(model_uri: str, cwd: Path, timeout: float = 180):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def postgres_url() -> str:
+    """DTL_PG_URL (postgresql://user:pass@127.0.0.1:port, databases `mlflow` and `optuna`) when it
+    answers; else a skip with the reason, a failure when DTL_REQUIRE_POSTGRES=1 (.ci/run)."""
+    from urllib.parse import urlparse
+
+    url = os.environ.get("DTL_PG_URL", "")
+    reason = "no PostgreSQL: set DTL_PG_URL=postgresql://user:pass@127.0.0.1:port (databases mlflow, optuna)"
+    if url:
+        u = urlparse(url)
+        try:
+            socket.create_connection((u.hostname, u.port or 5432), timeout=3).close()
+            return url.rstrip("/")
+        except OSError:
+            reason = f"PostgreSQL at {u.hostname}:{u.port} is not reachable"
+    if os.environ.get("DTL_REQUIRE_POSTGRES") == "1":
+        pytest.fail(reason + " and DTL_REQUIRE_POSTGRES=1")
+    pytest.skip(reason)
+
+
+def clean_databases(pg: str, names: tuple[str, ...] = ("mlflow", "optuna")) -> None:
+    """Empty the PostgreSQL databases a team-server test uses (a clean store per test)."""
+    import sqlalchemy
+
+    for db in names:
+        eng = sqlalchemy.create_engine(f"{pg}/{db}")
+        with eng.begin() as c:
+            c.execute(sqlalchemy.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        eng.dispose()
