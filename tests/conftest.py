@@ -169,3 +169,31 @@ def clean_databases(pg: str, names: tuple[str, ...] = ("mlflow", "optuna")) -> N
         with eng.begin() as c:
             c.execute(sqlalchemy.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
         eng.dispose()
+
+
+@contextlib.contextmanager
+def mlflow_server(workspace: Path, backend: str, *extra: str, env: dict | None = None, workers: int = 2,
+                  timeout: float = 180):
+    """A real ``mlflow server`` on 127.0.0.1 with ``backend`` as its store and artifacts under
+    ``workspace``; its output goes to ``workspace/server.log`` (a pipe nobody reads would fill up
+    and stall it). Yields its URL once /health answers; stopped afterwards, also on failure."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(workspace / "server.log", "w") as log:
+        proc = subprocess.Popen([str(Path(PYTHON).parent / "mlflow"), "server", *extra, "--backend-store-uri", backend,
+                                 "--artifacts-destination", str(workspace / "artifacts"), "--host", "127.0.0.1",
+                                 "--port", str(port), "--workers", str(workers)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=workspace, env=env)
+        try:
+            try:
+                wait_for_http(url + "/health", proc, timeout)
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{(workspace / 'server.log').read_text()[-3000:]}") from None
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)

@@ -6,13 +6,12 @@ skips without a reachable server, fails instead when DTL_REQUIRE_POSTGRES=1 (.ci
 
 import os
 import subprocess
-from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
 import pytest
 
-from tests.conftest import PYTHON, clean_databases, demo_overrides, free_port, postgres_url, wait_for_http
+from tests.conftest import PYTHON, clean_databases, demo_overrides, mlflow_server, postgres_url
 from tests.test_concurrency import check_two_jobs, run_two_jobs, two_job_overrides
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -22,18 +21,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 def server(workspace):
     pg = postgres_url()
     clean_databases(pg)
-    port = free_port()
-    log = open(workspace / "server.log", "w")  # a pipe nobody reads fills up and stalls the server
-    bin_ = Path(PYTHON).parent / "mlflow"
-    proc = subprocess.Popen([str(bin_), "server", "--backend-store-uri", f"{pg}/mlflow", "--artifacts-destination",
-                             str(workspace / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=workspace)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_http(url + "/health", proc)
-    yield url, pg
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    with mlflow_server(workspace, f"{pg}/mlflow") as url:
+        yield url, pg
 
 
 def test_two_workers_on_one_postgres_study_through_the_tracking_server(server, workspace, cache_dir):
