@@ -368,8 +368,13 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        from dtl.tracking.access import denied_message
         from dtl.tracking.adapter import is_tracking_failure, redact
 
+        denied = denied_message(e, os.environ.get("MLFLOW_TRACKING_URI", ""))
+        if denied:  # a reader registering, a permission revoked mid-job: one line, no traceback
+            print(f"error: {denied}", file=sys.stderr)
+            return 2
         if not is_tracking_failure(e):
             raise
         uri = redact(os.environ.get("MLFLOW_TRACKING_URI", ""))

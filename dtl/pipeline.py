@@ -9,6 +9,7 @@ import hashlib
 import os
 import platform
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from dtl.model.mask import mask_state as masked
 from dtl.progress import summary_table
 from dtl.report import results as report_mod
 from dtl.tracking import promotion, schema
+from dtl.tracking.access import check_write_access, denied_message
 from dtl.tracking.adapter import (
     Run,
     Tracking,
@@ -384,6 +386,7 @@ def main(cfg: Config, report: bool = True, promote: bool = True) -> PipelineResu
 
 def _main(cfg: Config, data: store.DataStore, report: bool, promote: bool) -> PipelineResult:
     tracking = connect(cfg.tracking_uri, cfg.experiment)
+    check_write_access(tracking, cfg.registered_model if cfg.register_strategy in cfg.strategies else "")
     _check_inputs(cfg, _phases(cfg))
     if cfg.register_strategy not in cfg.strategies:
         print(f"note: no model is registered: register_strategy={cfg.register_strategy} is not among the "
@@ -459,9 +462,10 @@ def evaluate_job(cfg: Config, phase: str, checkpoint: str, study_run: str, split
     as one ``evaluate`` run. Returns the evaluation and the run id."""
     if not checkpoint and not study_run:
         raise DTLError("evaluate needs --checkpoint FILE or --run <study run id>")
+    tracking = connect(cfg.tracking_uri, cfg.experiment)  # a refused login or write: before the evaluation
+    check_write_access(tracking, stops="Nothing was evaluated.")
     ckpt = Path(checkpoint) if checkpoint else phase1_source(study_run, cfg)
     ev = evaluate_checkpoint(cfg, phase, ckpt, splits)
-    tracking = connect(cfg.tracking_uri, cfg.experiment)
     tags = {schema.ROLE: schema.Role.EVALUATE, schema.PHASE: phase, schema.CHECKPOINT_FILE: str(ckpt)}
     with command_run(tracking, f"evaluate-{phase}", tags) as run:
         log_evaluation(run, ev)
@@ -474,15 +478,22 @@ def report_job(cfg: Config, out: str, data_digest: str | None) -> Path:
     prov = {**report_mod.last_provenance(tracking), "report_command": command_line()}
     path = report_mod.build(tracking, out or cfg.report_dir, cfg.registered_model, data_digest,
                             provenance=prov, description=cfg.description)
-    with command_run(tracking, "report", {schema.ROLE: schema.Role.REPORT}) as run:
-        for f in ("results.md", "results.csv", "seed_table.csv", "report.html", "provenance.json"):
-            run.log_artifact(path / f, "report")
+    try:
+        with command_run(tracking, "report", {schema.ROLE: schema.Role.REPORT}) as run:
+            for f in ("results.md", "results.csv", "seed_table.csv", "report.html", "provenance.json"):
+                run.log_artifact(path / f, "report")
+    except Exception as e:
+        denied = denied_message(e, tracking.uri)
+        if not denied:
+            raise
+        print(f"note: the report is not logged to MLflow: {denied}", file=sys.stderr)  # a reader still gets the files
     return path
 
 
 def single_phase(cfg: Config, phase: str, source: str = "", strategy: str = "double") -> dict:
     """``phase1`` or ``phase2`` alone (phase 2 from ``source`` when double transfer)."""
     tracking = connect(cfg.tracking_uri, cfg.experiment)
+    check_write_access(tracking, cfg.registered_model if phase == "phase2" and strategy == cfg.register_strategy else "")
     with store.scope() as data:
         _check_inputs(cfg, (phase,))
         return _single_phase(cfg, tracking, data, phase, source, strategy)
@@ -542,6 +553,7 @@ def promote_job(cfg: Config, policy_path: str = "", model: str = "", data_digest
     and a line saying which versions competed."""
     policy = load_policy(policy_path or cfg.policy, model or cfg.registered_model)
     tracking = connect(cfg.tracking_uri, cfg.experiment)
+    check_write_access(tracking, policy.registered_model, "No alias was moved.")
     note = ""
     if any_data:
         flt = None

@@ -114,7 +114,7 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> Non
         try:
             if requests.get(url, timeout=2).ok:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting up
             pass
         if proc.poll() is not None:
             raise AssertionError(f"{url}: the server exited ({proc.returncode}) "
@@ -139,3 +139,61 @@ def mlflow_serve(model_uri: str, cwd: Path, timeout: float = 180):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def postgres_url() -> str:
+    """DTL_PG_URL (postgresql://user:pass@127.0.0.1:port, databases `mlflow` and `optuna`) when it
+    answers; else a skip with the reason, a failure when DTL_REQUIRE_POSTGRES=1 (.ci/run)."""
+    from urllib.parse import urlparse
+
+    url = os.environ.get("DTL_PG_URL", "")
+    reason = "no PostgreSQL: set DTL_PG_URL=postgresql://user:pass@127.0.0.1:port (databases mlflow, optuna)"
+    if url:
+        u = urlparse(url)
+        try:
+            socket.create_connection((u.hostname, u.port or 5432), timeout=3).close()
+            return url.rstrip("/")
+        except OSError:
+            reason = f"PostgreSQL at {u.hostname}:{u.port} is not reachable"
+    if os.environ.get("DTL_REQUIRE_POSTGRES") == "1":
+        pytest.fail(reason + " and DTL_REQUIRE_POSTGRES=1")
+    pytest.skip(reason)
+
+
+def clean_databases(pg: str, names: tuple[str, ...] = ("mlflow", "optuna")) -> None:
+    """Empty the PostgreSQL databases a team-server test uses (a clean store per test)."""
+    import sqlalchemy
+
+    for db in names:
+        eng = sqlalchemy.create_engine(f"{pg}/{db}")
+        with eng.begin() as c:
+            c.execute(sqlalchemy.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        eng.dispose()
+
+
+@contextlib.contextmanager
+def mlflow_server(workspace: Path, backend: str, *extra: str, env: dict | None = None, workers: int = 2,
+                  timeout: float = 180):
+    """A real ``mlflow server`` on 127.0.0.1 with ``backend`` as its store and artifacts under
+    ``workspace``; its output goes to ``workspace/server.log`` (a pipe nobody reads would fill up
+    and stall it). Yields its URL once /health answers; stopped afterwards, also on failure."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(workspace / "server.log", "w") as log:
+        proc = subprocess.Popen([str(Path(PYTHON).parent / "mlflow"), "server", *extra, "--backend-store-uri", backend,
+                                 "--artifacts-destination", str(workspace / "artifacts"), "--host", "127.0.0.1",
+                                 "--port", str(port), "--workers", str(workers)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=workspace, env=env)
+        try:
+            try:
+                wait_for_http(url + "/health", proc, timeout)
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{(workspace / 'server.log').read_text()[-3000:]}") from None
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)

@@ -5,54 +5,24 @@ Needs DTL_PG_URL=postgresql://user:pass@127.0.0.1:port (databases `mlflow` and `
 skips without a reachable server, fails instead when DTL_REQUIRE_POSTGRES=1 (.ci/run)."""
 
 import os
-import socket
 import subprocess
-from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
 import pytest
 
-from tests.conftest import PYTHON, demo_overrides, free_port, wait_for_http
+from tests.conftest import PYTHON, clean_databases, demo_overrides, mlflow_server, postgres_url
+from tests.test_concurrency import check_two_jobs, run_two_jobs, two_job_overrides
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
-def _pg() -> str:
-    url = os.environ.get("DTL_PG_URL", "")
-    reason = "no PostgreSQL: set DTL_PG_URL=postgresql://user:pass@127.0.0.1:port (databases mlflow, optuna)"
-    if url:
-        u = urlparse(url)
-        try:
-            socket.create_connection((u.hostname, u.port or 5432), timeout=3).close()
-            return url.rstrip("/")
-        except OSError:
-            reason = f"PostgreSQL at {u.hostname}:{u.port} is not reachable"
-    if os.environ.get("DTL_REQUIRE_POSTGRES") == "1":
-        pytest.fail(reason + " and DTL_REQUIRE_POSTGRES=1")
-    pytest.skip(reason)
-
-
 @pytest.fixture()
 def server(workspace):
-    pg = _pg()
-    import sqlalchemy
-
-    for db in ("mlflow", "optuna"):  # a clean database per test run
-        eng = sqlalchemy.create_engine(f"{pg}/{db}")
-        with eng.begin() as c:
-            c.execute(sqlalchemy.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        eng.dispose()
-    port = free_port()
-    bin_ = Path(PYTHON).parent / "mlflow"
-    proc = subprocess.Popen([str(bin_), "server", "--backend-store-uri", f"{pg}/mlflow", "--artifacts-destination",
-                             str(workspace / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workspace)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_http(url + "/health", proc)
-    yield url, pg
-    proc.terminate()
-    proc.wait(timeout=30)
+    pg = postgres_url()
+    clean_databases(pg)
+    with mlflow_server(workspace, f"{pg}/mlflow") as url:
+        yield url, pg
 
 
 def test_two_workers_on_one_postgres_study_through_the_tracking_server(server, workspace, cache_dir):
@@ -87,3 +57,12 @@ def test_two_workers_on_one_postgres_study_through_the_tracking_server(server, w
     assert client.get_model_version_by_alias("all-dtl", "champion").tags["backbone"] == "test_resnet"
     assert len(mlflow.search_runs([exp.experiment_id], "tags.`dtl.role` = 'trial' and tags.phase = 'phase1'",
                                   output_format="list")) == len(numbers)  # main resumed the finished study
+
+
+def test_two_main_jobs_through_the_postgres_tracking_server(server, workspace, cache_dir):
+    """tests/test_concurrency.py's two jobs, the second started while the first trains, on the team
+    setup: MLflow behind the tracking server, Optuna on PostgreSQL."""
+    url, pg = server
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url}
+    run_two_jobs(workspace, two_job_overrides(cache_dir, workspace, **{"tune.storage": f"{pg}/optuna"}), env, url)
+    check_two_jobs(url, f"{pg}/optuna")

@@ -30,6 +30,7 @@ from dtl.model.mask import mask_state
 from dtl.model.preprocess import InputSpec, eval_transform, prepare
 from dtl.model.pyfunc import ImageClassifier
 from dtl.tracking import schema
+from dtl.tracking.access import check_write_access
 from dtl.tracking.adapter import Run, Tracking, connect, end_orphans, find_run, find_runs, mark_outer, redact, start_run
 from dtl.tracking.cards import fuzzy_card
 from dtl.tracking.logged import FUZZY_FLAVOR
@@ -208,7 +209,7 @@ def _finish(cfg: Config, tracking: Tracking, run: Run, src: Resolved, ds, best, 
                   "train_coverage": coverage, "sets": results}, "fuzzy/comparison.json")
     run.log_text(fs.rules_text(), "fuzzy/rules.txt")
     run.log_figure(risk_coverage_figure(results, backbone), "fuzzy/risk_coverage.png")
-    name = cfg.fuzzy.registered_model or f"{cfg.registered_model}-fuzzy"
+    name = fuzzy_model_name(cfg)
     card = fuzzy_card(name, backbone, src, best.params, results, ds, coverage, fs.cover_floor)
     run.log_text(card, "fuzzy/model_card.md")
     meta = {"spec": clf.net.spec.to_dict(), "input": clf.spec.to_dict(), "hsv_segment": clf.segment,
@@ -233,10 +234,16 @@ def _finish(cfg: Config, tracking: Tracking, run: Run, src: Resolved, ds, best, 
     return {"results": results, "registered": f"{name}/{version}", "model_uri": info.model_uri}
 
 
+def fuzzy_model_name(cfg: Config) -> str:
+    """The registered model of the fuzzy heads."""
+    return cfg.fuzzy.registered_model or f"{cfg.registered_model}-fuzzy"
+
+
 def fuzzy_job(cfg: Config, source: str = "") -> list[dict]:
     """``dtl fuzzy``: the fuzzy study of ``source``, or of the latest double-transfer phase-2 study
     per backbone on the config's phase-2 data and masking; one result per source."""
     tracking = connect(cfg.tracking_uri, cfg.experiment)
+    check_write_access(tracking, fuzzy_model_name(cfg))
     d2 = dataset(cfg, "phase2")
     mask = mask_state(cfg.phase2.data.mask_annotation, d2.kind, cfg.phase2.data.variant)
     sources = [source] if source else phase2_studies(tracking, d2.digest, mask=mask)

@@ -82,6 +82,7 @@ def connect(tracking_uri: str = "", experiment: str = "all-dtl") -> Tracking:
         client = _init_sqlite_store(uri) if uri.startswith("sqlite:///") else MlflowClient(uri)
         if uri.startswith(("http://", "https://")):
             requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+            _check_login(client, uri)
         outer = os.environ.get("MLFLOW_RUN_ID")
         if outer:
             exp_id = client.get_run(outer).info.experiment_id
@@ -120,6 +121,26 @@ def reachable(uri: str, what: str, timeout: float = 3.0) -> None:
     except OSError as e:
         raise DTLError(f"{what} {redact(uri)} is not reachable: nothing answers at {u.hostname}:{port} within "
                        f"{timeout:g} s ({type(e).__name__}: {e}). Start it, or check the host and port.") from None
+
+
+def login_hint() -> str:
+    """Why a server with users refused this process: no credentials in the environment, or these."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if not user or not os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        return "no credentials are set: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    return f"user {user!r} was not accepted (unknown user or wrong MLFLOW_TRACKING_PASSWORD)"
+
+
+def _check_login(client: MlflowClient, uri: str) -> None:
+    """A server with authentication (``mlflow server --app-name basic-auth``) answers 401 without
+    valid credentials: say so before any work, naming the server and what to set."""
+    try:
+        client.search_experiments(max_results=1)
+    except MlflowException as e:
+        if e.error_code != "UNAUTHENTICATED":
+            raise
+        raise DTLError(f"MLflow tracking server {redact(uri)} requires a login and {login_hint()}; "
+                       "a job needs at least READ permission, training and registration EDIT.") from None
 
 
 def _init_sqlite_store(uri: str) -> MlflowClient:

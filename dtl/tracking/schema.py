@@ -52,6 +52,7 @@ CV = "dtl.cv"  # "<folds>x<repeats>" on a study that was cross-validated
 CV_ID = "dtl.cv_id"
 CV_FOLD = "dtl.cv_fold"
 CV_REPEAT = "dtl.cv_repeat"
+WRITE_CHECKED = "dtl.write_checked"  # on an experiment or registered model: when a job last probed EDIT on it
 
 # --- tag keys: the study's description (also its params) ---------------------------------------
 PHASE = "phase"
