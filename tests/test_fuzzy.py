@@ -187,7 +187,7 @@ def test_fuzzy_study_is_nested_under_the_phase2_study_and_resumes(fuzzy_done):
     from dtl.tracking.adapter import find_runs
 
     tmp, cfg, t, p2, out = fuzzy_done
-    run = t.client.get_run(out["run_id"])
+    run = t.client.get_run(out.run_id)
     assert run.data.tags["mlflow.parentRunId"] == p2.run_id and run.info.status == "FINISHED"
     assert run.data.tags["dtl.study"] == f"{p2.study_name}.fuzzy.t{p2.best_trial}"
     trials = find_runs(t, f"tags.`mlflow.parentRunId` = '{out['run_id']}'")
@@ -199,9 +199,9 @@ def test_fuzzy_study_is_nested_under_the_phase2_study_and_resumes(fuzzy_done):
     assert run.data.metrics["train_coverage"] == 1.0  # every train image fires its own cluster's rule (cover_floor)
     # rerun, this time from the registered softmax model: same phase-2 run, so the same study; nothing new
     again = run_fuzzy(cfg, t, "models:/all-dtl@champion")
-    assert again["run_id"] == out["run_id"] and again["registered"] == out["registered"] == "all-dtl-fuzzy/1"
+    assert again.run_id == out.run_id and again.registered == out.registered == "all-dtl-fuzzy/1"
     assert len(find_runs(t, f"tags.`mlflow.parentRunId` = '{out['run_id']}'")) == 3
-    study = optuna.load_study(study_name=again["study"], storage=cfg.tune.storage)
+    study = optuna.load_study(study_name=again.study, storage=cfg.tune.storage)
     assert len(study.trials) == 3
     assert len(find_runs(t, "tags.`dtl.role` = 'fuzzy-study'")) == 1
 
@@ -226,7 +226,7 @@ def test_fuzzy_pyfunc_round_trip_through_the_registry(fuzzy_done):
     assert ((pred["firing_strength"] >= 0) & (pred["firing_strength"] <= 1)).all()
     # the served model decodes the files itself, yet scores exactly what the job measured on the test split
     acc = float((pred["class"].to_numpy() == test["label"].to_numpy()).mean())
-    assert acc == pytest.approx(t.client.get_run(out["run_id"]).data.metrics["test_fuzzy_accuracy"], abs=1e-9)
+    assert acc == pytest.approx(t.client.get_run(out.run_id).data.metrics["test_fuzzy_accuracy"], abs=1e-9)
     one = model.predict({"image": [np.asarray(__import__("PIL").Image.open(ds.root / test["path"][0]).convert("RGB"))]})
     assert one["class"][0] == pred["class"][0]
 
@@ -294,7 +294,7 @@ def test_fuzzy_refuses_a_source_that_is_not_a_matching_phase2_model(fuzzy_done):
 
     tmp, cfg, t, p2, out = fuzzy_done
     p1 = find_run(t, {"dtl.role": "study", "phase": "phase1"})
-    for source in (p1.id, out["run_id"], "models:/all-dtl-fuzzy/1"):  # phase-1 study, fuzzy study, fuzzy model
+    for source in (p1.id, out.run_id, "models:/all-dtl-fuzzy/1"):  # phase-1 study, fuzzy study, fuzzy model
         with pytest.raises(DTLError, match="does not lead to a phase-2 study run"):
             run_fuzzy(cfg, t, source)
     with pytest.raises(DTLError, match="is not a run of"):

@@ -10,6 +10,7 @@ others (``load_if_exists``), so a rerun resumes and adds no trials once ``n_tria
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -239,7 +240,24 @@ def fuzzy_model_name(cfg: Config) -> str:
     return cfg.fuzzy.registered_model or f"{cfg.registered_model}-fuzzy"
 
 
-def fuzzy_job(cfg: Config, source: str = "") -> list[dict]:
+@dataclass
+class FuzzyResult:
+    """One fuzzy study: its MLflow run and Optuna study, the best validation macro-F1 and
+    parameters, trial counts, the registered version and, when it was (re)fitted now, the test
+    comparison with the softmax head per evaluated set (None when found finished and registered)."""
+
+    run_id: str
+    study: str
+    backbone: str
+    best_value: float
+    best_params: dict
+    counts: dict
+    registered: str
+    model_uri: str | None = None
+    results: dict | None = None
+
+
+def fuzzy_job(cfg: Config, source: str = "") -> list[FuzzyResult]:
     """``dtl fuzzy``: the fuzzy study of ``source``, or of the latest double-transfer phase-2 study
     per backbone on the config's phase-2 data and masking; one result per source."""
     tracking = connect(cfg.tracking_uri, cfg.experiment)
@@ -255,7 +273,7 @@ def fuzzy_job(cfg: Config, source: str = "") -> list[dict]:
     return out
 
 
-def run_fuzzy(cfg: Config, tracking: Tracking, source: str) -> dict:
+def run_fuzzy(cfg: Config, tracking: Tracking, source: str) -> FuzzyResult:
     """Tune, evaluate, log and register the fuzzy head of one phase-2 model (resumable)."""
     src = resolve(tracking, cfg, source, phases=("phase2",))
     ds = dataset(cfg, "phase2")
@@ -292,8 +310,7 @@ def run_fuzzy(cfg: Config, tracking: Tracking, source: str) -> dict:
         run.end("FAILED" if isinstance(e, Exception) else "KILLED")
         raise
     run.end("FINISHED")
-    return {"run_id": run.id, "study": study.study_name, "backbone": backbone, "best_value": best.value,
-            "best_params": best.params, "counts": counts, **out}
+    return FuzzyResult(run.id, study.study_name, backbone, best.value, best.params, counts, **out)
 
 
 def phase2_studies(tracking: Tracking, data_digest: str, strategy: str = "double", mask: str = "") -> list[str]:

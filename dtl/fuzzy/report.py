@@ -19,11 +19,12 @@ SET_NAMES = {"test": "test (in-distribution)", "segmented": "cross-variant (Segm
              "jpeg1": "JPEG q=30", "jpeg2": "JPEG q=10"}
 
 
-def result_text(r: dict) -> str:
-    """What ``dtl fuzzy`` prints for one source model: the study, then fuzzy vs softmax per test set."""
-    lines = [f"fuzzy {r['backbone']}: study {r['study']} run {r['run_id']} best val macro-F1 "
-             f"{r['best_value']:.4f} {r['best_params']} ({r['counts']}) -> {r['registered']}"]
-    for s, v in (r["results"] or {}).items():
+def result_text(r) -> str:
+    """What ``dtl fuzzy`` prints for one source model (a :class:`dtl.fuzzy.job.FuzzyResult`): the
+    study, then fuzzy vs softmax per test set."""
+    lines = [f"fuzzy {r.backbone}: study {r.study} run {r.run_id} best val macro-F1 "
+             f"{r.best_value:.4f} {r.best_params} ({r.counts}) -> {r.registered}"]
+    for s, v in (r.results or {}).items():
         d = v["diff"]["macro_f1"]
         lines.append(f"  {s:10s} n={v['n']:4d} acc {v['fuzzy']['accuracy']:.4f} vs softmax {v['softmax']['accuracy']:.4f}; "
                      f"macro-F1 {v['fuzzy']['macro_f1']:.4f} vs {v['softmax']['macro_f1']:.4f} "
