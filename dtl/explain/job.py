@@ -31,6 +31,7 @@ from dtl.model.preprocess import prepare
 from dtl.model.pyfunc import CALIBRATION_FILE, ImageClassifier
 from dtl.report.tables import html_page, markdown_table
 from dtl.tracking import schema
+from dtl.tracking.access import check_write_access
 from dtl.tracking.adapter import Run, Tracking, command_line, connect, ended, mark_outer, start_run
 from dtl.tracking.cards import write_card
 from dtl.tracking.policy import load_policy
@@ -354,6 +355,7 @@ def explain_job(cfg: Config, model: str = "", split: str = "test", out: str = ""
     """``dtl explain``: ``model`` (default: the registered champion) on ``split``, files under ``out``
     (default: ``<report_dir>/explain``)."""
     tracking = connect(cfg.tracking_uri, cfg.experiment)
+    check_write_access(tracking, stops="Nothing was explained.")  # its runs (and a stored T) need EDIT
     r = run_explain(cfg, tracking, model or f"models:/{cfg.registered_model}@champion", split,
                     Path(out or Path(cfg.report_dir) / "explain"), command=command_line())
     mark_outer(tracking, schema.Role.EXPLAIN_JOB)
