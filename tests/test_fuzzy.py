@@ -190,7 +190,7 @@ def test_fuzzy_study_is_nested_under_the_phase2_study_and_resumes(fuzzy_done):
     run = t.client.get_run(out.run_id)
     assert run.data.tags["mlflow.parentRunId"] == p2.run_id and run.info.status == "FINISHED"
     assert run.data.tags["dtl.study"] == f"{p2.study_name}.fuzzy.t{p2.best_trial}"
-    trials = find_runs(t, f"tags.`mlflow.parentRunId` = '{out['run_id']}'")
+    trials = find_runs(t, f"tags.`mlflow.parentRunId` = '{out.run_id}'")
     assert len(trials) == 3 and {r.data.tags["dtl.role"] for r in trials} == {"fuzzy-trial"}
     assert all("val_macro_f1" in r.data.metrics for r in trials)
     for k in ("test_fuzzy_accuracy", "test_softmax_accuracy", "test_diff_macro_f1_ci_low", "segmented_fuzzy_macro_f1",
@@ -200,7 +200,7 @@ def test_fuzzy_study_is_nested_under_the_phase2_study_and_resumes(fuzzy_done):
     # rerun, this time from the registered softmax model: same phase-2 run, so the same study; nothing new
     again = run_fuzzy(cfg, t, "models:/all-dtl@champion")
     assert again.run_id == out.run_id and again.registered == out.registered == "all-dtl-fuzzy/1"
-    assert len(find_runs(t, f"tags.`mlflow.parentRunId` = '{out['run_id']}'")) == 3
+    assert len(find_runs(t, f"tags.`mlflow.parentRunId` = '{out.run_id}'")) == 3
     study = optuna.load_study(study_name=again.study, storage=cfg.tune.storage)
     assert len(study.trials) == 3
     assert len(find_runs(t, "tags.`dtl.role` = 'fuzzy-study'")) == 1
@@ -256,7 +256,7 @@ def test_dtl_fuzzy_cli_resumes_the_finished_study(fuzzy_done):
                        env={**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]},
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert f"run {out['run_id']}" in p.stdout and "-> all-dtl-fuzzy/1" in p.stdout
+    assert f"run {out.run_id}" in p.stdout and "-> all-dtl-fuzzy/1" in p.stdout
 
 
 @pytest.mark.slow
