@@ -283,16 +283,21 @@ def baseline_key(cfg: Config) -> dict:
             schema.BASELINE_VERSION: BASELINE_VERSION}
 
 
+def stored_baseline(cfg: Config, tracking: Tracking) -> str | None:
+    """The run id of the finished baseline run of :func:`baseline_key` (the newest), or None."""
+    done = find_runs(tracking, schema.where(baseline_key(cfg), status="FINISHED"))
+    return done[-1].info.run_id if done else None
+
+
 def run_baseline(cfg: Config, tracking: Tracking, parent: str) -> str | None:
     """The strongest shortcut baseline of the phase-2 data (:func:`dtl.data.probe.held_out_baseline`),
     scored on val and test like a model and logged as a top-level ``baseline`` run of pipeline run
     ``parent``; found again (not refitted) by :func:`baseline_key`. A baseline that cannot be fitted
     (e.g. too few groups per class for its folds) is skipped with a warning, never the job."""
-    tags = baseline_key(cfg)
-    done = find_runs(tracking, schema.where(tags, status="FINISHED"))
-    if done:
-        return done[-1].info.run_id
-    ds, d = dataset(cfg, "phase2"), cfg.phase2.data
+    found = stored_baseline(cfg, tracking)
+    if found:
+        return found
+    tags, ds, d = baseline_key(cfg), dataset(cfg, "phase2"), cfg.phase2.data
     try:
         b = held_out_baseline(ds, annotation_mask(d.mask_annotation, ds.kind, d.variant), cfg.cache_dir, d.colour,
                               cfg.seed, segment=d.hsv_segment)
@@ -317,16 +322,16 @@ def baseline_tags(cfg: Config, tracking: Tracking, study_run: str) -> dict:
     """The version's gap to the shortcut baseline of its data and input (:func:`baseline_key`):
     test accuracy, model − baseline, paired bootstrap over the same items as the report's (same
     resamples), and whether it is flagged; {} without a baseline run or without a defined CI."""
-    runs = find_runs(tracking, schema.where(baseline_key(cfg), status="FINISHED"))
+    base = stored_baseline(cfg, tracking)
     ta = report_mod.test_predictions(study_run)
-    tb = report_mod.test_predictions(runs[-1].info.run_id) if runs else None
+    tb = report_mod.test_predictions(base) if base else None
     if ta is None or tb is None:
         return {}
     g = report_mod.paired_gains([("model − baseline", {}, ta, tb)])
     acc = g[g["metric"] == "test_accuracy"].iloc[0]
     if acc["ci_low"] != acc["ci_low"]:
         return {}
-    return {schema.BASELINE_RUN: runs[-1].info.run_id, schema.BASELINE_GAP: report_mod.gap_text(acc),
+    return {schema.BASELINE_RUN: base, schema.BASELINE_GAP: report_mod.gap_text(acc),
             schema.BASELINE_FLAG: str(report_mod.is_flagged(acc)).lower()}
 
 
