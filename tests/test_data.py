@@ -261,6 +261,7 @@ def test_demo_near_duplicates_stay_on_one_side_of_the_grouped_split(cache_dir):
     assert (blocks.manifest.groupby("group")["split"].nunique() == 1).all()
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: out of the fast tier (docs/testing.md)
 def test_audit_writes_the_manifest_and_reports_groups_and_the_probe(cache_dir, tmp_path, capsys):
     from dtl.cli import main
 

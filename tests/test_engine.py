@@ -105,6 +105,7 @@ def test_amp_on_cpu_trains_and_counts_skipped_steps(workspace, cache_dir, precis
         assert skipped >= 1 and last["scaler"]["scale"] == init / 2 ** skipped
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: out of the fast tier (docs/testing.md)
 @pytest.mark.parametrize("init_scale, skipped", [(2.0 ** 60, 3), (1.0, 0)])
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step:UserWarning")  # a skipped step
 def test_fp16_overflow_skips_the_step_and_counts_it(init_scale, skipped):

@@ -150,6 +150,7 @@ def test_nan_loss_stops_training():
                         torch.Generator().manual_seed(0))
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: out of the fast tier (docs/testing.md)
 def test_inception_aux_logits_train_only_and_one_tensor_in_eval():
     spec = ModelSpec("inception_v3", ("a", "b", "c", "d"), "pbs", 16, 0.1, aux=True)
     net = DTLNet(spec)
@@ -164,6 +165,7 @@ def test_inception_aux_logits_train_only_and_one_tensor_in_eval():
         DTLNet(ModelSpec("test_resnet", ("a", "b"), aux=True))
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: out of the fast tier (docs/testing.md)
 def test_inception_v3_file_weights_with_auxiliary_logits(tmp_path):
     """timm's own inception_v3 state dict has 14 AuxLogits.* keys: with an auxiliary head their
     conv blocks are loaded onto it (fc stays new: other classes); without one they are dropped."""

@@ -108,6 +108,42 @@ def test_aria_photos_of_one_field_share_a_group_and_a_split(shared, cache_dir, v
         assert m.loc[pa, "split"] == m.loc[pb, "split"], (pa, pb)
 
 
+# The grouping scores pairs against the set itself (its mean thumbnail is removed, its random pairs set
+# the bars: groups.similar_pairs, link_limits). On 40 images per class Pre-225/227 and Pro-599/600 fall
+# below the bars, on 120 per class Pro-599/600 still does; the full set, and all 764 Pro images, link both.
+FAST_SAME_FIELD = [f for f in ARIA_SAME_FIELD if f != ("Pro", 599, 600)]
+PER_CLASS = 120
+
+
+@pytest.fixture(scope="module")
+def aria_subset(shared, tmp_path_factory):
+    """A small Aria in its real layout (symlinks): the first PER_CLASS images of each class and the
+    photos of FAST_SAME_FIELD, so the fast tier runs the real grouping on real fields."""
+    src, root = shared / "aria-all-pbs-2021" / "Original", tmp_path_factory.mktemp("aria-subset")
+    names = {(cls, f"WBC-Malignant-{cls}-{n:03d}.jpg") for cls, a, b in FAST_SAME_FIELD for n in (a, b)}
+    for cls in ("Benign", "Early", "Pre", "Pro"):
+        names |= {(cls, f.name) for f in sorted((src / cls).glob("*.jpg"))[:PER_CLASS]}
+    for cls, name in names:
+        (root / "Original" / cls).mkdir(parents=True, exist_ok=True)
+        (root / "Original" / cls / name).symlink_to(src / cls / name)
+    return root, len(names)
+
+
+@pytest.mark.parametrize("split_seed", [0, 1, 2])
+def test_aria_same_field_photos_share_a_group_and_a_split_on_a_real_subset(aria_subset, tmp_path_factory, split_seed):
+    """The fast tier's copy of the test above: each same-field pair is one group in one split,
+    whatever the split seed (a split that ignored the groups would part some pair)."""
+    root, n = aria_subset
+    ds = load_dataset(DataConfig(kind="aria", root=str(root), split_seed=split_seed), root.parent / "cache")
+    m = ds.manifest.set_index("path")
+    assert len(m) + ds.duplicates_removed == n and m["split"].nunique() == 3
+    for cls, a, b in FAST_SAME_FIELD:
+        pa, pb = f"{cls}/WBC-Malignant-{cls}-{a:03d}.jpg", f"{cls}/WBC-Malignant-{cls}-{b:03d}.jpg"
+        assert m.loc[pa, "group"] == m.loc[pb, "group"], (pa, pb)
+        assert m.loc[pa, "split"] == m.loc[pb, "split"], (pa, pb)
+    assert m["group"].nunique() > len(m) // 2  # unrelated photos are not lumped together
+
+
 def _dhash_cross_split(ds, max_bits: int = 6) -> int:
     """Cross-split pairs by a measure the grouping does not use: difference hash within 6 bits
     (59 pairs on Aria Original; at 8 bits it also pairs different fields, e.g. Benign-309/474)."""

@@ -119,6 +119,7 @@ def test_preprocessing_label_names_only_the_stain_settings_off_their_default():
     assert preprocessing_label(cfg, "phase1") == "hed=0.05"
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: out of the fast tier (docs/testing.md)
 def test_studies_that_differ_only_in_stain_settings_are_separate_rows(workspace):
     """Two phase-2 studies of one backbone, strategy, data and masking, one trained with stain
     augmentation: both are rows of the results table (the latest of each kind), and a study from
@@ -148,6 +149,7 @@ def test_a_class_in_fewer_groups_than_folds_gives_fewer_folds_not_a_crash():
     assert [e["folds"] for e in out] == [1, 1] and all(e["accuracy"] == e["majority"] for e in out)
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: out of the fast tier (docs/testing.md)
 def test_each_model_is_compared_with_the_baseline_of_its_own_data_and_input_and_flagged_only_below_it(workspace):
     """Two datasets and a greyscale input: each model row is paired with exactly the baseline of
     its digest, split, masking and input colour (stain augmentation is not input); a model that
