@@ -7,7 +7,8 @@
 (c) the plain pipeline a user writes first: torchvision ``ImageFolder`` + PIL transforms +
     ``DataLoader(num_workers=N)``, same step;
 (d) optional: kornia ``AugmentationSequential`` on the resident batch (when kornia is installed);
-plus evaluation throughput (project path) and the pyfunc model's CPU inference (batch 32).
+plus evaluation throughput (project path) and the pyfunc model's CPU inference (batch 32), and
+each path's ``ratio_to_ceiling`` (its images/s over (a)).
 
     python -m bench.throughput --backbone resnet50 --data ../shared/datasets/aria-all-pbs-2021
     python -m bench.throughput --backbone test_resnet --image-size 64 --device cpu --steps 5   # smoke
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.summary import ratios
 from dtl.config import AugmentConfig, DataConfig
 from dtl.data.cache import BatchLoader, split_array
 from dtl.data.datasets import load_dataset
@@ -46,7 +48,7 @@ def _model(backbone, n_classes, device, channels_last, compile_):
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(param_groups(net, 1e-3, 1e-4, 0.05))
-    model = torch.compile(net) if compile_ else net
+    model = torch.compile(net, backend=compile_) if compile_ else net
     return net, model, opt
 
 
@@ -198,7 +200,7 @@ def pyfunc_cpu(args, spec, n_classes) -> float:
 
     net = DTLNet(ModelSpec(args.backbone, tuple(str(i) for i in range(n_classes)), "pbs", 256, 0.2))
     clf = ImageClassifier(net, [str(i) for i in range(n_classes)], spec, batch_size=32)
-    imgs = list(np.random.default_rng(0).integers(0, 255, (64, 224, 224, 3), dtype=np.uint8))
+    imgs = list(np.random.default_rng(0).integers(0, 255, (args.pyfunc_images, 224, 224, 3), dtype=np.uint8))
     clf.predict_proba(imgs[:32])
     t = time.perf_counter()
     clf.predict_proba(imgs)
@@ -218,7 +220,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--workers", type=int, default=16)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", nargs="?", const="inductor", default="",
+                   help="torch.compile the model (backend: inductor, or eager/aot_eager for a quick CPU check)")
+    p.add_argument("--pyfunc-images", type=int, default=64, help="images of the pyfunc measurement (224x224)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--skip", default="", help="comma list of parts to skip: train (a-d), plain, kornia, pyfunc")
     p.add_argument("--cache-dir", default=".dtl/cache")
@@ -235,7 +239,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats()
     res: dict = {"backbone": args.backbone, "input": spec.size, "batch_size": args.batch_size,
-                 "precision": precision.name, "compile": args.compile, "channels_last": args.channels_last,
+                 "precision": precision.name, "compile": args.compile or False, "channels_last": args.channels_last,
                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                  "torch": torch.__version__, "timm": __import__("timm").__version__, "data": str(ds.root),
                  "train_images": int((ds.manifest["split"] == "train").sum()), "steps": args.steps}
@@ -258,13 +262,16 @@ def main(argv=None) -> int:
 
         cached = Path(args.cache_dir) / "arrays" / f"{cache_key(ds, 'train', spec, False)}.npy"
         res["cache_over_raw_uint8"] = cached.stat().st_size / (res["train_images"] * spec.cache_size ** 2 * 3)
+        res["ratio_to_ceiling"] = ratios(res)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = "-pyfunc-only" if "train" in skip else ""
     stem = out / f"{args.backbone}-{device.type}-{precision.name}{'-compile' if args.compile else ''}{parts}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    flat = {**{k: v for k, v in res.items() if k != "ratio_to_ceiling"},
+            **{f"ratio_to_ceiling.{k}": v for k, v in res.get("ratio_to_ceiling", {}).items()}}
     rows = [(k, f"{v:,.1f}" if isinstance(v, float) and v > 10 else (f"{v:.3f}" if isinstance(v, float) else str(v)))
-            for k, v in res.items()]
+            for k, v in flat.items()]
     md = "| key | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
     stem.with_suffix(".md").write_text(md)
     print(md)

@@ -54,7 +54,7 @@ from dtl.train.engine import resolve_device
 from dtl.train.phases import add_split, dataset, evaluate_checkpoint, preprocessing_label, run_phase
 from dtl.train.strategies import STRATEGIES, needs_phase1
 from dtl.train.tune import StudyResult, check_fixed_values, run_study
-from dtl.train.weights import check_backbone
+from dtl.train.weights import check_backbone, check_imagenet
 
 
 @dataclass
@@ -81,10 +81,17 @@ def _phases(cfg: Config) -> tuple[str, ...]:
     return ("phase1", "phase2") if needs_phase1(cfg.strategies) else ("phase2",)
 
 
-def _check_inputs(cfg: Config, phases: tuple[str, ...]) -> None:
-    """Fail before any training: unknown backbones, unreadable data, classes mismatches."""
+def _check_inputs(cfg: Config, phases: tuple[str, ...], strategies: tuple[str, ...] = ()) -> None:
+    """Fail before any training: unknown backbones, ImageNet weights unreachable offline,
+    unreadable data, classes mismatches."""
+    starts = {cfg.phase1.init} if "phase1" in phases else set()
+    if "phase2" in phases:
+        starts |= {STRATEGIES[s].init(cfg.phase2.init) for s in strategies or cfg.strategies
+                   if not STRATEGIES[s].from_phase1}
     for b in cfg.backbones:
         check_backbone(b)
+        if "imagenet" in starts:
+            check_imagenet(b)
         for ph in phases:
             check_fixed_values(cfg, ph, b)
     for ph in phases:
@@ -500,7 +507,7 @@ def single_phase(cfg: Config, phase: str, source: str = "", strategy: str = "dou
     tracking = connect(cfg.tracking_uri, cfg.experiment)
     check_write_access(tracking, cfg.registered_model if phase == "phase2" and strategy == cfg.register_strategy else "")
     with store.scope() as data:
-        _check_inputs(cfg, (phase,))
+        _check_inputs(cfg, (phase,), (strategy,))
         return _single_phase(cfg, tracking, data, phase, source, strategy)
 
 

@@ -38,7 +38,8 @@ class InputSpec:
     """What the model expects: square input size, the cached size it is cropped from, and the
     normalisation, resolved from timm's data config for the backbone; the annotation mask
     applied to the raw image first (None = none) and the colour setting (``data.colour``, one of
-    :data:`dtl.model.colour.METHODS`), so a served model preprocesses as training did."""
+    :data:`dtl.model.colour.METHODS`), so a served model preprocesses as training did.
+    ``pretrained`` names the timm pretrained tag whose preprocessing this is (``resnet50.tv_in1k``)."""
 
     size: int
     cache_size: int
@@ -47,11 +48,20 @@ class InputSpec:
     interpolation: str = "bicubic"
     mask: AnnotationMask | None = None
     colour: str = "raw"
+    pretrained: str = ""
+
+    def describe(self) -> str:
+        """One line for runs and logs: size, crop, interpolation, mean/std and the tag they come from."""
+        mean, std = (", ".join(f"{v:.3f}" for v in t) for t in (self.mean, self.std))
+        return (f"{self.size} px centre crop of {self.cache_size} (crop {self.size / self.cache_size:.3f}), "
+                f"{self.interpolation}, mean ({mean}), std ({std})"
+                + (f", from timm {self.pretrained}" if self.pretrained else ""))
 
     def to_dict(self) -> dict:
         return {"size": self.size, "cache_size": self.cache_size, "mean": list(self.mean),
                 "std": list(self.std), "interpolation": self.interpolation,
-                "mask": self.mask.to_dict() if self.mask else None, "colour": self.colour}
+                "mask": self.mask.to_dict() if self.mask else None, "colour": self.colour,
+                "pretrained": self.pretrained}
 
     @classmethod
     def from_dict(cls, d: dict) -> InputSpec:
@@ -59,7 +69,7 @@ class InputSpec:
         # models never masked (saw raw colours)
         return cls(int(d["size"]), int(d["cache_size"]), tuple(d["mean"]), tuple(d["std"]),
                    d.get("interpolation", "bicubic"), AnnotationMask.from_dict(d.get("mask")),
-                   colour_ops.check_method(d.get("colour", "raw")))
+                   colour_ops.check_method(d.get("colour", "raw")), d.get("pretrained", ""))
 
 
 def _normalize(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:

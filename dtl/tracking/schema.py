@@ -68,6 +68,8 @@ INIT_DIGEST = "init_digest"
 MONITOR = "monitor"  # the metric the study optimises
 PREPROCESSING = "preprocessing"  # stain settings off their default ("colour=greyscale, hed=0.05"), else "default"
 DIRECTION = "direction"  # maximize | minimize
+PRETRAINED_TAG = "pretrained_tag"  # the timm tag whose input preprocessing the study uses ("resnet50.tv_in1k")
+INPUT_PREPROCESSING = "input_preprocessing"  # that preprocessing in words: size, crop, interpolation, mean, std
 
 # --- tag keys: results written on a study, trial or job run ------------------------------------
 BEST_TRIAL = "best_trial"

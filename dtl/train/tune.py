@@ -50,6 +50,7 @@ from dtl.tracking.adapter import (
 from dtl.train import distributed, faults
 from dtl.train.engine import NonFiniteLoss
 from dtl.train.phases import dataset, init_digest, preprocessing_label, run_phase, training_config
+from dtl.train.weights import preprocessing_note, resolve_input_spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -245,12 +246,17 @@ def open_study(cfg: Config, phase: str, backbone: str, tracking: Tracking, paren
         optuna.storages.fail_stale_trials(study)
     _fail_dead_trials(study, tracking)
     init = init_label or pc.init
+    ispec = resolve_input_spec(backbone, cfg.image_size)
+    note = preprocessing_note(backbone, init, ispec)
+    if note:
+        print(note, flush=True)
     tags = {schema.ROLE: schema.Role.STUDY, schema.STUDY: name, schema.PHASE: phase, schema.BACKBONE: backbone,
             schema.STRATEGY: strategy, schema.INIT: init, schema.INIT_DIGEST: start, schema.STUDY_IDENTITY: identity,
             schema.MONITOR: pc.monitor, schema.DIRECTION: direction(pc.monitor), schema.DATA_DIGEST: ds.digest,
             schema.DATA_KIND: ds.kind, schema.SPLIT_PROTOCOL: ds.protocol,
             schema.ANNOTATION_MASK: mask_state(pc.data.mask_annotation, ds.kind, pc.data.variant),
             schema.PREPROCESSING: preprocessing_label(cfg, phase),
+            schema.PRETRAINED_TAG: ispec.pretrained, schema.INPUT_PREPROCESSING: ispec.describe(),
             schema.PRECISION: cfg.precision, schema.OPTUNA_STORAGE: redact(storage_url),
             schema.PINNED: ",".join(f"{k}={getattr(pc, k)}" for k in pc.pinned) or "-"}
     run = _study_run(cfg, tracking, tags, ds, parent_run)

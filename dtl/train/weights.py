@@ -14,6 +14,7 @@ from pathlib import Path
 import huggingface_hub.constants as hf
 import timm
 import torch
+from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import load_file
 
 from dtl import DTLError
@@ -33,13 +34,29 @@ def check_backbone(name: str) -> None:
 
 
 def resolve_input_spec(backbone: str, image_size: int = 0) -> InputSpec:
-    """Input size, interpolation, mean and std from timm's data config for the model."""
+    """Input size, crop, interpolation, mean and std from timm's data config for the model: the
+    pretrained tag named in ``backbone`` (``resnet50.tv_in1k``), else timm's default tag for it
+    (``resnet50`` = ``resnet50.a1_in1k``). The tag is recorded in the spec."""
     m = timm.create_model(backbone, pretrained=False, num_classes=0)
     dc = timm.data.resolve_model_data_config(m)
     size = image_size or dc["input_size"][-1]
     crop = float(dc.get("crop_pct", 0.875))
+    cfg = m.pretrained_cfg or {}
+    tag = ".".join(p for p in (cfg.get("architecture", backbone.split(".")[0]), cfg.get("tag")) if p)
     return InputSpec(size=size, cache_size=int(round(size / crop)), mean=tuple(dc["mean"]),
-                     std=tuple(dc["std"]), interpolation=dc.get("interpolation", "bicubic"))
+                     std=tuple(dc["std"]), interpolation=dc.get("interpolation", "bicubic"), pretrained=tag)
+
+
+def preprocessing_note(backbone: str, init: str, spec: InputSpec) -> str | None:
+    """What a ``file:`` init on a backbone named without a pretrained tag preprocesses with (timm's
+    default tag's), and how to name the file's own tag; None when there is nothing to say. A file
+    cannot tell which ImageNet recipe made it: torchvision's ResNet-50 file has timm's key names."""
+    if not init.startswith("file:") or "." in backbone:
+        return None
+    tags = timm.list_pretrained(f"{backbone}.*")
+    return (f"note: {init} on {backbone} is preprocessed as timm's default weights: {spec.describe()}; "
+            "if the file holds other weights, name their tag as the backbone"
+            + (f" (one of: {', '.join(tags)})" if tags else "") + ".")
 
 
 def build_model(spec: ModelSpec, init: str = "scratch") -> DTLNet:
@@ -66,11 +83,36 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
+def _weights_hint(backbone: str) -> str:
+    return f"Use init=file:/path/to/{backbone}.safetensors (timm weights downloaded elsewhere) or init=scratch."
+
+
+def _offline_error(backbone: str, offline: bool) -> DTLError:
+    return DTLError(f"ImageNet weights for {backbone} ({_hub_id(backbone)}) are not in the local hub "
+                    f"cache ({hf.HF_HUB_CACHE}, set by HF_HUB_CACHE or HF_HOME) and the timm hub (huggingface.co) "
+                    f"is not reachable{' (HF_HUB_OFFLINE=1)' if offline else ''}: offline. {_weights_hint(backbone)}")
+
+
+def check_imagenet(backbone: str) -> None:
+    """Fail before any training when ``backbone``'s ImageNet weights are neither in the hub cache
+    nor downloadable (offline), with the error :func:`build_model` would give in the first trial."""
+    repo, _, rev = _hub_id(backbone).partition("@")
+    names = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+    if any(isinstance(try_to_load_from_cache(repo, n, revision=rev or None), str) for n in names):
+        return
+    if hf.HF_HUB_OFFLINE or not _hub_reachable():
+        raise _offline_error(backbone, hf.HF_HUB_OFFLINE)
+
+
+def _hub_id(backbone: str) -> str:
+    """The hub repository timm reads ``backbone``'s ImageNet weights from (``timm/resnet50.a1_in1k``)."""
+    cfg = timm.create_model(backbone, pretrained=False, num_classes=0).pretrained_cfg or {}
+    return cfg.get("hf_hub_id") or cfg.get("url") or "no hub weights"
+
+
 def _imagenet(spec: ModelSpec) -> DTLNet:
     """ImageNet weights from timm's hub: the local hub cache first, then the network; offline
     this fails at once (no retries against an unreachable host) with what to do instead."""
-    hint = (f"Use init=file:/path/to/{spec.backbone}.safetensors (timm weights downloaded elsewhere) "
-            "or init=scratch.")
     saved = hf.HF_HUB_OFFLINE
     try:
         hf.HF_HUB_OFFLINE = True  # cached weights need no network
@@ -80,13 +122,12 @@ def _imagenet(spec: ModelSpec) -> DTLNet:
     finally:
         hf.HF_HUB_OFFLINE = saved
     if saved or not _hub_reachable():
-        raise DTLError(f"ImageNet weights for {spec.backbone} are not in the local hub cache and the timm hub "
-                       f"(huggingface.co) is not reachable: offline. {hint}")
+        raise _offline_error(spec.backbone, saved)
     try:
         return _with_pretrained_aux(DTLNet(spec, pretrained=True))
     except Exception as e:  # network, hub or missing-weights errors all mean the same to the user
         raise DTLError(f"could not load ImageNet weights for {spec.backbone} from the timm hub "
-                       f"({type(e).__name__}: {str(e)[:200]}). {hint}") from None
+                       f"({type(e).__name__}: {str(e)[:200]}). {_weights_hint(spec.backbone)}") from None
 
 
 def _with_pretrained_aux(net: DTLNet) -> DTLNet:
