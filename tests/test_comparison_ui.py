@@ -48,6 +48,11 @@ def test_a_presplit_root_is_found_by_phase2_root_and_errors_name_the_missing_fol
     assert main(["data", "audit", str(no_val), "--kind", "presplit", "--cache-dir", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "has no val/ folder (found: train/, test/)" in err and "val/<class>/<image>" in err
+    # --kind presplit with one split folder given: the error names the other folder, not the kind it already has
+    assert main(["data", "audit", str(tmp_path), "--kind", "presplit", "--cache-dir", str(tmp_path / "c"),
+                 "-o", f"phase2.data.train_dir={root / 'train'}"]) == 2
+    err = capsys.readouterr().err
+    assert "presplit data needs data.val_dir (data.train_dir is given);" in err and "kind=presplit" not in err
     with pytest.raises(DTLError, match=r"phase2\.data\.train_dir is set but phase2\.data\.kind is 'aria'.*kind=presplit"):
         load_config(build_parser().parse_args(["main", "--config", "real", "-o", f"phase2.data.train_dir={root}"]))
 
