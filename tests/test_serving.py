@@ -182,6 +182,13 @@ def test_mlflow_evaluate_scores_the_champion_with_the_class_output(champion):
         mlflow.pyfunc.load_model("models:/all-dtl@champion", model_config={"output": "probs"})
 
 
+def test_output_mode_defaults_to_the_table_and_names_its_choices():
+    from dtl.model.pyfunc import output_mode
+
+    assert output_mode(None) == output_mode({"allow_paths": True}) == "table" and output_mode({"output": "class"}) == "class"
+    with pytest.raises(DTLError, match="output='Class': valid choices are table, class"):
+        output_mode({"output": "Class"})
+
 def test_decoded_bytes_are_bounded():
     data = _png(_cell())
     with pytest.raises(InvalidInput, match="exceed the limit of 100"):
