@@ -48,5 +48,24 @@ def test_a_presplit_root_is_found_by_phase2_root_and_errors_name_the_missing_fol
     assert main(["data", "audit", str(no_val), "--kind", "presplit", "--cache-dir", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "has no val/ folder (found: train/, test/)" in err and "val/<class>/<image>" in err
+    # --kind presplit with one split folder given: the error names the other folder, not the kind it already has
+    assert main(["data", "audit", str(tmp_path), "--kind", "presplit", "--cache-dir", str(tmp_path / "c"),
+                 "-o", f"phase2.data.train_dir={root / 'train'}"]) == 2
+    err = capsys.readouterr().err
+    assert "presplit data needs data.val_dir (data.train_dir is given);" in err and "kind=presplit" not in err
     with pytest.raises(DTLError, match=r"phase2\.data\.train_dir is set but phase2\.data\.kind is 'aria'.*kind=presplit"):
         load_config(build_parser().parse_args(["main", "--config", "real", "-o", f"phase2.data.train_dir={root}"]))
+
+
+@pytest.mark.slow
+def test_the_audit_of_a_120_image_presplit_aria_copy_reports_the_pairs_across_the_users_splits(tmp_path, capsys):
+    """Issue 27 §9: `dtl data audit ds2 --kind presplit` on the seed users' layout, 30 Aria images per
+    class dealt to train/val/test in file order: consecutive fields photographed twice land in two
+    of the user's splits, and the audit lists each such pair with the two splits it spans."""
+    root = _presplit(tmp_path / "ds2", per_class=30)
+    assert main(["data", "audit", str(root), "--kind", "presplit", "--json", "--cache-dir", str(tmp_path / "c")]) == 0
+    a = json.loads(capsys.readouterr().out)
+    assert a["n_images"] == 120 and a["splits"] == {"test": 40, "train": 40, "val": 40}
+    pairs = a["near_duplicate_pairs"]
+    assert a["near_duplicates"] == len(pairs) == 12  # measured on this layout (issue 27 said 2 for its copy)
+    assert all(sa != sb and {sa, sb} <= {"train", "val", "test"} for _, _, sa, sb, *_ in pairs)

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import requests
 from PIL import Image
 
 from dtl.model.decode import InputPolicy, InvalidInput, decode_image_bytes
+from dtl.model.errors import DTLError
 from dtl.model.net import DTLNet, ModelSpec
 from dtl.tracking.adapter import connect, start_run
 from dtl.tracking.registry import log_model, register
@@ -156,6 +158,36 @@ def test_paths_only_in_local_python_when_asked(champion, tmp_path):
     with pytest.raises(InvalidInput, match="not a regular file"):
         local.predict({"image": ["/dev/zero"]})
 
+
+@pytest.mark.slow
+def test_mlflow_evaluate_scores_the_champion_with_the_class_output(champion):
+    """The documented `mlflow.models.evaluate(..., model_type="classifier", predictions="class")` on
+    base64 images: MLflow's classifier evaluator compares one column of predictions with the targets,
+    so the whole class + p_<class> table failed inside it (TypeError: '<' between float and str)."""
+    from dtl.model.pyfunc import OUTPUTS
+
+    imgs = [_cell(), _cell().rotate(90), Image.new("RGB", (50, 70), (200, 180, 210)), _cell().convert("L").convert("RGB")]
+    df = pd.DataFrame({"image": [_b64(_png(im)) for im in imgs] * 2, "label": list(CLASSES) * 2})
+    table = mlflow.pyfunc.load_model("models:/all-dtl@champion").predict(df[["image"]])
+    assert list(table.columns) == ["class", *(f"p_{c}" for c in CLASSES)]  # the default output is unchanged
+    with mlflow.start_run():
+        res = mlflow.models.evaluate("models:/all-dtl@champion", data=df, targets="label", model_type="classifier",
+                                     predictions="class", evaluator_config={"label_list": list(CLASSES)},
+                                     model_config={"output": "class"})
+    assert res.metrics["example_count"] == 8
+    assert res.metrics["accuracy_score"] == pytest.approx(float((table["class"] == df["label"]).mean()))
+    classes = mlflow.pyfunc.load_model("models:/all-dtl@champion", model_config={"output": "class"}).predict(df[["image"]])
+    assert isinstance(classes, pd.Series) and classes.tolist() == table["class"].tolist()
+    with pytest.raises(DTLError, match=r"output='probs': valid choices are " + ", ".join(OUTPUTS)):
+        mlflow.pyfunc.load_model("models:/all-dtl@champion", model_config={"output": "probs"})
+
+
+def test_output_mode_defaults_to_the_table_and_names_its_choices():
+    from dtl.model.pyfunc import output_mode
+
+    assert output_mode(None) == output_mode({"allow_paths": True}) == "table" and output_mode({"output": "class"}) == "class"
+    with pytest.raises(DTLError, match="output='Class': valid choices are table, class"):
+        output_mode({"output": "Class"})
 
 def test_decoded_bytes_are_bounded():
     data = _png(_cell())

@@ -7,12 +7,13 @@ import subprocess
 import mlflow
 import optuna
 import pytest
+import requests
 from optuna.trial import TrialState
 
 from dtl import DTLError, config
 from dtl.tracking.adapter import connect, find_runs, start_run
 from dtl.train.tune import make_storage, run_study
-from tests.conftest import PYTHON, demo_overrides
+from tests.conftest import PYTHON, demo_overrides, free_port, wait_for_http
 
 
 @pytest.mark.slow
@@ -260,3 +261,30 @@ def test_data_colour_at_raw_leaves_study_identities_as_they_were_and_another_col
             other = config.load(["demo"], [f"{phase}.data.colour={colour}"])
             assert other.phase(phase).data.colour == colour
             assert study_identity(other, phase, "d" * 64, "scratch") != base
+
+
+@pytest.mark.slow
+def test_optuna_dashboard_reads_the_study_with_its_metric_name_and_mlflow_link(workspace, cache_dir):
+    """docs/tuning.md: `optuna-dashboard sqlite:///optuna.db` shows each study under its metric
+    name, with user attributes linking it to its MLflow run (read from the real dashboard's API)."""
+    cfg = config.load(["demo"], demo_overrides(cache_dir, workspace, **{"phase1.n_trials": 1}))
+    t = connect(cfg.tracking_uri, cfg.experiment)
+    res = run_study(cfg, "phase1", "test_resnet", t)
+    tags = t.client.get_run(res.run_id).data.tags
+    port = free_port()
+    exe = os.path.join(os.path.dirname(PYTHON), "optuna-dashboard")
+    with subprocess.Popen([exe, cfg.tune.storage, "--host", "127.0.0.1", "--port", str(port)], cwd=workspace,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_for_http(f"{url}/api/studies", proc, timeout=60)
+            studies = {s["study_name"]: s for s in requests.get(f"{url}/api/studies", timeout=10).json()["study_summaries"]}
+            detail = requests.get(f"{url}/api/studies/{studies[res.study_name]['study_id']}", timeout=10).json()
+        finally:
+            proc.terminate()
+    assert detail["objective_names"] == [tags["monitor"]] == ["val_macro_f1"]
+    attrs = {a["key"]: a["value"] for a in detail["user_attrs"]}
+    assert attrs["mlflow_run_id"] == res.run_id and attrs["backbone"] == "test_resnet" and attrs["phase"] == "phase1"
+    assert attrs["strategy"] == tags["strategy"] and attrs["data_digest"] == tags["data_digest"]
+    trial_attrs = {a["key"]: a["value"] for a in detail["trials"][0]["user_attrs"]}
+    assert len(detail["trials"]) == 1 and trial_attrs["mlflow_run_id"] in {r.info.run_id for r in find_runs(t, "tags.`dtl.role` = 'trial'")}

@@ -367,7 +367,7 @@ def presplit_dirs(cfg: DataConfig) -> dict[str, str]:
         if not dirs[s]:
             other = "val" if s == "train" else "train"
             raise DTLError(f"presplit data needs data.{s}_dir" + (f" (data.{other}_dir is given)" if dirs[other] else "")
-                           + f" and data.kind=presplit; {PRESPLIT_LAYOUT}.\n{FOLDER_LAYOUT}")
+                           + f"; {PRESPLIT_LAYOUT}.\n{FOLDER_LAYOUT}")  # the kind is presplit already: only the folder is missing
     return dirs
 
 

@@ -23,7 +23,7 @@ import skfuzzy as fuzz
 import torch
 
 from dtl.model.decode import InputPolicy, read_images
-from dtl.model.pyfunc import ImageClassifier, load_classifier
+from dtl.model.pyfunc import ImageClassifier, load_classifier, output_mode
 
 TNORMS = ("min", "product")
 COVER = 1e-3  # every train point has at least this membership, in every dimension, in its own cluster
@@ -130,7 +130,8 @@ class FuzzyImageClassifier(ImageClassifier):
     """The backbone's features through the Mamdani system instead of the linear layer."""
 
     def __init__(self, base: ImageClassifier, system: FuzzySystem):
-        super().__init__(base.net, base.classes, base.spec, base.segment, base.batch_size, base.policy)
+        super().__init__(base.net, base.classes, base.spec, base.segment, base.batch_size, base.policy,
+                         output=base.output)
         self.system = system
 
     def features(self, images: list[np.ndarray]) -> np.ndarray:
@@ -138,12 +139,12 @@ class FuzzyImageClassifier(ImageClassifier):
                for i in range(0, len(images), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.system.mean.shape[0]))
 
-    def predict(self, data, params=None) -> pd.DataFrame:
+    def predict(self, data, params=None) -> pd.DataFrame | pd.Series:
         probs, strength = self.system.predict_proba(self.features(read_images(data, self.policy)))
         df = pd.DataFrame(probs.astype(np.float32), columns=[f"p_{c}" for c in self.classes])
         df.insert(0, "class", [self.classes[j] for j in probs.argmax(1)] if len(probs) else [])
         df["firing_strength"] = strength.astype(np.float32)
-        return df
+        return self.shaped(df)
 
 
 def _load_pyfunc(path: str, model_config: dict | None = None) -> FuzzyImageClassifier:
@@ -151,4 +152,5 @@ def _load_pyfunc(path: str, model_config: dict | None = None) -> FuzzyImageClass
     ``model_config`` the caller's input policy (file paths only when asked, as for the softmax model)."""
     dev = os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     system = FuzzySystem.from_dict(json.loads((Path(path) / SYSTEM_FILE).read_text()))
-    return FuzzyImageClassifier(load_classifier(path, dev, InputPolicy.from_config(model_config)), system)
+    return FuzzyImageClassifier(load_classifier(path, dev, InputPolicy.from_config(model_config),
+                                                output=output_mode(model_config)), system)

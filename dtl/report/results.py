@@ -493,11 +493,18 @@ def figures(tracking: Tracking, df: pd.DataFrame) -> dict:
     return out
 
 
-def forest(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame) -> bytes | None:
+def forest(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame, base: pd.DataFrame | None = None) -> bytes | None:
+    """The report's first screen (:func:`forest_figure`) as PNG bytes, None without rows."""
+    fig = forest_figure(df, gain, cv, base)
+    return png_bytes(fig) if fig is not None else None
+
+
+def forest_figure(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame, base: pd.DataFrame | None = None):
     """The report's first screen: each row's test macro-F1 with its 95% CI (cross-validated where
-    ``final.cv`` ran: mean and corrected t CI; else the single model's bootstrap CI), and each gain
-    in macro-F1 with its CI (fold-level where cross-validated, else the paired bootstrap), grouped
-    by backbone, with 0 marked."""
+    ``final.cv`` ran: mean and corrected t CI; else the single model's bootstrap CI; the shortcut
+    baseline rows too), and each gain in macro-F1 with its CI (fold-level where cross-validated,
+    else the paired bootstrap; model − baseline gains from ``base``), grouped by backbone, with 0
+    marked. One errorbar per plotted point (``ax.containers``); None without rows."""
     import matplotlib  # deferred: plotting, only when a figure is drawn
 
     matplotlib.use("Agg")
@@ -506,7 +513,7 @@ def forest(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame) -> bytes | No
     if df.empty:
         return None
     rows = df.sort_values(["backbone", "strategy", "masked", "split_protocol"], ascending=False).reset_index(drop=True)
-    g = (cv if len(cv) else gain)
+    g = pd.concat([x for x in ((cv if len(cv) else gain), base) if x is not None and len(x)] or [gain])
     g = g[g["metric"] == "test_macro_f1"].sort_values(["backbone", "comparison"], ascending=False).reset_index(drop=True)
     fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.32 * max(len(rows), len(g), 3)))
     ax = axes[0]
@@ -528,11 +535,12 @@ def forest(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame) -> bytes | No
                     color="C2" if (r["ci_low"] > 0 or r["ci_high"] < 0) else "C7", capsize=3)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(g)), [f"{r['backbone']}: {r['comparison']}" for _, r in g.iterrows()], fontsize=8)
-    ax.set_title("gains in test macro-F1, 95% CI\n" + ("(fold-level, corrected t)" if len(cv) else "(paired bootstrap)"),
+    ax.set_title("gains in test macro-F1, 95% CI\n" + ("(fold-level, corrected t" + ("; − baseline: paired bootstrap)" if base is not None and len(base) else ")")
+                                                   if len(cv) else "(paired bootstrap)"),
                  fontsize=9)
     ax.set_xlabel("a − b")
     fig.tight_layout()
-    return png_bytes(fig)
+    return fig
 
 
 def _label(r) -> str:
@@ -553,7 +561,7 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
     cv = cv_gains(df)
     seed = seed_table(df)
     figs = figures(tracking, df)
-    first = forest(df, gain, cv)
+    first = forest(df, gain, cv, base)
     if first:
         figs = {"forest.png": first, **figs}
     df.to_csv(out / "results.csv", index=False)
@@ -572,8 +580,8 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
         if isinstance(prov.get(k), str):
             prov[k] = re.sub(r"\S*dtl/__main__\.py", "dtl", prov[k])
     shown = df.drop(columns=HIDDEN) if not df.empty else df
-    md = ["# Results", "", *([description.strip(), ""] if description else []),
-          *(["![forest](forest.png)", ""] if "forest.png" in figs else []),
+    md = ["# Results", "", *(["![forest](forest.png)", ""] if "forest.png" in figs else []),  # the first screen
+          *([description.strip(), ""] if description else []),
           "Generated from an MLflow search by `dtl report`. Split protocol per row (`split_protocol`): C-NMC is "
           "split by patient; Aria has no patient IDs, so its splits keep near-duplicate groups (one smear field "
           "photographed several times) on one side (`near-duplicate-groups`), or whole runs of consecutive file "

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from dtl.model.decode import INPUT_COLUMN, InputPolicy
 from dtl.model.fuzzy import SYSTEM_FILE, FuzzySystem
-from dtl.model.pyfunc import DATA_DIR, pip_requirements
+from dtl.model.pyfunc import DATA_DIR, OUTPUTS, pip_requirements
 
 PACKAGE = Path(__file__).resolve().parent.parent  # the dtl/ folder
 # What travels in code/dtl: the serving package and the modules older models' MLmodel files name.
@@ -96,7 +96,7 @@ def save_model(path, net, meta: dict, example_image: np.ndarray, mlflow_model=No
     add_to_model(mlflow_model, loader_module="dtl.model.pyfunc", data=DATA_DIR, code="code", conda_env="conda.yaml",
                  python_env="python_env.yaml",
                  # apply_temperature: a temperature that `dtl explain` stores later is used unless a caller says False
-                 model_config={**InputPolicy().model_config(), "apply_temperature": True})
+                 model_config={**InputPolicy().model_config(), "apply_temperature": True, "output": OUTPUTS[0]})
     signature, example = signature_and_example(example_image, list(meta["spec"]["classes"]))
     mlflow_model.signature = signature
     _save_example(mlflow_model, example, str(path))
@@ -122,7 +122,7 @@ def save_fuzzy_model(path, net, meta: dict, system: FuzzySystem, example_image: 
                                  mlflow_model=mlflow_model, signature=signature, input_example=example,
                                  code_paths=[code], pip_requirements=reqs,
                                  # MLflow lets a caller override only keys the model was saved with
-                                 model_config=InputPolicy().model_config())
+                                 model_config={**InputPolicy().model_config(), "output": OUTPUTS[0]})
 
 
 # What ``Model.log(flavor=...)`` calls; the name is what MLflow records as the logged model's flavor.
