@@ -197,3 +197,27 @@ def mlflow_server(workspace: Path, backend: str, *extra: str, env: dict | None =
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=30)
+
+
+def assert_champion_serves_its_test_predictions(client, data_root: Path, name: str = "all-dtl", n: int = 6) -> None:
+    """A valid champion, not just a loadable one: loaded through the registry alias, it gives on the
+    study's first ``n`` test images (read from ``data_root`` + the logged relative path) the
+    probabilities that the study's final evaluation logged for them (``predictions_test.csv``)."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from dtl.tracking import schema
+
+    mv = client.get_model_version_by_alias(name, "champion")
+    local = client.download_artifacts(mv.tags[schema.PHASE2_RUN], "evaluation/predictions_test.csv")
+    table = pd.read_csv(local).head(n)
+    files = [Path(data_root) / p for p in table["path"]]
+    assert all(f.is_file() for f in files), [str(f) for f in files if not f.is_file()]
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    out = model.predict({"image": [np.asarray(Image.open(f).convert("RGB")) for f in files]})
+    cols = [c for c in table.columns if c.startswith("p_")]
+    assert list(out.filter(like="p_").columns) == cols
+    assert np.allclose(out[cols].to_numpy(), table[cols].to_numpy(), atol=2e-3), (out[cols], table[cols])
+    assert list(out["class"]) == list(table["predicted"])

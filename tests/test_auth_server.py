@@ -25,7 +25,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
 
-from tests.conftest import PYTHON, clean_databases, demo_overrides, mlflow_server, postgres_url
+from tests.conftest import (PYTHON, assert_champion_serves_its_test_predictions, clean_databases, demo_overrides,
+                            mlflow_server, postgres_url)
 from tests.test_cli import mlflow_run
 
 ADMIN_PW = "admin-Pw-7431-secret"
@@ -130,8 +131,7 @@ def test_basic_auth_server_editor_reader_and_refusals(auth_server, workspace, ca
         rep = _dtl(workspace, url, "report", "--out", str(workspace / "bob-report"), overrides=o)
         assert rep.returncode == 0, rep.stderr[-3000:]
         assert (workspace / "bob-report" / "results.md").exists()
-        model = mlflow.pyfunc.load_model("models:/all-dtl@champion")
-        assert model.metadata.get_model_info() is not None
+        assert_champion_serves_its_test_predictions(mlflow.MlflowClient(url), cache_dir / "demo" / "aria" / "Original")
         pr = _dtl(workspace, url, "promote", "--force", overrides=o)
         _one_line_before_training(pr, url, "'bob' has no EDIT permission", "registered model 'all-dtl'",
                                   "No alias was moved")

@@ -251,6 +251,27 @@ def test_explain_logs_under_the_champion_study_run_and_writes_the_report_folder(
               "clean_accuracy", "cross_variant_d_accuracy_ci_low", "blur_3_relative_accuracy", "noise_1_accuracy",
               "annotation_masked_vs_unmasked_agreement", "mean_relative_accuracy_mean"):
         assert k in m, k
+    # the values, not only the keys: explain scores the champion's own test items again, so its clean
+    # accuracy is the study's logged test accuracy and its ECE before scaling is the ECE of the study's
+    # logged test probabilities (Guo's ECE written per item in the test; probabilities kept to 5 places)
+    import pandas as pd
+
+    from dtl.tracking import schema
+    from tests.test_stats import _ece_oracle
+
+    study = t.client.get_run(mv.tags[schema.PHASE2_RUN])
+    assert m["clean_accuracy"] == pytest.approx(study.data.metrics["test_accuracy"], abs=1e-9)
+    logged = pd.read_csv(t.client.download_artifacts(study.info.run_id, "evaluation/predictions_test.csv"))
+    cols = [c for c in logged.columns if c.startswith("p_")]
+    y = np.asarray([cols.index(f"p_{label}") for label in logged["label"]])
+    p = logged[cols].to_numpy()
+    assert m["test_ece_before"] == pytest.approx(_ece_oracle(y, p), abs=1e-4)
+    # softmax(log p / T) = softmax(z / T): the scaled probabilities from the logged ones
+    assert m["test_ece_after"] == pytest.approx(_ece_oracle(y, calibration.softmax(np.log(np.clip(p, 1e-5, 1)),
+                                                                                m["temperature"])), abs=2e-3)
+    assert m["blur_3_relative_accuracy"] == pytest.approx(m["blur_3_accuracy"] / m["clean_accuracy"], rel=1e-6)
+    assert 0.0 <= m["cam_annotation_share"] <= 1.0 and 0.0 <= m["annotation_masked_vs_unmasked_agreement"] <= 1.0
+    assert m["test_ece_before_ci_low"] <= m["test_ece_before"] <= m["test_ece_before_ci_high"]
     d = tmp / "report" / "explain" / "all-dtl-champion"
     for f in ("robustness.md", "robustness.html", "robustness.csv", "cam_grid.png", "reliability.png", "shortcut.csv",
               "predictions.csv", "summary.json"):

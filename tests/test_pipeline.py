@@ -14,7 +14,8 @@ from PIL import Image
 
 from dtl import config, pipeline
 from dtl.tracking.adapter import connect
-from tests.conftest import PYTHON, ROOT, demo_overrides, mlflow_serve, module_workspace
+from tests.conftest import (PYTHON, ROOT, assert_champion_serves_its_test_predictions, demo_overrides, mlflow_serve,
+                            module_workspace)
 
 pytestmark = pytest.mark.slow
 
@@ -162,6 +163,7 @@ def test_registered_model_round_trip(done):
     import torch
 
     assert isinstance(net, torch.nn.Module) and net(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
+    assert_champion_serves_its_test_predictions(mlflow.MlflowClient(), Path(cfg.cache_dir) / "demo" / "aria" / "Original")
 
 
 def test_predict_cli_names_bad_files_and_predicts_the_rest(done):

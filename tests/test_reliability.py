@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from dtl.train.tune import make_storage
-from tests.conftest import PYTHON, demo_overrides, free_port, wait_for_http
+from tests.conftest import PYTHON, assert_champion_serves_its_test_predictions, demo_overrides, free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def test_main_survives_sigkill_at_every_stage(workspace, cache_dir):
     assert len(versions) == 1
     champ = client.get_model_version_by_alias("all-dtl", "champion")
     assert str(champ.version) == str(versions[0].version)
-    assert mlflow.pyfunc.load_model("models:/all-dtl@champion") is not None
+    assert_champion_serves_its_test_predictions(client, cache_dir / "demo" / "aria" / "Original")
     assert (workspace / "report" / "results.md").exists()
 
 
