@@ -275,7 +275,7 @@ def test_the_champion_serves_temperature_scaled_probabilities_and_its_card_says_
     temp = float(mv.tags["calibration.temperature"])
     run = find_runs(t, "tags.`dtl.role` = 'explain'")[0]
     assert temp == pytest.approx(run.data.metrics["temperature"], rel=1e-5)
-    card = next((tmp / "cards").glob("all-dtl-v*.md")).read_text()
+    card = (tmp / "cards" / f"all-dtl-v{mv.version}.md").read_text()
     assert f"softmax(logits / {temp:.3f})" in card and "apply_temperature" in card
     img = np.random.default_rng(0).integers(0, 255, (2, 70, 70, 3)).astype(np.uint8)
     served = mlflow.pyfunc.load_model("models:/all-dtl@champion").predict(img)
@@ -286,6 +286,33 @@ def test_the_champion_serves_temperature_scaled_probabilities_and_its_card_says_
     assert not np.allclose(p, q) and np.allclose(calibration.softmax(np.log(q), temp), p, atol=1e-4)
     assert logits is not None and json.loads((tmp / "report" / "explain" / "all-dtl-champion" / "summary.json")
                                              .read_text())["temperature_stored"] is True
+
+
+@pytest.mark.slow
+def test_explain_never_changes_a_version_it_registers_the_calibrated_model_as_a_new_one(explained):
+    """The explained champion keeps its files; the temperature is a new logged model (in the job's
+    experiment) and a new version ``calibrated_from`` it, and the aliases move by the policy."""
+    import mlflow
+
+    tmp, cfg, t, res, out, cli = explained
+    versions = {str(v.version): v for v in t.client.search_model_versions("name='all-dtl'")}
+    champ = t.client.get_model_version_by_alias("all-dtl", "champion")
+    src = versions[champ.tags["calibrated_from"]]  # the version main promoted and explain explained
+    assert src.version == res.champion and champ.version != src.version and "calibration.temperature" not in src.tags
+    assert src.source != champ.source and champ.run_id == src.run_id
+    listed = lambda uri: {a.path for a in mlflow.artifacts.list_artifacts(f"{uri}/dtl")}  # noqa: E731
+    assert "dtl/calibration.json" not in listed(src.source) and "dtl/calibration.json" in listed(champ.source)
+    cal = t.client.get_logged_model(champ.source.removeprefix("models:/"))
+    assert cal.name == "test_resnet-double-calibrated" and cal.experiment_id == t.experiment_id
+    assert cal.tags["calibrated_from"] == f"all-dtl/{src.version}" and "test_accuracy" in {m.key for m in cal.metrics}
+    assert "Default" not in {e.name for e in t.client.search_experiments()} or not t.client.search_logged_models(["0"])
+    p = cli()  # explaining the calibrated champion again: nothing new is registered
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(t.client.search_model_versions("name='all-dtl'")) == len(versions)
+    import json
+
+    summary = json.loads((tmp / "report" / "explain" / "all-dtl-champion" / "summary.json").read_text())
+    assert summary["temperature_stored"] is False and "already the calibrated copy" in summary["temperature_not_stored"]
 
 
 @pytest.mark.slow
