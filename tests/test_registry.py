@@ -278,3 +278,18 @@ def test_a_calibrated_model_is_a_new_version_and_the_aliases_move_by_policy(work
     assert (local / "dtl" / "calibration.json").read_text() == '{"temperature": 1.5}' and (local / "MLmodel").is_file()
     d = promote(t, Policy(), cards_dir=None)  # same val metrics: the newest version (calibrated) by the tie rule
     assert d.champion == v2 and str(t.client.get_model_version_by_alias("all-dtl", "champion").version) == v2
+
+
+def test_a_job_opens_its_experiment_on_training_runs_with_the_comparison_view(workspace):
+    import json
+
+    from dtl.tracking.adapter import connect
+    from dtl.tracking.ui import prepare_experiment, view_url
+
+    t = connect(experiment="ui")
+    prepare_experiment(t)
+    tags = t.client.get_experiment(t.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags["mlflow.sharedViewState.comparison"])
+    assert {"tags.`backbone`", "tags.`strategy`", "metrics.`test_accuracy`", "attributes.`Models`"} <= set(view["selectedColumns"])
+    assert view_url(t) == f"#/experiments/{t.experiment_id}/runs?viewStateShareKey=comparison"
