@@ -298,10 +298,13 @@ def test_explain_never_changes_a_version_it_registers_the_calibrated_model_as_a_
     versions = {str(v.version): v for v in t.client.search_model_versions("name='all-dtl'")}
     champ = t.client.get_model_version_by_alias("all-dtl", "champion")
     src = versions[champ.tags["calibrated_from"]]  # the version main promoted and explain explained
-    assert src.version == res.champion and champ.version != src.version and "calibration.temperature" not in src.tags
+    assert str(src.version) == res.champion and str(champ.version) != str(src.version) and "calibration.temperature" not in src.tags
     assert src.source != champ.source and champ.run_id == src.run_id
-    listed = lambda uri: {a.path for a in mlflow.artifacts.list_artifacts(f"{uri}/dtl")}  # noqa: E731
-    assert "dtl/calibration.json" not in listed(src.source) and "dtl/calibration.json" in listed(champ.source)
+    def listed(source):  # the files under dtl/ of a version's logged model
+        loc = t.client.get_logged_model(source.removeprefix("models:/")).artifact_location
+        return {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=f"{loc}/dtl")}
+
+    assert "calibration.json" not in listed(src.source) and "calibration.json" in listed(champ.source)
     cal = t.client.get_logged_model(champ.source.removeprefix("models:/"))
     assert cal.name == "test_resnet-double-calibrated" and cal.experiment_id == t.experiment_id
     assert cal.tags["calibrated_from"] == f"all-dtl/{src.version}" and "test_accuracy" in {m.key for m in cal.metrics}
