@@ -49,6 +49,7 @@ from dtl.tracking.adapter import (
 from dtl.tracking.policy import load_policy
 from dtl.tracking.registry import log_model, register
 from dtl.tracking.resolve import phase1_source
+from dtl.tracking.ui import prepare_experiment, view_url
 from dtl.train import faults
 from dtl.train.engine import resolve_device
 from dtl.train.phases import add_split, dataset, evaluate_checkpoint, preprocessing_label, run_phase
@@ -64,6 +65,7 @@ class PipelineResult:
     versions: dict = field(default_factory=dict)  # backbone -> registered version
     champion: str | None = None
     report_dir: str = ""
+    ui_view: str = ""  # the experiment's comparison view, below the MLflow UI's root URL
 
     def text(self) -> str:
         """What ``dtl main`` prints: the results table, the versions and champion, the report's path."""
@@ -73,6 +75,8 @@ class PipelineResult:
         lines.append(f"pipeline run {self.run_id}: registered {self.versions}, champion v{self.champion}")
         if self.report_dir:
             lines.append(f"report: {self.report_dir}/results.md")
+        if self.ui_view:
+            lines.append(f"MLflow UI (mlflow ui --host 127.0.0.1): http://127.0.0.1:5000/{self.ui_view}")
         return "\n".join(lines)
 
 
@@ -101,6 +105,7 @@ def _check_inputs(cfg: Config, phases: tuple[str, ...], strategies: tuple[str, .
 def open_root_run(tracking: Tracking, cfg: Config, job: str) -> Run:
     """The run that holds the studies: MLflow's own under ``mlflow run``, else a new one."""
     end_orphans(tracking)
+    prepare_experiment(tracking)  # the UI opens on its runs; the comparison view
     if tracking.outer_run_id:
         run = Run(tracking, tracking.outer_run_id)
         # host and pids let a later invocation end this run KILLED when `mlflow run` is killed
@@ -405,7 +410,7 @@ def _main(cfg: Config, data: store.DataStore, report: bool, promote: bool) -> Pi
               f"strategies {list(cfg.strategies)} (set -o register_strategy=...)", flush=True)
     t_start = time.time()
     with root_run(tracking, cfg, "main") as root:
-        result = PipelineResult(root.id)
+        result = PipelineResult(root.id, ui_view=view_url(tracking))
         run_baseline(cfg, tracking, root.id)  # first: each registered version is compared with it
         for backbone in cfg.backbones:
             data.release()  # the previous backbone's split tensors (its input size, on its device)

@@ -296,7 +296,7 @@ def test_the_champion_serves_temperature_scaled_probabilities_and_its_card_says_
     temp = float(mv.tags["calibration.temperature"])
     run = find_runs(t, "tags.`dtl.role` = 'explain'")[0]
     assert temp == pytest.approx(run.data.metrics["temperature"], rel=1e-5)
-    card = next((tmp / "cards").glob("all-dtl-v*.md")).read_text()
+    card = (tmp / "cards" / f"all-dtl-v{mv.version}.md").read_text()
     assert f"softmax(logits / {temp:.3f})" in card and "apply_temperature" in card
     img = np.random.default_rng(0).integers(0, 255, (2, 70, 70, 3)).astype(np.uint8)
     served = mlflow.pyfunc.load_model("models:/all-dtl@champion").predict(img)
@@ -307,6 +307,36 @@ def test_the_champion_serves_temperature_scaled_probabilities_and_its_card_says_
     assert not np.allclose(p, q) and np.allclose(calibration.softmax(np.log(q), temp), p, atol=1e-4)
     assert logits is not None and json.loads((tmp / "report" / "explain" / "all-dtl-champion" / "summary.json")
                                              .read_text())["temperature_stored"] is True
+
+
+@pytest.mark.slow
+def test_explain_never_changes_a_version_it_registers_the_calibrated_model_as_a_new_one(explained):
+    """The explained champion keeps its files; the temperature is a new logged model (in the job's
+    experiment) and a new version ``calibrated_from`` it, and the aliases move by the policy."""
+    import mlflow
+
+    tmp, cfg, t, res, out, cli = explained
+    versions = {str(v.version): v for v in t.client.search_model_versions("name='all-dtl'")}
+    champ = t.client.get_model_version_by_alias("all-dtl", "champion")
+    src = versions[champ.tags["calibrated_from"]]  # the version main promoted and explain explained
+    assert str(src.version) == res.champion and str(champ.version) != str(src.version) and "calibration.temperature" not in src.tags
+    assert src.source != champ.source and champ.run_id == src.run_id
+    def listed(source):  # the files under dtl/ of a version's logged model
+        loc = t.client.get_logged_model(source.removeprefix("models:/")).artifact_location
+        return {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=f"{loc}/dtl")}
+
+    assert "calibration.json" not in listed(src.source) and "calibration.json" in listed(champ.source)
+    cal = t.client.get_logged_model(champ.source.removeprefix("models:/"))
+    assert cal.name == "test_resnet-double-calibrated" and cal.experiment_id == t.experiment_id
+    assert cal.tags["calibrated_from"] == f"all-dtl/{src.version}" and "test_accuracy" in {m.key for m in cal.metrics}
+    assert not t.client.search_logged_models(["0"]), "a logged model in MLflow's Default experiment"
+    p = cli()  # explaining the calibrated champion again: nothing new is registered
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(t.client.search_model_versions("name='all-dtl'")) == len(versions)
+    import json
+
+    summary = json.loads((tmp / "report" / "explain" / "all-dtl-champion" / "summary.json").read_text())
+    assert summary["temperature_stored"] is False and "already the calibrated copy" in summary["temperature_not_stored"]
 
 
 @pytest.mark.slow

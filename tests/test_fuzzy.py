@@ -311,3 +311,18 @@ def test_dtl_fuzzy_without_phase2_runs_says_what_to_run_first(workspace, cache_d
     p = subprocess.run([PYTHON, "-m", "dtl", "fuzzy", "--config", "demo", *o], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 2 and "no finished double-transfer phase-2 study" in p.stderr and "dtl main" in p.stderr
+
+
+@pytest.mark.slow
+def test_the_fuzzy_model_is_a_named_logged_model_of_the_jobs_experiment(fuzzy_done):
+    """`Model.log` without a model id put the fuzzy model in MLflow's active (Default) experiment."""
+    tmp, cfg, t, p2, out = fuzzy_done
+    models = {m.name: m for m in t.client.search_logged_models([t.experiment_id])}
+    assert set(models) == {"test_resnet-double", "test_resnet-fuzzy"}, set(models)
+    fz = models["test_resnet-fuzzy"]
+    assert fz.source_run_id == out.run_id and fz.tags["head"] == "fuzzy" and fz.tags["data_digest"]
+    best = {k: str(v) for k, v in out.best_params.items()}
+    assert best and all(fz.params[k] == v for k, v in best.items()) and fz.params["strategy"] == "double", fz.params
+    assert not t.client.search_logged_models(["0"]), "a logged model in MLflow's Default experiment"
+    mv = t.client.get_model_version(out.registered.split("/")[0], out.registered.split("/")[1])
+    assert mv.source == f"models:/{fz.model_id}"

@@ -307,3 +307,25 @@ def test_final_repeats_retrain_the_best_parameters_with_other_seeds(workspace, c
     # rerun: the repeats are found again, not retrained
     pipeline.main(cfg, report=False)
     assert len(mlflow.search_runs([t.experiment_id], "tags.`dtl.role` = 'repeat'", output_format="list")) == 2
+
+
+def test_the_logged_models_are_named_described_and_linked_to_their_versions(done):
+    """What the experiment's Models page lists: `<backbone>-<strategy>`, the best params and the
+    row's settings, the row's tags, only evaluation metrics linked to their dataset, and the version."""
+    import json
+
+    tmp, cfg, res = done
+    t = connect(cfg.tracking_uri, cfg.experiment)
+    models = t.client.search_logged_models([t.experiment_id])
+    assert [m.name for m in models] == ["test_resnet-double"]
+    m = models[0]
+    study = t.client.get_run(m.source_run_id).data
+    best = {k.removeprefix("best."): v for k, v in study.tags.items() if k.startswith("best.")}
+    assert best and all(m.params[k] == v for k, v in best.items())
+    for k in ("backbone", "strategy", "init", "split_protocol", "annotation_mask"):
+        assert m.params[k] == study.tags[k] and m.tags[k] == study.tags[k], k
+    assert m.tags["data_digest"] == study.tags["data_digest"]
+    keys = {x.key for x in m.metrics}
+    assert "test_accuracy" in keys and all(k.startswith(("val_", "test_")) for k in keys), sorted(keys)
+    assert {x.dataset_name for x in m.metrics} == {"phase2-val", "phase2-test"}
+    assert json.loads(m.tags["mlflow.modelVersions"]) == [{"name": "all-dtl", "version": 1}]

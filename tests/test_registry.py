@@ -196,3 +196,102 @@ def test_each_model_is_compared_with_the_baseline_of_its_own_data_and_input_and_
     flags = flagged.set_index("backbone")["flags"].fillna("")
     assert SHORTCUT_FLAG in flags["same"] and SHORTCUT_FLAG not in flags["good"] and SHORTCUT_FLAG not in flags["grey"]
     assert len(gains[gains["metric"] == "test_accuracy"]) == 3
+
+
+def _logged(t, name="test_resnet-double"):
+    """A study run with a logged model of one file and its val/test metrics linked to it (no training)."""
+    from dtl.tracking.adapter import start_run
+    from dtl.tracking.registry import model_description, new_logged_model
+
+    run = start_run(t, "phase2-double-test_resnet", {"dtl.role": "study", "backbone": "test_resnet", "strategy": "double",
+                                                      "phase": "phase2", "init": "phase1:abc", "split_protocol": "group",
+                                                      "annotation_mask": "on", "data_digest": "d1", "best.lr_head": "0.003"})
+    run.log_metrics({"best_value": 0.7, "n_complete": 2})  # study bookkeeping: never the model's
+    params, tags = model_description(t.client.get_run(run.id).data.tags)
+    model_id = new_logged_model(run, name, params, tags)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "MLmodel").write_text("flavors: {}\n")
+        t.client.log_model_artifacts(model_id, d)
+    t.client.finalize_logged_model(model_id, "READY")
+    run.log_metrics({"val_macro_f1": 0.8, "val_accuracy": 0.8}, model_id=model_id, dataset=("phase2-val", "dv"))
+    run.log_metrics({"test_accuracy": 0.75}, model_id=model_id, dataset=("phase2-test", "dt"))
+    run.log_metrics({"cpu_utilization_percentage": 50.0})  # as the system-metrics thread does, after a model load
+    return run, model_id
+
+
+def test_a_logged_model_is_named_described_and_linked_to_its_version(workspace):
+    """The Models page: name, params, tags, only evaluation metrics, and MLflow's own link to the version."""
+    import json
+
+    from dtl.tracking.adapter import connect
+    from dtl.tracking.registry import register
+
+    t = connect(experiment="ui")
+    run, model_id = _logged(t)
+    v = register(t, "all-dtl", f"models:/{model_id}", run.id, {"metric.val_macro_f1": 0.8})
+    m = t.client.get_logged_model(model_id)
+    assert m.name == "test_resnet-double" and m.experiment_id == t.experiment_id and m.source_run_id == run.id
+    assert m.params["lr_head"] == "0.003" and m.params["strategy"] == "double" and m.params["split_protocol"] == "group"
+    for k in ("strategy", "init", "split_protocol", "annotation_mask", "data_digest"):
+        assert k in m.tags, k
+    assert {x.key for x in m.metrics} == {"val_macro_f1", "val_accuracy", "test_accuracy"}
+    assert {x.dataset_name for x in m.metrics} == {"phase2-val", "phase2-test"}
+    assert json.loads(m.tags["mlflow.modelVersions"]) == [{"name": "all-dtl", "version": int(v)}]
+    mv = t.client.get_model_version("all-dtl", v)
+    assert mv.source == f"models:/{model_id}" and mv.run_id == run.id
+    assert model_id in {o.model_id for o in t.client.get_run(run.id).outputs.model_outputs}
+
+
+def test_a_calibrated_model_is_a_new_version_and_the_aliases_move_by_policy(workspace):
+    """A registered version never changes: the temperature goes into a new logged model and version."""
+    from pathlib import Path
+
+    import mlflow
+
+    from dtl.tracking.adapter import connect
+    from dtl.tracking.promotion import promote
+    from dtl.tracking.registry import register, register_calibrated
+
+    t = connect(experiment="ui")
+    run, model_id = _logged(t)
+    v1 = register(t, "all-dtl", f"models:/{model_id}", run.id, {"metric.val_macro_f1": 0.8, "data_digest": "d1"})
+    assert promote(t, Policy(), cards_dir=None).champion == v1
+    before = t.client.get_model_version("all-dtl", v1)
+    mv = t.client.get_model_version_by_alias("all-dtl", "champion")
+    v2 = register_calibrated(t, mv, model_id, {"dtl/calibration.json": '{"temperature": 1.5}'}, 1.5)
+    assert v2 != v1 and register_calibrated(t, mv, model_id, {"dtl/calibration.json": "{}"}, 1.5) == v2  # once
+    new = t.client.get_model_version("all-dtl", v2)
+    assert new.tags["calibrated_from"] == v1 and new.tags["calibration.temperature"] == "1.5"
+    assert new.tags["metric.val_macro_f1"] == "0.8" and new.source != before.source
+    after = t.client.get_model_version("all-dtl", v1)
+    assert (after.source, after.tags, after.last_updated_timestamp) == (before.source, before.tags,
+                                                                         before.last_updated_timestamp)
+    files = lambda uri: {a.path for a in mlflow.artifacts.list_artifacts(uri)}  # noqa: E731
+    assert "dtl" not in files(f"models:/{model_id}")  # the explained model is left as registered
+    cal_id = new.source.removeprefix("models:/")
+    cal = t.client.get_logged_model(cal_id)
+    assert cal.name == "test_resnet-double-calibrated" and cal.experiment_id == t.experiment_id
+    assert cal.tags["calibrated_from"] == f"all-dtl/{v1}" and cal.params == t.client.get_logged_model(model_id).params
+    assert {x.key for x in cal.metrics} == {"val_macro_f1", "val_accuracy", "test_accuracy"}
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{cal_id}"))
+    assert (local / "dtl" / "calibration.json").read_text() == '{"temperature": 1.5}' and (local / "MLmodel").is_file()
+    d = promote(t, Policy(), cards_dir=None)  # same val metrics: the newest version (calibrated) by the tie rule
+    assert d.champion == v2 and str(t.client.get_model_version_by_alias("all-dtl", "champion").version) == v2
+
+
+def test_a_job_opens_its_experiment_on_training_runs_with_the_comparison_view(workspace):
+    import json
+
+    from dtl.tracking.adapter import connect
+    from dtl.tracking.ui import prepare_experiment, view_url
+
+    t = connect(experiment="ui")
+    prepare_experiment(t)
+    tags = t.client.get_experiment(t.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags["mlflow.sharedViewState.comparison"])
+    assert {"tags.`backbone`", "tags.`strategy`", "metrics.`test_accuracy`", "attributes.`Models`"} <= set(view["selectedColumns"])
+    assert view_url(t) == f"#/experiments/{t.experiment_id}/runs?viewStateShareKey=comparison"

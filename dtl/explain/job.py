@@ -4,14 +4,15 @@ and whether its probabilities are honest, for any registered model or study run.
 One MLflow run nested under the model's study run (``dtl.role = explain``) holds the metrics,
 the robustness table, the CAM grid, the shortcut table, the reliability diagram and the
 per-item predictions of every evaluated set; the same files go to the report folder. The
-temperature fitted on the validation split is stored with the logged model (``dtl/calibration.json``)
-when asked, or by default when the version holds the ``champion`` alias, and its model card says so.
+temperature fitted on the validation split is stored, when asked or by default when the version
+holds the ``champion`` alias, in a new logged model and version (``calibrated_from`` the explained
+one, which never changes; ``dtl/calibration.json``); the aliases then move by the promotion policy
+and the champion's card says so.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -33,8 +34,9 @@ from dtl.report.tables import html_page, markdown_table
 from dtl.tracking import schema
 from dtl.tracking.access import check_write_access
 from dtl.tracking.adapter import Run, Tracking, command_line, connect, ended, mark_outer, start_run
-from dtl.tracking.cards import write_card
 from dtl.tracking.policy import load_policy
+from dtl.tracking.promotion import promote
+from dtl.tracking.registry import register_calibrated
 from dtl.tracking.resolve import Resolved, resolve
 from dtl.train.phases import bootstrap_units, dataset
 
@@ -298,14 +300,16 @@ def write_pages(out: Path, s: Summary, frame: pd.DataFrame, shortcut: pd.DataFra
 
 
 def store_temperature(tracking: Tracking, cfg: Config, target: Resolved, calib: dict, split: str) -> tuple[bool, str]:
-    """Write ``dtl/calibration.json`` into the logged model (served probabilities then use T),
-    tag the version, and rewrite its model card when it has one; returns (stored, why not). Only
-    for registered versions (``explain.store_temperature`` on, or auto and the version is the
-    champion) whose logged code applies a stored temperature, and only for a T the validation
-    split can support."""
+    """Register the temperature-scaled model as a new logged model and version (``calibrated_from``
+    the explained one, which never changes), move the aliases by the promotion policy and write the
+    champion's card; returns (stored, why not / where). Only for registered versions
+    (``explain.store_temperature`` on, or auto and the version is the champion) whose logged code
+    applies a stored temperature, and only for a T the validation split can support."""
     mode, mv = cfg.explain.store_temperature, target.version
     if mv is None or target.model_id is None or mode == "off" or (mode == "auto" and "champion" not in mv.aliases):
         return False, "not a registered champion (explain.store_temperature=auto)" if mode == "auto" else f"mode {mode}"
+    if mv.tags.get(schema.CALIBRATED_FROM):
+        return False, f"v{mv.version} is already the calibrated copy of v{mv.tags[schema.CALIBRATED_FROM]}"
     if not _applies_temperature(tracking, target.model_id):
         return False, ("the logged model predates temperature support (its bundled code would ignore T): log it "
                        "again (retrain, or rerun `dtl main`) to serve scaled probabilities")
@@ -315,14 +319,10 @@ def store_temperature(tracking: Tracking, cfg: Config, target: Resolved, calib: 
     doc = {"temperature": calib["temperature"], "fitted_on": "val", "val_ece_before": calib["val_ece_before"],
            "val_ece_after": calib["val_ece_after"], f"{split}_ece_before": calib[f"{split}_ece_before"],
            f"{split}_ece_after": calib[f"{split}_ece_after"]}
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / CALIBRATION_FILE
-        f.write_text(json.dumps(doc, indent=2))
-        tracking.client.log_model_artifact(target.model_id, str(f), "dtl")
-    tracking.client.set_model_version_tag(mv.name, mv.version, schema.CALIBRATION_TEMPERATURE, f"{calib['temperature']:.6g}")
-    if mv.aliases:  # promoted versions have a card: it must say that the served probabilities are scaled
-        write_card(tracking, mv.name, mv.version, load_policy(cfg.policy, mv.name), Path(cfg.cards_dir))
-    return True, ""
+    version = register_calibrated(tracking, mv, target.model_id, {f"dtl/{CALIBRATION_FILE}": json.dumps(doc, indent=2)},
+                                  calib["temperature"])
+    d = promote(tracking, load_policy(cfg.policy, mv.name), cards_dir=Path(cfg.cards_dir))
+    return True, f"as {mv.name} v{version}, calibrated_from v{mv.version}; champion v{d.champion}"
 
 
 def _applies_temperature(tracking: Tracking, model_id: str) -> bool:

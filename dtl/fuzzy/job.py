@@ -35,7 +35,7 @@ from dtl.tracking.access import check_write_access
 from dtl.tracking.adapter import Run, Tracking, connect, end_orphans, find_run, find_runs, mark_outer, redact, start_run
 from dtl.tracking.cards import fuzzy_card
 from dtl.tracking.logged import FUZZY_FLAVOR
-from dtl.tracking.registry import register
+from dtl.tracking.registry import model_description, new_logged_model, register
 from dtl.tracking.resolve import Resolved, resolve
 from dtl.train.engine import resolve_device
 from dtl.train.phases import dataset, loader
@@ -216,8 +216,12 @@ def _finish(cfg: Config, tracking: Tracking, run: Run, src: Resolved, ds, best, 
     meta = {"spec": clf.net.spec.to_dict(), "input": clf.spec.to_dict(), "hsv_segment": clf.segment,
             "head": "fuzzy", "fuzzy": best.params, "phase2_run": src.run_id}
     example = np.random.default_rng(0).integers(0, 255, (clf.spec.size, clf.spec.size, 3)).astype(np.uint8)
-    info = Model.log(artifact_path=None, name="model", flavor=FUZZY_FLAVOR, run_id=run.id, net=clf.net, meta=meta,
-                     system=fs, example_image=example, card=card)
+    params, model_tags = model_description({**run.client.get_run(run.id).data.tags, schema.BACKBONE: backbone})
+    model_id = new_logged_model(run, f"{backbone}-fuzzy", {**best.params, **params},
+                                {**model_tags, schema.HEAD: "fuzzy"}, model_type="image-classifier-fuzzy")
+    info = Model.log(artifact_path=None, name=f"{backbone}-fuzzy", flavor=FUZZY_FLAVOR, model_id=model_id, net=clf.net,
+                     meta=meta, system=fs, example_image=example, card=card)
+    run.client.finalize_logged_model(model_id, "READY")
     clf.net.to(device)  # save_model moved it to the CPU
     t = results["test"]
     version = register(tracking, name, info.model_uri, run.id, {

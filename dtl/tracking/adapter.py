@@ -191,6 +191,8 @@ class Run:
         them to a logged model and the dataset they were computed on (MLflow 3)."""
         ts = int(time.time() * 1000)
         name, digest = dataset or (None, None)
+        if model_id is None and mlflow.get_active_model_id():  # a loaded model is MLflow's active model: it takes
+            mlflow.clear_active_model()                        # every metric logged without a model id
         items = [Metric(k, float(v), ts, step, model_id=model_id, dataset_name=name, dataset_digest=digest)
                  for k, v in metrics.items() if _is_number(v)]
         if items:
@@ -378,6 +380,8 @@ def system_metrics(run_id: str):
     MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL (default 10 s)."""
     # its start/stop/no-GPU INFO lines would interleave with the progress lines of every study
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    if mlflow.get_active_model_id():  # its thread would link every sample to a model loaded before
+        mlflow.clear_active_model()
     monitor = SystemMetricsMonitor(run_id, resume_logging=True)  # to the URI connect() set
     monitor.start()
     return monitor

@@ -6,10 +6,14 @@ policy is :mod:`dtl.tracking.promotion`.
 from __future__ import annotations
 
 import hashlib
+import json
+import tempfile
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
+from mlflow.entities import LoggedModelOutput, Metric
 from mlflow.models import Model
 
 from dtl.model.preprocess import InputSpec
@@ -17,6 +21,37 @@ from dtl.tracking import schema
 from dtl.tracking.adapter import Run, Tracking
 from dtl.tracking.logged import SOFTMAX_FLAVOR
 from dtl.train.weights import model_from_checkpoint
+
+
+# What defines a results row: the logged model's params (with the best parameters) and its tags.
+ROW_KEYS = (schema.PHASE, schema.BACKBONE, schema.STRATEGY, schema.INIT, schema.SPLIT_PROTOCOL, schema.ANNOTATION_MASK,
+            schema.PREPROCESSING, schema.DATA_KIND, schema.MONITOR)
+MODEL_TAG_KEYS = ROW_KEYS + (schema.DATA_DIGEST, schema.STUDY)
+
+
+def model_name(tags: dict) -> str:
+    """What a logged model is called in the UI: ``<backbone>-<strategy>`` (``test_efficientnet-double``)."""
+    return "-".join(x for x in (tags.get(schema.BACKBONE), tags.get(schema.STRATEGY)) if x) or "model"
+
+
+def model_description(tags: dict) -> tuple[dict, dict]:
+    """(params, tags) of the logged model of a study run with ``tags``: the best parameters and
+    the settings that define its row; strategy, init, split protocol, masking and data digest."""
+    params = {k[len(schema.BEST_PARAM_PREFIX):]: v for k, v in tags.items() if k.startswith(schema.BEST_PARAM_PREFIX)}
+    params.update({k: tags[k] for k in ROW_KEYS if tags.get(k)})
+    return params, {k: tags[k] for k in MODEL_TAG_KEYS if tags.get(k)}
+
+
+def new_logged_model(run: Run, name: str, params: dict, tags: dict, model_type: str = "image-classifier") -> str:
+    """A logged model in ``run``'s own experiment (MLflow would otherwise put it in the active,
+    Default, one), logged from ``run`` and listed among its outputs; returns its id. Its metrics
+    are only those logged with its id (``Model.log(run_id=...)`` would copy every metric of the
+    run, system metrics and study bookkeeping included, so it is never given the run)."""
+    logged = run.client.create_logged_model(run.t.experiment_id, name=name, source_run_id=run.id, model_type=model_type,
+                                            params={k: str(v) for k, v in params.items()},
+                                            tags={k: str(v) for k, v in tags.items()})
+    run.client.log_outputs(run.id, [LoggedModelOutput(logged.model_id, 0)])
+    return logged.model_id
 
 
 def log_model(run: Run, checkpoint: Path, hsv_segment: bool = False) -> str:
@@ -33,15 +68,13 @@ def log_model(run: Run, checkpoint: Path, hsv_segment: bool = False) -> str:
     card_meta = {"spec": net.spec.to_dict(), "input": meta["input"], "hsv_segment": hsv_segment,
                   "phase": meta.get("phase"), "init": meta.get("init"), "data_digest": meta.get("data_digest"),
                   "protocol": meta.get("protocol")}
-    # Created in the run's own experiment: MLflow would otherwise put it in the active (Default) one.
-    logged = run.client.create_logged_model(run.t.experiment_id, name="model", source_run_id=run.id,
-                                            model_type="image-classifier",
-                                            tags={schema.BACKBONE: net.spec.backbone, schema.PHASE: str(meta.get("phase")),
-                                                  schema.CHECKPOINT: digest})
-    Model.log(artifact_path=None, name="model", flavor=SOFTMAX_FLAVOR, run_id=run.id, model_id=logged.model_id,
+    params, model_tags = model_description({schema.BACKBONE: net.spec.backbone, schema.PHASE: str(meta.get("phase")), **tags})
+    name = model_name({schema.BACKBONE: net.spec.backbone, **tags})
+    model_id = new_logged_model(run, name, params, {**model_tags, schema.CHECKPOINT: digest})
+    Model.log(artifact_path=None, name=name, flavor=SOFTMAX_FLAVOR, model_id=model_id,
               net=net, meta=card_meta, example_image=example)
-    run.client.finalize_logged_model(logged.model_id, "READY")
-    model_id = _one_logged_model(run, digest, logged.model_id)
+    run.client.finalize_logged_model(model_id, "READY")
+    model_id = _one_logged_model(run, digest, model_id)
     uri = f"models:/{model_id}"
     run.set_tags({schema.MODEL_URI: uri, schema.MODEL_CHECKPOINT: digest, schema.MODEL_ID: model_id})
     return uri
@@ -66,7 +99,7 @@ def _one_logged_model(run: Run, digest: str, mine: str, wait_s: float = 300) -> 
         time.sleep(1)
 
 
-def register(tracking: Tracking, name: str, model_uri: str, source_run: str, tags: dict) -> str:
+def register(tracking: Tracking, name: str, model_uri: str, source_run: str, tags: dict, key: str | None = None) -> str:
     """The model version of ``source_run``'s best checkpoint (``dtl.model_checkpoint`` on the run),
     created unless one exists; returns its version. Concurrent jobs on one store may both create
     one (check-then-create is a race no client can close): each then reconciles, the lowest
@@ -79,18 +112,36 @@ def register(tracking: Tracking, name: str, model_uri: str, source_run: str, tag
             client.create_registered_model(name, description="ALL double-transfer classifiers (research use only)")
         except Exception:
             pass  # created concurrently
-    key = source_key(client, source_run, model_uri)
+    key = key or source_key(client, source_run, model_uri)
     found = _versions_of(client, name, key, model_uri)
     if found:
         return found[0]
-    model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/m-") else None
-    mv = client.create_model_version(name, model_uri, run_id=source_run, model_id=model_id,
-                                     tags={k: str(v) for k, v in {**tags, schema.MODEL_URI: model_uri,
-                                                                  schema.SOURCE: key}.items()})
+    mv = _register_logged(client, name, model_uri, source_run, {**tags, schema.MODEL_URI: model_uri, schema.SOURCE: key})
     winner = _versions_of(client, name, key, model_uri)[0]  # versions are numbered in commit order: all see the same lowest
     if winner != str(mv.version):
         client.delete_model_version(name, str(mv.version))
+        _unlist(client, model_uri, name, str(mv.version))
     return winner
+
+
+def _register_logged(client, name: str, model_uri: str, source_run: str, tags: dict):
+    """MLflow's own registration of a logged model (``mlflow.register_model("models:/<model_id>")``):
+    the logged model lists the version in ``mlflow.modelVersions`` (the UI's "Registered models"
+    column) and the version's source is the logged model. (MLflow 3.17's SQL registry store keeps
+    no ``ModelVersion.model_id``: :func:`dtl.tracking.resolve.logged_model_id` reads it from the source.)"""
+    tags = {k: str(v) for k, v in tags.items()}
+    if not model_uri.startswith("models:/m-"):
+        return client.create_model_version(name, model_uri, run_id=source_run, tags=tags)
+    return mlflow.register_model(model_uri, name, tags=tags)
+
+
+def _unlist(client, model_uri: str, name: str, version: str) -> None:
+    """Drop a deleted version from its logged model's ``mlflow.modelVersions`` list."""
+    if model_uri.startswith("models:/m-"):
+        model_id = model_uri[len("models:/"):]
+        listed = json.loads(client.get_logged_model(model_id).tags.get(schema.MODEL_VERSIONS) or "[]")
+        keep = [v for v in listed if (v.get("name"), str(v.get("version"))) != (name, version)]
+        client.set_logged_model_tags(model_id, {schema.MODEL_VERSIONS: json.dumps(keep)})
 
 
 def source_key(client, run_id: str, model_uri: str) -> str:
@@ -106,3 +157,39 @@ def _versions_of(client, name: str, key: str, model_uri: str) -> list[str]:
     out = [v for v in client.search_model_versions(f"name='{name}'")
            if v.tags.get(schema.SOURCE) == key or (schema.SOURCE not in v.tags and v.tags.get(schema.MODEL_URI) == model_uri)]
     return [str(v.version) for v in sorted(out, key=lambda v: int(v.version))]
+
+
+# Version tags that belong to one version's history, not to a copy of it.
+_NOT_COPIED = (schema.SOURCE, schema.MODEL_URI, schema.PREVIOUS_CHAMPION, schema.PROMOTION_REASON, schema.CHAMPION)
+
+
+def register_calibrated(tracking: Tracking, mv, model_id: str, files: dict[str, str], temperature: float) -> str:
+    """A registered version never changes: a temperature-scaled model is a new logged model (the
+    source's files plus ``files``, its params, tags and evaluation metrics, tag ``calibrated_from``)
+    and a new version of ``mv.name`` tagged ``calibrated_from`` = ``mv.version``; returns the version
+    (the existing one when this version was already calibrated to this temperature)."""
+    client, t = tracking.client, f"{temperature:.6g}"
+    key = f"{mv.tags.get(schema.SOURCE) or mv.source}:T={t}"
+    found = _versions_of(client, mv.name, key, "")
+    if found:
+        return found[0]
+    src = client.get_logged_model(model_id)
+    run = Run(tracking, src.source_run_id or mv.run_id)
+    tags = {k: v for k, v in src.tags.items() if not k.startswith("mlflow.")}
+    new_id = new_logged_model(run, f"{src.name}-calibrated", src.params,
+                              {**tags, schema.CALIBRATED_FROM: f"{mv.name}/{mv.version}", schema.CALIBRATION_TEMPERATURE: t},
+                              model_type=src.model_type or "image-classifier")
+    with tempfile.TemporaryDirectory() as d:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=src.artifact_location, dst_path=d))
+        for rel, text in files.items():
+            (local / rel).parent.mkdir(parents=True, exist_ok=True)
+            (local / rel).write_text(text)
+        client.log_model_artifacts(new_id, str(local))
+    client.finalize_logged_model(new_id, "READY")
+    if src.metrics:  # argmax is unchanged by a temperature: the same evaluation, linked to the new model
+        client.log_batch(run.id, metrics=[Metric(m.key, m.value, m.timestamp, m.step, model_id=new_id,
+                                                 dataset_name=m.dataset_name, dataset_digest=m.dataset_digest)
+                                          for m in src.metrics])
+    version_tags = {**{k: v for k, v in mv.tags.items() if k not in _NOT_COPIED},
+                    schema.CALIBRATED_FROM: str(mv.version), schema.CALIBRATION_TEMPERATURE: t}
+    return register(tracking, mv.name, f"models:/{new_id}", mv.run_id, version_tags, key=key)

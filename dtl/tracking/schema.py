@@ -101,6 +101,7 @@ PHASE1_DATA_KIND = "phase1_data_kind"
 PHASE1_SPLIT_PROTOCOL = "phase1_split_protocol"
 DUPLICATES_REMOVED = "duplicates_removed"
 CALIBRATION_TEMPERATURE = "calibration.temperature"
+CALIBRATED_FROM = "calibrated_from"  # on a version (and its logged model): the version it is the temperature-scaled copy of
 BASELINE_VERSION = "dtl.baseline_version"  # on a baseline run: the version of what it fits
 BASELINE_RUN = "dtl.baseline_run"  # the shortcut-baseline run the version was compared with
 BASELINE_GAP = "dtl.baseline_gap"  # "+0.0120 [-0.0030, +0.0270]": test accuracy, model - baseline, paired CI
@@ -111,6 +112,9 @@ PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"
 NOTE = "mlflow.note.content"  # the run's description in the UI
 GIT_COMMIT = "mlflow.source.git.commit"
+EXPERIMENT_KIND = "mlflow.experimentKind"  # on an experiment: custom_model_development opens the UI on its runs
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # + key, on an experiment: a runs-table view (?viewStateShareKey=key)
+MODEL_VERSIONS = "mlflow.modelVersions"  # on a logged model: JSON list of its registered versions (the UI's column)
 DATASET_CONTEXT = "mlflow.data.context"  # on a run input: train / val / test
 OPTUNA_TRIAL = "optuna.trial"
 OPTUNA_STATE = "optuna.state"

@@ -1,0 +1,41 @@
+"""What the MLflow UI opens on an experiment of this project: its training runs (not the GenAI
+overview), and a shared runs-table view, ``comparison``, that shows each study row with the
+columns of the comparison (backbone, strategy, protocol, masking, the headline metrics and CIs).
+
+MLflow keeps the UI's column choice in the browser; a shared view is an experiment tag
+(``mlflow.sharedViewState.<key>``) that ``#/experiments/<id>/runs?viewStateShareKey=<key>`` opens.
+"""
+
+from __future__ import annotations
+
+import json
+
+from dtl.tracking import schema
+from dtl.tracking.adapter import Tracking
+
+VIEW = "comparison"
+TAG_COLUMNS = (schema.ROLE, schema.PHASE, schema.BACKBONE, schema.STRATEGY, schema.INIT, schema.SPLIT_PROTOCOL,
+               schema.ANNOTATION_MASK)
+METRIC_COLUMNS = ("test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high", "test_macro_f1", "val_macro_f1")
+
+
+def view_state() -> dict:
+    """The shared view: the registered models, then the comparison's tags and metrics."""
+    cols = ["attributes.`Models`"]
+    cols += [f"tags.`{k}`" for k in TAG_COLUMNS] + [f"metrics.`{m}`" for m in METRIC_COLUMNS]
+    return {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "selectedColumns": cols}
+
+
+def view_url(tracking: Tracking) -> str:
+    """The view's address below the UI's root (``http://127.0.0.1:5000/`` + this)."""
+    return f"#/experiments/{tracking.experiment_id}/runs?viewStateShareKey={VIEW}"
+
+
+def prepare_experiment(tracking: Tracking) -> None:
+    """Open the experiment on its training runs and store the comparison view (each job rewrites it)."""
+    exp = tracking.client.get_experiment(tracking.experiment_id)
+    if schema.EXPERIMENT_KIND not in exp.tags:
+        tracking.client.set_experiment_tag(tracking.experiment_id, schema.EXPERIMENT_KIND, "custom_model_development")
+    value = json.dumps(view_state())
+    if exp.tags.get(schema.SHARED_VIEW_PREFIX + VIEW) != value:
+        tracking.client.set_experiment_tag(tracking.experiment_id, schema.SHARED_VIEW_PREFIX + VIEW, value)
