@@ -295,3 +295,64 @@ def test_a_job_opens_its_experiment_on_training_runs_with_the_comparison_view(wo
     view = json.loads(tags["mlflow.sharedViewState.comparison"])
     assert {"tags.`backbone`", "tags.`strategy`", "metrics.`test_accuracy`", "attributes.`Models`"} <= set(view["selectedColumns"])
     assert view_url(t) == f"#/experiments/{t.experiment_id}/runs?viewStateShareKey=comparison"
+
+
+def test_a_calibrated_copy_supersedes_its_source_and_leaves_the_challenger_alone():
+    """The copy has its source's metrics: it replaces the source in the ranking (champion), and the
+    runner-up stays the other model, not the champion's uncalibrated twin."""
+    cands = [Candidate("1", {"val_macro_f1": 0.8}), Candidate("2", {"val_macro_f1": 0.7}),
+             Candidate("3", {"val_macro_f1": 0.8}, calibrated_from="1")]
+    d = select(cands, P, current=cands[0])
+    assert (d.champion, d.challenger, d.ranked) == ("3", "2", ["3", "2"]) and d.moved
+    assert d.reason == "the temperature-scaled copy of champion v1"
+    # a copy that cannot compete (no policy metric) leaves its source in
+    d = select([cands[0], cands[1], Candidate("3", {}, calibrated_from="1")], P, current=cands[0])
+    assert (d.champion, d.challenger, d.moved) == ("1", "2", False)
+
+
+def test_explain_calibrates_once_promotes_within_the_explained_data_and_relinks_only_scale_free_metrics(workspace):
+    """store_temperature: one calibrated copy per version (a rerun fitting another T finds it); the
+    aliases move among versions of the explained version's own data (a better model trained without
+    the annotation mask stays out, as under `dtl main`); ECE and AUC are the calibrated model's own."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from dtl.config import Config
+    from dtl.explain.job import store_temperature
+    from dtl.tracking.adapter import connect
+    from dtl.tracking.promotion import promote
+    from dtl.tracking.registry import register
+
+    t = connect(experiment="ui")
+    run, model_id = _logged(t)
+    run.log_metrics({"test_ece": 0.2, "test_roc_auc": 0.9}, model_id=model_id, dataset=("phase2-test", "dt"))
+    with tempfile.TemporaryDirectory() as d:  # a pyfunc that applies a stored temperature
+        (Path(d) / "MLmodel").write_text("flavors:\n  python_function:\n    config: {apply_temperature: true}\n")
+        t.client.log_model_artifacts(model_id, d)
+    same = {"data_digest": "d1", "split_protocol": "group", "annotation_mask": "on"}
+    v1 = register(t, "all-dtl", f"models:/{model_id}", run.id, {**same, "metric.val_macro_f1": 0.8, "metric.test_ece": 0.2})
+    run2, other = _logged(t, "test_resnet-double-unmasked")
+    v2 = register(t, "all-dtl", f"models:/{other}", run2.id, {**same, "annotation_mask": "off", "metric.val_macro_f1": 0.9})
+    assert promote(t, Policy(), filter_tags=same, cards_dir=None).champion == v1
+    mv = t.client.get_model_version_by_alias("all-dtl", "champion")
+    calib = {"temperature": 1.5, "val_errors": 5, "val_ece_before": 0.3, "val_ece_after": 0.05,
+             "test_ece_before": 0.2, "test_ece_after": 0.04, "test_ece_after_ci_low": 0.02, "test_ece_after_ci_high": 0.07}
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, cards_dir=str(workspace / "cards"),
+                              explain=dataclasses.replace(cfg.explain, store_temperature="on"))
+    target = SimpleNamespace(version=mv, model_id=model_id)
+    stored, where = store_temperature(t, cfg, target, calib, "test")
+    assert stored, where
+    champ = t.client.get_model_version_by_alias("all-dtl", "champion")
+    assert champ.tags["calibrated_from"] == v1 and champ.version != v2, where  # not the unmasked v2
+    assert champ.tags["metric.test_ece"] == "0.04" and champ.tags["metric.val_macro_f1"] == "0.8"
+    cal = t.client.get_logged_model(champ.source.removeprefix("models:/"))
+    got = {m.key: m.value for m in cal.metrics}
+    assert got["test_ece"] == 0.04 and got["test_ece_ci_low"] == 0.02 and "test_roc_auc" not in got
+    assert got["test_accuracy"] == 0.75
+    again = store_temperature(t, cfg, SimpleNamespace(version=t.client.get_model_version("all-dtl", v1), model_id=model_id),
+                              {**calib, "temperature": 1.7}, "test")
+    n = [v for v in t.client.search_model_versions("name='all-dtl'") if v.tags.get("calibrated_from") == v1]
+    assert again[0] and len(n) == 1  # one copy per version, whatever T the rerun fits

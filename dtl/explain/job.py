@@ -319,9 +319,14 @@ def store_temperature(tracking: Tracking, cfg: Config, target: Resolved, calib: 
     doc = {"temperature": calib["temperature"], "fitted_on": "val", "val_ece_before": calib["val_ece_before"],
            "val_ece_after": calib["val_ece_after"], f"{split}_ece_before": calib[f"{split}_ece_before"],
            f"{split}_ece_after": calib[f"{split}_ece_after"]}
+    scaled = {"val_ece": calib["val_ece_after"], f"{split}_ece": calib[f"{split}_ece_after"],
+              **{f"{split}_ece_ci_{b}": calib[f"{split}_ece_after_ci_{b}"] for b in ("low", "high")
+                 if f"{split}_ece_after_ci_{b}" in calib}}
     version = register_calibrated(tracking, mv, target.model_id, {f"dtl/{CALIBRATION_FILE}": json.dumps(doc, indent=2)},
-                                  calib["temperature"])
-    d = promote(tracking, load_policy(cfg.policy, mv.name), cards_dir=Path(cfg.cards_dir))
+                                  calib["temperature"], scaled)
+    # the explained version's own data only (digest, split protocol, masking), as `dtl main` promotes
+    same_data = {k: mv.tags[k] for k in (schema.DATA_DIGEST, schema.SPLIT_PROTOCOL, schema.ANNOTATION_MASK) if k in mv.tags}
+    d = promote(tracking, load_policy(cfg.policy, mv.name), filter_tags=same_data, cards_dir=Path(cfg.cards_dir))
     return True, f"as {mv.name} v{version}, calibrated_from v{mv.version}; champion v{d.champion}"
 
 

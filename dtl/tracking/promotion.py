@@ -30,6 +30,7 @@ class Candidate:
     synthetic: bool = False  # trained on the built-in demo data
     protocol: str = ""  # split protocol
     mask: str = ""  # annotation masking on/off
+    calibrated_from: str = ""  # the version this one is the temperature-scaled copy of
 
     @property
     def data_key(self) -> tuple[str, str, str]:
@@ -72,7 +73,10 @@ def select(candidates: list[Candidate], policy: Policy, current: Candidate | Non
             return True
         return v >= policy.min_value if policy.direction == "maximize" else v <= policy.min_value
 
-    pool = sorted((c for c in candidates if eligible(c)), key=lambda c: _key(c, policy), reverse=True)
+    # a calibrated copy supersedes its source: the same model with better probabilities, never both
+    superseded = {c.calibrated_from for c in candidates if c.calibrated_from and eligible(c)}
+    pool = sorted((c for c in candidates if eligible(c) and c.version not in superseded),
+                  key=lambda c: _key(c, policy), reverse=True)
     ranked = [c.version for c in pool]
     if not pool:
         return Decision(current.version if current else None, None, False,
@@ -94,6 +98,8 @@ def select(candidates: list[Candidate], policy: Policy, current: Candidate | Non
                         f"{policy.metric} over the same data (use --force to move anyway)", ranked)
     why = ("better than the champion" if same_data
            else "champion was trained on other data (digest, split protocol or masking differs)")
+    if best.calibrated_from == current.version:
+        why = f"the temperature-scaled copy of champion v{current.version}"
     if force and same_data and _key(best, policy)[:-1] < _key(current, policy)[:-1]:
         why = "forced"
     return Decision(best.version, runner if runner != best.version else None, True, why, ranked)
@@ -126,7 +132,7 @@ def _candidate(mv) -> Candidate:
     metrics = {k[len(schema.METRIC_PREFIX):]: float(x) for k, x in mv.tags.items() if k.startswith(schema.METRIC_PREFIX)}
     return Candidate(str(mv.version), metrics, mv.tags.get(schema.DATA_DIGEST, ""),
                      mv.tags.get(schema.DATA_KIND, "").startswith("demo"), mv.tags.get(schema.SPLIT_PROTOCOL, ""),
-                     mv.tags.get(schema.ANNOTATION_MASK, ""))
+                     mv.tags.get(schema.ANNOTATION_MASK, ""), mv.tags.get(schema.CALIBRATED_FROM, ""))
 
 
 def promote(tracking: Tracking, policy: Policy, filter_tags: dict | None = None, force: bool = False,

@@ -161,16 +161,29 @@ def _versions_of(client, name: str, key: str, model_uri: str) -> list[str]:
 
 # Version tags that belong to one version's history, not to a copy of it.
 _NOT_COPIED = (schema.SOURCE, schema.MODEL_URI, schema.PREVIOUS_CHAMPION, schema.PROMOTION_REASON, schema.CHAMPION)
+# Metrics a temperature changes (calibration error; one-vs-rest AUC compares one class's probability
+# across items): not copied onto a calibrated model. Argmax, so accuracy and F1, does not change.
+_SCALE_DEPENDENT = ("_ece", "roc_auc")
 
 
-def register_calibrated(tracking: Tracking, mv, model_id: str, files: dict[str, str], temperature: float) -> str:
+def scale_free(key: str) -> bool:
+    """Whether metric ``key`` (``test_accuracy``, ``val_ece_ci_low``) is the same after temperature scaling."""
+    return not any(s in key for s in _SCALE_DEPENDENT)
+
+
+def register_calibrated(tracking: Tracking, mv, model_id: str, files: dict[str, str], temperature: float,
+                        calibrated: dict[str, float] | None = None) -> str:
     """A registered version never changes: a temperature-scaled model is a new logged model (the
-    source's files plus ``files``, its params, tags and evaluation metrics, tag ``calibrated_from``)
-    and a new version of ``mv.name`` tagged ``calibrated_from`` = ``mv.version``; returns the version
-    (the existing one when this version was already calibrated to this temperature)."""
-    client, t = tracking.client, f"{temperature:.6g}"
-    key = f"{mv.tags.get(schema.SOURCE) or mv.source}:T={t}"
-    found = _versions_of(client, mv.name, key, "")
+    source's files plus ``files``, its params, tags and the evaluation metrics a temperature leaves
+    alone, plus ``calibrated``: the scaled model's own values of those it changes, e.g. ``test_ece``;
+    tag ``calibrated_from``) and a new version of ``mv.name`` tagged ``calibrated_from`` = ``mv.version``;
+    returns the version (the existing one when this version was calibrated before: one calibrated
+    copy per version, whatever temperature a rerun fits)."""
+    client, t, calibrated = tracking.client, f"{temperature:.6g}", calibrated or {}
+    key = f"{mv.tags.get(schema.SOURCE) or mv.source}:calibrated"
+    found = _versions_of(client, mv.name, key, "") or [
+        str(v.version) for v in client.search_model_versions(f"name='{mv.name}'")
+        if v.tags.get(schema.CALIBRATED_FROM) == str(mv.version)]  # copies registered before the key changed
     if found:
         return found[0]
     src = client.get_logged_model(model_id)
@@ -186,10 +199,24 @@ def register_calibrated(tracking: Tracking, mv, model_id: str, files: dict[str, 
             (local / rel).write_text(text)
         client.log_model_artifacts(new_id, str(local))
     client.finalize_logged_model(new_id, "READY")
-    if src.metrics:  # argmax is unchanged by a temperature: the same evaluation, linked to the new model
-        client.log_batch(run.id, metrics=[Metric(m.key, m.value, m.timestamp, m.step, model_id=new_id,
-                                                 dataset_name=m.dataset_name, dataset_digest=m.dataset_digest)
-                                          for m in src.metrics])
-    version_tags = {**{k: v for k, v in mv.tags.items() if k not in _NOT_COPIED},
+    _link_calibrated_metrics(client, run.id, new_id, src.metrics or [], calibrated)
+    version_tags = {**{k: v for k, v in mv.tags.items() if k not in _NOT_COPIED
+                       and not (k.startswith(schema.METRIC_PREFIX) and not scale_free(k))},
+                    **{schema.METRIC_PREFIX + k: round(float(v), 6) for k, v in calibrated.items()},
                     schema.CALIBRATED_FROM: str(mv.version), schema.CALIBRATION_TEMPERATURE: t}
     return register(tracking, mv.name, f"models:/{new_id}", mv.run_id, version_tags, key=key)
+
+
+def _link_calibrated_metrics(client, run_id: str, model_id: str, source: list, calibrated: dict[str, float]) -> None:
+    """The source model's scale-free evaluation metrics and the calibrated values, linked to the new
+    model (each with the dataset its source metric was linked to)."""
+    by_key = {m.key: m for m in source}
+    now = int(time.time() * 1000)
+    out = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, dataset_name=m.dataset_name,
+                  dataset_digest=m.dataset_digest) for m in source if scale_free(m.key)]
+    for k, v in calibrated.items():
+        m = by_key.get(k)
+        out.append(Metric(k, float(v), now, 0, model_id=model_id, dataset_name=m.dataset_name if m else None,
+                          dataset_digest=m.dataset_digest if m else None))
+    if out:
+        client.log_batch(run_id, metrics=out)
