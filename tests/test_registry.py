@@ -329,7 +329,8 @@ def test_explain_calibrates_once_promotes_within_the_explained_data_and_relinks_
     run, model_id = _logged(t)
     run.log_metrics({"test_ece": 0.2, "test_roc_auc": 0.9}, model_id=model_id, dataset=("phase2-test", "dt"))
     with tempfile.TemporaryDirectory() as d:  # a pyfunc that applies a stored temperature
-        (Path(d) / "MLmodel").write_text("flavors:\n  python_function:\n    config: {apply_temperature: true}\n")
+        (Path(d) / "MLmodel").write_text(f"flavors:\n  python_function:\n    config: {{apply_temperature: true}}\n"
+                                         f"model_id: {model_id}\n")
         t.client.log_model_artifacts(model_id, d)
     same = {"data_digest": "d1", "split_protocol": "group", "annotation_mask": "on"}
     v1 = register(t, "all-dtl", f"models:/{model_id}", run.id, {**same, "metric.val_macro_f1": 0.8, "metric.test_ece": 0.2})
@@ -352,6 +353,11 @@ def test_explain_calibrates_once_promotes_within_the_explained_data_and_relinks_
     got = {m.key: m.value for m in cal.metrics}
     assert got["test_ece"] == 0.04 and got["test_ece_ci_low"] == 0.02 and "test_roc_auc" not in got
     assert got["test_accuracy"] == 0.75
+    import mlflow
+    import yaml
+
+    mlmodel = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(f"{cal.artifact_location}/MLmodel")).read_text())
+    assert mlmodel["model_id"] == cal.model_id != model_id  # loading the copy makes the copy the active model
     again = store_temperature(t, cfg, SimpleNamespace(version=t.client.get_model_version("all-dtl", v1), model_id=model_id),
                               {**calib, "temperature": 1.7}, "test")
     n = [v for v in t.client.search_model_versions("name='all-dtl'") if v.tags.get("calibrated_from") == v1]

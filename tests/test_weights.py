@@ -105,6 +105,16 @@ def test_imagenet_init_offline_without_a_cache_says_where_it_looked(tmp_path, mo
     assert not list(tmp_path.glob("demo*"))  # the pre-flight failed before building the demo data
 
 
+
+def test_the_imagenet_preflight_leaves_url_only_weights_to_the_model_builder(monkeypatch):
+    """legacy_seresnet18's weights are a URL (torch hub), not a hub repository: the pre-flight has no
+    cache to look in and must not fail with huggingface_hub's repository-id error."""
+    from dtl.train.weights import check_imagenet
+
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    check_imagenet("legacy_seresnet18")  # returns: build_model gives the first trial's own error
+
+
 @slow
 def test_file_weights_in_timm_and_torchvision_format_use_the_named_tags_preprocessing(tmp_path):
     """timm's ``resnet50`` has torchvision's key names, so both files load; the preprocessing is

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import yaml
 from mlflow.entities import LoggedModelOutput, Metric
 from mlflow.models import Model
 
@@ -197,6 +198,7 @@ def register_calibrated(tracking: Tracking, mv, model_id: str, files: dict[str, 
         for rel, text in files.items():
             (local / rel).parent.mkdir(parents=True, exist_ok=True)
             (local / rel).write_text(text)
+        _own_model_id(local / "MLmodel", new_id)
         client.log_model_artifacts(new_id, str(local))
     client.finalize_logged_model(new_id, "READY")
     _link_calibrated_metrics(client, run.id, new_id, src.metrics or [], calibrated)
@@ -220,3 +222,14 @@ def _link_calibrated_metrics(client, run_id: str, model_id: str, source: list, c
                           dataset_digest=m.dataset_digest if m else None))
     if out:
         client.log_batch(run_id, metrics=out)
+
+
+def _own_model_id(mlmodel: Path, model_id: str) -> None:
+    """The copied MLmodel names the new logged model: loading the copy makes IT MLflow's active model
+    (traces and evaluations attach to it), not the source it was copied from."""
+    if not mlmodel.is_file():
+        return
+    doc = yaml.safe_load(mlmodel.read_text()) or {}
+    if doc.get("model_id"):
+        doc["model_id"] = model_id
+        mlmodel.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -96,7 +96,10 @@ def _offline_error(backbone: str, offline: bool) -> DTLError:
 def check_imagenet(backbone: str) -> None:
     """Fail before any training when ``backbone``'s ImageNet weights are neither in the hub cache
     nor downloadable (offline), with the error :func:`build_model` would give in the first trial."""
-    repo, _, rev = _hub_id(backbone).partition("@")
+    cfg = timm.create_model(backbone, pretrained=False, num_classes=0).pretrained_cfg or {}
+    if not cfg.get("hf_hub_id"):  # url-only weights (torch hub cache) or none: build_model says what it finds
+        return
+    repo, _, rev = cfg["hf_hub_id"].partition("@")
     names = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
     if any(isinstance(try_to_load_from_cache(repo, n, revision=rev or None), str) for n in names):
         return
