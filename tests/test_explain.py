@@ -354,7 +354,8 @@ def test_report_has_the_explain_section(explained):
 def test_explain_refuses_a_model_or_split_that_does_not_exist(explained):
     *_, cli = explained
     p = cli("--model", "models:/all-dtl@nope")
-    assert p.returncode == 2 and "does not resolve" in p.stderr and "all-dtl (aliases: champion" in p.stderr
+    assert p.returncode == 2 and "does not resolve" in p.stderr and "Registered models: all-dtl (aliases: " in p.stderr
+    assert "champion" in p.stderr.split("Registered models: ")[1]
     p = cli("--split", "holdout")
     assert p.returncode == 2 and "--split 'holdout' does not exist" in p.stderr and "valid: test, train, val" in p.stderr
     p = cli("--split", "val")  # T is fitted there: its calibration on val would be in-sample

@@ -321,6 +321,10 @@ def test_the_fuzzy_model_is_a_named_logged_model_of_the_jobs_experiment(fuzzy_do
     assert set(models) == {"test_resnet-double", "test_resnet-fuzzy"}, set(models)
     fz = models["test_resnet-fuzzy"]
     assert fz.source_run_id == out.run_id and fz.tags["head"] == "fuzzy" and fz.tags["data_digest"]
+    # the settings of its row, as the CNN's logged model has them (masking was missing)
+    cnn = models["test_resnet-double"]
+    for k in ("strategy", "init", "split_protocol", "annotation_mask", "data_digest"):
+        assert fz.tags.get(k) == cnn.tags.get(k) and fz.tags.get(k), k
     best = {k: str(v) for k, v in out.best_params.items()}
     assert best and all(fz.params[k] == v for k, v in best.items()) and fz.params["strategy"] == "double", fz.params
     assert not t.client.search_logged_models(["0"]), "a logged model in MLflow's Default experiment"

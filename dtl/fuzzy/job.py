@@ -162,7 +162,7 @@ def _open_study(cfg: Config, tracking: Tracking, src: Resolved, ds, backbone: st
     tags = {schema.ROLE: schema.Role.FUZZY_STUDY, schema.STUDY: name, schema.PHASE: "fuzzy", schema.HEAD: "fuzzy",
             schema.BACKBONE: backbone, schema.STRATEGY: ptags.get(schema.STRATEGY), schema.INIT: ptags.get(schema.INIT),
             schema.DATA_DIGEST: ds.digest, schema.DATA_KIND: ds.kind, schema.SPLIT_PROTOCOL: ds.protocol,
-            schema.PHASE2_RUN: src.run_id,
+            schema.ANNOTATION_MASK: ptags.get(schema.ANNOTATION_MASK), schema.PHASE2_RUN: src.run_id,
             schema.OPTUNA_STORAGE: redact(url)}
     run = find_run(tracking, {schema.STUDY: name})
     if run is None:
