@@ -35,7 +35,7 @@ from dtl.tracking import schema
 from dtl.tracking.access import check_write_access
 from dtl.tracking.adapter import Run, Tracking, command_line, connect, ended, mark_outer, start_run
 from dtl.tracking.policy import load_policy
-from dtl.tracking.promotion import promote
+from dtl.tracking.promotion import promote, same_data
 from dtl.tracking.registry import register_calibrated
 from dtl.tracking.resolve import Resolved, resolve
 from dtl.train.phases import bootstrap_units, dataset
@@ -324,9 +324,8 @@ def store_temperature(tracking: Tracking, cfg: Config, target: Resolved, calib: 
                  if f"{split}_ece_after_ci_{b}" in calib}}
     version = register_calibrated(tracking, mv, target.model_id, {f"dtl/{CALIBRATION_FILE}": json.dumps(doc, indent=2)},
                                   calib["temperature"], scaled)
-    # the explained version's own data only (digest, split protocol, masking), as `dtl main` promotes
-    same_data = {k: mv.tags[k] for k in (schema.DATA_DIGEST, schema.SPLIT_PROTOCOL, schema.ANNOTATION_MASK) if k in mv.tags}
-    d = promote(tracking, load_policy(cfg.policy, mv.name), filter_tags=same_data, cards_dir=Path(cfg.cards_dir))
+    # among the explained version's own data only (digest, split protocol, masking), as `dtl main` promotes
+    d = promote(tracking, load_policy(cfg.policy, mv.name), filter_tags=same_data(mv.tags), cards_dir=Path(cfg.cards_dir))
     return True, f"as {mv.name} v{version}, calibrated_from v{mv.version}; champion v{d.champion}"
 
 

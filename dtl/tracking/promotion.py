@@ -22,6 +22,15 @@ from dtl.tracking.policy import Policy
 CARDS_DIR = Path("registry/cards")
 
 
+# What "trained on the same data" means for versions (their tags): same files and split, same preprocessing.
+DATA_KEYS = (schema.DATA_DIGEST, schema.SPLIT_PROTOCOL, schema.ANNOTATION_MASK)
+
+
+def same_data(tags: dict) -> dict:
+    """A ``filter_tags`` for :func:`promote`: the versions trained on the data of a version with ``tags``."""
+    return {k: tags[k] for k in DATA_KEYS if k in tags}
+
+
 @dataclass(frozen=True)
 class Candidate:
     version: str

@@ -15,6 +15,7 @@ import huggingface_hub.constants as hf
 import timm
 import torch
 from huggingface_hub import try_to_load_from_cache
+from timm.models import get_pretrained_cfg
 from safetensors.torch import load_file
 
 from dtl import DTLError
@@ -96,10 +97,10 @@ def _offline_error(backbone: str, offline: bool) -> DTLError:
 def check_imagenet(backbone: str) -> None:
     """Fail before any training when ``backbone``'s ImageNet weights are neither in the hub cache
     nor downloadable (offline), with the error :func:`build_model` would give in the first trial."""
-    cfg = timm.create_model(backbone, pretrained=False, num_classes=0).pretrained_cfg or {}
-    if not cfg.get("hf_hub_id"):  # url-only weights (torch hub cache) or none: build_model says what it finds
+    cfg = get_pretrained_cfg(backbone)
+    if cfg is None or not cfg.hf_hub_id:  # url-only weights (torch hub cache) or none: build_model says what it finds
         return
-    repo, _, rev = cfg["hf_hub_id"].partition("@")
+    repo, _, rev = cfg.hf_hub_id.partition("@")
     names = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
     if any(isinstance(try_to_load_from_cache(repo, n, revision=rev or None), str) for n in names):
         return
@@ -109,8 +110,8 @@ def check_imagenet(backbone: str) -> None:
 
 def _hub_id(backbone: str) -> str:
     """The hub repository timm reads ``backbone``'s ImageNet weights from (``timm/resnet50.a1_in1k``)."""
-    cfg = timm.create_model(backbone, pretrained=False, num_classes=0).pretrained_cfg or {}
-    return cfg.get("hf_hub_id") or cfg.get("url") or "no hub weights"
+    cfg = get_pretrained_cfg(backbone)  # timm's registry entry: no model is built
+    return (cfg and (cfg.hf_hub_id or cfg.url)) or "no hub weights"
 
 
 def _imagenet(spec: ModelSpec) -> DTLNet:
