@@ -66,3 +66,42 @@ def test_two_main_jobs_through_the_postgres_tracking_server(server, workspace, c
     env = {**os.environ, "MLFLOW_TRACKING_URI": url}
     run_two_jobs(workspace, two_job_overrides(cache_dir, workspace, **{"tune.storage": f"{pg}/optuna"}), env, url)
     check_two_jobs(url, f"{pg}/optuna")
+
+
+def test_jobs_starting_together_on_one_server_all_prepare_the_experiment(server):
+    """Clean-clone CI: two phase-1 workers started together on the PostgreSQL server, one died in
+    prepare_experiment with a unique-key error (both inserted the shared-view tag). Here 6 threads
+    per fresh experiment prepare it at once, 4 experiments; every call returns and the tags hold
+    the view."""
+    import json
+    import threading
+
+    from mlflow import MlflowClient
+
+    from dtl.tracking import schema
+    from dtl.tracking.adapter import Tracking
+    from dtl.tracking.ui import VIEW, prepare_experiment, view_state
+
+    url, _ = server
+    errors = []
+    for k in range(4):
+        exp_id = MlflowClient(url).create_experiment(f"race-{k}")
+        gate = threading.Barrier(6)
+
+        def job():
+            t = Tracking(uri=url, client=MlflowClient(url), experiment_id=exp_id)
+            gate.wait()
+            try:
+                prepare_experiment(t)
+            except Exception as e:  # noqa: BLE001 - collected and reported below
+                errors.append(repr(e)[:300])
+
+        threads = [threading.Thread(target=job) for _ in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        tags = MlflowClient(url).get_experiment(exp_id).tags
+        assert json.loads(tags[schema.SHARED_VIEW_PREFIX + VIEW]) == view_state()
+        assert tags[schema.EXPERIMENT_KIND] == "custom_model_development"
+    assert not errors, errors

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+from mlflow.exceptions import MlflowException
+
 from dtl.tracking import schema
 from dtl.tracking.adapter import Tracking
 
@@ -35,7 +37,22 @@ def prepare_experiment(tracking: Tracking) -> None:
     """Open the experiment on its training runs and store the comparison view (each job rewrites it)."""
     exp = tracking.client.get_experiment(tracking.experiment_id)
     if schema.EXPERIMENT_KIND not in exp.tags:
-        tracking.client.set_experiment_tag(tracking.experiment_id, schema.EXPERIMENT_KIND, "custom_model_development")
+        _set_tag(tracking, schema.EXPERIMENT_KIND, "custom_model_development", keep_other=True)
     value = json.dumps(view_state())
     if exp.tags.get(schema.SHARED_VIEW_PREFIX + VIEW) != value:
-        tracking.client.set_experiment_tag(tracking.experiment_id, schema.SHARED_VIEW_PREFIX + VIEW, value)
+        _set_tag(tracking, schema.SHARED_VIEW_PREFIX + VIEW, value)
+
+
+def _set_tag(tracking: Tracking, key: str, value: str, keep_other: bool = False) -> None:
+    """Set an experiment tag that concurrent jobs may be setting too. MLflow's SQL store inserts a
+    tag it did not see, so two jobs starting together on one server can both insert and one gets a
+    unique-key error (seen on PostgreSQL): then the other job's write stands if it holds ``value``
+    (or any value, with ``keep_other``); otherwise the tag now exists and a second write updates it."""
+    try:
+        tracking.client.set_experiment_tag(tracking.experiment_id, key, value)
+    except MlflowException:
+        now = tracking.client.get_experiment(tracking.experiment_id).tags.get(key)
+        if now is None:
+            raise
+        if now != value and not keep_other:
+            tracking.client.set_experiment_tag(tracking.experiment_id, key, value)
