@@ -413,3 +413,44 @@ def test_cross_variant_pairs_the_same_items_in_both_directions(cache_dir):
     plain = replace(orig, root=orig.root.parent.parent / "cells")  # a class-per-folder set, no variants
     none = robustness.other_variant(plain, "test")
     assert len(none.index) == 0 and "not an Aria variant folder" in none.reason
+
+
+def _explained(strategy: str, preprocessing: str, stain_correct: np.ndarray, clean_correct: np.ndarray):
+    """An explained model of 4 classes on 12 items: correct where asked, else predicting class 3."""
+    import pandas as pd
+
+    from dtl.explain.report import CORRUPTED, Explained
+
+    classes = ["A", "B", "C", "D"]
+    y = np.arange(12) % 3  # never class 3: a wrong prediction is 3
+    wrong = np.full(12, 3)
+    cols = {k: y for k in CORRUPTED}
+    cols.update({f"stain{s}": np.where(stain_correct, y, wrong) for s in (1, 2, 3)})
+    items = pd.DataFrame({"path": [f"p{i}.jpg" for i in range(12)], "label": [classes[i] for i in y],
+                          "bootstrap_unit": [f"p{i}.jpg" for i in range(12)],
+                          "clean": np.where(clean_correct, y, wrong), "cross_variant": y, **cols})
+    return Explained(label=f"run:{strategy}-{preprocessing}", backbone="test_resnet", strategy=strategy, split="test",
+                     n=12, rows=[], mean_relative={}, shortcut=[{}], calibration={}, classes=classes, phase="phase2", masked="on",
+                     data="aria", preprocessing=preprocessing, items=items)
+
+
+def test_explain_section_pairs_a_stain_setting_with_the_default_on_stain_shift_relative_accuracy():
+    """#23: the stain-augmented model and the default one, explained on the same items, get a
+    'hed=0.2 − default' row of stain-shift relative accuracy (stain / clean) with a paired CI,
+    and no strategy pair across preprocessing settings."""
+    from dtl.explain.report import strategy_gains
+
+    clean = np.ones(12, bool)
+    clean[0] = False  # clean accuracy 11/12 for both
+    base = _explained("double", "default", np.arange(12) < 6, clean)  # stain 6/12
+    hed = _explained("double", "hed=0.2", np.arange(12) < 11, clean)  # stain 11/12
+    scratch = _explained("scratch", "default", np.arange(12) < 3, clean)
+    g = strategy_gains([base, hed, scratch], n_boot=200)
+    rel = g[g["metric"].str.startswith("stain-shift")].set_index("comparison")
+    assert set(rel.index) == {"hed=0.2 − default", "double − scratch"}
+    assert rel.loc["hed=0.2 − default", "gain"] == pytest.approx((11 / 12) / (11 / 12) - (6 / 12) / (11 / 12))
+    assert rel.loc["double − scratch", "gain"] == pytest.approx((6 - 3) / 11)
+    lo, hi = rel.loc["hed=0.2 − default", ["ci_low", "ci_high"]]
+    assert 0 < lo <= rel.loc["hed=0.2 − default", "gain"] <= hi
+    assert set(g["items"]) == {12}
+    assert "hed=0.2 − scratch" not in set(g["comparison"])  # two settings apart: no pair

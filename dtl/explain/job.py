@@ -72,6 +72,7 @@ class Summary:
     model_run: str = ""
     version: str = ""
     corruption_note: str = ""
+    preprocessing: str = "default"  # the study's colour / segmentation / stain-augmentation label (summaries before it: default)
 
     @property
     def shortcut_all(self) -> dict:
@@ -97,7 +98,8 @@ class Result:
 
     def text(self) -> str:
         s = self.summary
-        return "\n".join([f"explain {s.label} ({s.backbone}, {s.strategy}) on {s.split} (n={s.n}):", *summary_text(s),
+        pre = "" if s.preprocessing == "default" else f", {s.preprocessing}"
+        return "\n".join([f"explain {s.label} ({s.backbone}, {s.strategy}{pre}) on {s.split} (n={s.n}):", *summary_text(s),
                           f"logged to run {self.run_id} (under study run {s.model_run}); written to {self.out}/"])
 
 
@@ -396,7 +398,8 @@ def run_explain(cfg: Config, tracking: Tracking, source: str, split: str, out_ro
     stored, why_not = store_temperature(tracking, cfg, target, calib, split)
     s = Summary(label=target.label, backbone=clf.net.spec.backbone, strategy=t.get(schema.STRATEGY, ""),
                 classes=list(clf.classes), phase=target.phase, masked=t.get(schema.ANNOTATION_MASK, "off"),
-                split_protocol=t.get(schema.SPLIT_PROTOCOL), split=split, n=len(raw), ci_unit=unit,
+                split_protocol=t.get(schema.SPLIT_PROTOCOL), preprocessing=t.get(schema.PREPROCESSING, "default"),
+                split=split, n=len(raw), ci_unit=unit,
                 bootstrap=cfg.bootstrap, rows=rows,
                 data=f"{ds.kind} data at {ds.root} ({ds.protocol} split, digest {ds.digest[:12]})",
                 mean_relative=robustness.mean_relative(rows), shortcut=shortcut,

@@ -17,6 +17,7 @@ from dtl.tracking import schema
 from dtl.tracking.adapter import Tracking, find_runs
 
 CORRUPTED = tuple(f"{k}{s}" for k in KINDS for s in (1, 2, 3))
+STAIN = tuple(f"stain{s}" for s in (1, 2, 3))
 
 
 @dataclass
@@ -60,7 +61,8 @@ def table(rows: list[Explained]) -> pd.DataFrame:
         by = {r["kind"]: r for r in s.rows if r.get("severity", 0) == 0 and "accuracy" in r}
         mr, c, sp = s.mean_relative, s.calibration, s.split
         worst = min((k for k in mr if k != "mean"), key=mr.get) if mr else ""
-        out.append({"model": s.label, "version": s.version or "(study run)", "backbone": s.backbone, "strategy": s.strategy, "masked": s.masked,
+        out.append({"model": s.label, "version": s.version or "(study run)", "backbone": s.backbone, "strategy": s.strategy,
+                    "preprocessing": s.preprocessing, "masked": s.masked,
                     "split": sp, "n": s.n, "clean accuracy": f"{by['clean']['accuracy']:.4f}",
                     "cross-variant Δacc [95% CI]": _cell(by.get("cross-variant"), "d_accuracy"),
                     "corruptions: mean relative acc": f"{mr.get('mean', float('nan')):.3f}",
@@ -76,14 +78,21 @@ def table(rows: list[Explained]) -> pd.DataFrame:
 
 
 def _item_scores(items: pd.DataFrame, classes_index: dict) -> pd.DataFrame:
-    """Per test item: correctness averaged over the corrupted sets it was scored on, and cross-variant correctness."""
+    """Per test item: correctness on the clean image, averaged over the corrupted sets it was scored
+    on, averaged over the stain-shift sets, and cross-variant correctness (NaN where not scored)."""
     y = items["label"].map(classes_index).to_numpy()
-    cols = [c for c in CORRUPTED if c in items]
-    pred = items[cols].to_numpy()
-    scored = pred >= 0
-    corr = np.where(scored, pred == y[:, None], np.nan)
+
+    def mean_correct(cols):
+        if not cols:
+            return np.full(len(items), np.nan)
+        pred = items[cols].to_numpy()
+        with np.errstate(invalid="ignore"):
+            return np.nanmean(np.where(pred >= 0, pred == y[:, None], np.nan), 1)
+
     out = pd.DataFrame({"path": items["path"], "unit": items["bootstrap_unit"].astype(str),
-                        "corrupted": np.nanmean(corr, 1) if cols else np.nan})
+                        "clean": (items["clean"].to_numpy() == y).astype(float) if "clean" in items else np.nan,
+                        "corrupted": mean_correct([c for c in CORRUPTED if c in items]),
+                        "stain": mean_correct([c for c in STAIN if c in items])})
     if "cross_variant" in items:
         out["cross_variant"] = np.where(items["cross_variant"] >= 0, items["cross_variant"] == y, np.nan)
     return out
@@ -95,30 +104,54 @@ def _classes(s: Explained) -> dict:
     return {c: i for i, c in enumerate(names)}
 
 
+METRICS = {"corrupted": "accuracy over all 15 corrupted sets", "cross_variant": "cross-variant accuracy",
+           "stain_relative": "stain-shift relative accuracy (stain / clean, 3 severities)"}
+
+
+def _comparison(a: Explained, b: Explained) -> str | None:
+    """What ``a − b`` compares, when the two differ in one respect the section reports: double
+    transfer against another strategy (same preprocessing), or a colour / stain setting against
+    the default preprocessing (same strategy); ``None`` otherwise. Both on the same backbone,
+    phase, data, masking and split."""
+    if not all(getattr(a, k) == getattr(b, k) for k in ("backbone", "phase", "data", "masked", "split")):
+        return None
+    if a.preprocessing == b.preprocessing and a.strategy == "double" and b.strategy != "double":
+        return f"double − {b.strategy}"
+    if a.strategy == b.strategy and b.preprocessing == "default" and a.preprocessing != "default":
+        return f"{a.preprocessing} − default"
+    return None
+
+
+def _stat(metric: str):
+    """The statistic of one side's per-item scores (columns: score, and clean correctness)."""
+    if metric == "stain_relative":
+        return lambda t, q: float(q[:, 0].mean() / q[:, 1].mean()) if q[:, 1].mean() > 0 else float("nan")
+    return lambda t, q: float(q[:, 0].mean())
+
+
 def strategy_gains(rows: list[Explained], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Double transfer − each other strategy of the same backbone (same phase, data, masking and
-    split), on the same items: mean accuracy over all corrupted sets, and cross-variant accuracy,
-    with paired bootstrap CIs over the items' bootstrap units."""
+    """Each pair of explained models that differ in one respect (:func:`_comparison`), on the same
+    items: mean accuracy over all corrupted sets, cross-variant accuracy, and stain-shift relative
+    accuracy, with paired bootstrap CIs over the items' bootstrap units (one draw scores both)."""
     out = []
     for a in rows:
         for b in rows:
-            same = all(getattr(a, k) == getattr(b, k) for k in ("backbone", "phase", "data", "masked", "split"))
-            if not (same and a.strategy == "double" and b.strategy != "double"):
+            what = _comparison(a, b)
+            if what is None:
                 continue
             m = _item_scores(a.items, _classes(a)).merge(_item_scores(b.items, _classes(b)), on="path",
                                                             suffixes=("_a", "_b"))
-            for metric in ("corrupted", "cross_variant"):
-                if f"{metric}_a" not in m:
+            for metric, label in METRICS.items():
+                col = "stain" if metric == "stain_relative" else metric
+                if f"{col}_a" not in m:
                     continue
-                ok = m[f"{metric}_a"].notna() & m[f"{metric}_b"].notna()
+                ok = m[[f"{col}_a", f"{col}_b", "clean_a", "clean_b"]].notna().all(axis=1)
                 if not ok.any():
                     continue
-                d = paired_difference(np.zeros(int(ok.sum())), m.loc[ok, f"{metric}_a"].to_numpy(float),
-                                      m.loc[ok, f"{metric}_b"].to_numpy(float), lambda t, q: float(q.mean()), n_boot,
-                                      seed, m.loc[ok, "unit_a"].to_numpy())
-                out.append({"backbone": a.backbone, "comparison": f"double − {b.strategy}",
-                            "metric": {"corrupted": "accuracy over all 15 corrupted sets",
-                                       "cross_variant": "cross-variant accuracy"}[metric],
+                side = lambda s: m.loc[ok, [f"{col}_{s}", f"clean_{s}"]].to_numpy(float)  # noqa: E731
+                d = paired_difference(np.zeros(int(ok.sum())), side("a"), side("b"), _stat(metric), n_boot, seed,
+                                      m.loc[ok, "unit_a"].to_numpy())
+                out.append({"backbone": a.backbone, "comparison": what, "metric": label,
                             "gain": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
                             "ci_excludes_0": "yes" if d["ci_low"] > 0 or d["ci_high"] < 0 else "no",
                             "items": int(ok.sum())})
@@ -140,7 +173,8 @@ def figure(rows: list[Explained]):
         acc = {k: np.mean([r["accuracy"] for r in s.rows if r.get("kind") == k and "accuracy" in r] or [np.nan])
                for k in sets}
         ax.bar(np.arange(len(sets)) + (j - (len(rows) - 1) / 2) * width, [acc[k] for k in sets], width,
-               label=f"{s.backbone} ({s.strategy}, mask {s.masked})")
+               label=f"{s.backbone} ({s.strategy}, mask {s.masked}"
+               + (f", {s.preprocessing})" if s.preprocessing != "default" else ")"))
     ax.set_xticks(range(len(sets)), ["clean", *(LABELS[k] for k in KINDS)], rotation=15, ha="right", fontsize=8)
     ax.set(ylim=(0, 1), ylabel="test accuracy (mean over 3 severities)", title="Accuracy under corruption per model")
     ax.legend(fontsize=7, loc="lower left", ncol=2)
@@ -164,7 +198,8 @@ def section(tracking: Tracking, data_digest: str | None = None, n_boot: int = 10
              f"{best.strategy}: {best.mean_relative.get('mean', float('nan')):.3f}). "
              + (f"Flagged for CAM mass on the annotation box: {', '.join(flagged)}." if flagged else
                 "No model puts more CAM mass on the annotation box than the threshold."), "",
-             markdown_table(table(rows)), "Double transfer against the other strategies on the same items:", "",
-             markdown_table(gains) if not gains.empty else "_(no backbone has both strategies explained)_\n",
+             markdown_table(table(rows)), "Double transfer against the other strategies, and each colour / stain setting against the default "
+             "preprocessing, on the same items:", "",
+             markdown_table(gains) if not gains.empty else "_(no pair of explained models differs in strategy or stain setting alone)_\n",
              "![explain_robustness.png](explain_robustness.png)", ""]
     return lines, {"explain_robustness.png": png_bytes(figure(rows))}
