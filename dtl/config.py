@@ -128,7 +128,7 @@ class TuneConfig:
 @dataclass(frozen=True)
 class FinalConfig:
     repeats: int = 1  # after a study, retrain its best parameters with this many seeds (seed, seed+1, ...)
-    cv: int = 0  # K >= 2: K-fold grouped cross-validation of each phase-2 study's best parameters (0 = off)
+    cv: int = 0  # K >= 3 (one fold test, one val, the rest train): K-fold grouped cross-validation of each phase-2 study's best parameters (0 = off)
     cv_repeats: int = 1  # repeats of the K-fold CV, each with other folds (split_seed + r)
 
 
@@ -428,8 +428,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             raise DTLError(f"{ph}.data.val_fraction + test_fraction must be < 1 (training needs images)")
         validate_data(p.data, f"{ph}.data")
     _choice(cfg.explain.store_temperature, ("auto", "on", "off"), "explain.store_temperature")
-    if cfg.final.cv == 1 or cfg.final.cv < 0:
-        raise DTLError(f"final.cv={cfg.final.cv} is not valid; 0 (off) or K >= 2 folds")
+    if cfg.final.cv in (1, 2) or cfg.final.cv < 0:  # each fold model: one fold test, the next val, the rest train
+        raise DTLError(f"final.cv={cfg.final.cv} is not valid; 0 (off) or K >= 3 folds (one is test, one val, "
+                       "the others train)")
 
 
 def validate_data(d: DataConfig, where: str) -> None:
@@ -439,8 +440,8 @@ def validate_data(d: DataConfig, where: str) -> None:
     _choice(d.mask_annotation, MASK_MODES, f"{where}.mask_annotation")
     _choice(d.colour, COLOURS, f"{where}.colour")
     _choice(d.variant, ("original", "segmented"), f"{where}.variant")
-    if d.cv_folds == 1 or d.cv_folds < 0 or not 0 <= d.cv_fold < max(d.cv_folds, 1) or d.cv_repeat < 0:
-        raise DTLError(f"{where}.cv_folds must be 0 (off) or >= 2 and 0 <= cv_fold < cv_folds, cv_repeat >= 0; "
+    if d.cv_folds in (1, 2) or d.cv_folds < 0 or not 0 <= d.cv_fold < max(d.cv_folds, 1) or d.cv_repeat < 0:
+        raise DTLError(f"{where}.cv_folds must be 0 (off) or >= 3 (one fold test, one val, the rest train) and 0 <= cv_fold < cv_folds, cv_repeat >= 0; "
                        f"got cv_folds={d.cv_folds}, cv_fold={d.cv_fold}, cv_repeat={d.cv_repeat}")
     given = [k for k in ("train_dir", "val_dir", "test_dir") if getattr(d, k)]
     if given and d.kind != "presplit":

@@ -21,8 +21,8 @@ import torch
 from dtl import DTLError
 from dtl.config import Config, flatten, with_phase
 from dtl.data import store
-from dtl.data.probe import held_out_baseline
-from dtl.evaluation.metrics import Evaluation
+from dtl.data.probe import baseline_probs, held_out_baseline
+from dtl.evaluation.metrics import Evaluation, point_metrics
 from dtl.evaluation.stats import corrected_t_interval, mean_spread
 from dtl.fuzzy.job import run_fuzzy
 from dtl.model.mask import annotation_mask
@@ -308,6 +308,7 @@ def run_baseline(cfg: Config, tracking: Tracking, parent: str) -> str | None:
     (e.g. too few groups per class for its folds) is skipped with a warning, never the job."""
     found = stored_baseline(cfg, tracking)
     if found:
+        cross_validate_baseline(cfg, tracking, found)  # a baseline stored before final.cv was set
         return found
     tags, ds, d = baseline_key(cfg), dataset(cfg, "phase2"), cfg.phase2.data
     try:
@@ -321,13 +322,45 @@ def run_baseline(cfg: Config, tracking: Tracking, parent: str) -> str | None:
         add_split(ev, cfg, ds, split, probs, ds.label_ids(split))
     # a top-level row of the runs table, like the studies, linked to its pipeline run by a tag
     run = start_run(tracking, f"baseline-{b.name}-{b.model}", {
-        **tags, schema.BACKBONE: f"baseline:{b.name}", schema.STRATEGY: b.model, schema.PIPELINE_RUN: parent,
+        **tags, schema.BACKBONE: report_mod.BASELINE_PREFIX + b.name, schema.STRATEGY: b.model, schema.PIPELINE_RUN: parent,
         schema.NOTE: f"Shortcut baseline ({b.name} statistics, {b.model}) of pipeline run [{parent}]"
                      f"(#/experiments/{tracking.experiment_id}/runs/{parent})"})
     with ended(run):
         log_evaluation(run, ev)
         run.log_dict({"chosen": {"name": b.name, "model": b.model}, "train_cv": b.train_cv}, "baseline/train_cv.json")
+        cross_validate_baseline(cfg, tracking, run.id)
     return run.id
+
+
+def cross_validate_baseline(cfg: Config, tracking: Tracking, run_id: str) -> None:
+    """``final.cv`` for the baseline run ``run_id``: its chosen baseline refitted on the train part
+    of each of the models' folds (the same folds: same ``cv_id``) and scored on the fold's val and
+    test, into ``cv/folds.json`` as for a study, so the report pairs model − baseline fold by fold
+    (corrected resampled t). Done once per folds (the run's ``cv_id``); cheap (no training)."""
+    k, reps, d = cfg.final.cv, cfg.final.cv_repeats, cfg.phase2.data
+    if k < 2:
+        return
+    cid = cv_id(dataset(cfg, "phase2").digest, k, reps, d.split_seed)
+    run, tags = Run(tracking, run_id), tracking.client.get_run(run_id).data.tags
+    if tags.get(schema.CV_ID) == cid:
+        return
+    name, model = tags[schema.BACKBONE].removeprefix(report_mod.BASELINE_PREFIX), tags[schema.STRATEGY]
+    folds = []
+    for rep in range(reps):
+        for f in range(k):
+            fold = with_phase(cfg, "phase2", data=dataclasses.replace(d, cv_folds=k, cv_fold=f, cv_repeat=rep))
+            ds = dataset(fold, "phase2")
+            probs = baseline_probs(ds, name, model,
+                                   annotation_mask(d.mask_annotation, ds.kind, d.variant), cfg.cache_dir, d.colour,
+                                   d.hsv_segment)
+            scores = {f"{s}_{m}": v for s, p in probs.items() for m, v in point_metrics(ds.label_ids(s), p).items()}
+            sizes = ds.manifest["split"].value_counts()
+            folds.append({"repeat": rep, "fold": f, **{m: scores.get(m) for m in CV_METRICS},
+                          "n_train": int(sizes.get("train", 0)), "n_test": int(sizes.get("test", 0))})
+    summary = cv_summary(folds)
+    run.log_metrics({f"cv_{m}_{s}": v for m, st in summary.items() for s, v in st.items() if s != "n"})
+    run.log_dict({"k": k, "repeats": reps, "split_seed": d.split_seed, "folds": folds}, "cv/folds.json")
+    run.set_tags({schema.CV: f"{k}x{reps}", schema.CV_ID: cid})
 
 
 def baseline_tags(cfg: Config, tracking: Tracking, study_run: str) -> dict:

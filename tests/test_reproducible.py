@@ -186,6 +186,10 @@ def test_every_model_of_a_job_gets_the_same_folds(workspace, cache_dir):
         config.load(["demo"], ["phase2.data.cv_folds=3", "phase2.data.cv_fold=3"])
     with pytest.raises(DTLError, match="final.cv=1 is not valid"):
         config.load(["demo"], ["final.cv=1"])
+    with pytest.raises(DTLError, match="final.cv=2 is not valid; 0 .off. or K >= 3"):  # 2 folds: one test, one val, no train
+        config.load(["demo"], ["final.cv=2"])
+    with pytest.raises(DTLError, match="cv_folds must be 0 .off. or >= 3"):
+        config.load(["demo"], ["phase2.data.cv_folds=2"])
 
 
 # ---------------------------------------------------------------------------- statistics (fast)
@@ -318,6 +322,25 @@ def test_final_cv_retrains_on_shared_grouped_folds_and_reports_corrected_gains(w
     cv = pd.read_csv(workspace / "report" / "cv_gains.csv")
     got = cv[cv["metric"] == "test_accuracy"].iloc[0]
     assert got["gain"] == pytest.approx(expect["mean"]) and got["ci_low"] == pytest.approx(expect["ci_low"])
-    # rerun: the fold runs are found again, not retrained
+    # the shortcut baseline, refitted on the same folds: a fold-level model − baseline gain (#23)
+    (base,) = t.client.search_runs([t.experiment_id], "tags.`dtl.role` = 'baseline'")
+    assert base.data.tags["dtl.cv_id"] == runs["double"].data.tags["dtl.cv_id"]
+    bj = json.loads(Path(t.client.download_artifacts(base.info.run_id, "cv/folds.json", str(workspace))).read_text())
+    assert [f["n_test"] for f in bj["folds"]] == [f["n_test"] for f in folds["double"]]
+    assert [f["n_train"] for f in bj["folds"]] == [f["n_train"] for f in folds["double"]]
+    assert len({f["test_accuracy"] for f in bj["folds"]}) > 1  # fitted per fold, not the held-out model copied
+    diffs = [a["test_accuracy"] - b["test_accuracy"] for a, b in zip(folds["double"], bj["folds"])]
+    expect = corrected_t_interval(diffs, n_tr, n_te)
+    got = cv[(cv["metric"] == "test_accuracy") & cv["comparison"].str.startswith("model − baseline:")
+             & cv["comparison"].str.contains("double")].iloc[0]
+    assert got["gain"] == pytest.approx(expect["mean"]) and got["ci_high"] == pytest.approx(expect["ci_high"])
+    assert "model − baseline:" in md.split("## Cross-validated gains")[1]
+    # rerun: the fold runs are found again, not retrained; the baseline's folds are kept
     pipeline.main(cfg, report=False)
     assert len(t.client.search_runs([t.experiment_id], "tags.`dtl.role` = 'fold'")) == 6
+    assert len(t.client.search_runs([t.experiment_id], "tags.`dtl.role` = 'baseline'")) == 1
+    # a baseline stored before final.cv (or with other folds) gets the folds of the job that finds it
+    pipeline.cross_validate_baseline(config.load(["demo"], demo_overrides(cache_dir, workspace, **{"final.cv": 4})),
+                                     t, base.info.run_id)
+    again = t.client.get_run(base.info.run_id)
+    assert again.data.tags["dtl.cv"] == "4x1" and again.data.tags["dtl.cv_id"] != base.data.tags["dtl.cv_id"]

@@ -124,6 +124,18 @@ class HeldOutBaseline:
     train_cv: list
 
 
+def baseline_probs(ds: Dataset, name: str, model: str, mask: AnnotationMask | None, cache_dir, colour: str = "raw",
+                   segment: bool = False, splits=("val", "test"), train: dict | None = None) -> dict:
+    """Baseline ``name`` fitted with ``model`` on the train split of ``ds`` (the job's split, or one
+    ``final.cv`` fold of the data) and its class probabilities on each of ``splits`` that ``ds``
+    has; ``train``: the train split's features when already computed."""
+    train = train or split_features(ds, "train", mask, cache_dir, colour, segment)
+    y = ds.label_ids("train")
+    return {s: predict_proba(model, train[name], y, split_features(ds, s, mask, cache_dir, colour, segment)[name],
+                             len(ds.classes))
+            for s in splits if (ds.manifest["split"] == s).any()}
+
+
 def held_out_baseline(ds: Dataset, mask: AnnotationMask | None, cache_dir, colour: str = "raw", seed: int = 0,
                       splits=("val", "test"), segment: bool = False) -> HeldOutBaseline:
     """What a model could score on ``splits`` without looking at the cells: every baseline of
@@ -133,8 +145,5 @@ def held_out_baseline(ds: Dataset, mask: AnnotationMask | None, cache_dir, colou
     y = ds.label_ids("train")
     cv = shortcut_baselines(train, y, ds.split("train"), seed)
     best = max(cv, key=lambda e: (e["accuracy"], e["macro_f1"]))
-    probs = {}
-    for s in (s for s in splits if (ds.manifest["split"] == s).any()):
-        x = split_features(ds, s, mask, cache_dir, colour, segment)[best["name"]]
-        probs[s] = predict_proba(best["model"], train[best["name"]], y, x, len(ds.classes))
+    probs = baseline_probs(ds, best["name"], best["model"], mask, cache_dir, colour, segment, splits, train)
     return HeldOutBaseline(best["name"], best["model"], probs, cv)

@@ -119,9 +119,13 @@ def baseline_rows(tracking: Tracking, data_digest: str | None = None) -> list[di
                     "test_accuracy_ci": _ci(m, "test_accuracy"), "test_macro_f1": m.get("test_macro_f1"),
                     "test_macro_f1_ci": _ci(m, "test_macro_f1"), "ci_unit": t.get(schema.CI_UNIT_PREFIX + "test", "image"),
                     "test_balanced_accuracy": m.get("test_balanced_accuracy"), "trials": 0, "pruned": 0, "failed": 0,
-                    "flags": "", "best_params": "", "registered_version": "", "alias": "", "cv_id": "",
+                    "test_accuracy_cv": _cv(m, t, "test_accuracy"), "test_macro_f1_cv": _cv(m, t, "test_macro_f1"),
+                    "flags": "", "best_params": "", "registered_version": "", "alias": "",
+                    "cv_id": t.get(schema.CV_ID, ""),  # final.cv: refitted on the models' folds
                     "data_digest": (t.get(schema.DATA_DIGEST) or "")[:12], "phase2_run": r.info.run_id,
-                    "f1_low": m.get("test_macro_f1_ci_low"), "f1_high": m.get("test_macro_f1_ci_high")})
+                    "f1_low": m.get("test_macro_f1_ci_low"), "f1_high": m.get("test_macro_f1_ci_high"),
+                    "cv_f1": m.get("cv_test_macro_f1_mean"), "cv_f1_low": m.get("cv_test_macro_f1_ci_low"),
+                    "cv_f1_high": m.get("cv_test_macro_f1_ci_high")})
     return out
 
 
@@ -290,14 +294,18 @@ def baseline_gains(df: pd.DataFrame, n_boot: int = 1000) -> tuple[pd.DataFrame, 
         ta, tb = test_predictions(a["phase2_run"], tables), test_predictions(b["phase2_run"], tables)
         if ta is None or tb is None:
             continue
-        label = ", ".join(x for x in (a["strategy"], a["split_protocol"], f"mask {a['masked']}", a["preprocessing"]) if x)
-        g = paired_gains([(f"{what} ({label})", {"backbone": a["backbone"]}, ta, tb)], n_boot=n_boot)
+        g = paired_gains([(f"{what} ({_model_label(a)})", {"backbone": a["backbone"]}, ta, tb)], n_boot=n_boot)
         out.append(g)
         acc = g[g["metric"] == "test_accuracy"]
         if len(acc) and is_flagged(acc.iloc[0]):
             df.loc[df.index[i], "flags"] = "; ".join(x for x in (df.iloc[i]["flags"], SHORTCUT_FLAG) if x)
     cols = paired_gains([]).columns
     return (pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)), df
+
+
+def _model_label(a) -> str:
+    """How a model − baseline comparison names its model row (the same in both gains tables)."""
+    return ", ".join(x for x in (a["strategy"], a["split_protocol"], f"mask {a['masked']}", a["preprocessing"]) if x)
 
 
 def is_flagged(g) -> bool:
@@ -311,7 +319,8 @@ def gap_text(g: pd.Series) -> str:
 
 
 def cv_gains(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
-    """The comparisons of :func:`comparison_pairs` whose two rows were cross-validated on the same
+    """The comparisons of :func:`comparison_pairs` and :func:`baseline_pairs` (model − shortcut
+    baseline, the baseline refitted on each fold) whose two rows were cross-validated on the same
     folds (same ``cv_id``): per metric, the mean of the per-fold differences a − b with the
     corrected resampled t interval and p-value (Nadeau & Bengio), and Holm's adjustment across all
     of the table's CV comparisons. Rows on other folds (another split protocol) are not paired."""
@@ -325,8 +334,9 @@ def cv_gains(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
                 folds[run_id] = None
         return folds[run_id]
 
-    for what, i, j in comparison_pairs(df):
+    for what, i, j in comparison_pairs(df) + baseline_pairs(df):
         a, b = df.iloc[i], df.iloc[j]
+        context = _model_label(a) if is_baseline(b) else _context(a, b)
         if not a["cv_id"] or a["cv_id"] != b["cv_id"]:
             continue
         fa, fb = load(a["phase2_run"]), load(b["phase2_run"])
@@ -338,7 +348,7 @@ def cv_gains(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         n_test = float(np.mean([f["n_test"] for f, _ in matched]))
         for metric in (f"test_{g}" for g in GAIN_METRICS):
             r = corrected_t_interval([x[metric] - y[metric] for x, y in matched], n_train, n_test, alpha)
-            out.append({"backbone": a["backbone"], "comparison": f"{what} ({_context(a, b)})", "metric": metric,
+            out.append({"backbone": a["backbone"], "comparison": f"{what} ({context})", "metric": metric,
                         "gain": r["mean"], "sd": r["sd"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
                         "p": r["p"], "folds": r["n"]})
     cols = ["backbone", "comparison", "metric", "gain", "sd", "ci_low", "ci_high", "p", "p_holm", "survives_holm",
@@ -357,7 +367,9 @@ blocks never span two folds). Its 95% CI and p-value come from the corrected res
 (Nadeau & Bengio 2003: variance × (1/J + n_test/n_train)), so training variance is included; `p_holm` is
 Holm's adjustment across all comparisons of this table, and a gain *survives* where p_holm < 0.05. The
 parameters were tuned on the main split, whose items every fold contains, so the fold scores are slightly
-optimistic. Rows with another split protocol have other folds and are not paired here.
+optimistic. Rows with another split protocol have other folds and are not paired here. A `model − baseline`
+gain pairs the model's folds with the shortcut baseline refitted (not re-chosen) on the train part of each
+same fold.
 """.split())
 
 
@@ -513,6 +525,8 @@ def forest_figure(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame, base: 
     if df.empty:
         return None
     rows = df.sort_values(["backbone", "strategy", "masked", "split_protocol"], ascending=False).reset_index(drop=True)
+    if base is not None and len(cv):  # model − baseline: fold-level where both were cross-validated
+        base = base[~base.set_index(["backbone", "comparison"]).index.isin(cv.set_index(["backbone", "comparison"]).index)]
     g = pd.concat([x for x in ((cv if len(cv) else gain), base) if x is not None and len(x)] or [gain])
     g = g[g["metric"] == "test_macro_f1"].sort_values(["backbone", "comparison"], ascending=False).reset_index(drop=True)
     fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.32 * max(len(rows), len(g), 3)))
@@ -535,7 +549,7 @@ def forest_figure(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame, base: 
                     color="C2" if (r["ci_low"] > 0 or r["ci_high"] < 0) else "C7", capsize=3)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(g)), [f"{r['backbone']}: {r['comparison']}" for _, r in g.iterrows()], fontsize=8)
-    ax.set_title("gains in test macro-F1, 95% CI\n" + ("(fold-level, corrected t" + ("; − baseline: paired bootstrap)" if base is not None and len(base) else ")")
+    ax.set_title("gains in test macro-F1, 95% CI\n" + ("(fold-level, corrected t" + ("; the rest: paired bootstrap)" if base is not None and len(base) else ")")
                                                    if len(cv) else "(paired bootstrap)"),
                  fontsize=9)
     ax.set_xlabel("a − b")
