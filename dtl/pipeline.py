@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -308,7 +309,7 @@ def run_baseline(cfg: Config, tracking: Tracking, parent: str) -> str | None:
     (e.g. too few groups per class for its folds) is skipped with a warning, never the job."""
     found = stored_baseline(cfg, tracking)
     if found:
-        cross_validate_baseline(cfg, tracking, found)  # a baseline stored before final.cv was set
+        _cross_validate_or_warn(cfg, tracking, found)  # a baseline stored before final.cv was set, or other folds
         return found
     tags, ds, d = baseline_key(cfg), dataset(cfg, "phase2"), cfg.phase2.data
     try:
@@ -328,23 +329,36 @@ def run_baseline(cfg: Config, tracking: Tracking, parent: str) -> str | None:
     with ended(run):
         log_evaluation(run, ev)
         run.log_dict({"chosen": {"name": b.name, "model": b.model}, "train_cv": b.train_cv}, "baseline/train_cv.json")
-        cross_validate_baseline(cfg, tracking, run.id)
+    _cross_validate_or_warn(cfg, tracking, run.id)
     return run.id
+
+
+def _cross_validate_or_warn(cfg: Config, tracking: Tracking, run_id: str) -> None:
+    try:
+        cross_validate_baseline(cfg, tracking, run_id)
+    except (ValueError, KeyError) as e:  # never the job: the model rows keep their bootstrap gap
+        print(f"warning: the shortcut baseline was not refitted on the final.cv folds ({e!r}); model − baseline "
+              "has no fold-level test", flush=True)
 
 
 def cross_validate_baseline(cfg: Config, tracking: Tracking, run_id: str) -> None:
     """``final.cv`` for the baseline run ``run_id``: its chosen baseline refitted on the train part
     of each of the models' folds (the same folds: same ``cv_id``) and scored on the fold's val and
-    test, into ``cv/folds.json`` as for a study, so the report pairs model − baseline fold by fold
-    (corrected resampled t). Done once per folds (the run's ``cv_id``); cheap (no training)."""
+    test, into :func:`dtl.report.results.baseline_folds_path` (the per-fold values, as a study's ``cv/folds.json``), so
+    the report pairs model − baseline fold by fold (corrected resampled t); the run's ``cv_*``
+    metrics and ``dtl.cv_id`` tag are those of the latest folds. Done once per set of folds; cheap
+    (no training)."""
     k, reps, d = cfg.final.cv, cfg.final.cv_repeats, cfg.phase2.data
-    if k < 2:
+    if k < 3:
         return
     cid = cv_id(dataset(cfg, "phase2").digest, k, reps, d.split_seed)
-    run, tags = Run(tracking, run_id), tracking.client.get_run(run_id).data.tags
-    if tags.get(schema.CV_ID) == cid:
+    if report_mod.baseline_folds_path(cid) in {a.path for a in tracking.client.list_artifacts(run_id, "cv")}:
         return
-    name, model = tags[schema.BACKBONE].removeprefix(report_mod.BASELINE_PREFIX), tags[schema.STRATEGY]
+    run, tags = Run(tracking, run_id), tracking.client.get_run(run_id).data.tags
+    name, model = tags.get(schema.BACKBONE, "").removeprefix(report_mod.BASELINE_PREFIX), tags.get(schema.STRATEGY)
+    if not (name and model):  # tags edited away: what the run chose, from its own record
+        chosen = mlflow.artifacts.load_dict(f"runs:/{run_id}/baseline/train_cv.json")["chosen"]
+        name, model = chosen["name"], chosen["model"]
     folds = []
     for rep in range(reps):
         for f in range(k):
@@ -359,8 +373,9 @@ def cross_validate_baseline(cfg: Config, tracking: Tracking, run_id: str) -> Non
                           "n_train": int(sizes.get("train", 0)), "n_test": int(sizes.get("test", 0))})
     summary = cv_summary(folds)
     run.log_metrics({f"cv_{m}_{s}": v for m, st in summary.items() for s, v in st.items() if s != "n"})
-    run.log_dict({"k": k, "repeats": reps, "split_seed": d.split_seed, "folds": folds}, "cv/folds.json")
     run.set_tags({schema.CV: f"{k}x{reps}", schema.CV_ID: cid})
+    run.log_dict({"k": k, "repeats": reps, "split_seed": d.split_seed, "cv_id": cid, "folds": folds},
+                 report_mod.baseline_folds_path(cid))  # last: its presence says the folds are done
 
 
 def baseline_tags(cfg: Config, tracking: Tracking, study_run: str) -> dict:

@@ -447,10 +447,14 @@ def test_explain_section_pairs_a_stain_setting_with_the_default_on_stain_shift_r
     scratch = _explained("scratch", "default", np.arange(12) < 3, clean)
     g = strategy_gains([base, hed, scratch], n_boot=200)
     rel = g[g["metric"].str.startswith("stain-shift")].set_index("comparison")
-    assert set(rel.index) == {"hed=0.2 − default", "double − scratch"}
-    assert rel.loc["hed=0.2 − default", "gain"] == pytest.approx((11 / 12) / (11 / 12) - (6 / 12) / (11 / 12))
-    assert rel.loc["double − scratch", "gain"] == pytest.approx((6 - 3) / 11)
-    lo, hi = rel.loc["hed=0.2 − default", ["ci_low", "ci_high"]]
-    assert 0 < lo <= rel.loc["hed=0.2 − default", "gain"] <= hi
+    hed_pair, strategy_pair = "hed=0.2 − default (double, mask on)", "double − scratch (default, mask on)"
+    assert set(rel.index) == {hed_pair, strategy_pair}
+    assert rel.loc[hed_pair, "gain"] == pytest.approx((11 / 12) / (11 / 12) - (6 / 12) / (11 / 12))
+    assert rel.loc[strategy_pair, "gain"] == pytest.approx((6 - 3) / 11)
+    lo, hi = rel.loc[hed_pair, ["ci_low", "ci_high"]]
+    assert 0 < lo <= rel.loc[hed_pair, "gain"] <= hi
     assert set(g["items"]) == {12}
-    assert "hed=0.2 − scratch" not in set(g["comparison"])  # two settings apart: no pair
+    assert not g["comparison"].str.startswith("hed=0.2 − default (scratch").any()  # two settings apart: no pair
+    # a model whose study (and so its preprocessing) is unknown is never paired with the default one
+    lost = _explained("double", "unknown", np.arange(12) < 11, clean)
+    assert strategy_gains([lost, base], n_boot=50).empty and strategy_gains([lost, scratch], n_boot=50).empty

@@ -72,3 +72,28 @@ def test_the_report_opens_on_the_forest_plot_with_one_point_per_row_and_per_gain
     assert len(f1_gains) == 3 and len(gains_ax.containers) == 3  # double − scratch, each model − baseline
     labels = [lbl.get_text() for lbl in gains_ax.get_yticklabels()]
     assert sum("model − baseline" in x for x in labels) == 2 and sum("double − scratch" in x for x in labels) == 1
+
+
+def test_the_forest_plot_shows_each_comparison_once_fold_level_where_cross_validated():
+    """With final.cv on the main rows and variant rows trained once (reproduce.sh), the gains panel
+    showed only the fold-level gains: the variants' bootstrap gains (hed − default, masked −
+    unmasked) were dropped. Each comparison is now plotted once, fold-level where both rows were
+    cross-validated, else from its paired bootstrap."""
+    row = dict.fromkeys(results.COLUMNS, "")
+    df = pd.DataFrame([{**row, "backbone": "test_resnet", "strategy": s, "masked": "on", "split_protocol": "g",
+                        "test_macro_f1": 0.9, "f1_low": 0.85, "f1_high": 0.95, "cv_f1": float("nan")}
+                       for s in ("double", "scratch")])
+
+    def frame(*comparisons):
+        return pd.DataFrame([{"backbone": "test_resnet", "comparison": c, "metric": "test_macro_f1", "gain": 0.01,
+                              "ci_low": -0.01, "ci_high": 0.03} for c in comparisons])
+
+    cv = frame("double − scratch (g, mask on, default)", "model − baseline:colour (logistic) (double, g, mask on, default)")
+    gain = frame("double − scratch (g, mask on, default)", "hed=0.2 − default (test_resnet, double, g, mask on)")
+    base = frame("model − baseline:colour (logistic) (double, g, mask on, default)",
+                 "model − baseline:colour (logistic) (double, g, mask on, hed=0.2)")
+    fig = results.forest_figure(df, gain, cv, base)
+    labels = sorted(lbl.get_text() for lbl in fig.axes[1].get_yticklabels())
+    assert len(fig.axes[1].containers) == 4 and len(set(labels)) == 4, labels
+    assert any("hed=0.2 − default" in x for x in labels) and sum("model − baseline" in x for x in labels) == 2
+    assert "the rest: paired bootstrap" in fig.axes[1].get_title()

@@ -325,7 +325,8 @@ def test_final_cv_retrains_on_shared_grouped_folds_and_reports_corrected_gains(w
     # the shortcut baseline, refitted on the same folds: a fold-level model − baseline gain (#23)
     (base,) = t.client.search_runs([t.experiment_id], "tags.`dtl.role` = 'baseline'")
     assert base.data.tags["dtl.cv_id"] == runs["double"].data.tags["dtl.cv_id"]
-    bj = json.loads(Path(t.client.download_artifacts(base.info.run_id, "cv/folds.json", str(workspace))).read_text())
+    cid = runs["double"].data.tags["dtl.cv_id"]
+    bj = json.loads(Path(t.client.download_artifacts(base.info.run_id, f"cv/folds-{cid}.json", str(workspace))).read_text())
     assert [f["n_test"] for f in bj["folds"]] == [f["n_test"] for f in folds["double"]]
     assert [f["n_train"] for f in bj["folds"]] == [f["n_train"] for f in folds["double"]]
     assert len({f["test_accuracy"] for f in bj["folds"]}) > 1  # fitted per fold, not the held-out model copied
@@ -343,4 +344,10 @@ def test_final_cv_retrains_on_shared_grouped_folds_and_reports_corrected_gains(w
     pipeline.cross_validate_baseline(config.load(["demo"], demo_overrides(cache_dir, workspace, **{"final.cv": 4})),
                                      t, base.info.run_id)
     again = t.client.get_run(base.info.run_id)
-    assert again.data.tags["dtl.cv"] == "4x1" and again.data.tags["dtl.cv_id"] != base.data.tags["dtl.cv_id"]
+    assert again.data.tags["dtl.cv"] == "4x1" and again.data.tags["dtl.cv_id"] != cid
+    # ... and keeps the earlier folds beside them: the 3-fold models still pair with their baseline
+    assert {a.path for a in t.client.list_artifacts(base.info.run_id, "cv")} == \
+        {f"cv/folds-{cid}.json", f"cv/folds-{again.data.tags['dtl.cv_id']}.json"}
+    from dtl.report import results
+    cv_again = results.cv_gains(results.collect(t, "all-dtl"))
+    assert cv_again["comparison"].str.startswith("model − baseline:").any()

@@ -38,7 +38,7 @@ from dtl.tracking.policy import load_policy
 from dtl.tracking.promotion import promote, same_data
 from dtl.tracking.registry import register_calibrated
 from dtl.tracking.resolve import Resolved, resolve
-from dtl.train.phases import bootstrap_units, dataset
+from dtl.train.phases import bootstrap_units, dataset, preprocessing_of
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Summary:
     model_run: str = ""
     version: str = ""
     corruption_note: str = ""
-    preprocessing: str = "default"  # the study's colour / segmentation / stain-augmentation label (summaries before it: default)
+    preprocessing: str = ""  # the study's colour / segmentation / stain-augmentation label ('' in summaries before it)
 
     @property
     def shortcut_all(self) -> dict:
@@ -398,7 +398,7 @@ def run_explain(cfg: Config, tracking: Tracking, source: str, split: str, out_ro
     stored, why_not = store_temperature(tracking, cfg, target, calib, split)
     s = Summary(label=target.label, backbone=clf.net.spec.backbone, strategy=t.get(schema.STRATEGY, ""),
                 classes=list(clf.classes), phase=target.phase, masked=t.get(schema.ANNOTATION_MASK, "off"),
-                split_protocol=t.get(schema.SPLIT_PROTOCOL), preprocessing=t.get(schema.PREPROCESSING, "default"),
+                split_protocol=t.get(schema.SPLIT_PROTOCOL), preprocessing=preprocessing_of(t, tracking.client.get_run(target.run_id).data.params),
                 split=split, n=len(raw), ci_unit=unit,
                 bootstrap=cfg.bootstrap, rows=rows,
                 data=f"{ds.kind} data at {ds.root} ({ds.protocol} split, digest {ds.digest[:12]})",

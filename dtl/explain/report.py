@@ -15,6 +15,7 @@ from dtl.explain.job import Summary
 from dtl.report.tables import markdown_table, png_bytes
 from dtl.tracking import schema
 from dtl.tracking.adapter import Tracking, find_runs
+from dtl.train.phases import preprocessing_of
 
 CORRUPTED = tuple(f"{k}{s}" for k in KINDS for s in (1, 2, 3))
 STAIN = tuple(f"stain{s}" for s in (1, 2, 3))
@@ -43,8 +44,19 @@ def collect(tracking: Tracking, data_digest: str | None = None) -> list[Explaine
             items = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{rid}/explain/predictions.csv"))
         except Exception:  # noqa: BLE001 - an explain run without its files (killed mid-way)
             continue
-        out.append(Explained(**vars(Summary.from_dict(s)), run_id=rid, items=items))
+        e = Explained(**vars(Summary.from_dict(s)), run_id=rid, items=items)
+        if not e.preprocessing:  # a summary from before the field: the label of its study run
+            e.preprocessing = _study_preprocessing(tracking, e.model_run)
+        out.append(e)
     return out
+
+
+def _study_preprocessing(tracking: Tracking, run_id: str) -> str:
+    try:
+        r = tracking.client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - a study run deleted since: its label is unknown, not default
+        return "unknown"
+    return preprocessing_of(r.data.tags, r.data.params)
 
 
 def _cell(r: dict | None, m: str) -> str:
@@ -85,9 +97,10 @@ def _item_scores(items: pd.DataFrame, classes_index: dict) -> pd.DataFrame:
     def mean_correct(cols):
         if not cols:
             return np.full(len(items), np.nan)
-        pred = items[cols].to_numpy()
-        with np.errstate(invalid="ignore"):
-            return np.nanmean(np.where(pred >= 0, pred == y[:, None], np.nan), 1)
+        scored = items[cols].to_numpy() >= 0
+        hits = np.where(scored, items[cols].to_numpy() == y[:, None], 0).sum(1)
+        n = scored.sum(1)
+        return np.where(n > 0, hits / np.maximum(n, 1), np.nan)  # NaN: not in the corruption subsample
 
     out = pd.DataFrame({"path": items["path"], "unit": items["bootstrap_unit"].astype(str),
                         "clean": (items["clean"].to_numpy() == y).astype(float) if "clean" in items else np.nan,
@@ -116,9 +129,9 @@ def _comparison(a: Explained, b: Explained) -> str | None:
     if not all(getattr(a, k) == getattr(b, k) for k in ("backbone", "phase", "data", "masked", "split")):
         return None
     if a.preprocessing == b.preprocessing and a.strategy == "double" and b.strategy != "double":
-        return f"double − {b.strategy}"
-    if a.strategy == b.strategy and b.preprocessing == "default" and a.preprocessing != "default":
-        return f"{a.preprocessing} − default"
+        return f"double − {b.strategy} ({a.preprocessing}, mask {a.masked})"
+    if a.strategy == b.strategy and b.preprocessing == "default" and a.preprocessing not in ("default", "unknown"):
+        return f"{a.preprocessing} − default ({a.strategy}, mask {a.masked})"
     return None
 
 

@@ -25,7 +25,7 @@ from dtl.fuzzy.report import section as fuzzy_section
 from dtl.report.tables import html_page, markdown_table, png_bytes
 from dtl.tracking import schema
 from dtl.tracking.adapter import Tracking, find_runs, redact
-from dtl.train.phases import input_part, label_of
+from dtl.train.phases import input_part, preprocessing_of
 
 HIDDEN = ["phase2_run", "cv_id", "f1_low", "f1_high", "cv_f1", "cv_f1_low", "cv_f1_high"]  # for joins and plots
 COLUMNS = ["backbone", "strategy", "init", "split_protocol", "masked", "preprocessing", "phase1_val_macro_f1", "phase2_val_accuracy",
@@ -56,7 +56,7 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
     latest: dict = {}
     for r in runs:  # the latest study per (backbone, strategy, data, masking, stain settings)
         key = (*(r.data.tags.get(k) for k in (schema.BACKBONE, schema.STRATEGY, schema.DATA_DIGEST)), _masked(r.data.tags),
-               preprocessing_of(r))
+               preprocessing_of(r.data.tags, r.data.params))
         if key not in latest or r.info.start_time > latest[key].info.start_time:
             latest[key] = r
     rows = []
@@ -70,7 +70,7 @@ def collect(tracking: Tracking, registered_model: str, data_digest: str | None =
             "backbone": t.get(schema.BACKBONE), "strategy": t.get(schema.STRATEGY),
             "init": (f"phase 1 ({p1.data.tags.get(schema.INIT, '?')} → {p1.data.tags.get(schema.DATA_KIND, '?')})") if p1 else init,
             "split_protocol": t.get(schema.SPLIT_PROTOCOL), "masked": _masked(t),
-            "preprocessing": preprocessing_of(r),
+            "preprocessing": preprocessing_of(r.data.tags, r.data.params),
             "phase1_val_macro_f1": p1.data.metrics.get("val_macro_f1") if p1 else None,
             "phase2_val_accuracy": m.get("val_accuracy"), "val_macro_f1": m.get("val_macro_f1"),
             "test_accuracy": m.get("test_accuracy"), "test_accuracy_ci": _ci(m, "test_accuracy"),
@@ -131,17 +131,6 @@ def baseline_rows(tracking: Tracking, data_digest: str | None = None) -> list[di
 
 def is_baseline(row) -> bool:
     return str(row["backbone"]).startswith(BASELINE_PREFIX)
-
-
-def preprocessing_of(run) -> str:
-    """A study's ``preprocessing`` tag, or for studies from before it, the same label built from the
-    config params it logged (colour, HSV segmentation, stain augmentation)."""
-    t, p = run.data.tags, run.data.params
-    if schema.PREPROCESSING in t:
-        return t[schema.PREPROCESSING]
-    ph = t.get(schema.PHASE, "phase2")
-    return label_of(p.get(f"{ph}.data.colour", "raw"), p.get(f"{ph}.data.hsv_segment") == "True",
-                    p.get("augment.hed", 0.0), p.get("augment.grey", 0.0))
 
 
 def _masked(tags: dict) -> str:
@@ -318,6 +307,12 @@ def gap_text(g: pd.Series) -> str:
     return f"{g['gain']:+.4f} [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}]"
 
 
+def baseline_folds_path(cid: str) -> str:
+    """Where a baseline run keeps its scores on the folds ``cid`` (one file per set of folds: jobs
+    with other ``final.cv`` settings on the same data share the baseline run)."""
+    return f"cv/folds-{cid}.json"
+
+
 def cv_gains(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """The comparisons of :func:`comparison_pairs` and :func:`baseline_pairs` (model − shortcut
     baseline, the baseline refitted on each fold) whose two rows were cross-validated on the same
@@ -326,20 +321,23 @@ def cv_gains(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     of the table's CV comparisons. Rows on other folds (another split protocol) are not paired."""
     out, folds = [], {}
 
-    def load(run_id):
-        if run_id not in folds:
+    def load(run_id, path="cv/folds.json"):
+        if (run_id, path) not in folds:
             try:
-                folds[run_id] = mlflow.artifacts.load_dict(f"runs:/{run_id}/cv/folds.json")["folds"]
-            except Exception:  # noqa: BLE001 - a study without cross-validation
-                folds[run_id] = None
-        return folds[run_id]
+                folds[(run_id, path)] = mlflow.artifacts.load_dict(f"runs:/{run_id}/{path}")["folds"]
+            except Exception:  # noqa: BLE001 - a study without cross-validation, a baseline without these folds
+                folds[(run_id, path)] = None
+        return folds[(run_id, path)]
 
     for what, i, j in comparison_pairs(df) + baseline_pairs(df):
         a, b = df.iloc[i], df.iloc[j]
-        context = _model_label(a) if is_baseline(b) else _context(a, b)
-        if not a["cv_id"] or a["cv_id"] != b["cv_id"]:
+        base = is_baseline(b)
+        context = _model_label(a) if base else _context(a, b)
+        if not a["cv_id"] or (a["cv_id"] != b["cv_id"] and not base):
             continue
-        fa, fb = load(a["phase2_run"]), load(b["phase2_run"])
+        # a baseline run holds one file per set of folds it was refitted on (the model's cv_id's)
+        fa = load(a["phase2_run"])
+        fb = load(b["phase2_run"], baseline_folds_path(a["cv_id"]) if base else "cv/folds.json")
         if not fa or not fb:
             continue
         by_b = {(f["repeat"], f["fold"]): f for f in fb}
@@ -405,7 +403,10 @@ a logistic regression or gradient boosting on global statistics of the model's o
 the cells' shape (17 colour statistics, the pooled annotation box as preprocessed, the border), chosen by
 grouped cross-validation on the train split, refitted on it and scored on the same test items as the
 models. Each model's gain over it is a paired bootstrap over those items; a model whose test-accuracy
-gain does not have a CI above 0 is flagged "not shown to use more than global image statistics".
+gain does not have a CI above 0 is flagged "not shown to use more than global image statistics" (this
+bootstrap decides the flag here, in the table and on the registered version, whose tags are set when it
+is registered). With `final.cv` the baseline is also refitted on each fold, and the fold-level model −
+baseline test is listed under "Cross-validated gains" (and plotted in the forest plot in place of this one).
 """.split())
 
 
@@ -525,9 +526,10 @@ def forest_figure(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame, base: 
     if df.empty:
         return None
     rows = df.sort_values(["backbone", "strategy", "masked", "split_protocol"], ascending=False).reset_index(drop=True)
-    if base is not None and len(cv):  # model − baseline: fold-level where both were cross-validated
-        base = base[~base.set_index(["backbone", "comparison"]).index.isin(cv.set_index(["backbone", "comparison"]).index)]
-    g = pd.concat([x for x in ((cv if len(cv) else gain), base) if x is not None and len(x)] or [gain])
+    # each comparison once: fold-level where both rows were cross-validated, else the paired bootstrap
+    done = cv.set_index(["backbone", "comparison"]).index if len(cv) else pd.Index([])
+    rest = [x[~x.set_index(["backbone", "comparison"]).index.isin(done)] for x in (gain, base) if x is not None and len(x)]
+    g = pd.concat([x for x in (cv, *rest) if len(x)] or [gain])
     g = g[g["metric"] == "test_macro_f1"].sort_values(["backbone", "comparison"], ascending=False).reset_index(drop=True)
     fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.32 * max(len(rows), len(g), 3)))
     ax = axes[0]
@@ -549,7 +551,7 @@ def forest_figure(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame, base: 
                     color="C2" if (r["ci_low"] > 0 or r["ci_high"] < 0) else "C7", capsize=3)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(g)), [f"{r['backbone']}: {r['comparison']}" for _, r in g.iterrows()], fontsize=8)
-    ax.set_title("gains in test macro-F1, 95% CI\n" + ("(fold-level, corrected t" + ("; the rest: paired bootstrap)" if base is not None and len(base) else ")")
+    ax.set_title("gains in test macro-F1, 95% CI\n" + ("(fold-level, corrected t" + ("; the rest: paired bootstrap)" if any(len(x) for x in rest) else ")")
                                                    if len(cv) else "(paired bootstrap)"),
                  fontsize=9)
     ax.set_xlabel("a − b")

@@ -29,6 +29,7 @@ from dtl.evaluation.metrics import Evaluation, confusion, direction, evaluate_pr
 from dtl.model.mask import annotation_mask
 from dtl.model.net import DTLNet, ModelSpec
 from dtl.model.preprocess import InputSpec
+from dtl.tracking import schema
 from dtl.train import distributed, faults
 from dtl.train.engine import cosine_lr, evaluate, predict, resolve_device, resolve_precision, train_one_epoch
 from dtl.train.weights import (
@@ -130,6 +131,16 @@ def label_of(colour: str = "raw", segment: bool = False, hed: float = 0.0, grey:
     vals = {"colour": (colour, "raw"), "segment": ("hsv" if segment else "", ""), "hed": (float(hed), 0.0),
             "grey": (float(grey), 0.0)}
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, (v, d) in vals.items() if v != d) or "default"
+
+
+def preprocessing_of(tags: dict, params: dict) -> str:
+    """A study's ``preprocessing`` tag, or for studies from before it, the same label built from the
+    config params it logged (colour, HSV segmentation, stain augmentation)."""
+    if schema.PREPROCESSING in tags:
+        return tags[schema.PREPROCESSING]
+    ph = tags.get(schema.PHASE, "phase2")
+    return label_of(params.get(f"{ph}.data.colour", "raw"), params.get(f"{ph}.data.hsv_segment") == "True",
+                    params.get("augment.hed", 0.0), params.get("augment.grey", 0.0))
 
 
 def preprocessing_label(cfg: Config, phase: str, augment: bool = True) -> str:
