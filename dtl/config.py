@@ -107,7 +107,7 @@ class AugmentConfig:
     contrast: float = 0.2
     saturation: float = 0.2
     hue: float = 0.0
-    hed: float = 0.0  # stain jitter in HED space (Tellez et al. 2019): per sample and stain, s*U(1-hed,1+hed)+U(-hed,hed); 0.05 light, 0.2 strong
+    hed: float = 0.0  # stain jitter in HED space (Tellez et al. 2019): per sample and stain, s*U(1-hed,1+hed)+U(-hed,hed), the shift in optical-density units; 0.05 light, 0.2 strong
     grey: float = 0.0  # probability that a training image is turned greyscale (a model that must not lean on colour)
 
 

@@ -538,3 +538,29 @@ def test_the_audit_colour_baseline_sees_the_recipes_colour(cache_dir, monkeypatc
     assert (colour[:, 9:] == 0).all()  # no saturation left: no pixel in a hue bin
     raw_box = seen["annotation"].reshape(len(colour), -1, 3)  # the unmasked box stays raw, in colour
     assert (raw_box[..., 0] != raw_box[..., 2]).any()
+
+
+def test_hed_jitter_shifts_stains_in_optical_density_units_and_keeps_real_smears_smears():
+    """The first real rebuild with augment.hed=0.2 trained both backbones into one-class models:
+    the shift U(-hed, hed) was applied to scikit-image's rgb2hed output, which divides the optical
+    density by -log(1e-6) = 13.8, so it was 13.8x Tellez's (white, black and red images). On 16
+    real Aria images the strong setting now moves a pixel by 0.08 on average (0.36 before) and no
+    image by more than 0.25 (0.79 before)."""
+    import math
+
+    from PIL import Image
+
+    from dtl.train.augment import hed_jitter, sample_hed
+    from tests.conftest import require_real_data
+
+    scale, shift = sample_hed(10_000, AugmentConfig(hed=0.2), torch.Generator().manual_seed(0), "cpu")
+    assert 0.8 <= scale.min() and scale.max() <= 1.2
+    assert shift.abs().max() <= 0.2 / -math.log(1e-6) and shift.abs().max() > 0.9 * 0.2 / -math.log(1e-6)
+    root = require_real_data() / "aria-all-pbs-2021" / "Original"
+    files = [f for c in ("Benign", "Early", "Pre", "Pro") for f in sorted((root / c).glob("*.jpg"))[:4]]
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB").resize((96, 96)))).permute(2, 0, 1)
+                     for f in files]).float() / 255
+    s, b = sample_hed(len(x), AugmentConfig(hed=0.2), torch.Generator().manual_seed(0), "cpu")
+    moved = (hed_jitter(x, s, b) - x).abs().mean((1, 2, 3))
+    assert moved.mean() < 0.12 and moved.max() < 0.25, moved
+    assert moved.min() > 0.005  # and every image changed colour

@@ -86,9 +86,14 @@ _OD_FLOOR = 1e-6  # scikit-image's: the optical density of a black pixel is -log
 
 
 def sample_hed(n: int, aug: AugmentConfig, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample, per-stain scale ``U(1-hed, 1+hed)`` and shift ``U(-hed, hed)``, each N×3."""
+    """Per-sample, per-stain scale ``U(1-hed, 1+hed)`` and shift ``U(-hed, hed)`` in optical-density
+    units (Tellez et al.: stains from ``-log(rgb)``, as scikit-image's ``rgb2hed`` before 0.19), each
+    N×3, the shift returned in the units :func:`hed_jitter` works in (today's ``rgb2hed``, which
+    divides the optical density by ``-log(1e-6)`` = 13.8). Shifting today's units by ``hed``
+    instead was 13.8 times too strong: at 0.2, Aria images came out white, black or red, and both
+    models trained on them predicted one class (reports/aria-cpu-tiny, first rebuild)."""
     scale = 1 + (torch.rand(n, 3, generator=gen) * 2 - 1) * aug.hed
-    shift = (torch.rand(n, 3, generator=gen) * 2 - 1) * aug.hed
+    shift = (torch.rand(n, 3, generator=gen) * 2 - 1) * aug.hed / -math.log(_OD_FLOOR)
     return scale.to(device), shift.to(device)
 
 

@@ -180,6 +180,8 @@ def study_identity(cfg: Config, phase: str, data_digest: str, init: str) -> str:
     training = training_config(to_dict(cfg))
     ident = {"data": data_digest, "init": init, "phase": training[phase], "seed": cfg.seed, "image_size": cfg.image_size,
              "augment": training["augment"], "deterministic": cfg.deterministic}
+    if training["augment"].get("hed", 0.0) > 0:  # studies from when the HED shift was 13.8x too strong: not reopened
+        ident["hed_shift"] = "optical-density"
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
