@@ -22,7 +22,7 @@ import torch
 from dtl import DTLError
 from dtl.config import Config, flatten, with_phase
 from dtl.data import store
-from dtl.data.probe import baseline_probs, held_out_baseline
+from dtl.data.probe import ItemFeatures, held_out_baseline
 from dtl.evaluation.metrics import Evaluation, point_metrics
 from dtl.evaluation.stats import corrected_t_interval, mean_spread
 from dtl.fuzzy.job import run_fuzzy
@@ -359,14 +359,15 @@ def cross_validate_baseline(cfg: Config, tracking: Tracking, run_id: str) -> Non
     if not (name and model):  # tags edited away: what the run chose, from its own record
         chosen = mlflow.artifacts.load_dict(f"runs:/{run_id}/baseline/train_cv.json")["chosen"]
         name, model = chosen["name"], chosen["model"]
+    full = dataset(cfg, "phase2")
+    features = ItemFeatures.of(full, name, annotation_mask(d.mask_annotation, full.kind, d.variant), cfg.cache_dir,
+                               d.colour, d.hsv_segment)  # once: each fold is a re-split of the same items
     folds = []
     for rep in range(reps):
         for f in range(k):
             fold = with_phase(cfg, "phase2", data=dataclasses.replace(d, cv_folds=k, cv_fold=f, cv_repeat=rep))
             ds = dataset(fold, "phase2")
-            probs = baseline_probs(ds, name, model,
-                                   annotation_mask(d.mask_annotation, ds.kind, d.variant), cfg.cache_dir, d.colour,
-                                   d.hsv_segment)
+            probs = features.probs(ds, model)
             scores = {f"{s}_{m}": v for s, p in probs.items() for m, v in point_metrics(ds.label_ids(s), p).items()}
             sizes = ds.manifest["split"].value_counts()
             folds.append({"repeat": rep, "fold": f, **{m: scores.get(m) for m in CV_METRICS},

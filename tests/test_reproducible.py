@@ -330,6 +330,20 @@ def test_final_cv_retrains_on_shared_grouped_folds_and_reports_corrected_gains(w
     assert [f["n_test"] for f in bj["folds"]] == [f["n_test"] for f in folds["double"]]
     assert [f["n_train"] for f in bj["folds"]] == [f["n_train"] for f in folds["double"]]
     assert len({f["test_accuracy"] for f in bj["folds"]}) > 1  # fitted per fold, not the held-out model copied
+    # the features are computed once for all items: fold 1 scored from its own decoded splits agrees
+    import dataclasses
+
+    from dtl.config import with_phase
+    from dtl.data.probe import baseline_probs
+    from dtl.evaluation.metrics import point_metrics
+    from dtl.model.mask import annotation_mask
+    from dtl.train.phases import dataset
+
+    d = cfg.phase2.data
+    ds = dataset(with_phase(cfg, "phase2", data=dataclasses.replace(d, cv_folds=3, cv_fold=1)), "phase2")
+    probs = baseline_probs(ds, base.data.tags["backbone"].removeprefix("baseline:"), base.data.tags["strategy"],
+                           annotation_mask(d.mask_annotation, ds.kind, d.variant), cfg.cache_dir, d.colour)
+    assert point_metrics(ds.label_ids("test"), probs["test"])["accuracy"] == pytest.approx(bj["folds"][1]["test_accuracy"])
     diffs = [a["test_accuracy"] - b["test_accuracy"] for a, b in zip(folds["double"], bj["folds"])]
     expect = corrected_t_interval(diffs, n_tr, n_te)
     got = cv[(cv["metric"] == "test_accuracy") & cv["comparison"].str.startswith("model − baseline:")

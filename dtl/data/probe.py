@@ -136,6 +136,35 @@ def baseline_probs(ds: Dataset, name: str, model: str, mask: AnnotationMask | No
             for s in splits if (ds.manifest["split"] == s).any()}
 
 
+@dataclass
+class ItemFeatures:
+    """One baseline's features of every item of a dataset, by path: computed once, then any
+    re-split of the same items (a ``final.cv`` fold) takes its rows instead of decoding again."""
+
+    paths: pd.Index
+    x: np.ndarray
+
+    @classmethod
+    def of(cls, ds: Dataset, name: str, mask: AnnotationMask | None, cache_dir, colour: str = "raw",
+           segment: bool = False) -> ItemFeatures:
+        splits = sorted(ds.manifest["split"].unique())
+        return cls(pd.Index(np.concatenate([ds.split(s)["path"].to_numpy() for s in splits])),
+                   np.concatenate([split_features(ds, s, mask, cache_dir, colour, segment)[name] for s in splits]))
+
+    def rows(self, table: pd.DataFrame) -> np.ndarray:
+        idx = self.paths.get_indexer(table["path"])
+        if (idx < 0).any():
+            raise ValueError(f"{int((idx < 0).sum())} items of the re-split are not in the data the features were "
+                             f"computed on (e.g. {table['path'].iloc[int(np.argmax(idx < 0))]})")
+        return self.x[idx]
+
+    def probs(self, ds: Dataset, model: str, splits=("val", "test")) -> dict:
+        """:func:`baseline_probs` on the re-split ``ds`` of the same items, from these features."""
+        return {s: predict_proba(model, self.rows(ds.split("train")), ds.label_ids("train"), self.rows(ds.split(s)),
+                                 len(ds.classes))
+                for s in splits if (ds.manifest["split"] == s).any()}
+
+
 def held_out_baseline(ds: Dataset, mask: AnnotationMask | None, cache_dir, colour: str = "raw", seed: int = 0,
                       splits=("val", "test"), segment: bool = False) -> HeldOutBaseline:
     """What a model could score on ``splits`` without looking at the cells: every baseline of
