@@ -348,6 +348,11 @@ def test_report_has_the_explain_section(explained):
     md = (d / "results.md").read_text()
     assert "## Explain and stress" in md and "Most robust to corruption" in md and "ECE test before → after" in md
     assert (d / "explain_robustness.png").stat().st_size > 5000 and "Explain and stress" in (d / "report.html").read_text()
+    # only the models of the table's rows: an explained study that a later one replaced is left out
+    from dtl.explain.report import section
+
+    study = res.studies[("phase2", "double", "test_resnet")].run_id
+    assert section(t, studies={study})[0] and section(t, studies={"a-replaced-study"}) == ([], {})
 
 
 @pytest.mark.slow

@@ -29,8 +29,10 @@ class Explained(Summary):
     items: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def collect(tracking: Tracking, data_digest: str | None = None) -> list[Explained]:
-    """The latest finished explain run per (model, split): its summary and per-item predictions."""
+def collect(tracking: Tracking, data_digest: str | None = None, studies: set | None = None) -> list[Explained]:
+    """The latest finished explain run per (model, split): its summary and per-item predictions;
+    with ``studies``, only those of models trained by these study runs (the rows of a table: an
+    explained study that a later study of the same kind replaced is not shown beside it)."""
     flt = schema.where({schema.ROLE: schema.Role.EXPLAIN, **({schema.DATA_DIGEST: data_digest} if data_digest else {})},
                        status="FINISHED")
     latest = {}
@@ -45,6 +47,8 @@ def collect(tracking: Tracking, data_digest: str | None = None) -> list[Explaine
         except Exception:  # noqa: BLE001 - an explain run without its files (killed mid-way)
             continue
         e = Explained(**vars(Summary.from_dict(s)), run_id=rid, items=items)
+        if studies is not None and e.model_run not in studies:
+            continue
         if not e.preprocessing:  # a summary from before the field: the label of its study run
             e.preprocessing = _study_preprocessing(tracking, e.model_run)
         out.append(e)
@@ -195,9 +199,11 @@ def figure(rows: list[Explained]):
     return fig
 
 
-def section(tracking: Tracking, data_digest: str | None = None, n_boot: int = 1000) -> tuple[list[str], dict]:
-    """Markdown lines and PNG figures of the explain section; empty without explain runs."""
-    rows = collect(tracking, data_digest)
+def section(tracking: Tracking, data_digest: str | None = None, n_boot: int = 1000,
+            studies: set | None = None) -> tuple[list[str], dict]:
+    """Markdown lines and PNG figures of the explain section (of the models of ``studies``, see
+    :func:`collect`); empty without explain runs."""
+    rows = collect(tracking, data_digest, studies)
     if not rows:
         return [], {}
     gains = strategy_gains(rows, n_boot)

@@ -584,7 +584,7 @@ def build(tracking: Tracking, out_dir: str | Path, registered_model: str, data_d
     cv.to_csv(out / "cv_gains.csv", index=False)
     seed.to_csv(out / "seed_table.csv", index=False)
     fuzzy_md, fuzzy_figs = fuzzy_section(tracking, data_digest)  # empty without fuzzy-head runs
-    explain_md, explain_figs = explain_section(tracking, data_digest)  # empty without explain runs
+    explain_md, explain_figs = explain_section(tracking, data_digest, studies=set(df["phase2_run"]))  # of the table's rows
     for name, data in {**figs, **fuzzy_figs, **explain_figs}.items():
         (out / name).write_bytes(data)
     prov = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "tracking_uri": redact(tracking.uri),
