@@ -463,3 +463,30 @@ def test_explain_section_pairs_a_stain_setting_with_the_default_on_stain_shift_r
     # a model whose study (and so its preprocessing) is unknown is never paired with the default one
     lost = _explained("double", "unknown", np.arange(12) < 11, clean)
     assert strategy_gains([lost, base], n_boot=50).empty and strategy_gains([lost, scratch], n_boot=50).empty
+
+
+@pytest.mark.parametrize("colour", ["greyscale", "reinhard"])
+def test_cam_cell_share_of_a_greyscale_model_is_measured_on_the_colour_image(colour):
+    """The first real rebuild reported 0.0% of the greyscale models' CAM mass 'on cells': the HSV
+    cell rule ran on the greyscale input, where it finds no cell. The cells are now found on the
+    same image preprocessed in its raw colour, so they cover what they cover in colour."""
+    from PIL import Image
+
+    from dtl.explain.job import cell_maps
+    from dtl.model.pyfunc import ImageClassifier
+    from tests.conftest import require_real_data
+
+    root = require_real_data() / "aria-all-pbs-2021" / "Original"
+    raw = [np.asarray(Image.open(sorted((root / c).glob("*.jpg"))[3]).convert("RGB")) for c in ("Benign", "Pro")]
+    spec = InputSpec(96, 96, (0.5,) * 3, (0.25,) * 3)
+    net = DTLNet(ModelSpec("test_resnet", ("Benign", "Pro")), pretrained=False)
+    colour_clf = ImageClassifier(net, ["Benign", "Pro"], spec)
+    other_clf = ImageClassifier(net, ["Benign", "Pro"], InputSpec(96, 96, (0.5,) * 3, (0.25,) * 3, colour=colour))
+    from dtl.explain.job import _model_input
+
+    inputs = np.stack([_model_input(other_clf, im) for im in raw])
+    want = cell_maps(colour_clf, raw, np.stack([_model_input(colour_clf, im) for im in raw]))
+    got = cell_maps(other_clf, raw, inputs)
+    assert 0.03 < want.mean() < 0.6 and np.array_equal(got, want)
+    if colour == "greyscale":
+        assert explain.foreground_maps(inputs).mean() < 0.01  # what the input alone gave

@@ -215,7 +215,7 @@ def cams(cfg: Config, clf: ImageClassifier, ds, split: str, raw: list[np.ndarray
     x = clf.preprocess([raw[i] for i in idx])
     maps = explain.grad_cams(clf.net, x, pred[idx])
     regions = explain.region_maps(clf.spec)
-    shares = explain.mass_shares(maps, explain.foreground_maps(inputs), regions)
+    shares = explain.mass_shares(maps, cell_maps(clf, [raw[i] for i in idx], inputs), regions)
     table = explain.shortcut_table(shares, y[idx], clf.classes, cfg.explain.annotation_threshold)
     per_image = pd.DataFrame({"path": ds.split(split)["path"].to_numpy()[idx], "label": np.asarray(clf.classes)[y[idx]],
                               "predicted": np.asarray(clf.classes)[pred[idx]], **{k: v for k, v in shares.items()}})
@@ -224,6 +224,17 @@ def cams(cfg: Config, clf: ImageClassifier, ds, split: str, raw: list[np.ndarray
     fig = explain.cam_grid_figure(inputs, maps, y[idx], probs[idx], clf.classes, ex_local, cfg.explain.n_per_class,
                                   title, regions["annotation"])
     return table, per_image, fig
+
+
+def cell_maps(clf: ImageClassifier, raw: list[np.ndarray], inputs: np.ndarray) -> np.ndarray:
+    """Where the stained cells are on each model input (``inputs``, cropped as the CAMs): the HSV
+    rule on the input itself, or, where the input is greyscale or stain-normalised, on the same
+    image preprocessed in its raw colour (on a greyscale input the rule finds no cell at all)."""
+    if clf.spec.colour == "raw":
+        return explain.foreground_maps(inputs)
+    s, off = clf.spec.size, (clf.spec.cache_size - clf.spec.size) // 2
+    spec = replace(clf.spec, colour="raw")
+    return explain.foreground_maps(np.stack([prepare(im, spec, clf.segment)[off:off + s, off:off + s] for im in raw]))
 
 
 def _model_input(clf: ImageClassifier, im: np.ndarray) -> np.ndarray:
