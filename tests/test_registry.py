@@ -362,3 +362,19 @@ def test_explain_calibrates_once_promotes_within_the_explained_data_and_relinks_
                               {**calib, "temperature": 1.7}, "test")
     n = [v for v in t.client.search_model_versions("name='all-dtl'") if v.tags.get("calibrated_from") == v1]
     assert again[0] and len(n) == 1  # one copy per version, whatever T the rerun fits
+
+
+def test_the_variants_of_one_backbone_have_their_own_model_names():
+    """On the real table's Models page the mask-off, HED and greyscale variants of test_resnet were
+    all called 'test_resnet-double'; each now says what sets it apart, the recipe's row stays short."""
+    from dtl.tracking import schema
+    from dtl.tracking.registry import model_name
+
+    row = {schema.BACKBONE: "test_resnet", schema.STRATEGY: "double", schema.ANNOTATION_MASK: "on",
+           schema.PREPROCESSING: "default"}
+    assert model_name(row) == "test_resnet-double"
+    assert model_name({**row, schema.ANNOTATION_MASK: "off"}) == "test_resnet-double-unmasked"
+    assert model_name({**row, schema.PREPROCESSING: "hed=0.2"}) == "test_resnet-double-hed_0.2"
+    assert model_name({**row, schema.PREPROCESSING: "colour=greyscale, hed=0.05"}) == \
+        "test_resnet-double-colour_greyscale-hed_0.05"
+    assert model_name({schema.BACKBONE: "test_resnet", schema.STRATEGY: "scratch"}) == "test_resnet-scratch"

@@ -31,8 +31,17 @@ MODEL_TAG_KEYS = ROW_KEYS + (schema.DATA_DIGEST, schema.STUDY)
 
 
 def model_name(tags: dict) -> str:
-    """What a logged model is called in the UI: ``<backbone>-<strategy>`` (``test_efficientnet-double``)."""
-    return "-".join(x for x in (tags.get(schema.BACKBONE), tags.get(schema.STRATEGY)) if x) or "model"
+    """What a logged model is called in the UI: ``<backbone>-<strategy>`` (``test_efficientnet-double``),
+    then what sets its row apart from the recipe's default, so that the variants of one backbone
+    differ on the Models page: ``-unmasked`` (annotation mask off) and its colour / stain settings
+    (``test_resnet-double-hed_0.2``, ``...-colour_greyscale``)."""
+    parts = [tags.get(schema.BACKBONE), tags.get(schema.STRATEGY)]
+    if tags.get(schema.ANNOTATION_MASK) == "off":
+        parts.append("unmasked")
+    pre = tags.get(schema.PREPROCESSING, "default")
+    if pre and pre != "default":
+        parts += [x.replace("=", "_") for x in pre.split(", ")]
+    return "-".join(x for x in parts if x) or "model"
 
 
 def model_description(tags: dict) -> tuple[dict, dict]:

@@ -16,16 +16,21 @@ from dtl.tracking import schema
 from dtl.tracking.adapter import Tracking
 
 VIEW = "comparison"
-TAG_COLUMNS = (schema.ROLE, schema.PHASE, schema.BACKBONE, schema.STRATEGY, schema.INIT, schema.SPLIT_PROTOCOL,
-               schema.ANNOTATION_MASK)
+TAG_COLUMNS = (schema.ROLE, schema.PHASE, schema.BACKBONE, schema.STRATEGY, schema.PREPROCESSING, schema.INIT,
+               schema.SPLIT_PROTOCOL, schema.ANNOTATION_MASK)
+# the rows of the comparison: studies and baselines (trials, folds and explain runs stay nested under
+# their study); the job's pipeline and report runs stay on the default table
+SEARCH_FILTER = (f"tags.`{schema.ROLE}` != '{schema.Role.PIPELINE}' and "
+                 f"tags.`{schema.ROLE}` != '{schema.Role.REPORT}'")
 METRIC_COLUMNS = ("test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high", "test_macro_f1", "val_macro_f1")
 
 
 def view_state() -> dict:
-    """The shared view: the registered models, then the comparison's tags and metrics."""
+    """The shared view: the study and baseline rows (:data:`SEARCH_FILTER`), with the registered
+    models, then the comparison's tags (preprocessing: colour and stain settings) and metrics."""
     cols = ["attributes.`Models`"]
     cols += [f"tags.`{k}`" for k in TAG_COLUMNS] + [f"metrics.`{m}`" for m in METRIC_COLUMNS]
-    return {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "selectedColumns": cols}
+    return {"searchFilter": SEARCH_FILTER, "orderByKey": "attributes.start_time", "orderByAsc": False, "selectedColumns": cols}
 
 
 def view_url(tracking: Tracking) -> str:
