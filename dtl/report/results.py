@@ -531,7 +531,13 @@ def forest_figure(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame, base: 
     rest = [x[~x.set_index(["backbone", "comparison"]).index.isin(done)] for x in (gain, base) if x is not None and len(x)]
     g = pd.concat([x for x in (cv, *rest) if len(x)] or [gain])
     g = g[g["metric"] == "test_macro_f1"].sort_values(["backbone", "comparison"], ascending=False).reset_index(drop=True)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.32 * max(len(rows), len(g), 3)))
+    row_labels = [_label(r) + (f" v{r['registered_version']}" if r["registered_version"] else "") for _, r in rows.iterrows()]
+    gain_labels = [f"{r['backbone']}: {r['comparison']}" for _, r in g.iterrows()]
+    longest = [max((len(x) for x in labels), default=10) for labels in (row_labels, gain_labels)]
+    # each panel as wide as its labels (8 pt: ~0.075 in per character) plus 3.5 in of plot
+    widths = [0.075 * n + 3.5 for n in longest]
+    fig, axes = plt.subplots(1, 2, figsize=(sum(widths), 1.4 + 0.32 * max(len(rows), len(g), 3)),
+                             gridspec_kw={"width_ratios": widths})
     ax = axes[0]
     for y, r in rows.iterrows():
         cvd = r.get("cv_f1") is not None and r["cv_f1"] == r["cv_f1"]
@@ -541,8 +547,7 @@ def forest_figure(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame, base: 
         ax.errorbar([x], [y], xerr=[[x - (lo if lo == lo and lo is not None else x)],
                                      [(hi if hi == hi and hi is not None else x) - x]],
                     fmt="o" if cvd else "s", color="C0" if cvd else "C1", capsize=3)
-    ax.set_yticks(range(len(rows)), [_label(r) + (f" v{r['registered_version']}" if r["registered_version"] else "")
-                                     for _, r in rows.iterrows()], fontsize=8)
+    ax.set_yticks(range(len(rows)), row_labels, fontsize=8)
     ax.set_title("test macro-F1, 95% CI\n(● cross-validated, ■ one model: bootstrap)", fontsize=9)
     ax.set_xlabel("macro-F1")
     ax = axes[1]
@@ -550,7 +555,7 @@ def forest_figure(df: pd.DataFrame, gain: pd.DataFrame, cv: pd.DataFrame, base: 
         ax.errorbar([r["gain"]], [y], xerr=[[r["gain"] - r["ci_low"]], [r["ci_high"] - r["gain"]]], fmt="o",
                     color="C2" if (r["ci_low"] > 0 or r["ci_high"] < 0) else "C7", capsize=3)
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(g)), [f"{r['backbone']}: {r['comparison']}" for _, r in g.iterrows()], fontsize=8)
+    ax.set_yticks(range(len(g)), gain_labels, fontsize=8)
     ax.set_title("gains in test macro-F1, 95% CI\n" + ("(fold-level, corrected t" + ("; the rest: paired bootstrap)" if any(len(x) for x in rest) else ")")
                                                    if len(cv) else "(paired bootstrap)"),
                  fontsize=9)
