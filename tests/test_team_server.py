@@ -88,7 +88,7 @@ def test_jobs_starting_together_on_one_server_all_prepare_the_experiment(server)
         exp_id = MlflowClient(url).create_experiment(f"race-{k}")
         gate = threading.Barrier(6)
 
-        def job():
+        def job(exp_id=exp_id, gate=gate):
             t = Tracking(uri=url, client=MlflowClient(url), experiment_id=exp_id)
             gate.wait()
             try:

@@ -165,8 +165,8 @@ def strategy_gains(rows: list[Explained], n_boot: int = 1000, seed: int = 0) -> 
                 ok = m[[f"{col}_a", f"{col}_b", "clean_a", "clean_b"]].notna().all(axis=1)
                 if not ok.any():
                     continue
-                side = lambda s: m.loc[ok, [f"{col}_{s}", f"clean_{s}"]].to_numpy(float)  # noqa: E731
-                d = paired_difference(np.zeros(int(ok.sum())), side("a"), side("b"), _stat(metric), n_boot, seed,
+                pa, pb = (m.loc[ok, [f"{col}_{x}", f"clean_{x}"]].to_numpy(float) for x in ("a", "b"))
+                d = paired_difference(np.zeros(int(ok.sum())), pa, pb, _stat(metric), n_boot, seed,
                                       m.loc[ok, "unit_a"].to_numpy())
                 out.append({"backbone": a.backbone, "comparison": what, "metric": label,
                             "gain": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],

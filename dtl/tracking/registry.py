@@ -23,7 +23,6 @@ from dtl.tracking.adapter import Run, Tracking
 from dtl.tracking.logged import SOFTMAX_FLAVOR
 from dtl.train.weights import model_from_checkpoint
 
-
 # What defines a results row: the logged model's params (with the best parameters) and its tags.
 ROW_KEYS = (schema.PHASE, schema.BACKBONE, schema.STRATEGY, schema.INIT, schema.SPLIT_PROTOCOL, schema.ANNOTATION_MASK,
             schema.PREPROCESSING, schema.DATA_KIND, schema.MONITOR)
