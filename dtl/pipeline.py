@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -351,15 +350,12 @@ def cross_validate_baseline(cfg: Config, tracking: Tracking, run_id: str) -> Non
     k, reps, d = cfg.final.cv, cfg.final.cv_repeats, cfg.phase2.data
     if k < 3:
         return
-    cid = cv_id(dataset(cfg, "phase2").digest, k, reps, d.split_seed)
+    full = dataset(cfg, "phase2")
+    cid = cv_id(full.digest, k, reps, d.split_seed)
     if report_mod.baseline_folds_path(cid) in {a.path for a in tracking.client.list_artifacts(run_id, "cv")}:
         return
     run, tags = Run(tracking, run_id), tracking.client.get_run(run_id).data.tags
-    name, model = tags.get(schema.BACKBONE, "").removeprefix(report_mod.BASELINE_PREFIX), tags.get(schema.STRATEGY)
-    if not (name and model):  # tags edited away: what the run chose, from its own record
-        chosen = mlflow.artifacts.load_dict(f"runs:/{run_id}/baseline/train_cv.json")["chosen"]
-        name, model = chosen["name"], chosen["model"]
-    full = dataset(cfg, "phase2")
+    name, model = tags[schema.BACKBONE].removeprefix(report_mod.BASELINE_PREFIX), tags[schema.STRATEGY]
     features = ItemFeatures.of(full, name, annotation_mask(d.mask_annotation, full.kind, d.variant), cfg.cache_dir,
                                d.colour, d.hsv_segment)  # once: each fold is a re-split of the same items
     folds = []

@@ -25,8 +25,14 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
 
-from tests.conftest import (PYTHON, assert_champion_serves_its_test_predictions, clean_databases, demo_overrides,
-                            mlflow_server, postgres_url)
+from tests.conftest import (
+    PYTHON,
+    assert_champion_serves_its_test_predictions,
+    clean_databases,
+    demo_overrides,
+    mlflow_server,
+    postgres_url,
+)
 from tests.test_cli import mlflow_run
 
 ADMIN_PW = "admin-Pw-7431-secret"

@@ -14,8 +14,14 @@ from PIL import Image
 
 from dtl import config, pipeline
 from dtl.tracking.adapter import connect
-from tests.conftest import (PYTHON, ROOT, assert_champion_serves_its_test_predictions, demo_overrides, mlflow_serve,
-                            module_workspace)
+from tests.conftest import (
+    PYTHON,
+    ROOT,
+    assert_champion_serves_its_test_predictions,
+    demo_overrides,
+    mlflow_serve,
+    module_workspace,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ import huggingface_hub.constants as hf
 import timm
 import torch
 from huggingface_hub import try_to_load_from_cache
-from timm.models import get_pretrained_cfg
 from safetensors.torch import load_file
+from timm.models import get_pretrained_cfg
 
 from dtl import DTLError
 from dtl.model.net import DTLNet, ModelSpec
