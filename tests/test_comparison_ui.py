@@ -28,12 +28,12 @@ def _presplit(root: Path, per_class: int = 9, splits=("train", "val", "test")) -
 
 def test_a_root_holding_train_val_test_is_presplit_for_dtl_data(tmp_path, capsys):
     root = _presplit(tmp_path / "ds2")
-    assert main(["data", "audit", str(root), "--kind", "presplit", "--json", "--cache-dir", str(tmp_path / "c")]) == 0
+    assert main(["data", "audit", str(root), "--kind", "presplit", "--json", "--no-probe", "--cache-dir", str(tmp_path / "c")]) == 0
     a = json.loads(capsys.readouterr().out)
     assert a["splits"] == {"test": 12, "train": 12, "val": 12} and a["protocol"] == "given"
     assert a["near_duplicates"] >= 1  # consecutive Aria fields: the audit reports pairs across the user's splits
     # the split folders given one by one, without -o phase2.data.kind=presplit
-    assert main(["data", "audit", str(tmp_path), "--kind", "presplit", "--json", "--cache-dir", str(tmp_path / "c"),
+    assert main(["data", "audit", str(tmp_path), "--kind", "presplit", "--json", "--no-probe", "--cache-dir", str(tmp_path / "c"),
                  "-o", f"phase2.data.train_dir={root / 'train'}", "-o", f"phase2.data.val_dir={root / 'val'}"]) == 0
     assert json.loads(capsys.readouterr().out)["splits"] == {"train": 12, "val": 12}
 

@@ -307,6 +307,24 @@ def test_mask_travels_in_the_input_spec_and_the_cache_key(cache_dir):
     assert (np.asarray(arr)[:, y0 + 1:, x0 + 1:] >= 200).all()  # the stamp is gone from the cached pixels
 
 
+
+def test_annotation_mask_is_decided_by_mode_kind_and_variant_and_round_trips_its_dict():
+    from dtl.model.mask import DARK_FILL, LIGHT_FILL, mask_state
+
+    for kind in ("aria", "demo-aria"):  # auto: on for Aria and its demo, light unless segmented
+        assert annotation_mask("auto", kind) == annotation_mask("auto", kind, "original") == AnnotationMask()
+        assert annotation_mask("auto", kind, "segmented").fill == DARK_FILL
+        assert (mask_state("auto", kind), mask_state("off", kind)) == ("on", "off")
+    assert annotation_mask("auto", "cnmc") is None and annotation_mask("on", "cnmc").fill == LIGHT_FILL
+    assert (mask_state("auto", "cnmc"), mask_state("on", "cnmc"), mask_state("on", "cnmc", "segmented")) == ("off", "on", "on")
+    d = AnnotationMask(fill=DARK_FILL).to_dict()
+    assert d == {"corner": "bottom-right", "height": 32 / 224, "width": 44 / 224, "fill": [0, 0, 0]}
+    assert AnnotationMask.from_dict(d) == AnnotationMask(fill=DARK_FILL)
+    del d["corner"]  # specs written before the corner was named: bottom-right
+    assert AnnotationMask.from_dict(d) == AnnotationMask(fill=DARK_FILL)
+    with pytest.raises(DTLError, match=r"^unknown annotation-mask corner 'top-left'; only bottom-right is known$"):
+        AnnotationMask.from_dict({**d, "corner": "top-left"})
+
 def test_served_model_applies_the_mask_from_its_spec(tmp_path):
     from safetensors.torch import save_file
 

@@ -37,6 +37,46 @@ def test_select(cands, current, force, champion, challenger, moved):
     assert (d.champion, d.challenger, d.moved) == (champion, challenger, moved), d.reason
 
 
+
+def test_select_explains_every_decision_and_ranks_by_metric_then_tie_breaks_then_newest():
+    """Every path's reason and ranking, by hand; the defaults (force=False) as a caller gets them."""
+    from dtl.tracking.promotion import Decision
+
+    d = select([c(1, 0.8), c(2, 0.9), c(3, 0.9, acc=0.1)], P)
+    assert d == Decision("3", "2", True, "no champion yet", ["3", "2", "1"])  # acc breaks the tie
+    assert select([c(1, 0.9)], P, c(1, 0.9)) == Decision("1", None, False, "the champion is still the best candidate", ["1"])
+    assert select([c(1, 0.4)], P, c(7, 0.9)) == Decision(
+        "7", None, False, "no candidate has val_macro_f1 meeting min_value=0.5", [])
+    assert select([], P) == Decision(None, None, False, "no candidate has val_macro_f1 meeting min_value=0.5", [])
+    assert select([c(2, 0.8, acc=0.5)], P, c(1, 0.8, acc=0.9)) == Decision(  # worse on the tie-break: kept
+        "1", "2", False, "best candidate v2 is worse than champion v1 on val_macro_f1 over the same data "
+        "(use --force to move anyway)", ["2"])
+    assert select([c(2, 0.8, acc=0.5)], P, c(1, 0.8, acc=0.9), force=True) == Decision("2", None, True, "forced", ["2"])
+    assert select([c(2, 0.95)], P, c(1, 0.9)) == Decision("2", None, True, "better than the champion", ["2"])
+    assert select([c(2, 0.6, digest="d2")], P, c(1, 0.9)) == Decision(
+        "2", None, True, "champion was trained on other data (digest, split protocol or masking differs)", ["2"])
+    demo = Candidate("4", {"val_macro_f1": 0.99}, "demo", True)
+    assert select([demo], P, c(1, 0.7)) == Decision("1", None, False, "v4 was trained on the synthetic demo data; it "
+                                                    "never replaces champion v1, trained on real data (use --force to "
+                                                    "move anyway)", ["4"])
+
+
+def test_select_boundaries_missing_metrics_and_the_direction_of_each_tie_break():
+    at = Policy(metric="val_macro_f1", min_value=0.5, tie_breaks=())
+    assert select([c(1, 0.5)], at).champion == "1"  # min_value itself is good enough
+    loss = Policy(metric="val_loss", direction="minimize", min_value=0.3, tie_breaks=("val_accuracy",))
+    v = [Candidate("1", {"val_loss": 0.3, "val_accuracy": 0.2}), Candidate("2", {"val_loss": 0.3, "val_accuracy": 0.7}),
+         Candidate("3", {"val_loss": 0.31, "val_accuracy": 0.99}), Candidate("4", {"val_accuracy": 0.99})]
+    assert select(v, loss).ranked == ["2", "1"]  # <= 0.3 passes; the tie-break's own direction (higher accuracy)
+    by_loss = Policy(metric="val_macro_f1", tie_breaks=("val_loss", "val_accuracy"))
+    w = [Candidate("1", {"val_macro_f1": 0.8, "val_loss": 0.2}), Candidate("2", {"val_macro_f1": 0.8, "val_loss": 0.5}),
+         Candidate("3", {"val_macro_f1": 0.8}), Candidate("5", {"val_macro_f1": float("nan")})]
+    assert select(w, by_loss).ranked == ["1", "2", "3"]  # lower loss first; a missing tie-break last; NaN is out
+    calibrated = Candidate("9", {"val_macro_f1": 0.4}, "d1", calibrated_from="1")  # below min_value: supersedes nothing
+    assert select([c(1, 0.8), calibrated], P).ranked == ["1"]
+    good = Candidate("9", {"val_macro_f1": 0.8}, "d1", calibrated_from="1")
+    assert select([c(1, 0.8), good], P).ranked == ["9"]
+
 def test_minimize_direction():
     p = Policy(metric="val_loss", direction="minimize", tie_breaks=())
     d = select([Candidate("1", {"val_loss": 0.3}), Candidate("2", {"val_loss": 0.2})], p)
@@ -54,6 +94,34 @@ def test_policy_file_validation(tmp_path):
     f.write_text("metric: val_accuracy\ntie_breaks: [val_macro_f1]\n")
     assert load_policy(f, "other").registered_model == "other"
 
+
+
+def test_policy_errors_name_the_file_the_bad_value_and_the_fix(tmp_path):
+    import re
+
+    f = tmp_path / "p.yaml"
+
+    def refused(text: str) -> str:
+        f.write_text(text)
+        with pytest.raises(DTLError) as e:
+            load_policy(f)
+        return str(e.value)
+
+    with pytest.raises(DTLError, match=f"^promotion policy {re.escape(str(tmp_path / 'nope.yaml'))} does not exist$"):
+        load_policy(tmp_path / "nope.yaml")
+    assert refused("metric: test_macro_f1\n") == (
+        f"{f}: metric='test_macro_f1' is not a validation metric. Promotion selects on validation "
+        "(val_macro_f1, val_balanced_accuracy, val_loss, ...); selecting on test would make the "
+        "test figures of the champion optimistic.")
+    assert refused("metric: val_loss\ndirection: maximize\n") == (
+        f"{f}: direction=maximize contradicts metric val_loss (lower is better); use direction: minimize or leave it out")
+    assert refused("metric: val_accuracy\ndirection: minimize\n") == (
+        f"{f}: direction=minimize contradicts metric val_accuracy (higher is better); "
+        "use direction: maximize or leave it out")
+    assert refused("tie_breaks: [val_accuracy, test_accuracy, loss]\n") == (
+        f"{f}: tie_breaks ['test_accuracy', 'loss'] are not validation metrics")
+    f.write_text("metric: val_loss\nmin_value: 0.3\ntie_breaks: [val_ece]\n")
+    assert load_policy(f, "other") == Policy("other", "val_loss", "minimize", 0.3, ("val_ece",))
 
 def test_the_repository_policy_file_is_read(tmp_path, monkeypatch):
     """registry/policy.yaml sets min_value 0.0 where the built-in default is None: only a policy

@@ -214,6 +214,26 @@ def test_corrected_t_interval_matches_a_hand_computed_example():
     assert np.isnan(corrected_t_interval([0.5], 600, 200)["ci_low"])
 
 
+
+def test_corrected_t_interval_edge_cases_drop_missing_folds_and_name_a_zero_spread():
+    full = corrected_t_interval([0.90, 0.92, 0.88], 600, 200)
+    assert full["n"] == 3 and np.isfinite(full["ci_low"])
+    assert corrected_t_interval([0.90, None, float("nan"), 0.92, 0.88], 600, 200) == full  # missing folds dropped
+    two = corrected_t_interval([0.90, 0.92], 600, 200)  # J = 2 is the smallest with a spread
+    assert two["n"] == 2 and np.isfinite(two["ci_low"]) and np.isfinite(two["p"])
+    assert np.isfinite(corrected_t_interval([0.90, 0.92], 1, 1)["ci_low"])  # any positive training size
+    for values, n_train, mean in (([0.5], 600, 0.5), ([], 600, None), ([0.90, 0.92], 0, 0.91)):
+        r = corrected_t_interval(values, n_train, 200)
+        assert r["n"] == len(values) and set(r) == set(full)
+        assert r["mean"] == pytest.approx(mean) if mean is not None else np.isnan(r["mean"])
+        assert all(np.isnan(r[k]) for k in ("sd", "ci_low", "ci_high", "t", "p"))
+    # every fold equal: no spread, so the sign of the mean decides
+    same = corrected_t_interval([0.02] * 4, 600, 200)
+    assert (same["t"], same["p"], same["ci_low"], same["ci_high"]) == (float("inf"), 0.0, 0.02, 0.02)
+    assert corrected_t_interval([-0.02] * 4, 600, 200)["t"] == float("-inf")
+    zero = corrected_t_interval([0.0] * 4, 600, 200)
+    assert (zero["t"], zero["p"]) == (0.0, 1.0)
+
 def test_holm_adjusts_step_down():
     adj = holm([0.01, 0.04, 0.03, np.nan, 0.005])
     assert adj[[4, 0, 2, 1]] == pytest.approx([0.02, 0.03, 0.06, 0.06])

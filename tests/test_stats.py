@@ -3,6 +3,7 @@ the draws in the test, hand-computed small examples, and sklearn where it has th
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -88,6 +89,20 @@ def test_group_resampler_draws_whole_groups_exactly_as_documented():
     assert single.n_units == 12 and single.unit == "image"
     assert all(np.array_equal(single.draw(), w) for w in _oracle_draws(5, 3, n=12))
 
+
+
+def test_the_default_seed_is_zero_everywhere_a_draw_is_made():
+    """A report's intervals are reproducible only if the defaults are: seed 0, 1000 draws."""
+    assert np.array_equal(Resampler(12).draw(), Resampler(12, seed=0).draw())
+    assert np.array_equal(Resampler(12, GROUPS[:12]).draw(), Resampler(12, GROUPS[:12], seed=0).draw())
+
+
+def test_a_paired_metric_undefined_on_every_resample_gives_nan_not_a_verdict():
+    y = np.array([0, 0, 0])  # one class: AUC is undefined on every draw
+    probs = np.eye(2)[y] * 0.8 + 0.1
+    r = paired_bootstrap(y, probs, probs[:, ::-1].copy(), point_metrics, ("roc_auc", "accuracy"), 30)
+    assert np.isnan(r["roc_auc"]["p_le_0"]) and np.isnan(r["roc_auc"]["ci_low"]) and not r["roc_auc"]["excludes_zero"]
+    assert r["accuracy"]["p_le_0"] == 0.0 and r["accuracy"]["excludes_zero"]
 
 def test_grouped_bootstrap_ci_equals_the_second_implementation():
     rng = np.random.default_rng(5)
@@ -231,6 +246,30 @@ def test_ece_and_reliability_match_an_independent_implementation(k, n, seed, n_b
     assert r["ece"] == pytest.approx(_ece_oracle(y, probs, n_bins)) and len(r["edges"]) == n_bins + 1
 
 
+
+def test_reliability_bins_are_open_below_and_closed_above_and_empty_bins_are_silent_nan():
+    """Confidences exactly on the 4-bin edges 0.25 / 0.5 / 0.75 / 1: each item in one bin, (lo, hi]."""
+    probs = np.array([[0.25] * 4, [0.5, 0.5, 0, 0], [0.75, 0.25, 0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    y = np.array([0, 0, 1, 0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" from the empty bin
+        r = calibration.reliability(y, probs, 4)
+        empty = calibration.reliability(y[:1], probs[:1], 4)
+    assert r["count"] == [1, 1, 1, 2] and r["edges"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert r["confidence"] == [0.25, 0.5, 0.75, 1.0] and r["accuracy"] == [1.0, 1.0, 0.0, 1.0]
+    assert empty["count"] == [1, 0, 0, 0] and all(np.isnan(empty[k][b]) for k in ("confidence", "accuracy") for b in (1, 2, 3))
+    assert r["ece"] == pytest.approx(_ece_oracle(y, probs, 4))
+
+
+def test_softmax_and_nll_compute_in_float64_whatever_the_logits_dtype():
+    """Logits come from the network as float32; the temperature fit needs float64 precision."""
+    z = np.random.default_rng(4).normal(0, 8, (50, 4)).astype(np.float32)
+    y = np.arange(50) % 4
+    p = calibration.softmax(z, 1.7)
+    assert p.dtype == np.float64
+    assert np.array_equal(p, calibration.softmax(z.astype(np.float64), 1.7))
+    assert calibration.nll(z, y, 1.7) == calibration.nll(z.astype(np.float64), y, 1.7)
+
 def test_softmax_and_nll_against_hand_values():
     z = np.array([[0.0, np.log(3.0)], [1000.0, 1000.0]])  # the second row overflows a naive exp
     assert calibration.softmax(z) == pytest.approx(np.array([[0.25, 0.75], [0.5, 0.5]]))
@@ -255,7 +294,7 @@ def test_fit_temperature_is_the_nll_minimum_of_a_grid_search():
     grid = np.exp(np.linspace(np.log(2.0), np.log(4.5), 1001))
     best = grid[np.argmin([calibration.nll(z, y, g) for g in grid])]
     assert t == pytest.approx(best, rel=2e-3) and 2.4 < t < 3.6
-    with pytest.raises(ValueError, match="empty split"):
+    with pytest.raises(ValueError, match="^cannot fit a temperature on an empty split$"):
         calibration.fit_temperature(z[:0], y[:0])
 
 
