@@ -5,7 +5,9 @@
 #   bench/mutation.sh                     all ten modules (hours on 2 shared cores)
 #   (the summary counts the in-scope mutants only; "not checked" = not run yet)
 #   bench/mutation.sh dtl.evaluation.stats dtl.evaluation.metrics   only these (the cached verdicts of others are kept)
-# JOBS (default 1) is mutmut's --max-children; FRESH=1 deletes mutants/ first (a clean run).
+# JOBS (default 1) is mutmut's --max-children; FRESH=1 deletes mutants/ first (a clean run);
+# RECHECK=1 reruns only the mutants the committed report did not list as killed and carries its kills
+# over (refused when the mutated sources changed since: bench/mutation_report.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v mutmut >/dev/null || { echo "mutmut not found: pip install -e '.[mutation]'" >&2; exit 2; }
@@ -29,49 +31,30 @@ ORDER="dtl.evaluation.stats dtl.evaluation.metrics dtl.evaluation.calibration dt
 MODULES=${*:-$ORDER}
 unset PYTHONPATH  # the tests must import the mutated copy in mutants/, not this checkout
 export DTL_SHARED_DATASETS=${DTL_SHARED_DATASETS:-$(cd .. && pwd)/shared/datasets}  # mutants/ has no ../shared
+export MUTATION_SCOPE="$(for m in $ORDER; do echo "${SCOPE[$m]}"; done)"
+COMMAND="bench/mutation.sh $*"
+CARRY=()
+if [ "${RECHECK:-0}" = 1 ]; then
+  # Rerun only what the committed report did not list as killed, and carry its kills over.
+  git show HEAD:bench/results/mutation.md > mutants.previous.md
+  CARRY=(mutants.previous.md)
+  COMMAND="RECHECK=1 $COMMAND"
+fi
 [ "${FRESH:-0}" = 1 ] && rm -rf mutants
 for m in $MODULES; do
+  [ -n "${SCOPE[$m]:-}" ] || { echo "unknown module $m; choose from: $ORDER" >&2; exit 2; }
   echo "== $m"
+  if [ "${RECHECK:-0}" = 1 ]; then
+    names=$(python -m bench.mutation_report recheck mutants.previous.md "$m")
+    [ -n "$names" ] || { echo "   nothing to recheck"; continue; }
+  else
+    names=${SCOPE[$m]}
+  fi
   # shellcheck disable=SC2086 # the globs are mutmut's, not the shell's
-  (set -f; nice -n 10 mutmut run --max-children "${JOBS:-1}" ${SCOPE[$m]}) | tail -n 3 || true
+  (set -f; nice -n 10 mutmut run --max-children "${JOBS:-1}" $names) | tail -n 3 || true
 done
-export MUTATION_SCOPE="$(for m in $ORDER; do echo "${SCOPE[$m]}"; done)"
 mkdir -p bench/results
-python - "$(date -u +%F)" "$*" > bench/results/mutation.md <<'PY'
-"""Per-module counts of mutmut's verdicts, and the surviving mutants, from mutants/**/*.meta."""
-import json
-import sys
-from collections import Counter
-from pathlib import Path
-
-import fnmatch
-import os
-
-from mutmut.stats import status_by_exit_code
-
-scope = os.environ["MUTATION_SCOPE"].split()
-rows, survivors = [], []
-for meta in sorted(Path("mutants").rglob("*.py.meta")):
-    codes = {k: v for k, v in json.loads(meta.read_text())["exit_code_by_key"].items()
-             if any(fnmatch.fnmatchcase(k, g) for g in scope)}
-    c = Counter(status_by_exit_code[v] for v in codes.values())
-    module = str(meta.relative_to("mutants"))[:-len(".py.meta")].replace("/", ".")
-    rows.append((module, len(codes), c))
-    survivors += sorted(k for k, v in codes.items() if status_by_exit_code[v] == "survived")
-cols = ["killed", "survived", "timeout", "no tests", "not checked", "suspicious", "skipped"]
-print(f"# Mutation run {sys.argv[1]}\n\n`bench/mutation.sh {sys.argv[2]}`".rstrip() + " (mutmut 3, fast tier)\n")
-print("| module | mutants | " + " | ".join(cols) + " | killed share of checked |")
-print("|---" * (len(cols) + 3) + "|")
-total = Counter()
-for module, n, c in rows:
-    total += c
-    checked = c["killed"] + c["survived"] + c["timeout"]
-    share = f"{(c['killed'] + c['timeout']) / checked:.1%}" if checked else "–"
-    print(f"| {module} | {n} | " + " | ".join(str(c[k]) for k in cols) + f" | {share} |")
-checked = total["killed"] + total["survived"] + total["timeout"]
-print(f"| all | {sum(r[1] for r in rows)} | " + " | ".join(str(total[k]) for k in cols)
-      + f" | {(total['killed'] + total['timeout']) / max(checked, 1):.1%} |")
-print("\n## Survivors (`mutmut show NAME` prints the diff)\n")
-print("\n".join(f"- `{s}`" for s in survivors) or "none")
-PY
-cat bench/results/mutation.md | head -20
+python -m bench.mutation_report report "$(date -u +%F)" "${COMMAND% }" "${CARRY[@]}" > bench/results/mutation.md.new
+mv bench/results/mutation.md.new bench/results/mutation.md
+rm -f mutants.previous.md
+sed -n '1,/^## /p' bench/results/mutation.md
