@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+import statistics
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +241,37 @@ def test_holm_adjusts_step_down():
     assert adj[[4, 0, 2, 1]] == pytest.approx([0.02, 0.03, 0.06, 0.06])
     assert np.isnan(adj[3])
     assert holm([0.6, 0.9]) == pytest.approx([1.0, 1.0]) and holm([0.02, 0.5]) == pytest.approx([0.04, 0.5])
+
+
+def test_corrected_t_interval_computes_in_float64_and_is_silent_without_folds():
+    # fold results as numpy float32: the summary of the same numbers as Python floats (statistics
+    # module as the oracle), not a float32 mean and variance off in the 8th digit
+    folds = np.array([0.9137, 0.8712, 0.9541, 0.9023, 0.8866], dtype=np.float32)
+    as_float = [float(v) for v in folds]
+    r = corrected_t_interval(list(folds), 600, 200)
+    assert r["mean"] == pytest.approx(statistics.fmean(as_float), rel=1e-12, abs=0)
+    assert r["sd"] == pytest.approx(statistics.stdev(as_float), rel=1e-12, abs=0)
+    se = np.sqrt((1 / 5 + 200 / 600) * statistics.variance(as_float))
+    assert r["t"] == pytest.approx(statistics.fmean(as_float) / se, rel=1e-12, abs=0)
+    with warnings.catch_warnings():  # no fold finished: NaN, without numpy's "mean of empty slice"
+        warnings.simplefilter("error")
+        none = corrected_t_interval([None, float("nan")], 600, 200)
+    assert none["n"] == 0 and all(np.isnan(none[k]) for k in ("mean", "sd", "ci_low", "ci_high", "t", "p"))
+
+
+def test_holm_treats_a_missing_p_value_given_as_none_like_nan():
+    adj = holm([0.01, None, 0.04])
+    assert adj[[0, 2]] == pytest.approx([0.02, 0.04]) and np.isnan(adj[1])
+
+
+def test_joined_units_compare_labels_as_text_so_blank_cells_share_one_unit():
+    """A units column read from a CSV is float with NaN for blank cells; labels are compared as the
+    text the report path reads ("nan" is one label), in either grouping."""
+    nums, names = np.array([np.nan, np.nan, 1.0, 2.0]), ["p", "q", "r", "s"]
+    for a, b in ((nums, names), (names, nums)):
+        u = joined_units(a, b)
+        assert u[0] == u[1] and len(set(u)) == 3
+        assert list(u) == list(joined_units(np.asarray(a).astype(str), np.asarray(b).astype(str)))
 
 
 def test_joined_units_link_items_grouped_together_by_either_protocol():

@@ -3,7 +3,9 @@ the draws in the test, hand-computed small examples, and sklearn where it has th
 
 from __future__ import annotations
 
+import statistics
 import warnings
+from fractions import Fraction
 from types import SimpleNamespace
 
 import numpy as np
@@ -104,6 +106,46 @@ def test_a_paired_metric_undefined_on_every_resample_gives_nan_not_a_verdict():
     assert np.isnan(r["roc_auc"]["p_le_0"]) and np.isnan(r["roc_auc"]["ci_low"]) and not r["roc_auc"]["excludes_zero"]
     assert r["accuracy"]["p_le_0"] == 0.0 and r["accuracy"]["excludes_zero"]
 
+def test_a_metric_undefined_on_every_resample_is_a_silent_nan():
+    """No numpy "mean of empty slice" warning in a report's log when no resample defines the metric."""
+    y = np.arange(20) % 2
+    undefined = lambda t, q: {"m": float("nan")}  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = paired_bootstrap(y, np.eye(2)[y], np.eye(2)[1 - y], undefined, ("m",), 20)["m"]
+        ci = bootstrap_ci(y, np.eye(2)[y], undefined, 20)["m"]
+    assert all(np.isnan(r[k]) for k in ("diff", "ci_low", "ci_high", "p_le_0")) and r["excludes_zero"] is False
+    assert np.isnan(ci[0]) and np.isnan(ci[1])
+
+
+def test_bootstrap_takes_any_real_number_type_from_the_metric_and_summarises_in_float64():
+    """A metric on float32 network outputs returns numpy float32 values; one counting exactly may
+    return Fractions: the intervals are those of the same values as Python floats."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 80)
+    u, v = rng.random((2, 80)).astype(np.float32)
+    draws = _oracle_draws(300, 1, n=80)
+    got = bootstrap_ci(y, u, lambda t, q: {"m": q.mean()}, 300, seed=1)["m"]  # np.float32 values
+    assert got == pytest.approx(_quantiles([float(u[i].mean()) for i in draws]), rel=1e-12, abs=0)
+    share = lambda t, q: {"m": Fraction(int((q > 0.5).sum()), len(q))}  # noqa: E731 - exact
+    as_float = lambda t, q: {"m": float((q > 0.5).mean())}  # noqa: E731
+    assert bootstrap_ci(y, u, share, 300, seed=1)["m"] == pytest.approx(bootstrap_ci(y, u, as_float, 300, seed=1)["m"])
+    exact = paired_bootstrap(y, u, v, share, ("m",), 300, seed=1)["m"]
+    assert exact == pytest.approx(paired_bootstrap(y, u, v, as_float, ("m",), 300, seed=1)["m"])
+    diffs = [float((u[i] > 0.5).mean() - (v[i] > 0.5).mean()) for i in draws]
+    assert exact["p_le_0"] == pytest.approx(np.mean(np.asarray(diffs) <= 0))
+
+
+def test_group_ids_given_as_numbers_are_drawn_as_their_text_is():
+    """Patient ids read from a CSV come as integers or as text: the same groups, the same draws
+    (groups ordered by name as text: "10" < "2" < "9", not numerically)."""
+    ids = np.array([10, 9, 10, 2, 9, 2, 2, 10, 9])
+    as_num, as_text = Resampler(len(ids), ids, seed=4), Resampler(len(ids), ids.astype(str), seed=4)
+    for got, text, want in zip([as_num.draw() for _ in range(10)], [as_text.draw() for _ in range(10)],
+                               _oracle_draws(10, 4, list(ids))):
+        assert np.array_equal(got, want) and np.array_equal(text, want)
+
+
 def test_grouped_bootstrap_ci_equals_the_second_implementation():
     rng = np.random.default_rng(5)
     y = rng.integers(0, 3, len(GROUPS))
@@ -157,6 +199,17 @@ def test_mean_spread_of_seed_repeats():
     assert mean_spread([0.4]) == {"mean": 0.4, "std": 0.0, "min": 0.4, "max": 0.4, "n": 1}
     empty = mean_spread([None])
     assert empty["n"] == 0 and all(np.isnan(empty[k]) for k in ("mean", "std", "min", "max"))
+
+
+def test_mean_spread_computes_in_float64_whatever_the_values_type():
+    """Repeats given as numpy float32: the summary of the same numbers as Python floats
+    (statistics module as the oracle), not a float32 mean off in the 8th digit."""
+    vals = np.array([0.9137, 0.8712, 0.9541, 0.9023, 0.8866], dtype=np.float32)
+    as_float = [float(v) for v in vals]
+    s = mean_spread(list(vals))
+    assert s["mean"] == pytest.approx(statistics.fmean(as_float), rel=1e-12, abs=0)
+    assert s["std"] == pytest.approx(statistics.stdev(as_float), rel=1e-12, abs=0)
+    assert (s["min"], s["max"], s["n"]) == (min(as_float), max(as_float), 5)
 
 
 # ----------------------------------------------------------------------------- paired gains
@@ -296,6 +349,15 @@ def test_fit_temperature_is_the_nll_minimum_of_a_grid_search():
     assert t == pytest.approx(best, rel=2e-3) and 2.4 < t < 3.6
     with pytest.raises(ValueError, match="^cannot fit a temperature on an empty split$"):
         calibration.fit_temperature(z[:0], y[:0])
+
+
+def test_fit_temperature_gives_no_solver_warnings():
+    """The tolerance handed to the bounded search is one it knows: no "Unknown solver options" warning."""
+    y, z = _logits(300, 2.0, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = calibration.fit_temperature(z, y)
+    assert calibration.nll(z, y, t) <= min(calibration.nll(z, y, t * f) for f in (0.99, 1.01))
 
 
 def test_supported_temperature_needs_errors_and_a_sane_value():
