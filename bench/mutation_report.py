@@ -112,8 +112,11 @@ def render(date: str, command: str, digest: str, verdicts: dict[str, str], moved
     lines = [f"# Mutation run {date}", "", f"`{command}` (mutmut 3, fast tier)", "",
              f"Sources: SHA-256 `{digest}` of the mutated files (`[tool.mutmut] only_mutate`).", ""]
     if moved:
-        lines += [f"A recheck: {len(moved)} mutants killed in the run of {previous_date or 'the earlier report'} were not "
-                  "rerun and are counted as killed (\"carried\"); the rest were run now.", ""]
+        kept = sum(verdicts[n] not in KILLED for n in moved)
+        lines += [f"A recheck: {len(moved) - kept} mutants killed in the run of {previous_date or 'the earlier report'} "
+                  "were not rerun and are counted as killed (\"carried\")"
+                  + (f"; not rerun either and keeping the verdict it lists: {kept}" if kept else "")
+                  + "; the rest were run now.", ""]
     head = ["module", "mutants", *COLS, "carried", "equivalent", "killed share of checked non-equivalent"]
     lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     by_mod: dict[str, list[str]] = {}
