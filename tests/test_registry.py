@@ -446,3 +446,39 @@ def test_the_variants_of_one_backbone_have_their_own_model_names():
     assert model_name({**row, schema.PREPROCESSING: "colour=greyscale, hed=0.05"}) == \
         "test_resnet-double-colour_greyscale-hed_0.05"
     assert model_name({schema.BACKBONE: "test_resnet", schema.STRATEGY: "scratch"}) == "test_resnet-scratch"
+
+
+def test_the_workspace_store_is_what_mlflow_creates_in_that_folder(workspace, tmp_path_factory, monkeypatch):
+    """``workspace`` copies one migrated store instead of migrating each (tests/conftest.py): the copy
+    must be the store MLflow itself makes in that folder, at the same schema, its Default experiment
+    writing under the folder, not under the template's."""
+    import sqlite3
+
+    import mlflow
+
+    other = tmp_path_factory.mktemp("made-by-mlflow")
+    monkeypatch.chdir(other)
+    made = mlflow.MlflowClient(f"sqlite:///{other}/mlflow.db").search_experiments()
+    monkeypatch.chdir(workspace)
+    copied = mlflow.MlflowClient(f"sqlite:///{workspace}/mlflow.db").search_experiments()
+    assert [(e.experiment_id, e.name) for e in copied] == [(e.experiment_id, e.name) for e in made] == [("0", "Default")]
+    assert made[0].artifact_location == str(other.resolve() / "mlruns" / "0")
+    assert copied[0].artifact_location == str(workspace.resolve() / "mlruns" / "0")
+
+    def schema(db):
+        # MLflow's own migrations write a table's constraints in a per-process order (two fresh stores
+        # differ there), so each statement is compared as its set of lines
+        con = sqlite3.connect(db)
+        try:
+            return (con.execute("SELECT version_num FROM alembic_version").fetchall(),
+                    {(name, frozenset(line.strip().rstrip(",") for line in (sql or "").splitlines()))
+                     for name, sql in con.execute("SELECT name, sql FROM sqlite_master")})
+        finally:
+            con.close()
+
+    (v_copy, t_copy), (v_made, t_made) = schema(workspace / "mlflow.db"), schema(other / "mlflow.db")
+    assert v_copy == v_made and len(v_copy) == 1
+    assert t_copy == t_made and len(t_copy) > 20
+    with mlflow.start_run(experiment_id="0") as run:
+        mlflow.log_text("x", "a.txt")
+    assert (workspace / "mlruns" / "0" / run.info.run_id / "artifacts" / "a.txt").is_file()
