@@ -127,10 +127,10 @@ def render(date: str, command: str, digest: str, verdicts: dict[str, str], moved
         c = Counter(verdicts[n] for n in names)
         # an equivalent mutant is out of the score unless killed (which flags the list); one that timed
         # out (slow under load, like any other) is not counted as caught
-        eq = [n for n in names if n in equiv and verdicts[n] != "killed"]
-        checked = sum(c[k] for k in ("killed", "survived", "timeout")) - sum(verdicts[n] in COLS[:3] for n in eq)
-        caught = c["killed"] + c["timeout"] - sum(verdicts[n] == "timeout" for n in eq)
-        share = f"{caught / checked:.1%}" if checked else "–"
+        eq = {n for n in names if n in equiv and verdicts[n] != "killed"}
+        scored = [n for n in names if verdicts[n] in ("killed", "survived", "timeout") and n not in eq]
+        caught = sum(verdicts[n] in KILLED for n in scored)
+        share = f"{caught / len(scored):.1%}" if scored else "–"
         return (f"| {label} | {len(names)} | " + " | ".join(str(c[k]) for k in COLS)
                 + f" | {sum(n in moved for n in names)} | {len(eq)} | {share} |")
 

@@ -106,6 +106,7 @@ def test_a_paired_metric_undefined_on_every_resample_gives_nan_not_a_verdict():
     assert np.isnan(r["roc_auc"]["p_le_0"]) and np.isnan(r["roc_auc"]["ci_low"]) and not r["roc_auc"]["excludes_zero"]
     assert r["accuracy"]["p_le_0"] == 0.0 and r["accuracy"]["excludes_zero"]
 
+
 def test_a_metric_undefined_on_every_resample_is_a_silent_nan():
     """No numpy "mean of empty slice" warning in a report's log when no resample defines the metric."""
     y = np.arange(20) % 2

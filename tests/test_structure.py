@@ -243,8 +243,9 @@ def _third_party_imports(dirs: tuple[str, ...]) -> dict[str, set[str]]:
     """Top-level module -> the files importing it, for every non-stdlib, non-project import."""
     import sys
 
-    # The repository's own packages (bench/, registry/, ...) and the tests' conftest are first-party:
-    # the CI failure of 2026-12-03 was tests/ importing bench, listed here as a missing dependency.
+    # The repository's own packages (every top-level folder with an __init__.py: dtl/, bench/) and the
+    # tests' conftest are first-party: the CI failure of 2026-12-03 was tests/ importing bench, listed
+    # here as a missing dependency.
     local = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()} | {"tests", "conftest"}
     out: dict[str, set[str]] = defaultdict(set)
     for d in dirs:
