@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
-import mlflow.server
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
@@ -48,6 +47,13 @@ def _backend(workspace: Path) -> tuple[str, str]:
     return f"sqlite:///{workspace}/server.db", ""
 
 
+def _admin(url: str):
+    """The server's user administration, as its admin."""
+    from mlflow.server import get_app_client  # deferred: mlflow.server (Flask) adds 1-1.5 s to every collection
+
+    return get_app_client("basic-auth", tracking_uri=url)
+
+
 @pytest.fixture()
 def auth_server(workspace):
     """The basic-auth server, its admin, and the two users; yields its URL and the backend's password."""
@@ -61,7 +67,7 @@ def auth_server(workspace):
     # one worker: no supervisor to kill a slow first start (the auth app migrates its own database)
     with mlflow_server(workspace, backend, "--app-name", "basic-auth", env=env, workers=1, timeout=400) as url:
         with _as("admin", ADMIN_PW):
-            admin = mlflow.server.get_app_client("basic-auth", tracking_uri=url)
+            admin = _admin(url)
             for user, pw in USERS.items():
                 admin.create_user(user, pw)
         yield url, backend_pw
@@ -143,7 +149,7 @@ def test_basic_auth_server_editor_reader_and_refusals(auth_server, workspace, ca
                                   "No alias was moved")
         logs += [p.stdout + p.stderr, rep.stdout + rep.stderr, pr.stdout + pr.stderr]
     with _as("admin", ADMIN_PW):  # bob may now write runs, still not versions or aliases
-        admin = mlflow.server.get_app_client("basic-auth", tracking_uri=url)
+        admin = _admin(url)
         admin.grant_user_permission("bob", "experiment", exp.experiment_id, "EDIT")
     with _as("bob"):  # a new phase-2 study: without the pre-flight it would train, then be refused the version
         p = _dtl(workspace, url, "main", overrides=[*o, "phase2.epochs=2"])
