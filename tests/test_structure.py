@@ -5,6 +5,7 @@ that name only what exists. Pure source analysis: runs in well under a second.""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -21,18 +22,38 @@ MAX_LINES = 60  # no function is longer
 WINDOW = 6  # no block of this many (non-trivial) lines may appear twice in dtl/
 
 
+@functools.cache
+def _tree(path: Path) -> ast.Module:
+    """``path`` parsed once per session (the checks only read the trees)."""
+    return ast.parse(path.read_text(), str(path))
+
+
+@functools.cache
+def _walk(node: ast.AST) -> tuple[ast.AST, ...]:
+    """``ast.walk(node)``, listed once per session: the tag check walks every scope of every module."""
+    return tuple(ast.walk(node))
+
+
+@functools.cache
+def _providers() -> dict[str, list[str]]:
+    """Top-level module -> the installed distributions providing it (reads every installed RECORD)."""
+    import importlib.metadata as md
+
+    return md.packages_distributions()
+
+
 def _modules() -> dict[str, ast.Module]:
     out = {}
     for p in sorted(PKG.rglob("*.py")):
         name = ".".join(p.relative_to(PKG.parent).with_suffix("").parts).removesuffix(".__init__")
-        out[name] = ast.parse(p.read_text(), str(p))
+        out[name] = _tree(p)
     return out
 
 
 def _imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
     """The dtl modules ``name`` imports, at any depth (function-level imports included)."""
     deps = set()
-    for n in ast.walk(tree):
+    for n in _walk(tree):
         if isinstance(n, ast.Import):
             deps |= {a.name for a in n.names if a.name in known}
         elif isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("dtl"):
@@ -83,9 +104,9 @@ def test_imports_are_at_the_top_or_say_why_not():
         if p.name == "cli.py":
             continue
         lines = p.read_text().split("\n")
-        for fn in ast.walk(ast.parse("\n".join(lines))):
+        for fn in _walk(_tree(p)):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                for n in ast.walk(fn):
+                for n in _walk(fn):
                     if isinstance(n, (ast.Import, ast.ImportFrom)) and "# deferred:" not in lines[n.lineno - 1]:
                         bad.append(f"{p.relative_to(PKG.parent)}:{n.lineno}")
     assert not bad, f"function-level imports without a '# deferred:' reason: {bad}"
@@ -94,7 +115,7 @@ def test_imports_are_at_the_top_or_say_why_not():
 def test_no_function_is_over_sixty_lines():
     long = []
     for p in sorted(PKG.rglob("*.py")):
-        for fn in ast.walk(ast.parse(p.read_text())):
+        for fn in _walk(_tree(p)):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and fn.end_lineno - fn.lineno + 1 > MAX_LINES:
                 long.append(f"{p.relative_to(PKG.parent)}:{fn.lineno} {fn.name} ({fn.end_lineno - fn.lineno + 1} lines)")
     assert not long, f"functions over {MAX_LINES} lines: {long}"
@@ -116,7 +137,7 @@ def _model_violations(mods: dict[str, ast.Module]) -> list[str]:
         if not (name in SHIPPED_MODULES or name.startswith("dtl.model.")):
             continue
         allowed = MODEL_MAY_IMPORT | MODEL_EXTRA.get(name, set())
-        for n in ast.walk(tree):
+        for n in _walk(tree):
             targets = [a.name for a in n.names] if isinstance(n, ast.Import) else []
             if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module:
                 targets = [n.module] if n.module != "dtl" else [f"dtl.{a.name}" for a in n.names]
@@ -158,13 +179,11 @@ def _top_imports(n: ast.AST) -> set[str]:
 def test_the_model_pins_match_what_the_served_package_imports():
     """SERVING_DISTRIBUTIONS (the logged model's requirements.txt) pins every distribution that
     dtl.model imports, and nothing it does not need (each extra pin says why)."""
-    import importlib.metadata as md
-
     from dtl.model.pyfunc import SERVING_DISTRIBUTIONS
 
-    provider = md.packages_distributions()
+    provider = _providers()
     tops = {t for name, tree in _modules().items() if name.startswith("dtl.model") and name not in MODEL_EXTRA
-            for n in ast.walk(tree) for t in _top_imports(n)} & MODEL_MAY_IMPORT
+            for n in _walk(tree) for t in _top_imports(n)} & MODEL_MAY_IMPORT
     imported = {d.lower() for m in tops for d in provider[m]} - {"mlflow-skinny", "mlflow-tracing"}
     reasons = {"torchvision": "timm imports it when it builds the network",
                "pyyaml": "mlflow reads MLmodel with it; pinned so that a model reads its files as it wrote them"}
@@ -250,7 +269,7 @@ def _third_party_imports(dirs: tuple[str, ...]) -> dict[str, set[str]]:
     out: dict[str, set[str]] = defaultdict(set)
     for d in dirs:
         for p in sorted((ROOT / d).rglob("*.py")):
-            for n in ast.walk(ast.parse(p.read_text(), str(p))):
+            for n in _walk(_tree(p)):
                 names = [a.name for a in n.names] if isinstance(n, ast.Import) else []
                 if isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
                     names = [n.module]
@@ -291,13 +310,12 @@ def test_every_import_is_a_declared_dependency():
     (through rich) but pyproject.toml never asked for, so a clean install could not import the
     report. Every third-party import in dtl/ must come from the install closure of
     ``pip install -e .``; every one in tests/ from that of ``.[test]``."""
-    import importlib.metadata as md
 
     import tomllib
     from packaging.utils import canonicalize_name
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    provider = md.packages_distributions()
+    provider = _providers()
     for dirs, reqs in ((("dtl",), project["dependencies"]),
                        (("tests",), project["dependencies"] + project["optional-dependencies"]["test"])):
         closure = _closure(reqs)
@@ -358,7 +376,7 @@ def _tag_keys_used(n: ast.AST, names: set[str] = frozenset({"tags"})) -> list[as
 def _scopes(tree: ast.Module):
     """The module's top level and each function, with the names bound to a tag dict in it."""
     yield tree, _tag_names(tree)
-    for fn in ast.walk(tree):
+    for fn in _walk(tree):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             yield fn, _tag_names(fn)
 
@@ -366,7 +384,7 @@ def _scopes(tree: ast.Module):
 def _dict_keys(tree: ast.AST) -> set[int]:
     """ids of the string constants that are keys of a dict literal or the argument of ``startswith``."""
     out = set()
-    for n in ast.walk(tree):
+    for n in _walk(tree):
         if isinstance(n, ast.Dict):
             out |= {id(k) for k in n.keys if isinstance(k, ast.Constant)}
         if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "startswith":
@@ -382,15 +400,15 @@ def _tag_literals(trees: dict[str, ast.Module], keys: frozenset[str]) -> list[st
     for name, tree in trees.items():
         if name == "dtl.tracking.schema":
             continue
-        docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        docs = {id(n.value) for n in _walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
         as_keys = _dict_keys(tree)
-        for n in ast.walk(tree):
+        for n in _walk(tree):
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs and (
                     n.value in keys or (id(n) in as_keys and n.value.startswith(prefixes))
                     or re.search(r"(tags|attributes)\.[`\w]+\s*(=|!=|LIKE)", n.value)):
                 bad.append(f"{name}:{n.lineno} {n.value[:60]!r}")
         for scope, names in _scopes(tree):
-            for n in ast.walk(scope):
+            for n in _walk(scope):
                 for k in _tag_keys_used(n, names):
                     lit = k if isinstance(k, ast.Constant) else next(
                         (c for c in ast.walk(k) if isinstance(k, ast.JoinedStr) and isinstance(c, ast.Constant)), None)
