@@ -380,6 +380,31 @@ def test_the_colour_baseline_finds_a_label_painted_as_a_colour_cast_and_nothing_
         assert b["accuracy"] < b["majority"] + 0.15, b  # chance is 1/3: nothing to find
 
 
+def test_colour_features_match_numpy_and_colorsys_on_random_colours():
+    """An independent oracle for the 17 statistics: numpy's mean, std and 95th percentile of the kept
+    pixels, and the standard library's HSV (colorsys) per pixel, counted in 8 hue bins where the
+    saturation is at least 0.05. Random colours of every hue, grey rows, a random keep mask; a pixel
+    whose hue or saturation lies on a bin edge (float rounding may put it either side) may differ."""
+    import colorsys
+
+    from dtl.data.baselines import HUE_BINS, colour_features
+
+    rng = np.random.default_rng(3)
+    imgs = rng.integers(0, 256, (3, 16, 12, 3), dtype=np.uint8)
+    imgs[2, :5] = imgs[2, :5, :, :1]  # grey rows: no hue bin
+    keep = rng.random((16, 12)) < 0.8
+    for img, row in zip(imgs, colour_features(imgs, keep), strict=True):
+        px = img[keep].astype(np.float64) / 255
+        np.testing.assert_allclose(row[:9], np.concatenate([px.mean(0), px.std(0), np.percentile(px, 95, axis=0)]),
+                                   rtol=1e-5, atol=1e-6)
+        hsv = np.array([colorsys.rgb_to_hsv(*p) for p in px])
+        scaled = hsv[:, 0] * HUE_BINS
+        edge = (np.abs(scaled - np.round(scaled)) < 1e-4) | (np.abs(hsv[:, 1] - 0.05) < 1e-4)
+        shares = np.bincount(np.minimum(scaled.astype(int), HUE_BINS - 1)[hsv[:, 1] >= 0.05], minlength=HUE_BINS)
+        assert np.abs(row[9:] - shares / len(px)).max() <= edge.sum() / len(px) + 1e-6
+        assert row[9:].sum() > 0.5 or img is imgs[2]
+
+
 def test_colour_features_are_the_seventeen_statistics_of_the_kept_pixels():
     from dtl.data.baselines import colour_features
 
