@@ -7,7 +7,10 @@
 #   bench/mutation.sh dtl.evaluation.stats dtl.evaluation.metrics   only these (the cached verdicts of others are kept)
 # JOBS (default 1) is mutmut's --max-children; FRESH=1 deletes mutants/ first (a clean run);
 # RECHECK=1 reruns only the mutants the committed report did not list as killed and carries its kills
-# over (refused when the mutated sources changed since: bench/mutation_report.py).
+# over; where the mutated sources changed since, every mutant of a changed function is rerun and only
+# the other functions' kills are carried (refused when no commit holds the report's sources:
+# bench/mutation_report.py). ALSO="glob ..." adds mutants to rerun (e.g. the functions a changed one
+# relies on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v mutmut >/dev/null || { echo "mutmut not found: pip install -e '.[mutation]'" >&2; exit 2; }
@@ -38,15 +41,16 @@ if [ "${RECHECK:-0}" = 1 ]; then
   # Rerun only what the committed report did not list as killed, and carry its kills over.
   git show HEAD:bench/results/mutation.md > mutants.previous.md
   CARRY=(mutants.previous.md)
-  COMMAND="RECHECK=1 $COMMAND"
+  COMMAND="RECHECK=1 ${ALSO:+ALSO=\"$ALSO\" }$COMMAND"
 fi
 [ "${FRESH:-0}" = 1 ] && rm -rf mutants
 for m in $MODULES; do
   [ -n "${SCOPE[$m]:-}" ] || { echo "unknown module $m; choose from: $ORDER" >&2; exit 2; }
   echo "== $m"
   if [ "${RECHECK:-0}" = 1 ]; then
-    names=$(python -m bench.mutation_report recheck mutants.previous.md "$m")
-    [ -n "$names" ] || { echo "   nothing to recheck"; continue; }
+    names="$(python -m bench.mutation_report recheck mutants.previous.md "$m") $(set -f; for g in ${ALSO:-}; do
+      case $g in "$m".*) echo "$g";; esac; done)"
+    [ -n "${names// /}" ] || { echo "   nothing to recheck"; continue; }
   else
     names=${SCOPE[$m]}
   fi

@@ -1,10 +1,21 @@
 """The mutation report (bench/mutation_report.py): what a recheck carries over and what it refuses."""
 
 import re
+import subprocess
 
 import pytest
 
-from bench.mutation_report import check_carry, equivalents, merge, parse_report, render, source_digest
+from bench.mutation_report import (
+    changed_functions,
+    check_carry,
+    equivalents,
+    functions,
+    merge,
+    parse_report,
+    render,
+    source_digest,
+    sources_of,
+)
 
 DIGEST = "ab" * 32
 
@@ -46,7 +57,8 @@ def test_equivalent_mutants_leave_the_score_and_a_killed_one_on_the_list_is_flag
 
 def test_a_recheck_carries_only_the_earlier_kills_and_refuses_other_sources():
     earlier = _report({"m.x_f__mutmut_1": "killed", "m.x_f__mutmut_2": "survived", "m.x_f__mutmut_3": "no tests"})
-    listed = check_carry(earlier, DIGEST)
+    listed, changed = check_carry(earlier, DIGEST)
+    assert changed == set()
     now = {"m.x_f__mutmut_1": "not checked", "m.x_f__mutmut_2": "killed", "m.x_f__mutmut_3": "not checked",
            "m.x_f__mutmut_4": "not checked"}
     merged, moved = merge(now, listed)
@@ -61,7 +73,7 @@ def test_a_recheck_carries_only_the_earlier_kills_and_refuses_other_sources():
     assert "2 mutants killed in the run of 2026-12-02 were not rerun and are counted as killed" in text
     assert "; not rerun either and keeping the verdict it lists: 1;" in text
     assert "| m | 4 | 3 | 0 | 0 | 1 | 0 | 0 | 0 | 3 |" in text
-    with pytest.raises(SystemExit, match="sources changed since the earlier report"):
+    with pytest.raises(SystemExit, match="sources changed since the earlier report .* no commit holds"):
         check_carry(earlier, "cd" * 32)
     with pytest.raises(SystemExit, match="records no source digest"):
         check_carry("# Mutation run 2026-12-01\n\n## Survived\n\n- `m.x_f__mutmut_2`\n", DIGEST)
@@ -83,3 +95,60 @@ def test_the_source_digest_follows_every_mutated_file(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{64}", d)
     (tmp_path / "b.py").write_text("y = 3\n")
     assert source_digest(tmp_path) != d
+
+
+def _git(root, *args):
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+MODULE_V1 = """LIMIT = 3
+
+
+def f(x):
+    return x + 1
+
+
+class C:
+    def m(self):
+        return 2
+
+
+def g(x):
+    return x * LIMIT
+"""
+
+
+def test_a_recheck_after_a_change_carries_the_kills_of_unchanged_functions_only(tmp_path):
+    """The 2026-12-03 change to groups.shifted_ncc (a faster form of the same function) made the whole
+    recheck refuse: kills of the module's other functions are carried, every mutant of the changed one
+    is rerun, and a constant's change reruns its whole module."""
+    (tmp_path / "pyproject.toml").write_text('[tool.mutmut]\nonly_mutate = ["m.py"]\n')
+    (tmp_path / "m.py").write_text(MODULE_V1)
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1")
+    v1 = {"m.py": MODULE_V1.encode()}
+    earlier = _report({"m.x_f__mutmut_1": "killed", "m.x_f__mutmut_2": "survived", "m.x_g__mutmut_1": "killed",
+                       "m.xǁCǁm__mutmut_1": "killed"}, digest=source_digest(tmp_path))
+    assert set(functions(MODULE_V1, "m")) == {"m", "m.x_f", "m.xǁCǁm", "m.x_g"}
+
+    v2 = MODULE_V1.replace("return x * LIMIT", "return LIMIT * x")  # g changed, f and C.m as they were
+    (tmp_path / "m.py").write_text(v2)
+    found = sources_of(parse_report(earlier)[0], tmp_path)
+    assert found is not None and found[1] == v1
+    listed, changed = check_carry(earlier, source_digest(tmp_path), found[1], {"m.py": v2.encode()})
+    assert changed == {"m.x_g"}
+    now = {"m.x_f__mutmut_1": "not checked", "m.x_f__mutmut_2": "not checked", "m.x_g__mutmut_1": "not checked",
+           "m.x_g__mutmut_2": "survived", "m.xǁCǁm__mutmut_1": "not checked"}
+    merged, moved = merge(now, listed, changed)
+    assert merged == {"m.x_f__mutmut_1": "killed", "m.x_f__mutmut_2": "survived", "m.x_g__mutmut_1": "not checked",
+                      "m.x_g__mutmut_2": "survived", "m.xǁCǁm__mutmut_1": "killed"}
+    assert moved == {"m.x_f__mutmut_1", "m.x_f__mutmut_2", "m.xǁCǁm__mutmut_1"}
+    assert "Changed since the sources of the earlier report" in render(
+        "2026-12-04", "RECHECK=1 bench/mutation.sh", DIGEST, merged, moved, set(), "2026-12-03", changed, "abc")
+
+    assert changed_functions(v1, {"m.py": MODULE_V1.replace("LIMIT = 3", "LIMIT = 4").encode()}) == {"m"}
+    assert merge({"m.x_f__mutmut_1": "not checked"}, listed, {"m"})[0] == {"m.x_f__mutmut_1": "not checked"}
+    with pytest.raises(SystemExit, match="no commit holds the sources"):
+        check_carry(earlier, "cd" * 32)
+    assert sources_of("cd" * 32, tmp_path) is None
