@@ -187,7 +187,7 @@ def _window_sums(t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return area, box(ii), box(jj)
 
 
-def shifted_ncc(t: np.ndarray, pairs: np.ndarray, batch: int = 2048,
+def shifted_ncc(t: np.ndarray, pairs: np.ndarray, batch: int = 256,
                 other: np.ndarray | None = None) -> np.ndarray:
     """Best normalised cross-correlation of each pair's thumbnails over the allowed shifts: image
     ``i`` of ``t`` against image ``j`` of ``other`` (default: of ``t`` too)."""
@@ -196,18 +196,27 @@ def shifted_ncc(t: np.ndarray, pairs: np.ndarray, batch: int = 2048,
     area, s1, s2 = _window_sums(t)
     spec_j, s1_j, s2_j = (spec, s1, s2) if other is None else (np.fft.rfft2(other, s=(n2, n2)),
                                                                *_window_sums(other)[1:])
-    ok = area >= MIN_OVERLAP * THUMB * THUMB
-    r = np.arange(-MAX_SHIFT, MAX_SHIFT + 1)
+    conj_j = np.conj(spec_j)
+    # Only the shifts that leave MIN_OVERLAP, flattened; what depends on one image alone (its sums,
+    # its clipped variance term) is computed once per image instead of once per pair. Image i is in
+    # the "moved" role at shift s, image j over the mirrored window (-s; the overlap area is symmetric).
+    ok = (area >= MIN_OVERLAP * THUMB * THUMB).ravel()
+    shifts = np.nonzero(ok)[0]
+    sums_i = s1.reshape(len(s1), -1)[:, shifts]
+    var_i = np.clip(s2 - s1 ** 2 / area, 1e-6, None).reshape(len(s1), -1)[:, shifts]
+    sums_j = s1_j[:, ::-1, ::-1].reshape(len(s1_j), -1)[:, shifts]
+    var_j = np.clip(s2_j - s1_j ** 2 / area, 1e-6, None)[:, ::-1, ::-1].reshape(len(s1_j), -1)[:, shifts]
+    a = area.ravel()[shifts]
+    r = np.arange(-MAX_SHIFT, MAX_SHIFT + 1) % n2  # the shifts' rows and columns in the n2 × n2 correlation
+    dy, dx = shifts // len(r), r[shifts % len(r)]
     out = np.full(len(pairs), -1.0, np.float32)
-    for b in range(0, len(pairs), batch):
+    for b in range(0, len(pairs), batch):  # small batches stay in the cache
         i, j = pairs[b:b + batch, 0], pairs[b:b + batch, 1]
-        cc = np.fft.irfft2(spec[i] * np.conj(spec_j[j]), s=(n2, n2))[:, r][:, :, r]  # sum a[p+s] b[p]
-        # image i in the "moved" role at shift s, image j over the mirrored window (-s)
-        si, qi = s1[i], s2[i]
-        sj, qj = s1_j[j][:, ::-1, ::-1], s2_j[j][:, ::-1, ::-1]
-        num = cc - si * sj / area
-        den = np.sqrt(np.clip(qi - si ** 2 / area, 1e-6, None) * np.clip(qj - sj ** 2 / area, 1e-6, None))
-        out[b:b + batch] = np.where(ok, num / den, -1).reshape(len(i), -1).max(1)
+        # irfft2 is ifft over the rows, then irfft over the columns: only the shifts' rows are inverted
+        rows = np.fft.ifft(spec[i] * conj_j[j], axis=1)[:, r]
+        cc = np.fft.irfft(rows, n=n2, axis=2)[:, dy, dx]  # sum a[p+s] b[p], at each kept shift
+        best = ((cc - sums_i[i] * sums_j[j] / a) / np.sqrt(var_i[i] * var_j[j])).max(1)
+        out[b:b + batch] = np.maximum(best, -1) if len(shifts) < len(ok) else best  # the others score -1
     return out
 
 
