@@ -210,7 +210,7 @@ def _build(default, raw: dict, where: str):
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise DTLError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-                       f"valid keys under {where or 'top level'}: {', '.join(sorted(known))}")
+                       f"valid keys under {where.rstrip('.') or 'top level'}: {', '.join(sorted(known))}")
     changes = {}
     for name, value in raw.items():
         current = getattr(default, name)
@@ -288,9 +288,11 @@ def load(recipes: list[str] | tuple[str, ...] = ("demo",), overrides: list[str] 
     raw: dict = {}
     for path in [resolve_recipe(r) for r in recipes]:
         raw = _merge(raw, _read_recipe(path))
+    given: dict = {}
     for o in overrides:
-        raw = _merge(raw, parse_override(o))
-    cfg = _pin(_build(Config(), raw, ""), overrides)
+        given = _merge(given, parse_override(o))
+    # the overrides apply to the recipes' config: an empty number (-o phase2.epochs=) keeps the recipe's value
+    cfg = _pin(_build(_build(Config(), raw, ""), given, ""), overrides)
     validate(cfg, check_files)
     return cfg
 

@@ -62,7 +62,8 @@ def _error(overrides, recipes=("demo",), **kw) -> str:
 def test_unknown_keys_are_all_named_with_the_valid_keys_of_their_level():
     assert _error(["zap=1", "nope=2"]) == f"unknown config key(s) nope, zap; valid keys under top level: {TOP_LEVEL_KEYS}"
     assert _error(["final.x=1", "final.a=2"]) == ("unknown config key(s) final.a, final.x; "
-                                                  "valid keys under final.: cv, cv_repeats, repeats")
+                                                  "valid keys under final: cv, cv_repeats, repeats")  # "final.:" before
+    assert _error(["phase2.data.nope=1"]).startswith("unknown config key(s) phase2.data.nope; valid keys under phase2.data: ")
     # a checkpoint written by a newer version names the key it holds that this one does not know
     with pytest.raises(DTLError) as e:
         config.from_dict({**config.to_dict(config.Config()), "newkey": 1})
@@ -165,6 +166,19 @@ def test_empty_or_none_keeps_a_numbers_value_and_clears_the_val_fold():
         assert config.build_block(config.DataConfig(), {"val_fold": word}, "phase1.data.").val_fold is None
     assert config.build_block(config.DataConfig(), {"val_fold": "3"}, "phase1.data.").val_fold == 3
     assert config.load(["demo"], ["phase1.data.val_fold=none"]).phase1.data.val_fold is None
+
+
+def test_an_empty_number_on_the_command_line_keeps_the_recipes_value():
+    """``-o phase2.epochs=`` kept the dataclass default (10), not demo.yaml's 6: the overrides were merged
+    into the recipes before anything was built, so the recipe's value was gone when the empty one came."""
+    recipe = config.load(["demo"])
+    assert recipe.phase2.epochs == 6 and recipe.phase1.epochs == 4  # demo.yaml, not the default 10
+    for word in ("", "none", "null"):
+        cfg = config.load(["demo"], [f"phase2.epochs={word}", f"phase1.epochs={word}"])
+        assert (cfg.phase2.epochs, cfg.phase1.epochs) == (6, 4), word
+    assert config.load(["demo"], ["phase2.epochs=3"]).phase2.epochs == 3
+    assert config.load(["demo"], ["phase2.epochs=3", "phase2.epochs="]).phase2.epochs == 6  # the last one wins
+    assert config.load(["demo"], ["phase2.search="]).phase2.search == ()  # an empty list still clears
 
 
 def test_list_keys_take_comma_strings_and_an_empty_value_clears_them():
