@@ -202,10 +202,15 @@ def test_ece_default_is_fifteen_equal_width_bins_and_point_metrics_reports_it():
 
 @pytest.mark.parametrize("metric, want", [("val_loss", "minimize"), ("test_ece", "minimize"), ("loss", "minimize"),
                                           ("ece", "minimize"), ("ext_test_loss", "minimize"),
+                                          ("test_ece_after", "minimize"), ("val_ece_before", "minimize"),
+                                          ("test_ece_after_ci_high", "minimize"), ("train_loss_ci_low", "minimize"),
                                           ("val_accuracy", "maximize"), ("test_macro_f1", "maximize"),
-                                          ("val_roc_auc", "maximize"), ("accuracy", "maximize")])
+                                          ("val_roc_auc", "maximize"), ("accuracy", "maximize"),
+                                          ("test_piece_count", "maximize"), ("lossless_accuracy", "maximize")])
 def test_direction_minimizes_losses_and_calibration_error_only(metric, want):
-    """The last ``_`` part decides, whatever the split name (which may hold ``_`` itself)."""
+    """A ``loss`` or ``ece`` part decides, wherever it stands: explain's ``test_ece_after`` (and its CI
+    bounds) once read as higher-is-better because only the last part was read. A part must be the
+    whole word (``piece`` holds no ``ece``)."""
     assert direction(metric) == want
 
 

@@ -15,8 +15,9 @@ LOWER_IS_BETTER = ("loss", "ece")
 
 
 def direction(metric: str) -> str:
-    """``minimize`` for losses and calibration error (``val_loss``, ``test_ece``), else ``maximize``."""
-    return "minimize" if metric.rsplit("_", 1)[-1] in LOWER_IS_BETTER else "maximize"
+    """``minimize`` for losses and calibration error (``val_loss``, ``test_ece``, ``test_ece_after``,
+    their CI bounds: a ``_``-separated part of the name says so), else ``maximize``."""
+    return "minimize" if set(metric.split("_")) & set(LOWER_IS_BETTER) else "maximize"
 
 
 def expected_calibration_error(y: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
