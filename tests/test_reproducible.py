@@ -217,6 +217,15 @@ def test_corrected_t_interval_matches_a_hand_computed_example():
 
 
 
+def test_corrected_t_interval_of_folds_with_both_infinities_is_undefined_not_significant():
+    """+inf and -inf folds (a loss that overflowed both ways) leave mean and spread NaN: the p-value
+    said 0.0 ("significant") before; nothing can be concluded, so every statistic is NaN."""
+    r = corrected_t_interval([0.1, float("inf"), float("-inf"), 0.2], 600, 200)
+    assert all(np.isnan(r[k]) for k in ("mean", "sd", "ci_low", "ci_high", "t", "p")) and r["n"] == 4
+    one_way = corrected_t_interval([0.1, float("inf"), 0.2], 600, 200)  # mean +inf, spread NaN: no p-value either
+    assert one_way["mean"] == float("inf") and np.isnan(one_way["p"])
+
+
 def test_corrected_t_interval_edge_cases_drop_missing_folds_and_name_a_zero_spread():
     full = corrected_t_interval([0.90, 0.92, 0.88], 600, 200)
     assert full["n"] == 3 and np.isfinite(full["ci_low"])

@@ -129,6 +129,9 @@ def corrected_t_interval(values, n_train: float, n_test: float, alpha: float = 0
     mean, var = float(arr.mean()), float(arr.var(ddof=1))
     se = float(np.sqrt((1.0 / j + n_test / n_train) * var))
     half = float(st.t.ppf(1 - alpha / 2, j - 1)) * se
+    if not np.isfinite(se):  # infinite folds (both ways: the mean is NaN too): nothing to conclude
+        return {"mean": mean, "sd": float(np.sqrt(var)), "ci_low": float("nan"), "ci_high": float("nan"),
+                "t": float("nan"), "p": float("nan"), "n": j}
     t = mean / se if se > 0 else (0.0 if mean == 0 else float("inf") * np.sign(mean))
     p = float(2 * st.t.sf(abs(t), j - 1)) if se > 0 else (1.0 if mean == 0 else 0.0)
     return {"mean": mean, "sd": float(np.sqrt(var)), "ci_low": mean - half, "ci_high": mean + half,
