@@ -238,6 +238,10 @@ def render(date: str, command: str, digest: str, verdicts: dict[str, str], moved
     if wrongly:
         lines += ["Listed as equivalent in docs/testing.md but killed (the list is wrong): "
                   + ", ".join(f"`{n}`" for n in wrongly), ""]
+    reread = sorted(n for n in equiv if stale(n, changed))
+    if reread:  # the numbers now name the changed function's mutations, maybe other ones
+        lines += ["Listed as equivalent in docs/testing.md, in a function changed since the earlier report "
+                  "(re-read each reason against `mutmut show NAME`): " + ", ".join(f"`{n}`" for n in reread), ""]
     for status in COLS[1:]:
         names = sorted(n for n, s in verdicts.items() if s == status)
         if names:

@@ -144,8 +144,11 @@ def test_a_recheck_after_a_change_carries_the_kills_of_unchanged_functions_only(
     assert merged == {"m.x_f__mutmut_1": "killed", "m.x_f__mutmut_2": "survived", "m.x_g__mutmut_1": "not checked",
                       "m.x_g__mutmut_2": "survived", "m.xǁCǁm__mutmut_1": "killed"}
     assert moved == {"m.x_f__mutmut_1", "m.x_f__mutmut_2", "m.xǁCǁm__mutmut_1"}
-    assert "Changed since the sources of the earlier report" in render(
-        "2026-12-04", "RECHECK=1 bench/mutation.sh", DIGEST, merged, moved, set(), "2026-12-03", changed, "abc")
+    text = render("2026-12-04", "RECHECK=1 bench/mutation.sh", DIGEST, merged, moved, {"m.x_g__mutmut_2", "m.x_f__mutmut_2"},
+                  "2026-12-03", changed, "abc")
+    assert "Changed since the sources of the earlier report (commit `abc`): `m.x_g`." in text
+    # an equivalence argued for the old g may not hold for the new one's mutant of that number
+    assert re.search(r"in a function changed since the earlier report .*: `m\.x_g__mutmut_2`$", text, re.M)
 
     assert changed_functions(v1, {"m.py": MODULE_V1.replace("LIMIT = 3", "LIMIT = 4").encode()}) == {"m"}
     assert merge({"m.x_f__mutmut_1": "not checked"}, listed, {"m"})[0] == {"m.x_f__mutmut_1": "not checked"}
