@@ -257,6 +257,15 @@ def test_a_flat_thumbnail_correlates_zero_with_anything():
     assert np.array_equal(G.shifted_ncc(t, np.array([[0, 1], [1, 0], [0, 0]])), [0, 0, 0])
 
 
+def test_shifted_ncc_of_no_pair_and_of_no_image_is_empty():
+    """The 2026-12-03 rewrite reshaped by -1, which numpy refuses on a set of no image (caught by a
+    mutant of similar_pairs that calls it on an empty candidate list)."""
+    none, pairs = np.zeros((0, G.THUMB, G.THUMB)), np.zeros((0, 2), int)
+    for t, other in ((none, None), (none, none), (np.stack([field(np.random.default_rng(14))]), None)):
+        out = G.shifted_ncc(t, pairs, other=other)
+        assert out.shape == (0,) and out.dtype == np.float32
+
+
 # ------------------------------------------------------------------ turned and mirrored copies
 
 def turned_set(rng):

@@ -202,10 +202,10 @@ def shifted_ncc(t: np.ndarray, pairs: np.ndarray, batch: int = 256,
     # the "moved" role at shift s, image j over the mirrored window (-s; the overlap area is symmetric).
     ok = (area >= MIN_OVERLAP * THUMB * THUMB).ravel()
     shifts = np.nonzero(ok)[0]
-    sums_i = s1.reshape(len(s1), -1)[:, shifts]
-    var_i = np.clip(s2 - s1 ** 2 / area, 1e-6, None).reshape(len(s1), -1)[:, shifts]
-    sums_j = s1_j[:, ::-1, ::-1].reshape(len(s1_j), -1)[:, shifts]
-    var_j = np.clip(s2_j - s1_j ** 2 / area, 1e-6, None)[:, ::-1, ::-1].reshape(len(s1_j), -1)[:, shifts]
+    sums_i = s1.reshape(len(s1), ok.size)[:, shifts]  # (sizes, not -1: a set of no image reshapes too)
+    var_i = np.clip(s2 - s1 ** 2 / area, 1e-6, None).reshape(len(s1), ok.size)[:, shifts]
+    sums_j = s1_j[:, ::-1, ::-1].reshape(len(s1_j), ok.size)[:, shifts]
+    var_j = np.clip(s2_j - s1_j ** 2 / area, 1e-6, None)[:, ::-1, ::-1].reshape(len(s1_j), ok.size)[:, shifts]
     a = area.ravel()[shifts]
     r = np.arange(-MAX_SHIFT, MAX_SHIFT + 1) % n2  # the shifts' rows and columns in the n2 × n2 correlation
     dy, dx = shifts // len(r), r[shifts % len(r)]
