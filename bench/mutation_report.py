@@ -72,16 +72,16 @@ def sources_of(digest: str, root: Path = ROOT, depth: int = 50) -> tuple[str, di
 def functions(text: str, module: str) -> dict[str, str]:
     """mutmut's name of each function of ``module`` (``module.x_f``; methods ``module.xǁCǁm``) -> its
     source, and ``module`` itself -> the module's text outside them."""
+    is_fn = (ast.FunctionDef, ast.AsyncFunctionDef)
     tree, lines = ast.parse(text), text.splitlines(keepends=True)
+    defs = [(f"x_{n.name}", n) for n in tree.body if isinstance(n, is_fn)]
+    defs += [(f"xǁ{c.name}ǁ{m.name}", m) for c in tree.body if isinstance(c, ast.ClassDef)
+             for m in c.body if isinstance(m, is_fn)]
     out, spans = {}, []
-    for node in tree.body:
-        defs = [(f"x_{node.name}", node)] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else (
-            [(f"xǁ{node.name}ǁ{m.name}", m) for m in node.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))]
-            if isinstance(node, ast.ClassDef) else [])
-        for key, fn in defs:
-            first = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
-            out[f"{module}.{key}"] = "".join(lines[first - 1:fn.end_lineno])
-            spans.append((first, fn.end_lineno))
+    for key, fn in defs:
+        first = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
+        out[f"{module}.{key}"] = "".join(lines[first - 1:fn.end_lineno])
+        spans.append((first, fn.end_lineno))
     inside = {i for a, b in spans for i in range(a, b + 1)}
     out[module] = "".join(line for i, line in enumerate(lines, 1) if i not in inside)
     return out

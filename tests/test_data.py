@@ -402,7 +402,7 @@ def test_colour_features_match_numpy_and_colorsys_on_random_colours():
         edge = (np.abs(scaled - np.round(scaled)) < 1e-4) | (np.abs(hsv[:, 1] - 0.05) < 1e-4)
         shares = np.bincount(np.minimum(scaled.astype(int), HUE_BINS - 1)[hsv[:, 1] >= 0.05], minlength=HUE_BINS)
         assert np.abs(row[9:] - shares / len(px)).max() <= edge.sum() / len(px) + 1e-6
-        assert row[9:].sum() > 0.5 or img is imgs[2]
+        assert row[9:].sum() > 0.5  # most pixels have a hue, also in the image with grey rows
 
 
 def test_colour_features_are_the_seventeen_statistics_of_the_kept_pixels():
