@@ -48,8 +48,8 @@ for m in $MODULES; do
   [ -n "${SCOPE[$m]:-}" ] || { echo "unknown module $m; choose from: $ORDER" >&2; exit 2; }
   echo "== $m"
   if [ "${RECHECK:-0}" = 1 ]; then
-    names="$(python -m bench.mutation_report recheck mutants.previous.md "$m") $(set -f; for g in ${ALSO:-}; do
-      case $g in "$m".*) echo "$g";; esac; done)"
+    names=$(python -m bench.mutation_report recheck mutants.previous.md "$m")  # alone: a refusal stops the script
+    names="$names $(set -f; for g in ${ALSO:-}; do case $g in "$m".*) echo "$g";; esac; done)"
     [ -n "${names// /}" ] || { echo "   nothing to recheck"; continue; }
   else
     names=${SCOPE[$m]}
