@@ -219,11 +219,14 @@ def _build(default, raw: dict, where: str):
                 raise DTLError(f"config key {where}{name} must be a mapping")
             changes[name] = _build(current, value, f"{where}{name}.")
         else:
-            changes[name] = _coerce(value, current, where + name)
+            changes[name] = _coerce(value, current, where + name, "None" in str(known[name].type))
     return dataclasses.replace(default, **changes)
 
 
-def _coerce(value: Any, default: Any, key: str) -> Any:
+def _coerce(value: Any, default: Any, key: str, nullable: bool = False) -> Any:
+    """``value`` as the type of ``default`` (the key's current value). An empty or none number keeps
+    the current value; a ``nullable`` number (``int | None``: val_fold) is cleared by none/null and
+    kept only by an empty one."""
     if isinstance(default, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -239,9 +242,9 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
             raise DTLError(f"config key {key} must be true/false, got {value!r}")
         return bool(value)
     try:
-        if isinstance(default, int) or (default is None and key.endswith("val_fold")):  # val_fold: int or None
+        if isinstance(default, int) or nullable:
             if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
-                return None if default is None else default
+                return default if value == "" or not nullable else None
             return int(value)
         if isinstance(default, float):
             return float(value)

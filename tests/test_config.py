@@ -159,13 +159,27 @@ def test_boolean_switch_words_in_either_case():
         assert config.build_block(config.PhaseConfig(tta=True), {"tta": word}, "phase2.").tta is False
 
 
-def test_empty_or_none_keeps_a_numbers_value_and_clears_the_val_fold():
-    for word in ("", "none", "None", "null", "NULL"):
+def test_empty_or_none_keeps_a_numbers_value_and_none_clears_the_val_fold():
+    for word in ("", "none", "None", "null", "NULL", None):
         assert config.build_block(config.PhaseConfig(epochs=7), {"epochs": word}, "phase2.").epochs == 7
-        assert config.build_block(config.DataConfig(val_fold=2), {"val_fold": word}, "phase1.data.").val_fold == 2
         assert config.build_block(config.DataConfig(), {"val_fold": word}, "phase1.data.").val_fold is None
+    for word in ("none", "None", "null", "NULL", None):  # val_fold is int | None: none clears it
+        assert config.build_block(config.DataConfig(val_fold=2), {"val_fold": word}, "phase1.data.").val_fold is None
+    assert config.build_block(config.DataConfig(val_fold=2), {"val_fold": ""}, "phase1.data.").val_fold == 2
     assert config.build_block(config.DataConfig(), {"val_fold": "3"}, "phase1.data.").val_fold == 3
     assert config.load(["demo"], ["phase1.data.val_fold=none"]).phase1.data.val_fold is None
+
+
+def test_none_on_the_command_line_clears_a_recipes_val_fold(tmp_path):
+    """A recipe's ``val_fold: 2`` survived ``-o phase1.data.val_fold=none`` once the overrides were
+    applied to the recipes' config: none kept the current value, as it does for the other numbers."""
+    recipe = tmp_path / "fold2.yaml"
+    recipe.write_text("include: [demo]\nphase1:\n  data:\n    val_fold: 2\n")
+    assert config.load([str(recipe)]).phase1.data.val_fold == 2
+    for word in ("none", "null", "~"):
+        assert config.load([str(recipe)], [f"phase1.data.val_fold={word}"]).phase1.data.val_fold is None, word
+    assert config.load([str(recipe)], ["phase1.data.val_fold="]).phase1.data.val_fold == 2
+    assert config.load([str(recipe)], ["phase1.data.val_fold=1"]).phase1.data.val_fold == 1
 
 
 def test_an_empty_number_on_the_command_line_keeps_the_recipes_value():
