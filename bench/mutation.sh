@@ -33,6 +33,10 @@ declare -A SCOPE=(
 ORDER="dtl.evaluation.stats dtl.evaluation.metrics dtl.evaluation.calibration dtl.data.splits dtl.model.mask dtl.data.groups dtl.tracking.policy dtl.tracking.promotion dtl.config dtl.model.decode"
 MODULES=${*:-$ORDER}
 unset PYTHONPATH  # the tests must import the mutated copy in mutants/, not this checkout
+# mutmut forks each mutant's test run from a process that has run torch: an OpenMP pool started there
+# deadlocks the child's first parallel op (a conv's init), which mutmut then reports as a timeout.
+# One thread each keeps the children from hanging (and JOBS children from oversubscribing the cores).
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 export DTL_SHARED_DATASETS=${DTL_SHARED_DATASETS:-$(cd .. && pwd)/shared/datasets}  # mutants/ has no ../shared
 export MUTATION_SCOPE="$(for m in $ORDER; do echo "${SCOPE[$m]}"; done)"
 COMMAND="bench/mutation.sh $*"

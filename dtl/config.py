@@ -223,7 +223,7 @@ def _build(default, raw: dict, where: str):
     return dataclasses.replace(default, **changes)
 
 
-def _coerce(value: Any, default: Any, key: str, nullable: bool = False) -> Any:
+def _coerce(value: Any, default: Any, key: str, nullable: bool) -> Any:
     """``value`` as the type of ``default`` (the key's current value). An empty or none number keeps
     the current value; a ``nullable`` number (``int | None``: val_fold) is cleared by none/null and
     kept only by an empty one."""
