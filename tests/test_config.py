@@ -275,6 +275,18 @@ def test_broken_recipes_name_the_file(tmp_path):
     assert _error([], [str(seq)]) == f"{seq} must hold a mapping of config keys"
 
 
+def test_a_recipes_bad_keys_and_values_are_named_by_their_full_key(tmp_path):
+    """The recipes' keys are named from the top level, as the overrides' are (the level name the
+    recipes are built under was never checked: only override errors were)."""
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("include: [demo]\nphase2:\n  epochz: 3\n")
+    assert _error([], [str(recipe)]).startswith("unknown config key(s) phase2.epochz; valid keys under phase2: ")
+    recipe.write_text("include: [demo]\nphase1:\n  data:\n    val_fold: two\n")
+    assert _error([], [str(recipe)]) == "config key phase1.data.val_fold must be a number, got 'two'"
+    recipe.write_text("include: [demo]\nfinal: 3\n")
+    assert _error([], [str(recipe)]) == "config key final must be a mapping"
+
+
 def test_broken_search_spaces_name_the_file(tmp_path):
     missing = tmp_path / "none.yaml"
     with pytest.raises(DTLError) as e:
