@@ -224,9 +224,9 @@ def _build(default, raw: dict, where: str):
 
 
 def _coerce(value: Any, default: Any, key: str, nullable: bool) -> Any:
-    """``value`` as the type of ``default`` (the key's current value). An empty or none number keeps
-    the current value; a ``nullable`` number (``int | None``: val_fold) is cleared by none/null and
-    kept only by an empty one."""
+    """``value`` as the type of ``default`` (the key's current value). An empty or none int keeps
+    the current value (a float refuses it); a ``nullable`` int (``int | None``: val_fold) is cleared
+    by none/null and kept only by an empty value."""
     if isinstance(default, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
