@@ -1,5 +1,4 @@
 import dataclasses
-from dataclasses import fields
 
 import pytest
 
@@ -176,18 +175,15 @@ def test_empty_or_none_keeps_a_numbers_value_and_none_clears_the_val_fold():
 def test_the_only_nullable_field_is_an_int():
     """_build sends a field whose annotation names None down _coerce's int branch: a str | None or
     float | None field would need its own branch there first."""
-    nullable = {f"{c.__name__}.{f.name}": str(f.type) for c in _config_classes() for f in fields(c) if "None" in str(f.type)}
+    nullable = {f"{type(b).__name__}.{f.name}": str(f.type) for b in _config_blocks(config.Config())
+                for f in dataclasses.fields(b) if "None" in str(f.type)}
     assert nullable == {"DataConfig.val_fold": "int | None"}
 
 
-def _config_classes() -> list[type]:
-    seen, todo = [], [config.Config]
-    while todo:
-        c = todo.pop()
-        if c not in seen:
-            seen.append(c)
-            todo += [type(getattr(c(), f.name)) for f in fields(c) if dataclasses.is_dataclass(getattr(c(), f.name))]
-    return seen
+def _config_blocks(block) -> list:
+    """``block`` and every config dataclass nested in it."""
+    subs = [getattr(block, f.name) for f in dataclasses.fields(block)]
+    return [block] + [b for s in subs if dataclasses.is_dataclass(s) for b in _config_blocks(s)]
 
 
 def test_none_on_the_command_line_clears_a_recipes_val_fold(tmp_path):
