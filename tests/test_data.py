@@ -574,6 +574,7 @@ def test_the_audit_colour_baseline_sees_the_recipes_colour(cache_dir, monkeypatc
 
     seen = {}
     monkeypatch.setattr(probe, "shortcut_baselines", lambda features, y, table, seed: seen.update(features) or [])
+    monkeypatch.setattr(probe, "PROBE_SIZE", 72)  # the demo's own size: 10x fewer pixels than Aria's 224
     ds = load_dataset(DataConfig(kind="demo-aria"), cache_dir)
     probe.audit_baselines(ds, AnnotationMask(), cache_dir, colour="greyscale")
     colour = seen["colour"]

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from dtl import DTLError
@@ -52,6 +50,9 @@ def target_layer(net: nn.Module) -> tuple[str, nn.Module]:
 def grad_cams(net: nn.Module, x: torch.Tensor, classes, batch_size: int = 64) -> np.ndarray:
     """Grad-CAM maps (N×H×W, each in [0, 1]) of the normalised input batch ``x`` for ``classes``
     (one class index per image)."""
+    from pytorch_grad_cam import GradCAM  # deferred: OpenCV and more, 0.4 s on import, only for Grad-CAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # deferred: as above
+
     _, layer = target_layer(net)
     params = list(net.parameters())
     saved = [p.requires_grad for p in params]
