@@ -42,7 +42,9 @@ def group_split(labels: pd.Series, groups: pd.Series, val_fraction: float, test_
     """Class-stratified train/val/test assignment of whole groups (seeded): a group never spans
     two splits. A group counts under its most frequent label (near-duplicate clusters and
     acquisition blocks are single-class; the rule only matters for odd mixed groups)."""
-    stratum = labels.groupby(groups).agg(lambda s: s.value_counts().sort_index().idxmax())
+    # one count table instead of a value_counts per group (0.3 s -> 0.02 s for 900 groups); a tie
+    # goes to the first label in sorted order (crosstab sorts its columns, idxmax takes the first)
+    stratum = pd.crosstab(groups, labels).idxmax(axis=1)
     sizes = groups.value_counts()
     rng = np.random.default_rng(seed)
     where: dict = {}
