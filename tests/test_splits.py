@@ -118,6 +118,22 @@ def test_group_split_always_leaves_the_last_group_of_a_class_for_training():
     assert (s[labels == "a"] == "train").sum() == 1 and (s[labels == "b"] == "train").sum() == 1
 
 
+def test_a_tied_group_counts_under_the_first_label_in_sorted_order():
+    # "mix" holds one b then one a: it counts under a (sorted order, not the order seen), so it is
+    # class a's only group and its last, which always stays in train; b's two groups split 1 test, 1 train
+    labels = pd.Series(["b", "a", "b", "b"])
+    groups = pd.Series(["mix", "mix", "b0", "b1"])
+    for seed in range(10):
+        s = group_split(labels, groups, 0.0, 0.9, seed)
+        assert (s[groups == "mix"] == "train").all(), seed
+        assert sorted(s[groups != "mix"]) == ["test", "train"], seed
+
+
+def test_group_split_of_no_item_is_empty():
+    s = group_split(pd.Series([], dtype=object), pd.Series([], dtype=object), 0.2, 0.1, seed=0)
+    assert len(s) == 0 and s.dtype == object
+
+
 # ---------------------------------------------------------------------------- resampling_units
 
 
