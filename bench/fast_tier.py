@@ -6,8 +6,10 @@ so runs made at different hours of a shared machine can be told apart from chang
     python -m bench.fast_tier --runs 1 --modes n2
 
 A run that does not pass every test stops the benchmark (its time says nothing about the tier).
-Nothing is written to ``__pycache__`` (``PYTHONDONTWRITEBYTECODE=1``, as on the CI machine): the
-worse case, every module compiled and every test module rewritten again.
+Nothing is written to ``__pycache__`` (``PYTHONDONTWRITEBYTECODE=1``, as on the CI machine): in a
+checkout without one (a clean clone here) every project module is compiled and every test module
+rewritten again in each run, the worse case. ``PYTEST_ADDOPTS`` passes through: keep it free of
+``-q`` (the summary line this reads disappears at ``-qq``).
 """
 
 from __future__ import annotations
@@ -51,9 +53,11 @@ def run(mode: str) -> dict:
     p = subprocess.run([sys.executable, "-m", "pytest", "-m", "not slow", "-q", "-p", "no:cacheprovider", *MODES[mode]],
                        cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    if p.returncode:  # a failure, or no test run at all (a conftest error, -n without pytest-xdist)
+        sys.exit(f"the {mode} run did not pass (exit {p.returncode}):\n{p.stdout[-3000:]}{p.stderr[-2000:]}")
     passed, bad, own = summary(p.stdout)
-    if bad or p.returncode:
-        sys.exit(f"the {mode} run did not pass (exit {p.returncode}):\n{p.stdout[-3000:]}")
+    if bad:  # an xpassed test (strict xfail turns it into a failure; pytest exits 0 otherwise)
+        sys.exit(f"the {mode} run had {bad} failed, error or xpassed tests:\n{p.stdout[-3000:]}")
     return {"mode": mode, "gauge": g, "passed": passed, "pytest": own, "wall": wall,
             "at": dt.datetime.now(dt.timezone.utc).strftime("%H:%M")}
 
@@ -65,8 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fast_tier.md")
     a = ap.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    out = a.out.resolve().relative_to(ROOT).as_posix() if a.out.resolve().is_relative_to(ROOT) else None
+    dirty = [line for line in status.splitlines() if line[3:] != out]  # the results file itself does not count
     rows = []
     for r in range(a.runs):
         for mode in a.modes:
