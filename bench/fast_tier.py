@@ -70,13 +70,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-    out = a.out.resolve().relative_to(ROOT).as_posix() if a.out.resolve().is_relative_to(ROOT) else None
-    dirty = [line for line in status.splitlines() if line[3:] != out]  # the results file itself does not count
+    out = a.out.resolve()
+    own = out.relative_to(ROOT).as_posix() if out.is_relative_to(ROOT) else None
+    dirty = [line for line in status.splitlines() if line[3:] != own]  # the results file itself does not count
     rows = []
     for r in range(a.runs):
         for mode in a.modes:
-            rows.append(run(mode))
-            x = rows[-1]
+            rows.append(x := run(mode))
             print(f"round {r + 1} {mode}: {x['passed']} passed, pytest {x['pytest']:.1f} s, wall {x['wall']:.1f} s, "
                   f"gauge {x['gauge']:.2f} s", flush=True)
     day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")

@@ -50,7 +50,7 @@ def target_layer(net: nn.Module) -> tuple[str, nn.Module]:
 def grad_cams(net: nn.Module, x: torch.Tensor, classes, batch_size: int = 64) -> np.ndarray:
     """Grad-CAM maps (N×H×W, each in [0, 1]) of the normalised input batch ``x`` for ``classes``
     (one class index per image)."""
-    from pytorch_grad_cam import GradCAM  # deferred: OpenCV and more, 0.4 s on import, only for Grad-CAM
+    from pytorch_grad_cam import GradCAM  # deferred: OpenCV and more (1.3 s after timm), only for Grad-CAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # deferred: as above
 
     _, layer = target_layer(net)
